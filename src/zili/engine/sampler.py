@@ -1,0 +1,140 @@
+"""Sampler: turns a batch of logits into next tokens, vectorised over the batch.
+
+Order of operations, per row: logit_bias and min_tokens masks, then repetition / presence /
+frequency penalties, then (for non-greedy rows) temperature, top-k, top-p and min-p, then a draw.
+Greedy rows take the argmax of the processed logits. Logprobs are those of the model's raw
+distribution (log-softmax of the unprocessed logits), as vLLM reports them by default.
+
+Seeded rows draw with their own torch.Generator, so their tokens do not depend on what else is in
+the batch; unseeded rows share one draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zili.engine.request import Sequence, TokenLogprob
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [N, V] float32, one row per sequence that samples this step."""
+        raw = logits
+        logits = logits.clone()
+        self._apply_bias_and_min_tokens(logits, seqs)
+        self._apply_penalties(logits, seqs)
+        params = [s.request.params for s in seqs]
+        greedy = [p.temperature == 0 for p in params]
+        token_ids = torch.empty(len(seqs), dtype=torch.long)
+        if any(greedy):
+            rows = [i for i, g in enumerate(greedy) if g]
+            token_ids[rows] = logits[rows].argmax(dim=-1)
+        if not all(greedy):
+            rows = [i for i, g in enumerate(greedy) if not g]
+            token_ids[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
+        return SamplerOutput(token_ids.tolist(), self._logprobs(raw, token_ids, seqs))
+
+    # ---- logit processing -----------------------------------------------------------------------
+    def _apply_bias_and_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for i, seq in enumerate(seqs):
+            p = seq.request.params
+            if p.logit_bias:
+                ids = torch.tensor([t for t in p.logit_bias if t < self.vocab_size], dtype=torch.long)
+                vals = torch.tensor([b for t, b in p.logit_bias.items() if t < self.vocab_size])
+                logits[i].index_add_(0, ids, vals.to(logits.dtype))
+            if seq.num_output_tokens < p.min_tokens and seq.request.stop_token_ids:
+                banned = [t for t in seq.request.stop_token_ids if t < self.vocab_size]
+                logits[i, banned] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        rows = [i for i, s in enumerate(seqs) if s.request.params.needs_penalties]
+        if not rows:
+            return
+        V = self.vocab_size
+        out_counts = torch.zeros(len(rows), V)
+        seen = torch.zeros(len(rows), V, dtype=torch.bool)
+        for j, i in enumerate(rows):
+            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+            if len(out):
+                out_counts[j].index_add_(0, out, torch.ones(len(out)))
+            seen[j, torch.tensor(seqs[i].token_ids, dtype=torch.long)] = True  # prompt + output
+        rep = torch.tensor([seqs[i].request.params.repetition_penalty for i in rows])[:, None]
+        pres = torch.tensor([seqs[i].request.params.presence_penalty for i in rows])[:, None]
+        freq = torch.tensor([seqs[i].request.params.frequency_penalty for i in rows])[:, None]
+        sub = logits[rows]
+        # Repetition penalty (CTRL / HF): shrink the logit of every token already seen.
+        penalised = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalised, sub)
+        # OpenAI's presence and frequency penalties count generated tokens only.
+        sub = sub - freq * out_counts - pres * (out_counts > 0).float()
+        logits[rows] = sub
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.request.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+        logits = logits / temps
+        logits = apply_top_k_top_p(logits,
+                                   torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params]),
+                                   torch.tensor([p.top_p for p in params], dtype=logits.dtype))
+        probs = torch.softmax(logits, dim=-1)
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)[:, None]
+        if (min_p > 0).any():
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row.
+        noise = torch.empty_like(probs)
+        shared = [i for i, s in enumerate(seqs) if s.generator is None]
+        if shared:
+            noise[shared] = torch.empty(len(shared), probs.shape[1]).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
+        wanted = [s.request.params.logprobs for s in seqs]
+        if all(w is None for w in wanted):
+            return [None] * len(seqs)
+        logp = torch.log_softmax(raw, dim=-1)
+        k = max(w or 0 for w in wanted)
+        top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+        chosen = logp.gather(1, token_ids[:, None])[:, 0].tolist()
+        out: list[TokenLogprob | None] = []
+        for i, w in enumerate(wanted):
+            if w is None:
+                out.append(None)
+                continue
+            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else []
+            out.append(TokenLogprob(int(token_ids[i]), chosen[i], top))
+        return out
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k and top-p nucleus. logits: [N, V].
+
+    top_k: [N] long (V disables), top_p: [N] (1.0 disables). At least one token always survives.
+    """
+    V = logits.shape[-1]
+    if bool((top_k >= V).all()) and bool((top_p >= 1.0).all()):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(V)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    # The nucleus is taken over the top-k survivors, renormalised.
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
+    remove = mass_before >= top_p[:, None]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

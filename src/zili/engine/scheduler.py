@@ -1,0 +1,129 @@
+"""Scheduler: continuous batching with chunked prefill and preemption by recompute.
+
+Each step packs one batch within a token budget (max_num_batched_tokens) and a sequence cap
+(max_num_seqs). Running sequences go first (mostly one decode token each, or the next chunk of
+a long prompt), then waiting sequences are admitted while the budget, the cap and the KV pool
+allow. When the pool runs dry, the most recently admitted running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from zili.engine.kv_cache import KVCacheManager
+from zili.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+                preempted = True
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                batch.add(seq, num_new)
+                budget -= num_new
+        if not preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.popleft()
+            parent = seq.request.sequences[0]
+            if seq is not parent and not self._fork_ready(seq, parent):
+                deferred.append(seq)
+                continue
+            if seq is not parent and parent.seq_id in self.kv.tables:
+                cached: list[int] = []
+                seq.num_computed_tokens = self.kv.share_prefix(
+                    parent.seq_id, seq.seq_id, min(seq.num_prompt_tokens - 1, parent.num_computed_tokens))
+            else:
+                cached = self.kv.find_cached_prefix(seq.token_ids)
+                seq.num_computed_tokens = len(cached) * self.kv.block_size
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new, cached):
+                self.kv.free(seq.seq_id)  # drop a forked child's shared blocks, if any
+                seq.num_computed_tokens = 0
+                self.waiting.appendleft(seq)
+                break
+            if seq.num_output_tokens == 0:
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
+
+    @staticmethod
+    def _fork_ready(seq: Sequence, parent: Sequence) -> bool:
+        """A sibling of an n > 1 request starts once the first sequence has its prompt computed."""
+        return parent.is_finished or parent.num_computed_tokens >= seq.num_prompt_tokens
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove the sequence wherever it is and release its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+
+    def on_step_done(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts and register newly full blocks in the prefix cache."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            self.kv.register_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)

@@ -1,0 +1,132 @@
+"""Paged attention: the portable torch reference.
+
+The KV cache of one layer is a single tensor of shape
+    [2, num_blocks, block_size, num_kv_heads, head_dim]      (index 0: keys, 1: values)
+A token's K/V lives at a flat *slot* = block_id * block_size + offset. A sequence's context is
+the concatenation of the blocks listed in its block table.
+
+One flat batch holds T tokens from B sequences. Sequence i owns query tokens
+[query_start_loc[i], query_start_loc[i+1]) and, after this step, has seq_lens[i] tokens of
+context (cached prefix + the new tokens), the new ones being the last.
+
+This works on any device torch supports; faster backends keep the same signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64 flat cache slot for each new token's K/V
+    query_start_loc: torch.Tensor  # [B+1] int64 cumulative query lengths
+    seq_lens: torch.Tensor  # [B] int64 context length after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    block_size: int
+    query_lens_cpu: list[int]  # host copies, for the per-sequence prefill loop
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_cpu)
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Build metadata from host lists; slot mapping follows from the block tables."""
+        slots: list[int] = []
+        for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
+            for pos in range(slen - qlen, slen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        as_long = dict(dtype=torch.long, device=device)
+        return cls(
+            slot_mapping=torch.tensor(slots, **as_long),
+            query_start_loc=torch.tensor(qsl, **as_long),
+            seq_lens=torch.tensor(seq_lens, **as_long),
+            block_tables=torch.tensor(padded, **as_long),
+            block_size=block_size,
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+        )
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values [T, n_kv, d] at their slots."""
+    _, num_blocks, block_size, n_kv, d = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, n_kv, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of new tokens over their cached context.
+
+    q: [T, n_heads, d]; k, v: [T, n_kv, d] (new tokens, written into the cache first).
+    Returns [T, n_heads, d_v].
+    """
+    write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    if meta.is_decode_only:
+        return _decode_attention(q, kv_cache, meta, scale)
+    out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
+    start = 0
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale)
+        start += qlen
+    return out
+
+
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size = kv_cache.shape[2]
+    nblocks = (seq_len + block_size - 1) // block_size
+    blocks = kv_cache[:, block_table[:nblocks]]  # [2, nb, bs, n_kv, d]
+    ctx = blocks.reshape(2, nblocks * block_size, *kv_cache.shape[3:])[:, :seq_len]
+    return ctx[0], ctx[1]
+
+
+def _prefill_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                 scale: float) -> torch.Tensor:
+    qlen, n_heads, _ = q.shape
+    k, v = _gather_context(kv_cache, block_table, seq_len)  # [S, n_kv, d]
+    n_kv = k.shape[1]
+    # Query i sits at absolute position seq_len - qlen + i and sees keys 0..that position.
+    q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
+    k_pos = torch.arange(seq_len, device=q.device)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [qlen, S]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+        attn_mask=mask, scale=scale, enable_gqa=n_kv != n_heads,
+    )
+    return out.transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence, all sequences at once."""
+    B, n_heads, d = q.shape
+    block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
+    max_len = max(meta.seq_lens_cpu)
+    nblocks = (max_len + block_size - 1) // block_size
+    ctx = kv_cache[:, meta.block_tables[:, :nblocks]]  # [2, B, nb, bs, n_kv, d]
+    ctx = ctx.reshape(2, B, nblocks * block_size, n_kv, -1)
+    k, v = ctx[0].to(q.dtype), ctx[1].to(q.dtype)
+    group = n_heads // n_kv
+    qg = q.view(B, n_kv, group, d)
+    scores = torch.einsum("bhgd,bshd->bhgs", qg, k) * scale  # [B, n_kv, g, S]
+    valid = torch.arange(nblocks * block_size, device=q.device)[None, :] < meta.seq_lens[:, None]  # [B, S]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.einsum("bhgs,bshd->bhgd", probs, v)
+    return out.reshape(B, n_heads, -1)

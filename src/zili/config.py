@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Architectures zili can run, by the family name used in ModelConfig.architecture.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
+ROUTER_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclass
@@ -37,6 +39,26 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Name of the checkpoint architecture as it was declared (e.g. "LlamaForCausalLM").
     hf_architecture: str = ""
+    # Multi-head Latent Attention (DeepSeek V2/V3); kv_lora_rank 0 means ordinary attention.
+    q_lora_rank: int | None = None  # None: q is one projection, no low-rank factorisation
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs are (x0, x1), (x2, x3)... instead of halves
+    # Mixture of Experts; n_routed_experts 0 means every layer is dense.
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0  # the first k layers keep a dense MLP
+    moe_layer_freq: int = 1  # after those, every moe_layer_freq-th layer is MoE
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -57,10 +79,47 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; supported: silu")
+        if self.n_routed_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        checks = [
+            (self.scoring_func in ROUTER_SCORING_FUNCS, f"scoring_func {self.scoring_func!r} is not supported; "
+             f"supported: {', '.join(ROUTER_SCORING_FUNCS)}"),
+            (self.topk_method in ROUTER_TOPK_METHODS, f"topk_method {self.topk_method!r} is not supported; "
+             f"supported: {', '.join(ROUTER_TOPK_METHODS)}"),
+            (0 < self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok must be in "
+             f"[1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}"),
+            (self.moe_intermediate_size > 0 and self.moe_layer_freq > 0,
+             "moe_intermediate_size and moe_layer_freq must be positive"),
+            (self.n_group > 0 and self.n_routed_experts % self.n_group == 0 and 0 < self.topk_group <= self.n_group,
+             f"n_group ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts}) and "
+             f"topk_group ({self.topk_group}) must be in [1, n_group]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {message}")
+
+    @property
+    def use_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's layer layout: dense for the first k layers, then MoE every moe_layer_freq-th."""
+        return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
 
     @property
     def num_queries_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of one layer's paged KV cache tensor (keys and values per KV head).
+
+        MLA stores one latent per token instead: the normalised compressed kv, then the roped key."""
+        if self.use_mla:
+            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim)
+        return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim)
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

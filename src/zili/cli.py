@@ -1,0 +1,155 @@
+"""The `zili` command: generate, chat, models, serve, bench."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="zili (自立): self-hosted LLM inference. Runs open-weight models on the machine you have.")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF checkpoint directory, or an alias "
+                        "(see `zili models`). Default: smollm2-135m.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _make_llm(model: Optional[str], dtype: str, max_model_len: Optional[int] = None, **options):
+    from zili.engine.llm import LLM
+
+    try:
+        return LLM(model, dtype=dtype, max_model_len=max_model_len, **options)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def _params(max_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float, seed: Optional[int],
+            repetition_penalty: float, stop: Optional[list[str]]):
+    from zili.sampling import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              seed=seed, repetition_penalty=repetition_penalty, stop=stop or None)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The prompt text."),
+    model: Optional[str] = ModelOpt,
+    chat: bool = typer.Option(False, "--chat/--raw", help="Wrap the prompt as a user message in the chat template."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 means greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(-1, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Complete one prompt and stream the answer to stdout."""
+    params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, stop)
+    llm = _make_llm(model, dtype)
+    tokens = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
+    try:
+        _stream_to_stdout(llm, tokens, params)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.7, "--temperature", "-t"),
+    top_p: float = typer.Option(0.9, "--top-p"),
+    top_k: int = typer.Option(-1, "--top-k"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
+    llm = _make_llm(model, dtype)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    typer.secho("zili chat — /reset clears the conversation, /exit quits, Ctrl-C stops an answer.", err=True, dim=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            typer.echo("", err=True)
+            return
+        except KeyboardInterrupt:
+            typer.echo("", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return
+        if text == "/reset":
+            history = list(start)
+            typer.secho("(conversation cleared)", err=True, dim=True)
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            answer = _stream_to_stdout(llm, llm.render_chat(history), params)
+        except KeyboardInterrupt:
+            typer.secho("\n(stopped)", err=True, dim=True)
+            history.pop()
+            continue
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def _stream_to_stdout(llm, prompt, params) -> str:
+    printed = 0
+    text = ""
+    stream = llm.stream(prompt, params)
+    try:
+        for out in stream:
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    finally:
+        stream.close()  # on Ctrl-C this aborts the request and frees its KV blocks
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text
+
+
+@app.command()
+def models() -> None:
+    """List model aliases and what they resolve to."""
+    from zili.weights.resolve import list_aliases
+
+    for alias, (description, where) in list_aliases().items():
+        typer.echo(f"{alias:16} {description}\n{'':16} {where}")
+
+
+def _register_optional_commands() -> None:
+    try:
+        from zili.server.launcher import serve
+    except ImportError:  # the server extra may be missing
+        return
+    app.command("serve", help="Start the OpenAI-compatible HTTP server.")(serve)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,252 @@
+"""Engine: one synchronous step at a time. schedule -> run the model -> sample -> update.
+
+The engine is deterministic given seeds and has no threads, so it is tested without a server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from zili.config import EngineConfig
+from zili.engine.kv_cache import KVCacheManager
+from zili.engine.request import Request, RequestOutput, Sequence, TokenLogprob
+from zili.engine.runner import ModelRunner, StepInput, kv_bytes_per_block
+from zili.engine.sampler import Sampler
+from zili.engine.scheduler import ScheduledBatch, Scheduler
+from zili.platforms import current_platform
+from zili.sampling import SamplingParams
+from zili.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_FRACTION = 0.10  # of free memory, when kv_cache_memory is not given
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded=None) -> None:
+        from zili.models.loader import load_model
+
+        self.config = config
+        self.platform = current_platform()
+        loaded = loaded or load_model(config.model, dtype=config.dtype, device=self.platform.device)
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.dtype = loaded.dtype
+        self.max_model_len = self._resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(loaded.model, mc, num_blocks, config.block_size, self.dtype, self.platform.device)
+        self.sampler = Sampler(mc.vocab_size, config.seed)
+        self.requests: dict[str, Request] = {}
+        self._finished_outside_step: list[RequestOutput] = []
+        self._ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                    num_blocks * kv_bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
+
+    # ---- set-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_max_model_len(requested: int | None, model_len: int) -> int:
+        if requested is None:
+            return model_len
+        if requested > model_len:
+            raise ValueError(f"max_model_len={requested} exceeds the model's context length ({model_len})")
+        return requested
+
+    def _num_kv_blocks(self) -> int:
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        mem = self.config.kv_cache_memory
+        if mem is None or isinstance(mem, float):
+            budget = int((mem or DEFAULT_KV_FRACTION) * self.platform.free_memory())
+        else:
+            budget = mem
+        # More than every sequence at full length is never needed.
+        ceiling = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        num_blocks = min(budget // per_block, ceiling)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={mem!r} holds no KV block; one block needs {per_block} bytes")
+        return num_blocks
+
+    # ---- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None) -> str:
+        """Queue a request. Raises ValueError if it is malformed or can never fit."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._prompt_tokens(prompt)
+        max_tokens = self._check_fits(len(token_ids), params)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        req = Request(request_id, text, token_ids, params, max_tokens, frozenset(stop_ids))
+        for i in range(params.n):
+            seq = Sequence(f"{request_id}#{i}", req, i, list(token_ids),
+                           detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
+                           logprobs=[] if params.logprobs is not None else None)
+            if params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(params.seed + i)
+            req.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(token_ids)
+        return request_id
+
+    def _prompt_tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        else:
+            token_ids, text = list(prompt), None
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        return text, token_ids
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens, but the maximum context length is {limit} "
+                             f"tokens (prompt plus at least one generated token)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise ValueError(f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) is {prompt_len + max_tokens}"
+                             f" tokens, more than the maximum context length of {limit} tokens")
+        need = self.kv_cache.blocks_needed(prompt_len + max_tokens)
+        if need > self.kv_cache.num_blocks:
+            raise ValueError(f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) needs {need} KV blocks, "
+                             f"but the whole KV cache has {self.kv_cache.num_blocks}; raise kv_cache_memory or "
+                             f"lower max_tokens")
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.sequences:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        self._finished_outside_step.append(req.to_output())
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outside_step)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outside_step = self._finished_outside_step, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        step_input, sampling = self._build_step(batch)
+        logits = self.runner.execute(step_input)
+        self.scheduler.on_step_done(batch)
+        touched: dict[str, Request] = {}
+        if sampling:
+            result = self.sampler(logits, sampling)
+            for seq, token_id, logprob in zip(sampling, result.token_ids, result.logprobs):
+                self._append_token(seq, token_id, logprob)
+                touched[seq.request.request_id] = seq.request
+        for req in touched.values():
+            outputs.append(req.to_output())
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
+        token_ids, starts, tables, sample = [], [], [], []
+        sampling: list[Sequence] = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            token_ids.append(seq.token_ids[start:start + num_new])
+            starts.append(start)
+            tables.append(self.kv_cache.block_ids(seq.seq_id))
+            samples = start + num_new == seq.num_tokens
+            sample.append(samples)
+            if samples:
+                sampling.append(seq)
+        return StepInput(token_ids, starts, tables, sample), sampling
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        req, params = seq.request, seq.request.params
+        seq.token_ids.append(token_id)
+        self.generation_tokens_total += 1
+        if logprob is not None and seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        if token_id in req.stop_token_ids:
+            self._finish(seq, "stop", None if token_id in self.tokenizer.eos_token_ids and token_id
+                         not in params.stop_token_ids else token_id)
+            return
+        seq.detokenizer.add(token_id)
+        if params.stop and self._check_stop_strings(seq):
+            return
+        if seq.num_output_tokens >= req.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+            return
+        self._release_stable_text(seq)
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        params = seq.request.params
+        text = seq.detokenizer.text
+        longest = max(len(s) for s in params.stop)
+        window_start = max(0, len(seq.text) - longest)
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            idx = text.find(stop, window_start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return False
+        idx, stop = best
+        seq.text = text[:idx + len(stop)] if params.include_stop_str_in_output else text[:idx]
+        self._finish(seq, "stop", stop, flush=False)
+        return True
+
+    def _release_stable_text(self, seq: Sequence) -> None:
+        """Expose the detokenized text, holding back a tail that could still begin a stop string."""
+        text = seq.detokenizer.text
+        stops = seq.request.params.stop
+        hold = max(len(s) for s in stops) - 1 if stops and not seq.request.params.include_stop_str_in_output else 0
+        stable = text[:len(text) - hold] if hold else text
+        if len(stable) > len(seq.text):
+            seq.text = stable
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, flush: bool = True) -> None:
+        if flush:
+            seq.detokenizer.flush()
+            seq.text = seq.detokenizer.text
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, prefix_cache_hit_rate=kv.prefix_hit_rate,
+            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions,
+        )

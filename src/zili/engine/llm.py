@@ -1,0 +1,114 @@
+"""LLM: the offline library API. `zili.LLM(model, **engine_options).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any, Iterator, Sequence, Union
+
+from zili.config import EngineConfig
+from zili.engine.engine import Engine
+from zili.engine.request import RequestOutput
+from zili.sampling import SamplingParams
+
+Prompt = Union[str, list[int]]
+Message = dict[str, Any]
+
+PROGRESS_MIN_PROMPTS = 8  # show a progress bar for batches at least this long
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        prompts = _as_prompt_list(prompts)
+        params_list = _as_params_list(params, len(prompts))
+        ids = [self._add(p, sp) for p, sp in zip(prompts, params_list)]
+        wanted = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids)) if use_tqdm and len(ids) >= PROGRESS_MIN_PROMPTS else None
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            self.engine.step()  # drain the aborts
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def chat(self, messages: list[Message] | Sequence[list[Message]], params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt, tools) for c in conversations]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        # The template already carries any BOS it wants.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step until it finishes.
+
+        Closing the iterator early (or an exception in the consumer) aborts the request.
+        """
+        rid = self._add(prompt, params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
+                self.engine.step()
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        return self.engine.add_request(f"llm-{next(self._ids)}", prompt, params)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list)):
+            raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"params has {len(params)} entries but there are {n} prompts")
+    return params
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req", file=sys.stderr, disable=not sys.stderr.isatty())

@@ -1,0 +1,65 @@
+"""ModelRunner: owns the model and its paged KV cache, turns a step plan into logits.
+
+It knows nothing of requests or scheduling: it receives, per sequence, the new token ids, the
+position of the first of them, the sequence's block table, and whether the sequence samples
+this step (its last new token is the end of what it has).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zili.config import ModelConfig
+from zili.kernels.attention import AttentionMetadata
+
+
+@dataclass
+class StepInput:
+    token_ids: list[list[int]]  # new tokens of each sequence
+    start_positions: list[int]  # position of each sequence's first new token (= tokens already cached)
+    block_tables: list[list[int]]
+    sample: list[bool]  # whether each sequence needs logits for its last new token
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return math.prod(config.kv_cache_shape(1, block_size)) * config.num_hidden_layers * elem
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        shape = config.kv_cache_shape(num_blocks, block_size)
+        # Zero-filled (not empty): masked-out slots are multiplied by zero weights in attention,
+        # and uninitialised memory may hold NaNs.
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run one forward pass. Returns float32 logits [num sampling sequences, vocab]."""
+        query_lens = [len(t) for t in step.token_ids]
+        seq_lens = [s + q for s, q in zip(step.start_positions, query_lens)]
+        flat_ids = [t for chunk in step.token_ids for t in chunk]
+        positions = [p for s, q in zip(step.start_positions, query_lens) for p in range(s, s + q)]
+        meta = AttentionMetadata.build(query_lens, seq_lens, step.block_tables, self.block_size, self.device)
+        input_ids = torch.tensor(flat_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)
+        last_rows, end = [], 0
+        for q, sample in zip(query_lens, step.sample):
+            end += q
+            if sample:
+                last_rows.append(end - 1)
+        if not last_rows:
+            return torch.empty(0, self.config.vocab_size)
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)).float()

@@ -1,0 +1,48 @@
+"""The one projection layer. Every matmul against weights goes through `Linear`, so a quantized
+or device-tuned kernel replaces it in one place.
+
+A fused projection (q|k|v, gate|up) is one `Linear` whose rows are the concatenation of several
+HF tensors ("shards"); `load` copies one shard at a time, as the checkpoint hands them over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W [sum(output_sizes), in_features] in HF layout."""
+
+    def __init__(self, in_features: int, output_sizes: int | Sequence[int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.out_features = sum(self.output_sizes)
+        # Uninitialised on purpose: every value comes from the checkpoint.
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.output_sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        """Copy one checkpoint tensor (`weight` or `bias`, shard `shard`) into place."""
+        param = getattr(self, param_name)
+        start = sum(self.output_sizes[:shard])
+        size = self.output_sizes[shard]
+        expected = (size, self.in_features) if param_name == "weight" else (size,)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"expected shape {list(expected)}, got {list(tensor.shape)}")
+        with torch.no_grad():
+            param[start:start + size].copy_(tensor)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}"

@@ -1,0 +1,182 @@
+"""The Llama family: Llama 2/3 (incl. "llama3" rope scaling), SmolLM, Mistral, Qwen2/2.5, Qwen3.
+
+One flat batch of T tokens (no batch dimension) runs through the decoder; attention reads and
+writes the paged KV cache through `zili.kernels.attention.paged_attention`.
+
+Family differences, all read from ModelConfig:
+  qwen2  q/k/v bias (never o_proj)
+  qwen3  per-head RMSNorm on q and k before RoPE; explicit head_dim
+  llama  q/k/v *and* o_proj bias when attention_bias (as HF's LlamaAttention)
+
+q/k/v and gate/up are each fused into one projection; `load_weights` fills them shard by shard
+from HF-named tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from zili.config import ModelConfig
+from zili.kernels.attention import AttentionMetadata, paged_attention
+from zili.layers.activation import SiluAndMul
+from zili.layers.embedding import VocabEmbedding
+from zili.layers.linear import Linear
+from zili.layers.norm import RMSNorm
+from zili.layers.rotary import RotaryEmbedding, apply_rotary
+
+# Fused module name -> the HF projection names it concatenates, in row order.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+# Checkpoint buffers that are not parameters (recomputed here).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        o_bias = config.attention_bias and config.architecture != "qwen2"
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                               bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, n_heads, d]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter])
+        self.down_proj = Linear(inter, config.hidden_size)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary_emb(positions, x.dtype)  # [T, d/2] each, shared by every layer
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden [T, H]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in. ValueError on a missing, unexpected or mis-shaped tensor."""
+        targets = self._weight_targets()
+        pending = set(targets)
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            load = targets.get(name)
+            if load is None:
+                raise ValueError(f"unexpected tensor {name!r} for {self.config.hf_architecture or 'llama'} model")
+            try:
+                load(tensor)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from None
+            pending.discard(name)
+        if pending:
+            shown = ", ".join(sorted(pending)[:8]) + (", ..." if len(pending) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(pending)} tensor(s): {shown}")
+
+    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        """HF tensor name -> function copying that tensor into this model."""
+        targets: dict[str, Callable[[torch.Tensor], None]] = {}
+        for module_name, module in self.named_modules():
+            if module_name == "lm_head" and self.config.tie_word_embeddings:
+                continue
+            prefix, _, leaf = module_name.rpartition(".")
+            for param_name, _ in module.named_parameters(recurse=False):
+                if isinstance(module, Linear):
+                    hf_leaves = FUSED_PROJECTIONS.get(leaf, (leaf,))
+                    for shard, hf_leaf in enumerate(hf_leaves):
+                        hf_name = f"{prefix}.{hf_leaf}.{param_name}" if prefix else f"{hf_leaf}.{param_name}"
+                        targets[hf_name] = _linear_loader(module, param_name, shard)
+                else:
+                    full = f"{module_name}.{param_name}" if module_name else param_name
+                    targets[full] = _param_loader(getattr(module, param_name))
+        return targets
+
+
+def _linear_loader(module: Linear, param_name: str, shard: int) -> Callable[[torch.Tensor], None]:
+    return lambda t: module.load(param_name, t, shard)
+
+
+def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def load(tensor: torch.Tensor) -> None:
+        if tensor.shape != param.shape:
+            raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+    return load

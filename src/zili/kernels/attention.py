@@ -92,9 +92,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     block_size = kv_cache.shape[2]
     nblocks = (seq_len + block_size - 1) // block_size
-    blocks = kv_cache[:, block_table[:nblocks]]  # [2, nb, bs, n_kv, d]
-    ctx = blocks.reshape(2, nblocks * block_size, *kv_cache.shape[3:])[:, :seq_len]
+    ctx = gather_blocks(kv_cache, block_table[:nblocks])  # [2, nb, bs, n_kv, d]
+    ctx = ctx.reshape(2, nblocks * block_size, *kv_cache.shape[3:])[:, :seq_len]
     return ctx[0], ctx[1]
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copy the listed blocks' keys and values out: [2, *block_ids.shape, bs, n_kv, d].
+
+    One index_select over whole blocks as rows: several times faster on CPU than advanced
+    indexing, which copies element by element.
+    """
+    num_blocks = kv_cache.shape[1]
+    rows = kv_cache.view(2 * num_blocks, -1)
+    flat = block_ids.reshape(-1)
+    out = rows.index_select(0, torch.cat([flat, flat + num_blocks]))
+    return out.view(2, *block_ids.shape, *kv_cache.shape[2:])
 
 
 def _prefill_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
@@ -119,7 +132,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
     max_len = max(meta.seq_lens_cpu)
     nblocks = (max_len + block_size - 1) // block_size
-    ctx = kv_cache[:, meta.block_tables[:, :nblocks]]  # [2, B, nb, bs, n_kv, d]
+    ctx = gather_blocks(kv_cache, meta.block_tables[:, :nblocks])  # [2, B, nb, bs, n_kv, d]
     ctx = ctx.reshape(2, B, nblocks * block_size, n_kv, -1)
     k, v = ctx[0].to(q.dtype), ctx[1].to(q.dtype)
     group = n_heads // n_kv

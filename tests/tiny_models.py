@@ -55,3 +55,50 @@ def write_tiny_llama(path: Path, seed: int = 0, **overrides) -> Path:
     model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
     model.save_pretrained(path)
     return path
+
+
+# Tiny DeepSeek shapes: dense and MoE layers, 8-16 experts in groups, distinct nope / rope / v head dims.
+_DEEPSEEK_DEFAULTS = {
+    # q LoRA, interleaved rotary, YaRN with both mscales, sigmoid + noaux_tc routing with its bias.
+    "v3": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, n_shared_experts=1,
+               num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32,
+               q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, norm_topk_prob=True,
+               routed_scaling_factor=2.5, rope_interleave=True, max_position_embeddings=512,
+               rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.8,
+                                    original_max_position_embeddings=128, beta_fast=32, beta_slow=1)),
+    # No q LoRA, attention bias, softmax + group-limited greedy routing, two shared experts, plain rotary.
+    "v2": dict(hidden_size=128, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
+               num_experts_per_tok=3, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+               first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=24,
+               v_head_dim=32, routed_scaling_factor=1.5, attention_bias=True, max_position_embeddings=512,
+               rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+}
+
+
+def write_tiny_deepseek(path: Path, version: str = "v3", seed: int = 0, init_std: float = 0.1, **overrides) -> Path:
+    """A 3-layer random DeepSeek V2 or V3 (layer 0 dense, 1-2 MoE) with the byte tokenizer.
+
+    Every weight is random, norms and the router's score-correction bias included, so none is a no-op."""
+    import transformers
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = write_byte_tokenizer(path)
+    eos = json.loads((path / "tokenizer.json").read_text())["added_tokens"][2]["id"]
+    kwargs = dict(_DEEPSEEK_DEFAULTS[version], vocab_size=vocab, bos_token_id=None, eos_token_id=eos,
+                  pad_token_id=eos - 2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    name = {"v2": "DeepseekV2", "v3": "DeepseekV3"}[version]
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for tname, t in [*model.named_parameters(), *model.named_buffers()]:
+            if tname.endswith("e_score_correction_bias"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+            elif t.is_floating_point() and "rotary" not in tname:
+                noise = torch.randn(t.shape, generator=gen) * init_std
+                t.copy_(1.0 + noise if "norm" in tname else noise)
+    model.save_pretrained(path)
+    return path

@@ -123,6 +123,7 @@ class ModelConfig:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 
 @dataclass
@@ -139,8 +140,17 @@ class EngineConfig:
     kv_cache_memory: int | float | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Weights kept quantized in memory: "auto" follows a GGUF's own quantization; see
+    # zili.models.quantize for the modes.
+    quantization: str = "auto"
+    threads: int | None = None  # CPU threads for the forward pass; None: the platform's default
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"EngineConfig.quantization must be one of {', '.join(QUANTIZATION_MODES)}, "
+                             f"got {self.quantization!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"EngineConfig.threads must be a positive integer, got {self.threads!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -26,7 +26,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
     skip_special_tokens: bool = True
-    # Constrained decoding request (structured-output issue); opaque to the core sampler.
+    # Constrained decoding: a zili.structured.StructuredOutput, or a dict such as {"json": schema},
+    # {"regex": ...}, {"choice": [...]}, {"grammar": ebnf}, {"json_object": True}.
     structured: Any = None
 
     def __post_init__(self) -> None:
@@ -54,6 +55,13 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be non-negative integers")
+        if self.structured is not None:  # structured output: normalise to a StructuredOutput, shape-checked
+            from zili.structured.spec import StructuredOutput
+
+            try:
+                self.structured = StructuredOutput.parse(self.structured)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.structured: {e}") from None
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for tok, bias in self.logit_bias.items():

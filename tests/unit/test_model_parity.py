@@ -219,9 +219,10 @@ def test_load_weights_rejects_bad_checkpoints(ckpt: Checkpoint) -> None:
     _fresh(ckpt).load_weights([*state.items(), ("model.layers.0.self_attn.rotary_emb.inv_freq", torch.zeros(8))])
 
 
-def test_tied_model_loads_with_or_without_lm_head(ckpt: Checkpoint) -> None:
-    if not ckpt.config.tie_word_embeddings:
-        pytest.skip("untied variant")
+@pytest.mark.parametrize("name", [n for n, (_, _, kw) in VARIANTS.items() if kw.get("tie_word_embeddings")])
+def test_tied_model_loads_with_or_without_lm_head(name: str, tmp_path: Path) -> None:
+    ckpt = Checkpoint(name, tmp_path)
+    assert ckpt.config.tie_word_embeddings
     state = {k: v for k, v in ckpt.hf.state_dict().items() if k != "lm_head.weight"}
     for extra in ([], [("lm_head.weight", state["model.embed_tokens.weight"])]):
         model = _fresh(ckpt)

@@ -45,7 +45,11 @@ class Engine:
 
         self.config = config
         self.platform = current_platform()
-        loaded = loaded or load_model(config.model, dtype=config.dtype, device=self.platform.device)
+        self.platform.set_num_threads(config.threads)
+        self.quantized: dict[str, int] = {}
+        if loaded is None:
+            loaded = load_model(config.model, dtype=config.dtype, device=self.platform.device)
+            self.quantized = self._quantize(loaded, config.quantization)
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
@@ -57,6 +61,9 @@ class Engine:
         self.sampler = Sampler(mc.vocab_size, config.seed)
         self.requests: dict[str, Request] = {}
         self._finished_outside_step: list[RequestOutput] = []
+        # structured output: the grammar backend (built on first use) and the live constrained sequences
+        self._grammar_backend = None
+        self._constrained: set[Sequence] = set()
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -64,6 +71,17 @@ class Engine:
                     num_blocks * kv_bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
 
     # ---- set-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _quantize(loaded, mode: str) -> dict[str, int]:
+        from zili.models.quantize import quantize_model
+        from zili.weights import open_checkpoint
+
+        checkpoint = open_checkpoint(loaded.source) if mode != "none" and loaded.source.format == "gguf" else None
+        counts = dict(quantize_model(loaded.model, mode, checkpoint))
+        if counts:
+            logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in counts.items()))
+        return counts
+
     @staticmethod
     def _resolve_max_model_len(requested: int | None, model_len: int) -> int:
         if requested is None:
@@ -95,6 +113,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._prompt_tokens(prompt)
         max_tokens = self._check_fits(len(token_ids), params)
+        grammar = self.compile_structured(params.structured) if params.structured is not None else None
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
@@ -105,6 +124,9 @@ class Engine:
                            logprobs=[] if params.logprobs is not None else None)
             if params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(params.seed + i)
+            if grammar is not None:  # structured output: one matcher per sequence
+                seq.grammar = self._grammar_backend.new_matcher(grammar)
+                self._constrained.add(seq)
             req.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -149,6 +171,7 @@ class Engine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+            self._constrained.discard(seq)
         self._finished_outside_step.append(req.to_output())
 
     def has_unfinished_requests(self) -> bool:
@@ -165,7 +188,8 @@ class Engine:
         self.scheduler.on_step_done(batch)
         touched: dict[str, Request] = {}
         if sampling:
-            result = self.sampler(logits, sampling)
+            grammar_mask = self._grammar_backend.build_mask(sampling) if self._constrained else None
+            result = self.sampler(logits, sampling, grammar_mask)
             for seq, token_id, logprob in zip(sampling, result.token_ids, result.logprobs):
                 self._append_token(seq, token_id, logprob)
                 touched[seq.request.request_id] = seq.request
@@ -195,6 +219,8 @@ class Engine:
         self.generation_tokens_total += 1
         if logprob is not None and seq.logprobs is not None:
             seq.logprobs.append(logprob)
+        if seq.grammar is not None and self._advance_grammar(seq, token_id):
+            return
         if token_id in req.stop_token_ids:
             self._finish(seq, "stop", None if token_id in self.tokenizer.eos_token_ids and token_id
                          not in params.stop_token_ids else token_id)
@@ -239,6 +265,31 @@ class Engine:
             seq.text = seq.detokenizer.text
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
+        self._constrained.discard(seq)
+
+    # ---- structured output (zili.structured) -------------------------------------------------
+    def compile_structured(self, structured):
+        """Compile a StructuredOutput for this model's vocabulary, or fetch it from the cache.
+
+        ValueError names the problem. Thread-safe, so a server can compile off the engine thread
+        and let add_request hit the cache."""
+        if self._grammar_backend is None:
+            from zili.structured.backend import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+        return self._grammar_backend.compile(structured)
+
+    def _advance_grammar(self, seq: Sequence, token_id: int) -> bool:
+        """Feed the sampled token to the sequence's matcher; True when that finished the sequence."""
+        if not seq.grammar.accept_token(token_id):  # only if the mask was overridden: end, don't crash
+            logger.error("structured output: %s sampled token %d outside its grammar", seq.seq_id, token_id)
+            self._finish(seq, "abort", None)
+            return True
+        if seq.grammar.is_terminated() and token_id not in seq.request.stop_token_ids:
+            seq.detokenizer.add(token_id)  # the grammar's own end (e.g. EOS under ignore_eos)
+            self._finish(seq, "stop", token_id)
+            return True
+        return False
 
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -62,6 +62,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     generator: torch.Generator | None = None  # per-sequence RNG, for seeded sampling
     num_cached_prompt_tokens: int = 0
+    grammar: Any = None  # structured output: this sequence's grammar matcher (zili.structured)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,6 +12,7 @@ the batch; unseeded rows share one draw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,12 +30,15 @@ class Sampler:
         self.vocab_size = vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [N, V] float32, one row per sequence that samples this step."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Any = None) -> SamplerOutput:
+        """logits: [N, V] float32, one row per sequence that samples this step. grammar_mask
+        (structured output, zili.structured.backend.GrammarMask) forbids tokens, applied last."""
         raw = logits
         logits = logits.clone()
         self._apply_bias_and_min_tokens(logits, seqs)
         self._apply_penalties(logits, seqs)
+        if grammar_mask is not None:
+            grammar_mask.apply(logits)
         params = [s.request.params for s in seqs]
         greedy = [p.temperature == 0 for p in params]
         token_ids = torch.empty(len(seqs), dtype=torch.long)
@@ -54,7 +58,8 @@ class Sampler:
                 ids = torch.tensor([t for t in p.logit_bias if t < self.vocab_size], dtype=torch.long)
                 vals = torch.tensor([b for t, b in p.logit_bias.items() if t < self.vocab_size])
                 logits[i].index_add_(0, ids, vals.to(logits.dtype))
-            if seq.num_output_tokens < p.min_tokens and seq.request.stop_token_ids:
+            # (a grammar decides for itself when it may end: min_tokens does not override it)
+            if seq.num_output_tokens < p.min_tokens and seq.request.stop_token_ids and seq.grammar is None:
                 banned = [t for t in seq.request.stop_token_ids if t < self.vocab_size]
                 logits[i, banned] = float("-inf")
 

@@ -25,12 +25,18 @@ class Linear(nn.Module):
         # Uninitialised on purpose: every value comes from the checkpoint.
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+        # A packed copy of the weight (zili.layers.quant), used up to its `max_rows` input rows.
+        self.quant = None
 
     @property
     def num_shards(self) -> int:
         return len(self.output_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant = self.quant
+        if quant is not None and x.shape[0] <= quant.max_rows:
+            y = quant.matmul(x)
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
@@ -45,4 +51,5 @@ class Linear(nn.Module):
             param[start:start + size].copy_(tensor)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}"
+        quant = f", quant={type(self.quant).__name__}" if self.quant is not None else ""
+        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{quant}"

@@ -13,12 +13,16 @@ HF_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 # Used when config.json leaves max_position_embeddings out (the HF config class defaults).
 _DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32,
-                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768}
+                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768,
+                          "DeepseekV2ForCausalLM": 2048, "DeepseekV3ForCausalLM": 4096}
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
@@ -35,7 +39,7 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         max_positions = min(max_positions, window)
     rope_theta, rope_scaling = _rope(cfg, trained_positions)
     eos = cfg.get("eos_token_id")
-    return ModelConfig(
+    fields = dict(
         architecture=family,
         hidden_size=_required(cfg, "hidden_size"),
         intermediate_size=_required(cfg, "intermediate_size"),
@@ -58,6 +62,11 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         pad_token_id=cfg.get("pad_token_id"),
         hf_architecture=hf_arch,
     )
+    if family.startswith("deepseek"):
+        from zili.models.deepseek import deepseek_config_fields
+
+        fields.update(deepseek_config_fields(cfg, family))
+    return ModelConfig(**fields)
 
 
 def _hf_architecture(cfg: dict[str, Any]) -> str:

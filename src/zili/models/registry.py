@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zili.config import ModelConfig
+from zili.models.deepseek import DeepseekForCausalLM
 from zili.models.hf_config import HF_ARCHITECTURES
 from zili.models.llama import LlamaForCausalLM
 
@@ -16,6 +17,8 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "deepseek_v2": DeepseekForCausalLM,
+    "deepseek_v3": DeepseekForCausalLM,
 }
 # HF architecture names (as config.json declares them) that zili runs; for error messages.
 SUPPORTED: tuple[str, ...] = tuple(name for name, family in HF_ARCHITECTURES.items() if family in _MODEL_CLASSES)

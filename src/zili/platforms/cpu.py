@@ -25,6 +25,11 @@ class CpuPlatform(Platform):
         flags = _cpu_flags()
         return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
+    def set_num_threads(self, threads: int | None) -> None:
+        # One thread per physical core: SMT siblings share the FMA units and only add
+        # synchronisation cost to the matmuls.
+        torch.set_num_threads(threads or physical_cores())
+
     def total_memory(self) -> int:
         try:
             return _meminfo("MemTotal")
@@ -47,3 +52,19 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs among the CPUs this process may run on."""
+    allowed = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in allowed:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{base}/physical_package_id") as f:
+                package = f.read().strip()
+            with open(f"{base}/core_id") as f:
+                cores.add((package, f.read().strip()))
+        except OSError:
+            return len(allowed)
+    return max(1, len(cores))

@@ -28,6 +28,9 @@ class Platform:
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
+    def set_num_threads(self, threads: int | None) -> None:
+        """Threads for host-side compute; None keeps the platform's default."""
+
     def collective_backend(self) -> str:
         return "gloo"
 

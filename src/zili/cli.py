@@ -141,15 +141,20 @@ def models() -> None:
         typer.echo(f"{alias:16} {description}\n{'':16} {where}")
 
 
-def _register_optional_commands() -> None:
-    try:
-        from zili.server.launcher import serve
-    except ImportError:  # the server extra may be missing
-        return
+def _register_subcommands() -> None:
+    from zili.bench.cli import bench_app
+    from zili.server.launcher import serve
+
     app.command("serve", help="Start the OpenAI-compatible HTTP server.")(serve)
+    app.add_typer(bench_app, name="bench", help="Benchmarks: offline, serving, and side by side with peers.")
+    try:
+        from zili.extract import extract
+    except ImportError:  # structured output needs xgrammar
+        return
+    app.command("extract", help="Fill a JSON schema from a document; the output always validates.")(extract)
 
 
-_register_optional_commands()
+_register_subcommands()
 
 if __name__ == "__main__":
     app()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from zili.tokenizer import Tokenizer
 
 # Buffers some exporters save that are not parameters (recomputed from the config).
+_KEEP_FP32_SUFFIXES = ("e_score_correction_bias",)
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
@@ -91,7 +92,10 @@ class HFCheckpoint:
                     if name.endswith(_SKIPPED_SUFFIXES) or dequantize.is_scale(name):
                         continue
                     t = dequantize(name, f.get_tensor(name), dtype)
-                    yield name, t.to(dtype) if t.is_floating_point() else t
+                    if not t.is_floating_point() or name.endswith(_KEEP_FP32_SUFFIXES):
+                        yield name, t  # routing biases decide expert choice: rounding them changes it
+                    else:
+                        yield name, t.to(dtype)
 
     # ---- tokenizer ----
 

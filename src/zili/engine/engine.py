@@ -73,13 +73,15 @@ class Engine:
     # ---- set-up ----------------------------------------------------------------------------
     @staticmethod
     def _quantize(loaded, mode: str) -> dict[str, int]:
-        from zili.models.quantize import quantize_model
+        from zili.models.quantize import calibrate_max_rows, quantize_model
         from zili.weights import open_checkpoint
 
         checkpoint = open_checkpoint(loaded.source) if mode != "none" and loaded.source.format == "gguf" else None
         counts = dict(quantize_model(loaded.model, mode, checkpoint))
-        if counts:
-            logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in counts.items()))
+        if counts.keys() - {"dense"}:
+            rows = calibrate_max_rows(loaded.model)
+            logger.info("weights: %s; quantized kernels used up to %d rows per step (measured)",
+                        ", ".join(f"{n} {form}" for form, n in counts.items()), rows)
         return counts
 
     @staticmethod

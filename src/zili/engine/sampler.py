@@ -34,17 +34,21 @@ class Sampler:
         """logits: [N, V] float32, one row per sequence that samples this step. grammar_mask
         (structured output, zili.structured.backend.GrammarMask) forbids tokens, applied last."""
         raw = logits
-        logits = logits.clone()
-        self._apply_bias_and_min_tokens(logits, seqs)
-        self._apply_penalties(logits, seqs)
-        if grammar_mask is not None:
-            grammar_mask.apply(logits)
         params = [s.request.params for s in seqs]
+        if grammar_mask is not None or any(_modifies_logits(s) for s in seqs):
+            logits = logits.clone()  # the raw logits stay untouched for logprobs
+            self._apply_bias_and_min_tokens(logits, seqs)
+            self._apply_penalties(logits, seqs)
+            if grammar_mask is not None:
+                grammar_mask.apply(logits)
         greedy = [p.temperature == 0 for p in params]
-        token_ids = torch.empty(len(seqs), dtype=torch.long)
+        if all(greedy):  # max() finds the first maximum like argmax(), about 3x faster on CPU
+            token_ids = logits.max(dim=-1).indices
+            return SamplerOutput(token_ids.tolist(), self._logprobs(raw, token_ids, seqs))
+        token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if any(greedy):
             rows = [i for i, g in enumerate(greedy) if g]
-            token_ids[rows] = logits[rows].argmax(dim=-1)
+            token_ids[rows] = logits[rows].max(dim=-1).indices
         if not all(greedy):
             rows = [i for i, g in enumerate(greedy) if not g]
             token_ids[rows] = self._sample(logits[rows], [seqs[i] for i in rows])
@@ -123,6 +127,11 @@ class Sampler:
             top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else []
             out.append(TokenLogprob(int(token_ids[i]), chosen[i], top))
         return out
+
+
+def _modifies_logits(seq: Sequence) -> bool:
+    p = seq.request.params
+    return bool(p.logit_bias) or p.needs_penalties or (p.min_tokens > seq.num_output_tokens)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

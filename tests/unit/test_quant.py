@@ -133,3 +133,16 @@ def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
     pairs = [(w, g) for s, ws, gs in zip(sequences, want, got) for w, g in zip(ws[-25:], gs[-25:])]
     agreement = sum(w == g for w, g in pairs) / len(pairs)
     assert agreement >= 0.99, agreement
+
+
+def test_calibration_sets_one_measured_limit_on_every_layer():
+    from zili.models.quantize import calibrate_max_rows
+
+    model = torch.nn.Sequential(Linear(64, 128), Linear(128, 64))
+    for lin in model:
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn_like(lin.weight))
+        lin.quant = Int4Weight(float_group_quant(lin.weight.detach()), max_rows=999)
+    rows = calibrate_max_rows(model, candidates=(1, 2, 4))
+    assert rows in (0, 1, 2, 4)
+    assert {lin.quant.max_rows for lin in model} == {rows}

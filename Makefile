@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/zili generate "What is the capital of France? Answer in one sentence." --max-tokens 64
+	$(BIN)/zili serve
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

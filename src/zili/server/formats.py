@@ -1,0 +1,164 @@
+"""Rendering a Generation's deltas in OpenAI's shapes: chat and legacy completions.
+
+Each format accumulates a whole response (`add`, `response`) or renders stream chunks
+(`first_chunks`, `chunk_choice`, `end_choice`), logprobs included.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from zili.server import protocol as p
+from zili.server.generation import ChoiceDelta, Generation
+from zili.structured.tools import ToolCallStream, parse_tool_calls
+
+if TYPE_CHECKING:
+    from zili.server.app import ServerState
+
+
+class ChatFormat:
+    def __init__(self, state: ServerState, gen: Generation, top_logprobs: int | None,
+                 tool_style: str | None = None) -> None:
+        self.state, self.gen, self.top_logprobs = state, gen, top_logprobs
+        self.texts: dict[int, list[str]] = {}
+        self.logprobs: dict[int, list[p.ChatTokenLogprob]] = {}
+        self.finish: dict[int, tuple[str | None, Any]] = {}
+        self.tool_style = tool_style  # when tools were offered: parse tool calls out of the text
+        self.tool_streams: dict[int, ToolCallStream] = {}
+
+    def _logprobs(self, delta: ChoiceDelta) -> list[p.ChatTokenLogprob] | None:
+        if self.top_logprobs is None or delta.logprobs is None:
+            return None
+        token_str = self.state.token_str
+        out = []
+        for lp in delta.logprobs:
+            tok = token_str(lp.token_id)
+            top = [p.TopLogprob(token=token_str(t), logprob=v, bytes=list(token_str(t).encode()))
+                   for t, v in list(lp.top)[: self.top_logprobs]]
+            out.append(p.ChatTokenLogprob(token=tok, logprob=lp.logprob, bytes=list(tok.encode()), top_logprobs=top))
+        return out
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.texts.setdefault(delta.index, []).append(delta.text)
+        lps = self._logprobs(delta)
+        if lps is not None:
+            self.logprobs.setdefault(delta.index, []).extend(lps)
+        if delta.finish_reason is not None:
+            self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
+
+    def response(self, model: str) -> p.ChatCompletionResponse:
+        choices = []
+        for i in range(self.gen.num_choices):
+            reason, stop_reason = self.finish.get(i, (None, None))
+            logprobs = p.ChatLogprobs(content=self.logprobs.get(i, [])) if self.top_logprobs is not None else None
+            message = p.ChatResponseMessage(content="".join(self.texts.get(i, [])))
+            if self.tool_style is not None:
+                parsed = parse_tool_calls(message.content, self.tool_style)
+                if parsed.tool_calls:
+                    message = p.ChatResponseMessage(content=parsed.content,
+                                                    tool_calls=[c.to_openai() for c in parsed.tool_calls])
+                    reason = "tool_calls" if reason == "stop" else reason
+            choices.append(p.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason,
+                                        stop_reason=stop_reason))
+        return p.ChatCompletionResponse(id=self.gen.request_id, created=int(time.time()), model=model,
+                                        choices=choices, usage=self.gen.usage())
+
+    def first_chunks(self, base: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}]}
+                for i in range(self.gen.num_choices)]
+
+    def chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+        lps = self._logprobs(delta)
+        body, reason = ({"content": delta.text} if delta.text else {}), delta.finish_reason
+        if self.tool_style is not None:
+            body, reason = self._tool_delta(delta)
+        return {"index": delta.index, "delta": body,
+                "logprobs": None if lps is None else {"content": [x.model_dump() for x in lps], "refusal": None},
+                "finish_reason": reason}
+
+    def _tool_delta(self, delta: ChoiceDelta) -> tuple[dict[str, Any], str | None]:
+        """The text split into content and `tool_calls` deltas, as the whole-response parse splits it."""
+        stream = self.tool_streams.setdefault(delta.index, ToolCallStream(self.tool_style))
+        content, calls = stream.feed(delta.text)
+        reason = delta.finish_reason
+        if reason is not None:
+            rest, more = stream.finish()
+            content, calls = content + rest, calls + more
+            if stream.calls_sent and reason == "stop":
+                reason = "tool_calls"
+        body: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            body["tool_calls"] = calls
+        return body, reason
+
+    def end_choice(self, index: int, reason: str) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+
+class CompletionFormat:
+    def __init__(self, state: ServerState, gen: Generation, logprobs: int | None, echo: list[str] | None) -> None:
+        self.state, self.gen, self.k, self.echo = state, gen, logprobs, echo
+        self.texts: dict[int, list[str]] = {}
+        self.logprobs: dict[int, p.CompletionLogprobs] = {}
+        self.offsets: dict[int, int] = {}
+        self.finish: dict[int, tuple[str | None, Any]] = {}
+
+    def _prefix(self, index: int) -> str:
+        return self.echo[index // self.gen.n] if self.echo is not None else ""
+
+    def _logprobs(self, delta: ChoiceDelta) -> p.CompletionLogprobs | None:
+        if self.k is None or delta.logprobs is None:
+            return None
+        token_str = self.state.token_str
+        out = p.CompletionLogprobs()
+        offset = self.offsets.get(delta.index, len(self._prefix(delta.index)))
+        for lp in delta.logprobs:
+            tok = token_str(lp.token_id)
+            top = {token_str(t): v for t, v in list(lp.top)[: self.k]}
+            top.setdefault(tok, lp.logprob)
+            out.tokens.append(tok)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(tok)
+        self.offsets[delta.index] = offset
+        return out
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.texts.setdefault(delta.index, []).append(delta.text)
+        lps = self._logprobs(delta)
+        if lps is not None:
+            acc = self.logprobs.setdefault(delta.index, p.CompletionLogprobs())
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(acc, name).extend(getattr(lps, name))
+        if delta.finish_reason is not None:
+            self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
+
+    def response(self, model: str) -> p.CompletionResponse:
+        choices = []
+        for i in range(self.gen.num_choices):
+            reason, stop_reason = self.finish.get(i, (None, None))
+            logprobs = self.logprobs.get(i, p.CompletionLogprobs()) if self.k is not None else None
+            choices.append(p.CompletionChoice(index=i, text=self._prefix(i) + "".join(self.texts.get(i, [])),
+                                              logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason))
+        return p.CompletionResponse(id=self.gen.request_id, created=int(time.time()), model=model,
+                                    choices=choices, usage=self.gen.usage())
+
+    def first_chunks(self, base: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.echo is None:
+            return []
+        return [{**base, "choices": [{"index": i, "text": self._prefix(i), "logprobs": None, "finish_reason": None}]}
+                for i in range(self.gen.num_choices)]
+
+    def chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
+        lps = self._logprobs(delta)
+        return {"index": delta.index, "text": delta.text, "logprobs": None if lps is None else lps.model_dump(),
+                "finish_reason": delta.finish_reason}
+
+    def end_choice(self, index: int, reason: str) -> dict[str, Any]:
+        return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+
+
+Format = ChatFormat | CompletionFormat

@@ -1,0 +1,177 @@
+"""A Generation: the engine requests behind one HTTP request, as per-choice deltas.
+
+There is one engine request per prompt (the legacy endpoint takes a batch), each carrying n
+choices. The engine reports cumulative text and token ids; a Generation turns them into what each
+choice gained since the last output, counts usage, and feeds the latency metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zili.engine.async_engine import EngineUnavailableError, QueueFullError, RequestStream
+from zili.sampling import SamplingParams
+from zili.server import protocol as p
+from zili.server.errors import APIError, bad_request
+
+if TYPE_CHECKING:
+    from zili.server.app import ServerState
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained from one engine output."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _ChoiceProgress:
+    text_len: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+
+
+@dataclass
+class Generation:
+    """The engine requests behind one HTTP request: one per prompt, n choices each."""
+
+    state: ServerState
+    request_id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    streams: list[RequestStream] = field(default_factory=list)
+    completion_tokens: int = 0
+    _cached: dict[int, int] = field(default_factory=dict)  # prompt index -> prompt tokens from the prefix cache
+    _progress: dict[int, _ChoiceProgress] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+    _last_token_at: float | None = None
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    @property
+    def num_choices(self) -> int:
+        return self.n * len(self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompts)
+
+    def engine_request_id(self, i: int) -> str:
+        return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{i}"
+
+    async def start(self) -> None:
+        """Hand every prompt to the engine; maps refusals to API errors (nothing left running)."""
+        adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.params)
+                for i, ids in enumerate(self.prompts)]
+        results = await asyncio.gather(*adds, return_exceptions=True)
+        self.streams = [r for r in results if isinstance(r, RequestStream)]
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if error is None:
+            return
+        self.close()
+        if isinstance(error, QueueFullError):
+            self.state.metrics.rejected.labels(reason="queue_full").inc()
+            raise APIError(429, f"The server is busy: {error}. Retry later.", code="queue_full",
+                           headers={"Retry-After": str(self.state.settings.retry_after)})
+        if isinstance(error, EngineUnavailableError):
+            raise APIError(503, str(error).capitalize(), code="unavailable", headers={"Retry-After": "5"})
+        if isinstance(error, ValueError):
+            raise bad_request(str(error), param="messages" if self.request_id.startswith("chatcmpl") else "prompt")
+        raise error
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """Per engine output, what each of its choices gained; ends when all have finished."""
+        try:
+            async for prompt_index, output in _merge(self.streams):
+                self._cached[prompt_index] = output.num_cached_tokens or 0
+                deltas = [self._delta(prompt_index, c) for c in output.outputs]
+                deltas = [d for d in deltas if d is not None]
+                self._observe(deltas)
+                if deltas:
+                    yield deltas
+        finally:
+            self.close()
+
+    def _delta(self, prompt_index: int, out: Any) -> ChoiceDelta | None:
+        index = prompt_index * self.n + out.index
+        progress = self._progress.setdefault(index, _ChoiceProgress())
+        if progress.finished:
+            return None
+        text, ids = out.text[progress.text_len:], list(out.token_ids[progress.num_tokens:])
+        logprobs = list(out.logprobs[progress.num_tokens:]) if out.logprobs is not None else None
+        progress.text_len, progress.num_tokens = len(out.text), len(out.token_ids)
+        progress.finished = out.finish_reason is not None
+        if not (text or ids or progress.finished):
+            return None
+        self.completion_tokens += len(ids)
+        return ChoiceDelta(index, text, ids, logprobs, out.finish_reason, out.stop_reason)
+
+    def _observe(self, deltas: list[ChoiceDelta]) -> None:
+        metrics, now = self.state.metrics, time.perf_counter()
+        if any(d.token_ids for d in deltas):
+            if self._last_token_at is None:
+                metrics.ttft.observe(now - self._started)
+            else:
+                metrics.itl.observe(now - self._last_token_at)
+            self._last_token_at = now
+        for d in deltas:
+            if d.finish_reason is not None:
+                metrics.finished.labels(finish_reason=d.finish_reason).inc()
+        if all(pr.finished for pr in self._progress.values()) and len(self._progress) == self.num_choices:
+            metrics.e2e.observe(now - self._started)
+
+    def unfinished_choices(self) -> list[int]:
+        return [i for i in range(self.num_choices) if not self._progress.get(i, _ChoiceProgress()).finished]
+
+    def usage(self) -> p.Usage:
+        return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                       total_tokens=self.prompt_tokens + self.completion_tokens,
+                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=sum(self._cached.values())))
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Outputs of several streams as (stream index, output), in arrival order."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((i, output))
+            queue.put_nowait((i, None))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,223 @@
+"""From an OpenAI request to an engine request: prompt token ids and SamplingParams.
+
+Everything a client can get wrong is caught here and becomes a 400 that names the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from zili.sampling import SamplingParams
+from zili.server import protocol as p
+from zili.server.errors import APIError, bad_request, sampling_error
+
+if TYPE_CHECKING:
+    from zili.server.app import ServerState
+
+
+# Below this a temperature is treated as greedy: dividing logits by it would overflow.
+_MIN_TEMPERATURE = 1e-5
+LEGACY_DEFAULT_MAX_TOKENS = SamplingParams.__dataclass_fields__["max_tokens"].default  # legacy completions
+
+
+def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    from zili.structured.tools import render_chat as render_with_tools
+
+    conversation = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, p.TextContentPart):
+                    what = "needs a 'text' string" if part.type == "text" else "is not supported (only 'text')"
+                    raise bad_request(f"message content part of type {part.type!r} {what}", param="messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                 "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_calls:  # structured output: assistant tool calls and tool results round-trip
+            entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        conversation.append(entry)
+    try:
+        return render_with_tools(state.tokenizer, conversation, tools, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja2 errors, raise_exception)
+        raise bad_request(f"the model's chat template rejected these messages: {exc}", param="messages") from exc
+
+
+def encode(state: ServerState, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    try:
+        return state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except (TypeError, UnicodeError) as exc:  # e.g. a lone surrogate ("\ud800") from a JSON escape
+        raise bad_request(f"{param} is not valid Unicode text: {exc}", param=param) from exc
+
+
+def completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    """The prompt field (str, [str], [int] or [[int]]) as token-id lists, one per prompt."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", param="prompt")
+    if all(isinstance(x, int) for x in prompt):
+        prompt = [prompt]
+    prompts = []
+    for item in prompt:
+        ids = encode(state, item, "prompt") if isinstance(item, str) else list(item)
+        if not ids:
+            raise bad_request("prompt must not be empty", param="prompt")
+        check_token_ids(state, ids, "prompt")
+        prompts.append(ids)
+    return prompts
+
+
+def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocab = state.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+
+# ----- sampling parameters -----
+
+
+def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, default: int | None,
+                       param: str, prompt_param: str) -> int | None:
+    """The max_tokens to run with; 400 (naming the lengths) when the request cannot fit."""
+    limit = state.max_model_len
+    if prompt_len >= limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has "
+                            f"{prompt_len} tokens. Please shorten the prompt.", param=prompt_param,
+                       code="context_length_exceeded")
+    cap = state.settings.max_tokens_cap
+    if requested is None:
+        room = limit - prompt_len
+        return min(x for x in (default, room, cap) if x is not None)
+    if not isinstance(requested, int) or requested < 1:
+        raise bad_request(f"{param} must be an integer >= 1, got {requested!r}", param=param)
+    if cap is not None and requested > cap:
+        raise bad_request(f"{param} ({requested}) exceeds this server's cap of {cap} (--max-tokens-cap)",
+                          param=param)
+    if prompt_len + requested > limit:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
+                            f"completion). Please reduce the prompt or {param}.", param=param,
+                       code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(state: ServerState, req: p._SamplingFields, *, max_tokens: int | None,
+                    logprobs: int | None, rename: dict[str, str] | None = None,
+                    structured: Any = None) -> SamplingParams:
+    if not 1 <= req.n <= state.settings.max_n:
+        raise bad_request(f"n must be between 1 and {state.settings.max_n} on this server, got {req.n}", param="n")
+    kwargs: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens, "logprobs": logprobs,
+                              "ignore_eos": req.ignore_eos, "structured": structured}
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty", "min_tokens"):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    if req.stop is not None:
+        kwargs["stop"] = req.stop
+    temperature = kwargs.get("temperature")
+    if temperature is not None and 0 <= temperature < _MIN_TEMPERATURE:
+        kwargs["temperature"] = 0.0
+    top_k = kwargs.get("top_k")
+    if isinstance(top_k, int) and top_k >= state.vocab_size:
+        kwargs["top_k"] = -1  # keeping the whole vocabulary is no top-k at all
+    if req.logit_bias:
+        kwargs["logit_bias"] = _logit_bias(state, req.logit_bias)
+    if req.stop_token_ids:
+        check_token_ids(state, req.stop_token_ids, "stop_token_ids")
+        kwargs["stop_token_ids"] = list(req.stop_token_ids)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise sampling_error(exc, rename) from exc
+    except TypeError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def _logit_bias(state: ServerState, bias: dict[str, float]) -> dict[int, float]:
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        check_token_ids(state, [token], "logit_bias")
+        out[token] = value
+    return out
+
+
+# ----- structured output and tools (zili.structured) -----
+
+
+def chat_tools(req: p.ChatCompletionRequest) -> tuple[list[dict[str, Any]], str]:
+    """The request's tools (checked) and its tool_choice: "none", "auto", "required" or a function name."""
+    from zili.structured.tools import normalize_tool_choice, normalize_tools
+
+    try:
+        tools = normalize_tools([t.model_dump(exclude_none=True) for t in req.tools or []])
+    except ValueError as exc:
+        raise bad_request(str(exc), param="tools") from exc
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, p.NamedToolChoice) else req.tool_choice
+    try:
+        return tools, normalize_tool_choice(choice, tools)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="tool_choice") from exc
+
+
+def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None = None, tool_choice: str = "none",
+                      tool_style: str = "hermes", parallel_tool_calls: bool = True) -> tuple[Any, str | None]:
+    """The StructuredOutput a request asks for (or None) and the parameter it came from.
+
+    At most one source: response_format (json_object / json_schema), structured_outputs, or a
+    tool_choice that forces calls ("required" or a named function)."""
+    from zili.structured.spec import StructuredOutput
+    from zili.structured.tools import tool_call_constraint
+
+    sources = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        sources.append("response_format")
+    if req.structured_outputs is not None:
+        sources.append("structured_outputs")
+    if tools and tool_choice not in ("none", "auto"):
+        sources.append("tool_choice")
+    if len(sources) > 1:
+        raise bad_request(f"{' and '.join(sources)} cannot be combined: each constrains the whole output",
+                          param=sources[1])
+    if not sources:
+        return None, None
+    param = sources[0]
+    try:
+        if param == "response_format":
+            if fmt.type == "json_object":
+                return StructuredOutput.json_object(), param
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("a json_schema response_format needs json_schema.schema")
+            return StructuredOutput.json(fmt.json_schema.schema_), param
+        if param == "structured_outputs":
+            given = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+            return StructuredOutput.parse(given), param
+        return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), param
+    except ValueError as exc:
+        raise bad_request(f"{param}: {exc}", param=param) from exc
+
+
+async def compile_structured(state: ServerState, structured: Any, param: str | None) -> None:
+    """Compile the grammar off the event loop (the engine then finds it cached); 400 naming the problem."""
+    if structured is None:
+        return
+    import asyncio
+
+    try:
+        await asyncio.to_thread(state.ready_engine().compile_structured, structured)
+    except ValueError as exc:
+        raise bad_request(f"{param}: {exc}", param=param) from exc

@@ -1,0 +1,179 @@
+"""`zili serve`: run the OpenAI-compatible server on uvicorn, draining on SIGTERM.
+
+Registered by zili.cli as `app.command("serve")(serve)`; also runnable as
+`python -m zili.server.launcher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from zili.server.app import ServerSettings, ServerState, build_app
+
+logger = logging.getLogger("zili.server")
+
+DEFAULT_MODEL = "smollm2-135m"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int | float:
+    """'512MiB', '2G', '1073741824' -> bytes (int); '0.25' -> a fraction of free memory (float)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise typer.BadParameter(f"expected a size like 512MiB, 2GiB or a fraction like 0.2, got {text!r}")
+    number, unit, suffix = match.groups()
+    if not unit and not suffix and "." in number:
+        return float(number)
+    scale = 1024 ** "_kmgt".index(unit.lower() or "_")
+    return int(float(number) * scale)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM / SIGINT drain the engine, then exit normally (status 0).
+
+    uvicorn already stops accepting connections and waits for in-flight requests; on top of that
+    the first signal makes the engine refuse new requests and schedules an abort of whatever
+    still runs after the shutdown timeout, so every response still ends cleanly.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own version re-raises the signal after shutdown, which would kill the process
+        # with SIGTERM's status instead of exiting 0 after a clean drain.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit and self.loop is not None:
+            logger.info("received %s: draining", signal.Signals(sig).name)
+            self.loop.call_soon_threadsafe(self.state.begin_drain, self.state.settings.shutdown_timeout)
+        super().handle_exit(sig, frame)
+
+    def engine_failed(self, exc: BaseException) -> None:
+        logger.error("the engine failed: %s", exc)
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def serve(
+    model: Annotated[str, typer.Argument(
+        help="A .gguf file, an HF checkpoint directory, or an alias.")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", envvar="ZILI_API_KEY",
+        help="Require 'Authorization: Bearer <key>' on /v1/*, /tokenize, /detokenize (repeatable).")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="File with one API key per line (# comments allowed).")] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting to run; past it, 429.")] = 256,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
+    max_tokens_cap: Annotated[int | None, typer.Option(
+        min=1, help="Largest max_tokens a request may ask for (default: no cap but the context).")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(min=1, help="Most sequences in one batch.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    kv_cache_memory: Annotated[str | None, typer.Option(
+        help="KV pool size: bytes (512MiB, 2GiB) or a fraction of free memory (0.2).")] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0, help="On SIGTERM, seconds running requests get to finish before they are aborted.")] = 30.0,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Model name clients use (default: MODEL as given).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted; past it, 413.")]
+        = 4 * 1024 * 1024,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    tensor_parallel_size: Annotated[int, typer.Option(
+        "--tensor-parallel-size", "-tp", min=1, help="Split the model across this many ranks (processes, one "
+        "device each) with torch.distributed.")] = 1,
+    replicas: Annotated[int, typer.Option(
+        min=1, help="Run this many engine replicas as Ray actors behind this server (least-loaded routing).")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Join this Ray cluster for the replicas (e.g. HEAD_IP:6379); default: start a local Ray.")] = None,
+) -> None:
+    """Start the OpenAI-compatible HTTP server."""
+    from zili.config import EngineConfig
+    from zili.engine.async_engine import AsyncEngine
+    from zili.server.auth import read_api_keys
+    from zili.weights.resolve import resolve_model
+
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolve_model(model)  # fail now, with the resolver's message, rather than after binding the port
+        options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
+                   "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
+                   "tensor_parallel_size": tensor_parallel_size}
+        config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
+        keys = read_api_keys(api_key, api_key_file)
+    except (ValueError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+    def load_engine():  # runs on the engine thread, so /health answers while the model loads
+        from zili.engine.engine import Engine
+
+        loaded = Engine(config)
+        if loaded.tp_executor is not None:  # a worker lost while idle: unhealthy at once, then exit non-zero
+            loaded.tp_executor.add_failure_listener(lambda exc: _engine_lost(engine, server, exc))
+        return loaded
+
+    settings = ServerSettings(
+        served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
+        max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
+    if replicas > 1 or ray_address is not None:
+        from zili.distributed.replicas import ReplicaPool
+
+        engine = ReplicaPool(config, replicas, ray_address, max_queue=max_queue)
+    else:
+        engine = AsyncEngine(load_engine, max_queue=max_queue)
+    app = build_app(settings, engine)
+    uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=level == "DEBUG",
+                               timeout_graceful_shutdown=math.ceil(shutdown_timeout) + 5)
+    server = _DrainingServer(uv_config, app.state.zili)
+    engine.on_fatal = server.engine_failed
+    if keys:
+        logger.info("API keys required on /v1/*, /tokenize, /detokenize (%d key(s))", len(keys))
+    server.run()
+    if server.exit_code:
+        raise typer.Exit(server.exit_code)
+
+
+def _engine_lost(engine, server: _DrainingServer, exc: BaseException) -> None:
+    """From any thread: the engine cannot run any more (a tensor-parallel rank died)."""
+    engine.dead_error = exc
+    if server.loop is not None:
+        server.loop.call_soon_threadsafe(server.engine_failed, exc)
+
+
+if __name__ == "__main__":
+    typer.run(serve)

@@ -1,0 +1,165 @@
+"""HTTP routes: OpenAI's /v1 endpoints, vLLM's /tokenize and /detokenize, /health, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from zili.server import protocol as p
+from zili.server.app import ServerState
+from zili.server.auth import require_api_key
+from zili.server.errors import bad_request
+from zili.server.formats import ChatFormat, CompletionFormat
+from zili.server.generation import Generation
+from zili.server.inputs import (
+    LEGACY_DEFAULT_MAX_TOKENS,
+    chat_tools,
+    check_token_ids,
+    compile_structured,
+    completion_prompts,
+    encode,
+    render_chat,
+    resolve_max_tokens,
+    sampling_params,
+    structured_output,
+)
+from zili.server.serving import new_request_id, respond
+from zili.structured.tools import tool_style
+
+_ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+
+router = APIRouter()
+guarded = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.zili
+
+
+@router.get("/health", response_model=p.HealthResponse, responses={503: {"model": p.HealthResponse}})
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the server takes requests; 503 while loading or draining."""
+    state = _state(request)
+    engine = state.engine
+    if engine.dead_error is not None:
+        body = p.HealthResponse(status="error", detail=str(engine.dead_error))
+    elif not engine.ready:
+        body = p.HealthResponse(status="loading")
+    elif state.draining:
+        body = p.HealthResponse(status="draining")
+    else:
+        return JSONResponse(p.HealthResponse(status="ok").model_dump())
+    return JSONResponse(body.model_dump(), status_code=503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@guarded.get("/v1/models", response_model=p.ModelList)
+async def list_models(request: Request) -> p.ModelList:
+    return p.ModelList(data=[_model_card(_state(request))])
+
+
+@guarded.get("/v1/models/{model_id:path}", response_model=p.ModelCard)
+async def get_model(model_id: str, request: Request) -> p.ModelCard:
+    state = _state(request)
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> p.ModelCard:
+    max_len = state.engine.engine.max_model_len if state.engine.ready else None
+    return p.ModelCard(id=state.settings.served_model_name, created=state.created, max_model_len=max_len)
+
+
+@guarded.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+    """Chat completion; `stream: true` answers with server-sent events ending in `data: [DONE]`."""
+    state = _state(request)
+    model = state.check_model(body.model)
+    state.ready_engine()
+    tools, tool_choice = chat_tools(body)
+    offered = tools if tool_choice != "none" else None  # tool_choice "none": the model is not shown the tools
+    style = tool_style(state.tokenizer) if offered else None
+    prompt = encode(state, render_chat(state, body.messages, tools=offered), "messages", add_special_tokens=False)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(state, requested, len(prompt), None, param, "messages")
+    structured, structured_param = structured_output(body, tools, tool_choice, style or "hermes",
+                                                     body.parallel_tool_calls)
+    params = sampling_params(state, body, max_tokens=max_tokens, logprobs=top_logprobs,
+                             rename={"logprobs": "top_logprobs", "max_tokens": param}, structured=structured)
+    await compile_structured(state, structured, structured_param)
+    gen = Generation(state, new_request_id("chatcmpl"), [prompt], params)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(request, gen, ChatFormat(state, gen, top_logprobs, tool_style=style), stream=body.stream,
+                         include_usage=include_usage, model=model)
+
+
+@guarded.post("/v1/completions", response_model=p.CompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+async def completions(body: p.CompletionRequest, request: Request) -> Response:
+    """Legacy text completion; `prompt` may be text, token ids, or a batch of either."""
+    state = _state(request)
+    model = state.check_model(body.model)
+    state.ready_engine()
+    if body.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of is not supported (other than best_of == n)", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported", param="echo")
+    prompts = completion_prompts(state, body.prompt)
+    longest = max(len(ids) for ids in prompts)
+    max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens",
+                                    "prompt")
+    structured, structured_param = structured_output(body)
+    params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, structured=structured)
+    await compile_structured(state, structured, structured_param)
+    if len(prompts) * params.n > state.settings.max_n * 8:
+        raise bad_request(f"too many choices ({len(prompts)} prompts x n={params.n})", param="prompt")
+    gen = Generation(state, new_request_id("cmpl"), prompts, params)
+    echo = [state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts] if body.echo else None
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(request, gen, CompletionFormat(state, gen, body.logprobs, echo), stream=body.stream,
+                         include_usage=include_usage, model=model)
+
+
+@guarded.post("/tokenize", response_model=p.TokenizeResponse)
+async def tokenize(body: p.TokenizeRequest, request: Request) -> p.TokenizeResponse:
+    """Token ids of a prompt, or of a chat rendered by the model's chat template."""
+    state = _state(request)
+    state.check_model(body.model)
+    state.ready_engine()
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of 'prompt' or 'messages'", param="prompt")
+    if body.messages is not None:
+        text = render_chat(state, body.messages, add_generation_prompt=body.add_generation_prompt)
+        add_special = bool(body.add_special_tokens)
+    else:
+        text = body.prompt
+        add_special = body.add_special_tokens is not False
+    tokens = encode(state, text, "messages" if body.messages is not None else "prompt", add_special)
+    strs = [state.token_str(t) for t in tokens] if body.return_token_strs else None
+    return p.TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens, token_strs=strs)
+
+
+@guarded.post("/detokenize", response_model=p.DetokenizeResponse)
+async def detokenize(body: p.DetokenizeRequest, request: Request) -> p.DetokenizeResponse:
+    state = _state(request)
+    state.check_model(body.model)
+    state.ready_engine()
+    check_token_ids(state, body.tokens, "tokens")
+    return p.DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+
+router.include_router(guarded)

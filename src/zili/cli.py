@@ -144,9 +144,11 @@ def models() -> None:
 def _register_subcommands() -> None:
     from zili.bench.cli import bench_app
     from zili.server.launcher import serve
+    from zili.tune import tune
 
     app.command("serve", help="Start the OpenAI-compatible HTTP server.")(serve)
     app.add_typer(bench_app, name="bench", help="Benchmarks: offline, serving, and side by side with peers.")
+    app.command("tune", help="Measure kernels and settings on this device; save the winners.")(tune)
     try:
         from zili.extract import extract
     except ImportError:  # structured output needs xgrammar

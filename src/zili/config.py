@@ -144,6 +144,14 @@ class EngineConfig:
     # zili.models.quantize for the modes.
     quantization: str = "auto"
     threads: int | None = None  # CPU threads for the forward pass; None: the platform's default
+    # Tensor parallelism: ranks (processes, one device each) the model is split across; see zili.distributed.
+    tensor_parallel_size: int = 1
+    distributed_timeout: float = 120.0  # seconds a collective may wait on another rank before failing
+    # Attention implementation (zili.kernels.backends): "auto" = the tuned winner, else the platform's.
+    attention_backend: str = "auto"
+    # Read `zili tune`'s winners for this device (threads, backend, block size...) at start;
+    # False keeps the defaults. Explicit settings above always win over tuned ones.
+    use_tune_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -151,9 +159,15 @@ class EngineConfig:
                              f"got {self.quantization!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"EngineConfig.threads must be a positive integer, got {self.threads!r}")
+        if not isinstance(self.attention_backend, str) or not self.attention_backend:
+            raise ValueError(f"EngineConfig.attention_backend must be a backend name or 'auto', "
+                             f"got {self.attention_backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        timeout = self.distributed_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"EngineConfig.distributed_timeout must be positive seconds, got {timeout!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

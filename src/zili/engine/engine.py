@@ -5,8 +5,10 @@ The engine is deterministic given seeds and has no threads, so it is tested with
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,9 @@ from zili.engine.request import Request, RequestOutput, Sequence, TokenLogprob
 from zili.engine.runner import ModelRunner, StepInput, kv_bytes_per_block
 from zili.engine.sampler import Sampler
 from zili.engine.scheduler import ScheduledBatch, Scheduler
+from zili.kernels.backends import choose_attention_backend, use_attention_backend
 from zili.platforms import current_platform
+from zili.platforms.tuning import load_tuning, model_key
 from zili.sampling import SamplingParams
 from zili.tokenizer import IncrementalDetokenizer
 
@@ -43,45 +47,95 @@ class Engine:
     def __init__(self, config: EngineConfig, loaded=None) -> None:
         from zili.models.loader import load_model
 
-        self.config = config
         self.platform = current_platform()
-        self.platform.set_num_threads(config.threads)
+        # -- tuning (zili tune; zili.platforms.tuning): tuned values fill what the config leaves default
+        self.tuning = load_tuning(self.platform) if config.use_tune_cache else None
+        self.platform.set_num_threads(config.threads or self._tuned("threads"))
+        backend = choose_attention_backend(config.attention_backend, self.platform, self._tuned("attention_backend"))
+        self.attention_backend = use_attention_backend(backend, self._tuned("triton")).name
+        # -- end tuning
         self.quantized: dict[str, int] = {}
-        if loaded is None:
+        # Tensor parallelism (zili.distributed): this process is rank 0 and drives the workers.
+        self.tp_executor = None
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a preloaded model runs on one device: tensor_parallel_size must be 1")
+            from zili.distributed.executor import TensorParallelExecutor
+
+            self.tp_executor = TensorParallelExecutor(config, self.attention_backend)  # workers load meanwhile
+            loaded, self.quantized = self.tp_executor.load_shard()
+            config = self._apply_model_tuning(config, loaded)
+        elif loaded is None:
             loaded = load_model(config.model, dtype=config.dtype, device=self.platform.device)
-            self.quantized = self._quantize(loaded, config.quantization)
+            config = self._apply_model_tuning(config, loaded)
+            self.quantized = self._quantize(loaded, config.quantization, self._tuned("quant_max_rows"))
+        else:
+            config = self._apply_model_tuning(config, loaded)
+        self.config = config
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
-        self.max_model_len = self._resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
-        num_blocks = self._num_kv_blocks()
+        # What this rank's KV cache holds (its own KV heads under tensor parallelism).
+        self.cache_config = self.tp_executor.cache_config(mc) if self.tp_executor else mc
+        try:
+            self.max_model_len = self._resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
+            num_blocks = self._num_kv_blocks()
+            runner = ModelRunner(loaded.model, self.cache_config, num_blocks, config.block_size, self.dtype,
+                                 self.tp_executor.device if self.tp_executor else self.platform.device)
+            self.runner = self.tp_executor.attach(runner, num_blocks) if self.tp_executor else runner
+        except BaseException:
+            if self.tp_executor is not None:
+                self.tp_executor.abort()
+            raise
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, mc, num_blocks, config.block_size, self.dtype, self.platform.device)
         self.sampler = Sampler(mc.vocab_size, config.seed)
         self.requests: dict[str, Request] = {}
         self._finished_outside_step: list[RequestOutput] = []
         # structured output: the grammar backend (built on first use) and the live constrained sequences
         self._grammar_backend = None
+        self._grammar_lock = threading.Lock()
         self._constrained: set[Sequence] = set()
         self._ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
-                    num_blocks * kv_bytes_per_block(mc, config.block_size, self.dtype) / 2**20)
+                    num_blocks * kv_bytes_per_block(self.cache_config, config.block_size, self.dtype) / 2**20)
 
     # ---- set-up ----------------------------------------------------------------------------
-    @staticmethod
-    def _quantize(loaded, mode: str) -> dict[str, int]:
-        from zili.models.quantize import calibrate_max_rows, quantize_model
+    def _tuned(self, key: str):
+        return self.tuning.get(key) if self.tuning is not None else None
+
+    def _apply_model_tuning(self, config: EngineConfig, loaded) -> EngineConfig:
+        """Pick this model's tuned entry and log what the tune cache supplies."""
+        if self.tuning is None:
+            return config
+        key = model_key(loaded.config, loaded.dtype, config.quantization)
+        self.tuning.select_model(key)
+        block_size = self._tuned("block_size")
+        if block_size and config.block_size == EngineConfig.block_size:  # left at its default
+            config = dataclasses.replace(config, block_size=block_size)
+        logger.info("tune cache %s: %s (model %s%s)", self.tuning.path, self.tuning.describe(), key,
+                    "" if self.tuning.model else ": not tuned, device settings only")
+        return config
+
+    def _quantize(self, loaded, mode: str, max_rows: int | None = None) -> dict[str, int]:
+        from zili.models.quantize import calibrate_max_rows, quantize_model, set_quant_max_rows
         from zili.weights import open_checkpoint
 
+        if mode != "none" and self.platform.matmul_backend() != "cpu-packed":
+            logger.info("weights: dense (%s has no packed int4/int8 matmul)", self.platform.name)
+            return {}
         checkpoint = open_checkpoint(loaded.source) if mode != "none" and loaded.source.format == "gguf" else None
         counts = dict(quantize_model(loaded.model, mode, checkpoint))
         if counts.keys() - {"dense"}:
-            rows = calibrate_max_rows(loaded.model)
-            logger.info("weights: %s; quantized kernels used up to %d rows per step (measured)",
-                        ", ".join(f"{n} {form}" for form, n in counts.items()), rows)
+            if max_rows is None:
+                rows, how = calibrate_max_rows(loaded.model), "measured"
+            else:
+                set_quant_max_rows(loaded.model, max_rows)
+                rows, how = max_rows, "tuned"
+            logger.info("weights: %s; quantized kernels used up to %d rows per step (%s)",
+                        ", ".join(f"{n} {form}" for form, n in counts.items()), rows, how)
         return counts
 
     @staticmethod
@@ -93,7 +147,7 @@ class Engine:
         return requested
 
     def _num_kv_blocks(self) -> int:
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.cache_config, self.config.block_size, self.dtype)
         mem = self.config.kv_cache_memory
         if mem is None or isinstance(mem, float):
             budget = int((mem or DEFAULT_KV_FRACTION) * self.platform.free_memory())
@@ -175,6 +229,11 @@ class Engine:
                 seq.finish_reason = "abort"
             self._constrained.discard(seq)
         self._finished_outside_step.append(req.to_output())
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; also runs at interpreter exit)."""
+        if self.tp_executor is not None:
+            self.tp_executor.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._finished_outside_step)
@@ -275,10 +334,11 @@ class Engine:
 
         ValueError names the problem. Thread-safe, so a server can compile off the engine thread
         and let add_request hit the cache."""
-        if self._grammar_backend is None:
-            from zili.structured.backend import GrammarBackend
+        with self._grammar_lock:
+            if self._grammar_backend is None:
+                from zili.structured.backend import GrammarBackend
 
-            self._grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+                self._grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
         return self._grammar_backend.compile(structured)
 
     def _advance_grammar(self, seq: Sequence, token_id: int) -> bool:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zili.kernels.backends import active_attention_backend
+
 
 @dataclass
 class AttentionMetadata:
@@ -40,8 +42,9 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Build metadata from host lists; slot mapping follows from the block tables."""
+              block_size: int, device: torch.device | str | None = None) -> "AttentionMetadata":
+        """Build metadata from host lists; slot mapping follows from the block tables. `device`
+        None: torch's default device."""
         slots: list[int] = []
         for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
             for pos in range(slen - qlen, slen):
@@ -76,8 +79,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """Causal attention of new tokens over their cached context.
 
     q: [T, n_heads, d]; k, v: [T, n_kv, d] (new tokens, written into the cache first).
-    Returns [T, n_heads, d_v].
+    Returns [T, n_heads, d_v]. Runs the backend the engine chose for this process
+    (`zili.kernels.backends`); the torch reference below when none was chosen.
     """
+    backend = active_attention_backend()
+    if backend is not None:
+        return backend.paged_attention(q, k, v, kv_cache, meta, scale)
+    return sdpa_paged_attention(q, k, v, kv_cache, meta, scale)
+
+
+def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The torch reference (the "sdpa" backend): the cache write, then torch SDPA."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
     if meta.is_decode_only:
         return _decode_attention(q, kv_cache, meta, scale)

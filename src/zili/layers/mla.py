@@ -25,6 +25,7 @@ from zili.kernels.attention import AttentionMetadata
 from zili.kernels.mla_attention import mla_attention
 from zili.layers.linear import Linear
 from zili.layers.norm import RMSNorm
+from zili.layers.parallel import TensorParallel, column_linear, row_linear, split_heads
 from zili.layers.rotary import apply_rotary, rope_type_of
 
 # Fused module name -> the HF projection names it concatenates, in row order.
@@ -55,24 +56,28 @@ def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None) -> 
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+        """`tp`: heads split across ranks (q / kv_b rows, o_proj columns); the latent is replicated."""
         super().__init__()
-        self.num_heads = H = config.num_attention_heads
+        heads = split_heads(config.num_attention_heads, config.num_attention_heads, tp).q  # this rank's
+        self.num_heads = H = heads.size
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = r = config.kv_lora_rank
         self.d_nope, self.d_rope, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.qk_head_dim = self.d_nope + self.d_rope
         hidden, bias = config.hidden_size, config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = Linear(hidden, H * self.qk_head_dim)
+            self.q_proj = column_linear(hidden, H * self.qk_head_dim, tp, ranges=[heads.scaled(self.qk_head_dim)])
             self.kv_a_proj_with_mqa = Linear(hidden, r + self.d_rope, bias=bias)
         else:
             self.qkv_a_proj = Linear(hidden, [self.q_lora_rank, r + self.d_rope], bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = Linear(self.q_lora_rank, H * self.qk_head_dim)
+            self.q_b_proj = column_linear(self.q_lora_rank, H * self.qk_head_dim, tp,
+                                          ranges=[heads.scaled(self.qk_head_dim)])
         self.kv_a_layernorm = RMSNorm(r, config.rms_norm_eps)
-        self.kv_b_proj = Linear(r, H * (self.d_nope + self.d_v))
-        self.o_proj = Linear(H * self.d_v, hidden, bias=bias)
+        self.kv_b_proj = column_linear(r, H * (self.d_nope + self.d_v), tp,
+                                       ranges=[heads.scaled(self.d_nope + self.d_v)])
+        self.o_proj = row_linear(H * self.d_v, hidden, tp, bias=bias, cols=heads.scaled(self.d_v))
         self.rotate = apply_rotary_interleaved if config.rope_interleave else apply_rotary
         self.scale = mla_softmax_scale(self.qk_head_dim, config.rope_scaling)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.layers.activation import SiluAndMul
-from zili.layers.linear import Linear
+from zili.layers.parallel import TensorParallel, active, column_linear, row_linear
 
 
 def select_experts(router_logits: torch.Tensor, config: ModelConfig,
@@ -64,10 +64,13 @@ def _group_mask(group_scores: torch.Tensor, topk_group: int, num_experts: int) -
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate|up fused; the dense layers' MLP and the shared experts."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel | None = None,
+                 reduce: bool = True) -> None:
+        """With `tp`, gate|up rows and down columns are split across ranks; `reduce=False` leaves the
+        partial output for the caller to sum."""
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size])
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_up_proj = column_linear(hidden_size, [intermediate_size, intermediate_size], tp)
+        self.down_proj = row_linear(intermediate_size, hidden_size, tp, reduce=reduce)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,18 +141,27 @@ class FusedExperts(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts plus always-on shared experts."""
+    """Routed experts plus always-on shared experts.
 
-    def __init__(self, config: ModelConfig) -> None:
+    With tensor parallelism every rank routes (the router is replicated), holds a contiguous slice
+    of the experts and a column/row split of the shared experts, and one all-reduce sums both."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp if active(tp) else None
         self.gate = Router(config)
-        self.experts = FusedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        E = config.n_routed_experts
+        held = None
+        if self.tp is not None:
+            split = self.tp.split(E)
+            held = range(split.start, split.stop)
+        self.experts = FusedExperts(E, config.hidden_size, config.moe_intermediate_size, expert_range=held)
         shared = config.moe_intermediate_size * config.n_shared_experts
-        self.shared_experts = GatedMLP(config.hidden_size, shared) if shared else None
+        self.shared_experts = GatedMLP(config.hidden_size, shared, tp, reduce=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return out if self.tp is None else self.tp.all_reduce(out)

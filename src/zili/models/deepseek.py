@@ -25,11 +25,11 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
-from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear
 from zili.layers.mla import MLA_FUSED_PROJECTIONS, MLAttention
 from zili.layers.moe import DeepseekMoE, FusedExperts, GatedMLP
 from zili.layers.norm import RMSNorm
+from zili.layers.parallel import TensorParallel, lm_head, param_loader, vocab_embedding
 from zili.layers.rotary import RotaryEmbedding
 
 # Fused module name -> the HF projection names it concatenates, in row order.
@@ -73,11 +73,11 @@ def deepseek_config_fields(cfg: dict[str, Any], family: str) -> dict[str, Any]:
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = MLAttention(config)
-        self.mlp = DeepseekMoE(config) if config.is_moe_layer(layer_idx) else GatedMLP(
-            config.hidden_size, config.intermediate_size)
+        self.self_attn = MLAttention(config, tp)
+        self.mlp = DeepseekMoE(config, tp) if config.is_moe_layer(layer_idx) else GatedMLP(
+            config.hidden_size, config.intermediate_size, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -88,10 +88,10 @@ class DeepseekDecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Only the qk_rope_head_dim part of each head is rotated.
         self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
@@ -107,13 +107,14 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+        """`tp`: this rank's place in a tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
         if not config.use_mla:
             raise ValueError("DeepSeek models need kv_lora_rank > 0 (Multi-head Latent Attention)")
         self.config = config
-        self.model = DeepseekModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.model = DeepseekModel(config, tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -183,6 +184,10 @@ def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Callable[
 
 
 def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    sharded = param_loader(param)  # a tensor-parallel shard slices the checkpoint tensor itself
+    if sharded is not None:
+        return sharded
+
     def load(tensor: torch.Tensor) -> None:
         if tensor.shape != param.shape:
             raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")

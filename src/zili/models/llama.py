@@ -22,9 +22,10 @@ from torch import nn
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata, paged_attention
 from zili.layers.activation import SiluAndMul
-from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear
 from zili.layers.norm import RMSNorm
+from zili.layers.parallel import (TensorParallel, column_linear, lm_head, param_loader, row_linear,
+                                  split_heads, vocab_embedding)
 from zili.layers.rotary import RotaryEmbedding, apply_rotary
 
 # Fused module name -> the HF projection names it concatenates, in row order.
@@ -37,18 +38,20 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        heads = split_heads(config.num_attention_heads, config.num_key_value_heads, tp)  # this rank's
+        self.num_heads = heads.q.size
+        self.num_kv_heads = heads.kv.size
+        self.head_dim = d = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         o_bias = config.attention_bias and config.architecture != "qwen2"
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                               bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = column_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], tp,
+                                      bias=config.attention_bias,
+                                      ranges=[heads.q.scaled(d), heads.kv.scaled(d), heads.kv.scaled(d)])
+        self.o_proj = row_linear(self.q_size, config.hidden_size, tp, bias=o_bias, cols=heads.q.scaled(d))
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -70,11 +73,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter])
-        self.down_proj = Linear(inter, config.hidden_size)
+        self.gate_up_proj = column_linear(config.hidden_size, [inter, inter], tp)
+        self.down_proj = row_linear(inter, config.hidden_size, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +85,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -96,10 +99,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)
@@ -114,11 +117,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+        """`tp`: this rank's place in a tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.model = LlamaModel(config, tp)
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -174,6 +178,10 @@ def _linear_loader(module: Linear, param_name: str, shard: int) -> Callable[[tor
 
 
 def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    sharded = param_loader(param)  # a tensor-parallel shard slices the checkpoint tensor itself
+    if sharded is not None:
+        return sharded
+
     def load(tensor: torch.Tensor) -> None:
         if tensor.shape != param.shape:
             raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")

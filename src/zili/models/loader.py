@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from zili.config import ModelConfig
+from zili.layers.parallel import TensorParallel, active
 from zili.tokenizer import Tokenizer
 from zili.weights import ModelSource, open_checkpoint, resolve_model
 
@@ -61,8 +62,12 @@ def load_model(
     ref: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
-    """Resolve `ref` (path or alias; None = the default model), build the model and load its weights."""
+    """Resolve `ref` (path or alias; None = the default model), build the model and load its weights.
+
+    With `tp` (tensor parallelism), build this rank's shard of the model and read only its slice of
+    each checkpoint tensor where the format allows (see `zili.distributed.weights`)."""
     from zili.models.registry import build_model
 
     torch_dtype = resolve_dtype(dtype)
@@ -75,8 +80,30 @@ def load_model(
         checkpoint = open_checkpoint(source)
         config = checkpoint.config()
         tokenizer = checkpoint.tokenizer()
-        model = build_model(config, torch_dtype, device)
+        if active(tp):
+            model = _build_shard(config, torch_dtype, device, tp)
+            from zili.distributed.weights import shard_specs, sharded_tensors
+
+            weights = sharded_tensors(checkpoint, shard_specs(model), torch_dtype)
+        else:
+            model = build_model(config, torch_dtype, device)
+            weights = checkpoint.tensors(torch_dtype)
         with torch.no_grad():
-            model.load_weights(checkpoint.tensors(torch_dtype))
+            model.load_weights(weights)
         model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, dtype=torch_dtype)
+
+
+def _build_shard(config: ModelConfig, dtype: torch.dtype, device: str | torch.device, tp: TensorParallel
+                 ) -> torch.nn.Module:
+    """Like `registry.build_model`, for one tensor-parallel rank."""
+    from zili.models.registry import model_class
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(config)(config, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.requires_grad_(False).eval()

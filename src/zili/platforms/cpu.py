@@ -1,10 +1,17 @@
+"""The CPU: always available; the fallback when no accelerator answers."""
+
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 from zili.platforms.interface import Platform
+
+# CPU flags that change which kernels win (the tune cache is keyed by them).
+SIMD_FLAG_PREFIXES = ("avx", "amx", "sse", "ssse", "asimd", "sve", "sme2")
+SIMD_FLAGS = {"fma", "f16c", "neon", "sve", "sme", "bf16", "i8mm"}
 
 
 def _meminfo(key: str) -> int:
@@ -18,6 +25,13 @@ def _meminfo(key: str) -> int:
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def device_name(self) -> str:
+        return _cpuinfo_field("model name") or _cpuinfo_field("Model") or "cpu"
 
     def default_dtype(self) -> torch.dtype:
         # bf16 matmuls run about twice as fast as fp32 on CPUs with AVX512-BF16/AMX; fp16 has no
@@ -42,12 +56,36 @@ class CpuPlatform(Platform):
         except (OSError, KeyError):
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
+    def matmul_backend(self) -> str:
+        return "cpu-packed"
+
+    def thread_candidates(self) -> list[int]:
+        logical, physical = len(os.sched_getaffinity(0)), physical_cores()
+        return sorted({1, max(1, physical // 2), physical, logical})
+
+    def fingerprint(self) -> dict[str, Any]:
+        flags = sorted(f for f in _cpu_flags() if f in SIMD_FLAGS or f.startswith(SIMD_FLAG_PREFIXES))
+        return {**super().fingerprint(), "physical_cores": physical_cores(),
+                "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags}
+
+
+def _cpuinfo_field(key: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
 
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):  # x86, arm
                     return set(line.split(":", 1)[1].split())
     except OSError:
         pass

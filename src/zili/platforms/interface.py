@@ -1,4 +1,15 @@
+"""The questions the engine asks of a device. One subclass per kind of device.
+
+A Platform is stateless apart from what it caches about its device; the engine asks it, never the
+other way round. Out-of-tree devices subclass `Platform` (or `AcceleratorPlatform`, which answers
+from `torch.<device_type>` for any device PyTorch knows, PrivateUse1 plugins such as `npu`
+included) and register through the entry-point group `zili.platforms` (see `zili.platforms`).
+"""
+
 from __future__ import annotations
+
+import platform as _host
+from typing import Any
 
 import torch
 
@@ -9,9 +20,21 @@ class Platform:
     name: str = "base"
     device_type: str = "cpu"
 
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether this process can run on the device (checked before the platform is chosen)."""
+        return False
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.device_type)
+
+    def device_for_rank(self, local_rank: int) -> torch.device:
+        """The device a tensor-parallel worker of this local rank runs on."""
+        return self.device
+
+    def device_name(self) -> str:
+        return self.name
 
     def default_dtype(self) -> torch.dtype:
         return torch.float32
@@ -32,7 +55,98 @@ class Platform:
         """Threads for host-side compute; None keeps the platform's default."""
 
     def collective_backend(self) -> str:
+        """torch.distributed backend for tensor parallelism on this device."""
         return "gloo"
 
+    def attention_backend(self) -> str:
+        """Default attention backend (a name in `zili.kernels.backends`) when nothing is tuned."""
+        return "sdpa"
+
+    def attention_backends(self) -> list[str]:
+        """Every attention backend that can run here; the tuner measures these."""
+        return ["sdpa"]
+
+    def matmul_backend(self) -> str:
+        """How weight matmuls run: "dense" (F.linear on the model dtype) or "cpu-packed" (int4/int8
+        weights in torch's CPU packing below a measured row count, dense above)."""
+        return "dense"
+
+    def thread_candidates(self) -> list[int]:
+        """Host thread counts worth measuring (`zili tune`); empty where threads do not matter."""
+        return []
+
     def supports_graph_capture(self) -> bool:
+        """Whether the decode step may be captured as a device graph and replayed."""
         return False
+
+    def new_graph(self) -> Any:
+        """An empty device graph (with `.replay()`), for `graph_capture`."""
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def graph_capture(self, graph: Any, pool: Any = None) -> Any:
+        """Context manager: device work issued inside is recorded into `graph`, not run."""
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def graph_pool(self) -> Any:
+        """A memory pool handle that several captured graphs may share."""
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this device for the tune cache: a change in any of it means re-tune."""
+        return {"platform": self.name, "device": self.device_name(), "torch": torch.__version__,
+                "machine": _host.machine()}
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {self.device_name()}>"
+
+
+class AcceleratorPlatform(Platform):
+    """A device PyTorch exposes as `torch.<device_type>` (cuda, xpu, or a PrivateUse1 plugin such as
+    Ascend's npu). The answers come from that module; subclasses set `name`, `device_type`,
+    `collective` and override what differs."""
+
+    collective: str = "gloo"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        module = getattr(torch, cls.device_type, None)
+        try:
+            return bool(module is not None and module.is_available())
+        except Exception:  # a half-installed plugin must not take the CPU down with it
+            return False
+
+    @property
+    def module(self) -> Any:
+        return torch.get_device_module(self.device_type)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type, self.module.current_device())
+
+    def device_for_rank(self, local_rank: int) -> torch.device:
+        return torch.device(self.device_type, local_rank)
+
+    def device_name(self) -> str:
+        try:
+            return str(self.module.get_device_name(self.device))
+        except Exception:
+            return self.device_type
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def total_memory(self) -> int:
+        return int(self.module.mem_get_info(self.device)[1])
+
+    def free_memory(self) -> int:
+        return int(self.module.mem_get_info(self.device)[0])
+
+    def synchronize(self) -> None:
+        self.module.synchronize()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds every device's default generator too
+        self.module.manual_seed_all(seed)
+
+    def collective_backend(self) -> str:
+        return self.collective

@@ -117,6 +117,13 @@ def serve(
         min=1, help="Run this many engine replicas as Ray actors behind this server (least-loaded routing).")] = 1,
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster for the replicas (e.g. HEAD_IP:6379); default: start a local Ray.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores, or tuned).")]
+        = None,
+    quantization: Annotated[str, typer.Option(
+        help="Weights kept quantized in memory: auto (follow the GGUF), none, int8 or int4.")] = "auto",
+    attention_backend: Annotated[str, typer.Option(help="auto, sdpa or triton.")] = "auto",
+    tune_cache: Annotated[bool, typer.Option(
+        "--tune-cache/--no-tune-cache", help="Use the settings `zili tune` measured on this device.")] = True,
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
@@ -132,7 +139,8 @@ def serve(
         resolve_model(model)  # fail now, with the resolver's message, rather than after binding the port
         options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
                    "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
-                   "tensor_parallel_size": tensor_parallel_size}
+                   "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
+                   "attention_backend": attention_backend, "use_tune_cache": tune_cache}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
     except (ValueError, OSError) as exc:

@@ -1,0 +1,547 @@
+"""`zili bench`: serve (load generator), offline (engine speed), compare (zili vs peers), report.
+
+Registered by zili.cli as `app.add_typer(bench_app, name="bench")`; also runnable as
+`python -m zili.bench.cli`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from zili.bench.cost import DEFAULT_PRICE_PER_HOUR, CostBasis
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Benchmarks: serving load, offline speed, zili against peers, reports.")
+
+DEFAULT_MODEL = "smollm2-135m"
+PriceOpt = typer.Option(DEFAULT_PRICE_PER_HOUR, "--price-per-hour",
+                        help="Machine price in $/hour for cost per token (default: AWS r7i.large on-demand, "
+                             "see BENCHMARKS.md).")
+WattsOpt = typer.Option(None, "--watts", help="Average power draw in watts; adds energy per token.")
+OutputOpt = typer.Option(None, "--output", "-o", help="A .json file or a directory (default: benchmarks/results/).")
+LabelOpt = typer.Option(None, "--label", help="A short name added to the result file name.")
+NoteOpt = typer.Option(None, "--note", help="Free text kept in the record, e.g. the state of the machine.")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the workload (prompts and lengths).")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        _fail(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def _lengths(text: str, what: str):
+    from zili.bench.workload import LengthSpec
+
+    try:
+        return LengthSpec.parse(text)
+    except ValueError as e:
+        _fail(f"{what}: {e}")
+
+
+def _basis(price: float, watts: Optional[float]) -> CostBasis:
+    from zili.bench.cost import DEFAULT_PRICE_SOURCE
+
+    try:
+        return CostBasis(price, DEFAULT_PRICE_SOURCE if price == DEFAULT_PRICE_PER_HOUR else "--price-per-hour", watts)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _save(record: dict, output: Optional[Path], label: Optional[str], quiet: bool = False) -> Path:
+    from zili.bench.results import write_record
+
+    path = write_record(record, output, label)
+    if not quiet:
+        typer.echo(f"wrote {path}", err=True)
+    return path
+
+
+def _resolve_path(model: Optional[str]) -> Path:
+    from zili.weights.resolve import resolve_model
+
+    try:
+        return resolve_model(model).path
+    except ValueError as e:
+        _fail(str(e))
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+@bench_app.command()
+def serve(
+    url: str = typer.Option(..., "--url", help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name sent in requests (default: the "
+                                        "first one GET /v1/models lists)."),
+    endpoint: str = typer.Option("completions", "--endpoint", help="completions or chat."),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", "-c",
+                                              help="Comma-separated levels, e.g. 1,4,16,32 (default 1)."),
+    request_rate: Optional[float] = typer.Option(None, "--request-rate",
+                                                 help="Poisson arrivals in requests/s (with --concurrency: capped)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", "-n",
+                                              help="Requests per level (default max(4, 2 x concurrency); 32 with a rate)."),
+    input_len: str = typer.Option("128", "--input-len", help="Prompt tokens: N or LOW:HIGH (uniform)."),
+    output_len: str = typer.Option("128", "--output-len", help="Output tokens: N or LOW:HIGH (uniform)."),
+    prompt_source: str = typer.Option("random-ids", "--prompt-source",
+                                      help="random-ids (token ids: exact lengths), random-words or file."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text to cut prompts from (words)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
+                                             help="For random ids (default: from the server's /v1/models, else 32000)."),
+    extra_body: Optional[str] = typer.Option(None, "--extra-body", help="JSON merged into every request body."),
+    warmup: int = typer.Option(2, "--warmup", help="Unrecorded short requests sent first."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Per-request timeout in seconds."),
+    keep_requests: bool = typer.Option(False, "--keep-requests", help="Also record every request's timings."),
+    seed: int = SeedOpt,
+    price_per_hour: float = PriceOpt,
+    watts: Optional[float] = WattsOpt,
+    output: Optional[Path] = OutputOpt,
+    label: Optional[str] = LabelOpt,
+    note: Optional[str] = NoteOpt,
+) -> None:
+    """Load an OpenAI-compatible endpoint at fixed concurrencies and/or a Poisson rate; write JSON."""
+    from zili.bench.compare import default_num_prompts, discover_model_name
+    from zili.bench.results import new_record, with_cost
+    from zili.bench.serve import LoadSpec, run_load, warm_up
+    from zili.bench.workload import LengthSpec, make_requests
+
+    if endpoint not in ("completions", "chat"):
+        _fail(f"--endpoint must be completions or chat, got {endpoint!r}")
+    if endpoint == "chat" and prompt_source == "random-ids":
+        prompt_source = "random-words"
+    levels = _ints(concurrency, "--concurrency") if concurrency else ([None] if request_rate else [1])
+    loads = [LoadSpec(concurrency=c, request_rate=request_rate) for c in levels]
+    extra = json.loads(extra_body) if extra_body else None
+    in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
+    model = model or _try(lambda: asyncio.run(discover_model_name(url))) or "default"
+    vocab = vocab_size or _server_vocab(url) or 32000
+    basis = _basis(price_per_hour, watts)
+    config = {"url": url, "model": model, "endpoint": endpoint, "loads": [l.label for l in loads],
+              "input_len": str(in_len), "output_len": str(out_len), "prompt_source": prompt_source,
+              "prompt_file": str(prompt_file) if prompt_file else None, "vocab_size": vocab, "seed": seed,
+              "extra_body": extra, "warmup": warmup, "num_prompts": num_prompts}
+    record = new_record("serve", config, basis)
+    record["note"] = note
+    warm = make_requests(warmup, LengthSpec(16, 16), LengthSpec(8, 8), prompt_source, vocab, seed + 99_999, prompt_file)
+    errors = asyncio.run(warm_up(url, model, warm, endpoint, extra, timeout))
+    if errors:
+        _fail(f"warm-up requests failed: {errors[0]}")
+    for i, load in enumerate(loads):
+        n = num_prompts or (default_num_prompts(load.concurrency) if load.request_rate is None else 32)
+        reqs = make_requests(n, in_len, out_len, prompt_source, vocab, seed + i, prompt_file)
+        row = asyncio.run(run_load(url, model, reqs, load, endpoint, extra, timeout, seed, keep_requests))
+        row["engine"] = label or model
+        record["runs"].append(with_cost(row, basis))
+        typer.echo(_serve_line(row), err=True)
+    _save(record, output, label)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def _server_vocab(url: str) -> int | None:
+    """llama-server lists n_vocab in /v1/models' meta; other servers do not."""
+    import httpx
+
+    data = _try(lambda: httpx.get(url.rstrip("/") + "/v1/models", timeout=10).json())
+    meta = _try(lambda: data["data"][0]["meta"]) or {}
+    return meta.get("n_vocab")
+
+
+def _serve_line(row: dict) -> str:
+    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    return (f"{row['load']:>12s}  out {f(row['output_throughput'])} tok/s  total {f(row['total_token_throughput'])} "
+            f"tok/s  {f(row['request_throughput'])} req/s  TTFT p50/p99 {f(row['ttft_ms']['p50'])}/"
+            f"{f(row['ttft_ms']['p99'])} ms  ITL p50/p99 {f(row['itl_ms']['p50'])}/{f(row['itl_ms']['p99'])} ms  "
+            f"errors {row['errors']}  ${f(row['cost']['usd_per_1m_output_tokens'])}/1M out")
+
+
+# --- offline -------------------------------------------------------------------------------------
+
+@bench_app.command()
+def offline(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
+                                        "alias (default smollm2-135m)."),
+    num_prompts: int = typer.Option(256, "--num-prompts", "-n", help="Requests in the throughput test."),
+    input_len: str = typer.Option("128", "--input-len", help="N or LOW:HIGH."),
+    output_len: str = typer.Option("128", "--output-len", help="N or LOW:HIGH."),
+    pp: int = typer.Option(512, "--pp", help="Prompt tokens of the single-stream prefill test."),
+    tg: int = typer.Option(128, "--tg", help="Tokens of the single-stream decode test."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", help="Repetitions of each single-stream test."),
+    throughput: bool = typer.Option(True, "--throughput/--no-throughput", help="Run the engine throughput test."),
+    single_stream: bool = typer.Option(True, "--single-stream/--no-single-stream", help="Run pp / tg."),
+    peers: str = typer.Option("", "--peers", help="Comma-separated: transformers (HF generate, offline peer)."),
+    hf_dtypes: str = typer.Option("float32,bfloat16", "--hf-dtypes", help="dtypes of the transformers peer."),
+    hf_batch_size: int = typer.Option(32, "--hf-batch-size"),
+    roofline: bool = typer.Option(True, "--roofline/--no-roofline",
+                                  help="Measure copy bandwidth and report the decode roofline."),
+    dtype: str = typer.Option("auto", "--dtype", help="zili's dtype."),
+    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    device: str = typer.Option("auto", "--device", help="Where the peers and the roofline run: auto (the "
+                               "current zili platform's device) or a torch device string. zili always runs on "
+                               "its current platform."),
+    seed: int = SeedOpt,
+    price_per_hour: float = PriceOpt,
+    watts: Optional[float] = WattsOpt,
+    output: Optional[Path] = OutputOpt,
+    label: Optional[str] = LabelOpt,
+    note: Optional[str] = NoteOpt,
+) -> None:
+    """zili's engine throughput (LLM.generate) and single-stream pp / tg, optionally HF transformers too."""
+    from zili.bench import offline as off
+    from zili.bench.cost import cost_figures
+    from zili.bench.results import new_record, with_cost
+    from zili.bench.workload import make_requests
+
+    _set_threads(threads)
+    model = model or DEFAULT_MODEL
+    path = _resolve_path(model)
+    in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
+    basis = _basis(price_per_hour, watts)
+    platform, dev, sync = _device(device)
+    config = {"model": model, "model_path": str(path), "model_bytes": _model_bytes(path), "dtype": dtype,
+              "num_prompts": num_prompts, "input_len": str(in_len), "output_len": str(out_len), "pp": pp, "tg": tg,
+              "repetitions": repetitions, "peers": peers, "hf_dtypes": hf_dtypes, "hf_batch_size": hf_batch_size,
+              "max_num_seqs": max_num_seqs, "threads": threads or _torch_threads(), "platform": platform,
+              "device": str(dev), "seed": seed}
+    record = new_record("offline", config, basis)
+    record["note"] = note
+    runs = record["runs"]
+
+    def add_single(engine: str, tests: dict) -> None:
+        for test, fig in tests.items():
+            tps = fig["tokens_per_s"]
+            row = {"engine": engine, "test": test, **fig}
+            row["cost"] = cost_figures(tps if test.startswith("tg") else None, tps if test.startswith("pp") else None,
+                                       basis)
+            runs.append(row)
+            typer.echo(f"{engine:22s} {test:10s} {tps:9.1f} tok/s", err=True)
+
+    def add_throughput(engine: str, row: dict) -> None:
+        row = with_cost({"engine": engine, "test": "throughput", **row}, basis)
+        runs.append(row)
+        typer.echo(f"{engine:22s} throughput  out {row['output_throughput']:.1f} tok/s  total "
+                   f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
+
+    reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
+    opts: dict[str, Any] = {"dtype": dtype}
+    if max_num_seqs:
+        opts["max_num_seqs"] = max_num_seqs
+    t0 = time.perf_counter()
+    llm = _zili_llm(model, opts)
+    config["zili_load_s"] = time.perf_counter() - t0
+    if single_stream:
+        add_single("zili", off.zili_single_stream(llm, pp, tg, repetitions, seed))
+    if throughput:
+        add_throughput("zili", off.zili_throughput(llm, reqs))
+    if roofline:
+        record["summary"]["roofline"] = _roofline(path, dev, sync, llm)
+    del llm
+    gc.collect()
+    for peer in [p.strip() for p in peers.split(",") if p.strip()]:
+        if peer != "transformers":
+            _fail(f"unknown offline peer {peer!r}; offline peers: transformers (llama.cpp is in `zili bench compare`)")
+        for dt in [d.strip() for d in hf_dtypes.split(",") if d.strip()]:
+            hf = off.load_hf_model(path, dt, dev)
+            name = f"transformers-{dt}"
+            if single_stream:
+                add_single(name, off.hf_single_stream(hf, pp, tg, repetitions, seed, sync))
+            if throughput:
+                add_throughput(name, off.hf_throughput(hf, reqs, hf_batch_size, sync))
+            del hf
+            gc.collect()
+    _save(record, output, label)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _device(device: str):
+    """(platform name, torch device, synchronize) for peers and the roofline; asked of zili's platform."""
+    import torch
+
+    from zili.platforms import current_platform
+
+    plat = current_platform()
+    dev = plat.device if device == "auto" else torch.device(device)
+    return plat.name, dev, plat.synchronize
+
+
+def _zili_llm(model: str, opts: dict):
+    from zili.engine.llm import LLM
+
+    try:
+        return LLM(model, **opts)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def _model_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _vocab(path: Path) -> int:
+    from zili.bench.compare import model_shapes
+
+    return model_shapes(path)["vocab_size"]
+
+
+def _roofline(path: Path, dev, sync, llm=None) -> dict:
+    from zili.bench import offline as off
+    from zili.bench.compare import model_shapes
+
+    cfg = model_shapes(path)["config"]
+    bw = off.measure_copy_bandwidth(dev, synchronize=sync)
+    file_bytes = _model_bytes(path)
+    loaded = _try(lambda: sum(t.numel() * t.element_size() for t in
+                              [*llm.engine.runner.model.parameters(), *llm.engine.runner.model.buffers()]))
+    out = {"device": str(dev), "copy_bandwidth": bw, "weights_bytes_file": file_bytes, "weights_bytes_loaded": loaded,
+           "note": "tokens/s upper bound: batch / ((weights + batch*context*KV bytes) / copy bandwidth); "
+                   "'file' reads the checkpoint as stored, 'loaded' reads zili's in-memory weights.",
+           "file": off.roofline_table(cfg, file_bytes, bw["bandwidth_gb_s"])}
+    if loaded:
+        out["loaded"] = off.roofline_table(cfg, loaded, bw["bandwidth_gb_s"])
+    typer.echo(f"copy bandwidth {bw['bandwidth_gb_s']:.1f} GB/s; decode roofline b=1 (file bytes) "
+               f"{out['file'][0]['tokens_per_s']:.0f} tok/s", err=True)
+    return out
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+@bench_app.command()
+def compare(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m); "
+                                        "both engines load this same file."),
+    mode: str = typer.Option("offline,serve", "--mode", help="offline (pp / tg single stream), serve, or both."),
+    peers: str = typer.Option("llama.cpp", "--peers", help="Comma-separated: llama.cpp, transformers "
+                              "(offline only; fp32 and bf16), roofline (offline: the memory-bandwidth bound of "
+                              "tgN, measured each round). On a GPU use transformers,roofline."),
+    repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, peer, zili, peer, ...)."),
+    concurrency: str = typer.Option("1,4,16,32", "--concurrency", "-c"),
+    input_len: str = typer.Option("128", "--input-len"),
+    output_len: str = typer.Option("128", "--output-len"),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", "-n",
+                                              help="Requests per level (default max(min-prompts, waves x concurrency))."),
+    waves: int = typer.Option(2, "--waves", help="Full batches of requests per level when --num-prompts is not given."),
+    min_prompts: int = typer.Option(4, "--min-prompts", help="Fewest requests per level when --num-prompts is not given."),
+    pp: int = typer.Option(512, "--pp"),
+    tg: int = typer.Option(128, "--tg"),
+    repetitions: int = typer.Option(2, "--repetitions", "-r", help="Single-stream repetitions inside each round."),
+    threads: int = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for every engine."),
+    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version", help="llama-cpp-python sdist version."),
+    build_peers: bool = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing."),
+    zili_serve_args: str = typer.Option("", "--zili-serve-args", help="Extra arguments for `zili serve`."),
+    llama_server_args: str = typer.Option("", "--llama-server-args", help="Extra arguments for llama-server."),
+    timeout: float = typer.Option(900.0, "--timeout", help="Per-request timeout in seconds."),
+    seed: int = SeedOpt,
+    price_per_hour: float = PriceOpt,
+    watts: Optional[float] = WattsOpt,
+    output: Optional[Path] = OutputOpt,
+    label: Optional[str] = LabelOpt,
+    note: Optional[str] = NoteOpt,
+) -> None:
+    """zili against its peers on the same model file and workload, interleaved; medians and ratios."""
+    import shlex
+
+    from zili.bench import compare as cmp
+    from zili.bench import peers as pr
+    from zili.bench.results import new_record, write_record
+
+    model = model or DEFAULT_MODEL
+    path = _resolve_path(model)
+    modes = {m.strip() for m in mode.split(",") if m.strip()}
+    peer_list = [p.strip() for p in peers.split(",") if p.strip()]
+    if not modes <= {"offline", "serve"}:
+        _fail(f"--mode takes offline and/or serve, got {mode!r}")
+    if not set(peer_list) <= {"llama.cpp", "transformers", "roofline"}:
+        _fail(f"--peers takes llama.cpp, transformers and/or roofline, got {peers!r}")
+    levels = _ints(concurrency, "--concurrency")
+    in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
+    basis = _basis(price_per_hour, watts)
+    _set_threads(threads)
+    bin_dir = None
+    if "llama.cpp" in peer_list:
+        try:
+            bin_dir = pr.ensure_llama_cpp(llama_cpp_version, build=build_peers)
+        except Exception as e:
+            _fail(f"llama.cpp is not available: {e}")
+    shapes = cmp.model_shapes(path)
+    config = {"model": model, "model_path": str(path), "model_bytes": _model_bytes(path), "modes": sorted(modes),
+              "peers": peer_list, "repeats": repeats, "threads": threads, "seed": seed,
+              "llama_cpp": {"version": llama_cpp_version, "bin_dir": str(bin_dir) if bin_dir else None,
+                            "repack": pr.repack_default()},
+              "single_stream": {"pp": pp, "tg": tg, "repetitions": repetitions},
+              "serve": {"concurrency": levels, "input_len": str(in_len), "output_len": str(out_len),
+                        "num_prompts": num_prompts or {c: cmp.default_num_prompts(c, waves, min_prompts) for c in levels},
+                        "zili_serve_args": zili_serve_args, "llama_server_args": llama_server_args}}
+    record = new_record("compare", config, basis)
+    record["note"] = note
+    out_path = write_record(record, output, label)  # rewritten after every part, so a cut-off run keeps its data
+    typer.echo(f"writing {out_path}", err=True)
+
+    if "offline" in modes:
+        single = [_zili_single_peer(model, pp, tg, repetitions, seed, config)]
+        if "llama.cpp" in peer_list:
+            single.append(cmp.SingleStreamPeer("llama.cpp", lambda r: _llama_bench(path, pp, tg, threads,
+                                                                                    repetitions, bin_dir)))
+        if "transformers" in peer_list:
+            single += [_hf_single_peer(path, dt, pp, tg, repetitions, seed) for dt in ("float32", "bfloat16")]
+        if "roofline" in peer_list:
+            single.append(_roofline_peer(path, tg, shapes["config"]))
+        runs, summary = cmp.compare_single_stream(single, repeats, basis)
+        record["runs"] += [dict(r, mode="offline") for r in runs]
+        record["summary"]["single_stream"] = summary
+        del single
+        gc.collect()
+        write_record(record, out_path)
+
+    if "serve" in modes:
+        ctx = _round_up(in_len.high + out_len.high + 64, 256)
+        engines = {"zili": lambda: pr.zili_server(model, extra_args=shlex.split(zili_serve_args), threads=threads)}
+        if "llama.cpp" in peer_list:
+            engines["llama.cpp"] = lambda: pr.llama_server(path, max(levels), ctx, threads, bin_dir,
+                                                           extra_args=shlex.split(llama_server_args))
+        workload = cmp.ServeWorkload(levels, in_len, out_len, num_prompts, waves, min_prompts, shapes["vocab_size"], seed,
+                                     timeout_s=timeout)
+        runs: list[dict] = []
+        for r in range(repeats):
+            for name, start in engines.items():
+                runs += cmp.serve_round(name, start, workload, r, basis)
+                record["runs"] = [x for x in record["runs"] if x.get("mode") != "serve"] + \
+                                 [dict(x, mode="serve") for x in runs]
+                record["summary"]["serve"] = cmp.summarize_serve(runs, basis)
+                write_record(record, out_path)
+    write_record(record, out_path)
+    _print_compare_summary(record)
+    typer.echo(f"wrote {out_path}", err=True)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _zili_single_peer(model: str, pp: int, tg: int, repetitions: int, seed: int, config: dict):
+    from zili.bench import compare as cmp
+    from zili.bench import offline as off
+
+    state: dict[str, Any] = {}
+
+    def run(r: int) -> dict:
+        if "llm" not in state:
+            t0 = time.perf_counter()
+            state["llm"] = _zili_llm(model, {})
+            config["zili_load_s"] = time.perf_counter() - t0
+        return off.zili_single_stream(state["llm"], pp, tg, repetitions, seed + r, warmup=(r == 0))
+
+    return cmp.SingleStreamPeer("zili", run)
+
+
+def _hf_single_peer(path: Path, dtype: str, pp: int, tg: int, repetitions: int, seed: int):
+    from zili.bench import compare as cmp
+    from zili.bench import offline as off
+
+    state: dict[str, Any] = {}
+
+    def run(r: int) -> dict:
+        if "model" not in state:
+            _, dev, sync = _device("auto")
+            state["model"], state["sync"] = off.load_hf_model(path, dtype, dev), sync
+        return off.hf_single_stream(state["model"], pp, tg, repetitions, seed + r, state["sync"])
+
+    return cmp.SingleStreamPeer(f"transformers-{dtype}", run)
+
+
+def _roofline_peer(path: Path, tg: int, model_config):
+    """tgN's upper bound: every decode step reads the stored weights and the KV cache so far once, at the
+    copy bandwidth measured on the current platform's device in this round."""
+    from zili.bench import compare as cmp
+    from zili.bench import offline as off
+
+    def run(r: int) -> dict:
+        _, dev, sync = _device("auto")
+        bw = off.measure_copy_bandwidth(dev, synchronize=sync)["bandwidth_gb_s"]
+        kv = off.kv_bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads,
+                                    model_config.head_dim, 2)
+        bound = off.decode_roofline(_model_bytes(path), kv, tg // 2, 1, bw)["tokens_per_s"]
+        return {f"tg{tg}": {"tokens_per_s": bound, "samples_ts": [bound], "copy_bandwidth_gb_s": bw}}
+
+    return cmp.SingleStreamPeer("roofline", run)
+
+
+def _llama_bench(path: Path, pp: int, tg: int, threads: int, repetitions: int, bin_dir) -> dict:
+    from zili.bench.peers import run_llama_bench
+
+    rows = run_llama_bench(path, pp, tg, threads, repetitions, bin_dir)
+    return {row["test"]: {"tokens_per_s": row["tokens_per_s"], "samples_ts": row["samples_ts"],
+                          "build_commit": row["build_commit"]} for row in rows}
+
+
+def _print_compare_summary(record: dict) -> None:
+    f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for row in record["summary"].get("single_stream", []):
+        for peer, rat in (row.get("ratios") or {}).items():
+            typer.echo(f"{row['test']:8s} zili/{peer}: {f(rat['tokens_per_s'])}", err=True)
+    for row in record["summary"].get("serve", []):
+        for peer, rat in (row.get("ratios") or {}).items():
+            typer.echo(f"c={row['concurrency']:<3d} zili/{peer}: output tok/s {f(rat['output_throughput'])}  "
+                       f"TTFT p50 {f(rat['ttft_p50_ms'])}  ITL p50 {f(rat['itl_p50_ms'])}", err=True)
+
+
+# --- report / peers ------------------------------------------------------------------------------
+
+@bench_app.command()
+def report(
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="Default: benchmarks/results/."),
+    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help="Default: benchmarks/plots/."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: BENCHMARKS.md at the repo root."),
+) -> None:
+    """Regenerate BENCHMARKS.md and the PNG plots from every JSON result."""
+    from zili.bench.report import write_report
+
+    path = write_report(results_dir, plots_dir, output)
+    typer.echo(f"wrote {path}", err=True)
+
+
+@bench_app.command("build-peers")
+def build_peers_cmd(
+    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version"),
+) -> None:
+    """Build llama.cpp's llama-server and llama-bench (once; reused from the cache afterwards)."""
+    from zili.bench.peers import ensure_llama_cpp
+
+    typer.echo(str(ensure_llama_cpp(llama_cpp_version)))
+
+
+if __name__ == "__main__":
+    bench_app()

@@ -1,0 +1,88 @@
+"""What machine and code a result came from: CPU, cores, flags, memory, torch, git, load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+# Flags worth a glance in a report; the full list is recorded too.
+NOTABLE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_info(cpuinfo_text: str | None = None) -> dict:
+    """Model name, flags and counts, parsed from /proc/cpuinfo (or the given text)."""
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo_text = ""
+    model, flags = platform.processor() or "unknown", []
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("unknown", platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = value.split()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "notable_flags": [f for f in NOTABLE_FLAGS if f in flags],
+        "flags": flags,
+    }
+
+
+def memory_total_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def torch_info() -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"version": None}
+    return {"version": torch.__version__, "num_threads": torch.get_num_threads()}
+
+
+def git_info(repo: Path | None = None) -> dict:
+    repo = repo or Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_info(),
+        "memory_bytes": memory_total_bytes(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "torch": torch_info(),
+        "load_average": load_average(),
+    }

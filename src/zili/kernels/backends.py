@@ -1,0 +1,95 @@
+"""Attention backends: which implementation of `paged_attention` (and MLA decode) runs.
+
+  sdpa    the portable torch reference in `zili.kernels.attention` (torch SDPA on any device);
+          the fallback wherever Triton is not usable.
+  triton  the paged kernels in `zili.kernels.triton_attention` / `triton_mla` (GPUs).
+
+The platform names the default (`Platform.attention_backend()`), `zili tune` may measure a better
+one, and `EngineConfig.attention_backend` overrides both. The engine installs the choice once per
+process with `use_attention_backend`: the attention backend is a property of the process's device,
+like torch's default device, so the model code keeps calling `paged_attention` unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    paged_attention: Callable[..., Any]  # (q, k, v, kv_cache, meta, scale) -> [T, H, d]
+    mla_decode: Callable[..., Any]  # drop-in for mla_attention.mla_decode_absorbed
+    graph_safe_decode: bool  # a decode step reads no host-side lengths, so it may be graph-captured
+    configure: Callable[[dict | None], None] | None = None  # installs tuned launch settings
+
+
+def _sdpa() -> AttentionBackend:
+    from zili.kernels.attention import sdpa_paged_attention
+    from zili.kernels.mla_attention import mla_decode_absorbed
+
+    return AttentionBackend("sdpa", sdpa_paged_attention, mla_decode_absorbed, graph_safe_decode=False)
+
+
+def _triton() -> AttentionBackend:
+    from zili.kernels import triton_attention, triton_mla
+
+    return AttentionBackend("triton", triton_attention.paged_attention, triton_mla.mla_decode, graph_safe_decode=True,
+                            configure=triton_attention.set_config)
+
+
+_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton}
+_REQUIRES: dict[str, str] = {"triton": "triton"}  # backend -> the module it needs installed
+_active: list[AttentionBackend] = []  # the process's choice; empty: the torch reference
+
+
+def register_attention_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    """For platform plugins that bring their own kernels (their Platform then names `name`)."""
+    _FACTORIES[name] = factory
+
+
+def attention_backend_names() -> list[str]:
+    return list(_FACTORIES)
+
+
+def is_installed(name: str) -> bool:
+    need = _REQUIRES.get(name)
+    return name in _FACTORIES and (need is None or importlib.util.find_spec(need) is not None)
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name not in _FACTORIES:
+        raise ValueError(f"attention backend {name!r} is unknown; known: {', '.join(_FACTORIES)}")
+    if not is_installed(name):
+        raise ValueError(f"attention backend {name!r} needs the {_REQUIRES[name]!r} package: "
+                         f"pip install {_REQUIRES[name]}")
+    return _FACTORIES[name]()
+
+
+def use_attention_backend(name: str, kernel_config: dict | None = None) -> AttentionBackend:
+    """Make `name` the backend behind `zili.kernels.attention.paged_attention` for this process,
+    with tuned launch settings (`kernel_config`) when there are any."""
+    backend = get_attention_backend(name)
+    if backend.configure is not None:
+        backend.configure(kernel_config)
+    _active[:] = [backend]
+    return backend
+
+
+def active_attention_backend() -> AttentionBackend | None:
+    return _active[0] if _active else None
+
+
+def choose_attention_backend(requested: str, platform, tuned: str | None = None) -> str:
+    """"auto" takes the tuned winner when it still runs here, else the platform's default."""
+    if requested != "auto":
+        if requested not in platform.attention_backends():
+            raise ValueError(f"attention backend {requested!r} does not run on {platform.name}; "
+                             f"available: {', '.join(platform.attention_backends())}")
+        return requested
+    if tuned and tuned in platform.attention_backends() and is_installed(tuned):
+        return tuned
+    return platform.attention_backend()

@@ -1,0 +1,328 @@
+"""Paged attention in Triton: the GPU backend behind `zili.kernels.backends` ("triton").
+
+Same cache layout and metadata as the torch reference (`zili.kernels.attention`):
+    kv_cache [2, num_blocks, page, num_kv_heads, head_dim];  token at slot = block * page + offset.
+
+Three kernels:
+  write_kv_cache   one program per (token, kv head) copies its K and V row to its slot; slot -1
+                   (a padded row of a captured graph) is skipped.
+  paged_prefill    one program per (sequence, head, tile of BLOCK_M queries): flash attention of a
+                   variable-length query chunk over the sequence's whole context, cached prefix
+                   included; causal by absolute position (query i of a chunk of qlen over a context
+                   of S sits at S - qlen + i). Also serves mixed batches (decode rows are qlen 1).
+  paged_decode     one program per (sequence, kv head, split): all the query heads sharing a KV
+                   head attend together, so each K/V tile is read once per group, not once per head.
+                   Long contexts with few sequences split the context ("flash decoding") and a small
+                   kernel combines the partial softmaxes. Nothing here reads host-side lengths, so a
+                   decode step is safe to capture in a device graph.
+
+Keys are visited in tiles of BLOCK_N tokens gathered through the block table, so the page size
+need not match the tile. Softmax runs in base 2 (exp2) on fp32 accumulators.
+
+Tested on the CPU under TRITON_INTERPRET=1 against the torch reference. The interpreter computes
+bf16 dots wrongly, and fp32 inputs want IEEE dots, so PRECISE mode upcasts dot operands there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch configuration; `zili tune` measures candidates on a GPU and the engine installs the winners
+# through `set_config`.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "prefill_block_m": 64, "prefill_block_n": 64, "prefill_warps": 4, "prefill_stages": 2,
+    "decode_block_n": 64, "decode_warps": 4, "decode_max_splits": 16,
+    "mla_block_h": 16, "mla_block_n": 32, "mla_warps": 4, "mla_max_splits": 16,
+}
+CONFIG: dict[str, Any] = dict(DEFAULT_CONFIG)
+_LOG2E = 1.4426950408889634
+
+
+def set_config(overrides: dict[str, Any] | None) -> None:
+    CONFIG.clear()
+    CONFIG.update(DEFAULT_CONFIG)
+    CONFIG.update({k: v for k, v in (overrides or {}).items() if k in DEFAULT_CONFIG})
+
+
+def interpreting() -> bool:
+    """Whether this module's kernels were built by the interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_dot, triton.runtime.JITFunction)
+
+
+def _precise(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or interpreting()
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _dot(a, b, PRECISE: tl.constexpr):
+    if PRECISE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ---- writing the cache -----------------------------------------------------------------------
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_ckv, stride_cblk, stride_cslot, stride_chead,
+                     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    d = tl.arange(0, BLOCK_D)
+    mask = (d < D) & (d * 0 + slot >= 0)  # broadcast the scalar test (the interpreter needs a block)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    dst = cache_ptr + (slot // PAGE) * stride_cblk + (slot % PAGE) * stride_cslot + h * stride_chead + d
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values [T, n_kv, d] at their slots (slot < 0: skipped)."""
+    T, n_kv, d = k.shape
+    if T == 0:
+        return
+    k, v = _last_contiguous(k), _last_contiguous(v)
+    _write_kv_kernel[(T, n_kv)](
+        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        PAGE=kv_cache.shape[2], D=d, BLOCK_D=triton.next_power_of_2(d))
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---- prefill (and mixed batches) ---------------------------------------------------------------
+
+@triton.jit
+def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
+                    PAGE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    qlen = tl.load(qsl_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= qlen:
+        return
+    ctx = tl.load(seq_lens_ptr + seq)
+    prefix = ctx - qlen
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
+    d = tl.arange(0, BLOCK_D)
+    m_mask = m < qlen
+    d_mask = d < D
+    q_pos = prefix + m
+    q = tl.load(q_ptr + (q_start + m)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    kv_head = head // GROUP
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = prefix + tl.minimum((tile + 1) * BLOCK_M, qlen)  # the last query of the tile sees keys < hi
+    for start in range(0, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        blk = tl.load(tables_ptr + seq * stride_tb + n // PAGE, mask=n_mask, other=0)
+        row = blk * stride_cblk + (n % PAGE) * stride_cslot + kv_head * stride_chead
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype)), PRECISE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows see nothing
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                  block_tables: torch.Tensor, max_query_len: int, scale: float,
+                  block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """q [T, H, d] of B variable-length chunks; returns [T, H, d]. The cache already holds them."""
+    T, H, d = q.shape
+    n_kv = kv_cache.shape[3]
+    q = _last_contiguous(q)
+    out = torch.empty_like(q)
+    block_m = block_m or CONFIG["prefill_block_m"]
+    block_n = block_n or CONFIG["prefill_block_n"]
+    grid = (seq_lens.shape[0], H, triton.cdiv(max_query_len, block_m))
+    _prefill_kernel[grid](
+        q, kv_cache, out, block_tables, query_start_loc, seq_lens, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        PAGE=kv_cache.shape[2], GROUP=H // n_kv, D=d, BLOCK_D=_pow2(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISE=_precise(q.dtype), num_warps=CONFIG["prefill_warps"], num_stages=CONFIG["prefill_stages"])
+    return out
+
+
+# ---- decode --------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_ob, stride_oh,
+                   stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
+                   PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISE: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(seq_lens_ptr + seq)
+    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLITS) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, ctx)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < D
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        blk = tl.load(tables_ptr + seq * stride_tb + n // PAGE, mask=n_mask, other=0)
+        row = blk * stride_cblk + (n % PAGE) * stride_cslot + kv_head * stride_chead
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype)), PRECISE) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
+        m_i = m_new
+    _finish_split(acc, m_i, l_i, seq, heads, g_mask, d, d_mask, split, tl.num_programs(1) * GROUP,
+                  out_ptr, stride_ob, stride_oh, part_acc_ptr, part_ml_ptr, BLOCK_D, SPLITS)
+
+
+@triton.jit
+def _finish_split(acc, m_i, l_i, seq, heads, h_mask, d, d_mask, split, H, out_ptr, stride_ob, stride_oh,
+                  part_acc_ptr, part_ml_ptr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """One split: normalise and store (SPLITS == 1), or keep the partial for _combine_kernel."""
+    if SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    else:
+        part = (seq * H + heads) * SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=h_mask[:, None])
+        tl.store(part_ml_ptr + part * 2, m_i, mask=h_mask)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=h_mask)
+
+
+@triton.jit
+def _combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, H, stride_ob, stride_oh,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the per-split softmax partials of one (sequence, head)."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(part_ml_ptr + (row * SPLITS + s) * 2)
+    l_s = tl.load(part_ml_ptr + (row * SPLITS + s) * 2 + 1)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # an empty context (padded row)
+    w = tl.exp2(m - m_max)
+    total = tl.sum(w * l_s, 0)
+    acc = tl.load(part_acc_ptr + (row * SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + (row // H) * stride_ob + (row % H) * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < D)
+
+
+def num_splits(programs: int, max_tokens: int, block_n: int, max_splits: int) -> int:
+    """Split the context when too few programs would fill the device, keeping each split at least
+    two tiles long. Depends only on static shapes, so a captured graph stays valid."""
+    sms = _multiprocessor_count()
+    if sms is None:
+        return 1
+    want = triton.cdiv(2 * sms, max(programs, 1))
+    longest = max(1, max_tokens // (2 * block_n))
+    splits = min(want, longest, max_splits)
+    return 1 << (max(splits, 1).bit_length() - 1)  # a power of two, for the combine kernel
+
+
+_SM_COUNT: list[int | None] = []
+
+
+def _multiprocessor_count() -> int | None:
+    if not _SM_COUNT:
+        count = None
+        if not interpreting():
+            try:
+                driver = triton.runtime.driver.active
+                count = driver.utils.get_device_properties(driver.get_current_device())["multiprocessor_count"]
+            except Exception:
+                count = None
+        _SM_COUNT.append(count)
+    return _SM_COUNT[0]
+
+
+def _split_buffers(B: int, H: int, splits: int, block_d: int, device: torch.device):
+    if splits == 1:
+        return None, None
+    acc = torch.empty(B * H * splits, block_d, dtype=torch.float32, device=device)
+    ml = torch.empty(B * H * splits, 2, dtype=torch.float32, device=device)
+    return acc, ml
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """One query token per sequence: q [B, H, d] -> [B, H, d]. A sequence of length 0 (a padded
+    graph row) gets zeros."""
+    B, H, d = q.shape
+    page, n_kv = kv_cache.shape[2], kv_cache.shape[3]
+    group = H // n_kv
+    q = _last_contiguous(q)
+    out = torch.empty_like(q)
+    block_n = block_n or CONFIG["decode_block_n"]
+    block_d = _pow2(d)
+    if splits is None:
+        splits = num_splits(B * n_kv, block_tables.shape[1] * page, block_n, CONFIG["decode_max_splits"])
+    part_acc, part_ml = _split_buffers(B, H, splits, block_d, q.device)
+    _decode_kernel[(B, n_kv, splits)](
+        q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        PAGE=page, GROUP=group, BLOCK_G=_pow2(group), D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
+        PRECISE=_precise(q.dtype), num_warps=CONFIG["decode_warps"])
+    if splits > 1:
+        _combine_kernel[(B * H,)](part_acc, part_ml, out, H, out.stride(0), out.stride(1),
+                                  D=d, BLOCK_D=block_d, SPLITS=splits)
+    return out
+
+
+# ---- the backend entry point -------------------------------------------------------------------
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
+                    scale: float) -> torch.Tensor:
+    """Same contract as `zili.kernels.attention.paged_attention`: q [T, H, d], k/v [T, n_kv, d]."""
+    write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    if meta.is_decode_only:
+        return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+    return paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                         max(meta.query_lens_cpu), scale)

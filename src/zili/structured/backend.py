@@ -1,0 +1,175 @@
+"""GrammarBackend: StructuredOutput -> compiled xgrammar grammar -> one matcher per sequence ->
+allowed-token bitmasks applied to a batch of logits.
+
+The tokenizer description xgrammar needs (the bytes each token id stands for) is built from our
+own Tokenizer, so nothing is fetched from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any, Sequence as Seq
+
+import torch
+import xgrammar as xgr
+
+from zili.structured.spec import StructuredOutput
+
+JSON_SEPARATORS = (", ", ": ")  # fixed whitespace: small models otherwise drift into endless blank space
+CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
+
+
+def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
+    """The bytes each token id decodes to; b"" for special tokens (never allowed by a grammar) and
+    for ids past the tokenizer's vocabulary (lm_head padding)."""
+    backend = tokenizer.backend
+    vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
+    added = backend.get_added_tokens_decoder()
+    decode = _vocab_decoder(vocab)
+    out = [b""] * vocab_size
+    for token, i in vocab.items():
+        if i >= vocab_size:
+            continue
+        if i in added:
+            out[i] = b"" if added[i].special else added[i].content.encode("utf-8")
+        else:
+            out[i] = decode(token)
+    return out
+
+
+def _vocab_decoder(vocab: dict[str, int]):
+    from zili.tokenizer import _byte_to_unicode
+
+    if "<0x0A>" in vocab:  # SentencePiece with byte fallback (Llama 2, Mistral)
+        def byte_fallback(token: str) -> bytes:
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                return bytes([int(token[3:5], 16)])
+            return token.replace("\u2581", " ").encode("utf-8")
+        return byte_fallback
+    spelled = {c: b for b, c in _byte_to_unicode().items()}
+    sample = list(vocab)[:2000]
+    if sum(all(c in spelled for c in t) for t in sample) >= 0.95 * len(sample):  # GPT-2 byte-level BPE
+        def byte_level(token: str) -> bytes:
+            try:
+                return bytes(spelled[c] for c in token)
+            except KeyError:
+                return token.encode("utf-8")
+        return byte_level
+    return lambda token: token.replace("\u2581", " ").encode("utf-8")
+
+
+class GrammarMask:
+    """The allowed-token bitmask rows of one step's constrained sequences, applied in one op."""
+
+    def __init__(self, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
+        self.bitmask = bitmask  # [num sampled sequences, ceil(vocab / 32)] int32, CPU
+        self.rows = rows
+        self.vocab_size = vocab_size
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set every token a row's grammar forbids to -inf, in place. logits: [N, V]."""
+        bitmask = self.bitmask if logits.device.type == "cpu" else self.bitmask.to(logits.device, non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+
+
+class GrammarBackend:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_threads: int = 2) -> None:
+        self.vocab_size = vocab_size
+        stop = list(tokenizer.eos_token_ids) or None
+        self.info = xgr.TokenizerInfo(token_bytes(tokenizer, vocab_size), xgr.VocabType.RAW,
+                                      vocab_size=vocab_size, stop_token_ids=stop)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
+        self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()  # compile() may be called from a thread other than the engine's
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    # ---- compiling ---------------------------------------------------------------------------
+    def compile(self, structured: StructuredOutput) -> xgr.CompiledGrammar:
+        """Compile (or fetch from the cache). ValueError names what the compiler could not accept."""
+        key = structured.cache_key
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        try:
+            compiled = self._compile(structured)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"the {_NAMES[structured.kind]} cannot be used: {_first_line(e)}") from None
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, s: StructuredOutput) -> xgr.CompiledGrammar:
+        if s.kind == "json":
+            grammar = xgr.Grammar.from_json_schema(s.spec, any_whitespace=False, separators=JSON_SEPARATORS)
+            return self.compiler.compile_grammar(json_safe(grammar))
+        if s.kind == "json_object":
+            grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
+                                                   separators=JSON_SEPARATORS, strict_mode=False)
+            return self.compiler.compile_grammar(json_safe(grammar))
+        if s.kind == "structural_tag":
+            return self.compiler.compile_grammar(json_safe(xgr.Grammar.from_structural_tag(s.spec)))
+        if s.kind == "regex":
+            return self.compiler.compile_regex(s.spec)
+        if s.kind == "choice":
+            return self.compiler.compile_grammar(choice_ebnf(s.choices()))
+        if s.kind == "grammar":
+            return self.compiler.compile_grammar(s.spec)
+        raise ValueError(f"unknown structured-output kind {s.kind!r}")
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def new_matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(compiled)
+
+    def build_mask(self, seqs: Seq[Any]) -> GrammarMask | None:
+        """The bitmask for one step: rows of the sequences that carry a grammar (`seq.grammar`)."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        if self._bitmask.shape[0] < len(seqs):
+            self._bitmask = xgr.allocate_token_bitmask(max(len(seqs), 2 * self._bitmask.shape[0]), self.vocab_size)
+        bitmask = self._bitmask[:len(seqs)]
+        for i in rows:
+            seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
+        return GrammarMask(bitmask, rows, self.vocab_size)
+
+
+_NAMES = {"json": "JSON schema", "json_object": "JSON object constraint", "regex": "regex", "choice": "choice list",
+          "grammar": "grammar", "structural_tag": "structural tag"}
+
+
+def _first_line(e: BaseException) -> str:
+    # xgrammar prefixes its messages with "[time] /path/file.cc:line: "
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    head, sep, rest = text.partition(": ")
+    return rest if sep and ".cc:" in head else text
+
+
+# xgrammar (0.2.8) spells the characters of a length-bounded JSON string as [^"\\\r\n], which lets
+# raw control characters (tab, backspace...) into the string: invalid JSON. Tighten the class.
+_LOOSE_JSON_CHAR = r'[^\"\\\r\n]'
+_STRICT_JSON_CHAR = r'[^\"\\\0-\x1f]'
+
+
+def json_safe(grammar: xgr.Grammar) -> xgr.Grammar | str:
+    """The grammar, with JSON string characters that exclude U+0000-U+001F (EBNF text if changed)."""
+    text = str(grammar)
+    return text.replace(_LOOSE_JSON_CHAR, _STRICT_JSON_CHAR) if _LOOSE_JSON_CHAR in text else grammar
+
+
+def choice_ebnf(options: list[str]) -> str:
+    """root ::= "a" | "b" ... with every option spelled as an EBNF string literal."""
+    return "root ::= " + " | ".join(_ebnf_literal(o) for o in options)
+
+
+def _ebnf_literal(text: str) -> str:
+    # JSON string escapes (\", \\, \n, \uXXXX) are also valid in xgrammar's EBNF literals.
+    return json.dumps(text, ensure_ascii=True)

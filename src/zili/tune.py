@@ -1,0 +1,496 @@
+"""`zili tune [MODEL]`: measure what runs fastest on this device at this model's shapes, keep the winners.
+
+What is measured (each only where the platform says it matters):
+  threads            host threads, end-to-end decode tokens/s   (Platform.thread_candidates(): CPUs)
+  triton             launch configs of the Triton kernels        (when "triton" runs here: GPUs)
+  attention_backend  every backend the platform offers, at each candidate block size, on the
+  block_size           model's attention shapes (decode at short and long contexts, a prefill chunk)
+  graph_batch_sizes  the decode-graph ladder: batch sizes where a replayed graph beats eager (GPUs)
+  quant_max_rows     up to how many rows the packed int4/int8 matmuls beat dense, timed on the
+                     whole forward (CPU packed kernels)
+Winners go to the tune cache (`zili.platforms.tuning`), keyed by the device fingerprint; the engine
+reads it at start (`EngineConfig.use_tune_cache`, `--no-tune-cache`). With --compare (the default) the
+same decode workload runs with defaults and with the winners, interleaved, and the speed-up is
+reported. The machine's load average is recorded next to every figure: shared machines are noisy.
+
+The lead registers it: `app.command("tune")(tune)` in zili.cli.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:  # torch is imported where it is used: `zili --help` should not pay for it
+    import torch
+
+logger = logging.getLogger(__name__)
+
+QUANT_ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+PROMPT_TOKENS = 64  # prompt length of every decode measurement (its prefill is not timed)
+GRAPH_GAIN = 1.03  # a ladder size is kept when its graph is at least this much faster than eager
+
+
+@dataclass
+class TuneOptions:
+    model: str | None = None
+    dtype: str = "auto"
+    quantization: str = "auto"
+    block_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    repeats: int = 5
+    compare: bool = True
+    compare_rounds: int = 3
+    decode_tokens: int = 32
+    decode_batches: tuple[int, ...] = (1, 8)
+    max_num_seqs: int = 64
+    cache: Path | None = None
+    write_cache: bool = True
+
+
+@dataclass
+class TuneReport:
+    fingerprint: dict[str, Any]
+    model_key: str = ""
+    device: dict[str, Any] = field(default_factory=dict)  # device winners
+    model: dict[str, Any] = field(default_factory=dict)  # model winners
+    measurements: dict[str, Any] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    cache_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("fingerprint", "model_key", "device", "model", "measurements",
+                                                "comparison", "cache_path")}
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def best_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Best of `repeats` timed calls after one warm-up, in seconds (best-of resists a noisy host)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> float:
+    """Decode tokens/s of `batch` greedy sequences after their prefill (which is not timed)."""
+    import torch
+
+    from zili.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(None, torch.randint(engine.model_config.vocab_size, (prompt_len,), generator=gen).tolist(),
+                           params)
+    base = engine.generation_tokens_total
+    while engine.generation_tokens_total - base < batch:  # prefill: every sequence gets its first token
+        engine.step()
+    done, start = engine.generation_tokens_total, time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.platform.synchronize()
+    return (engine.generation_tokens_total - done) / (time.perf_counter() - start)
+
+
+# ---- attention: backend x block size, on the model's shapes -----------------------------------
+
+@dataclass
+class AttentionCase:
+    name: str
+    query_lens: list[int]
+    seq_lens: list[int]
+
+
+def attention_cases() -> list[AttentionCase]:
+    """Decode alone at a long context, a batch of mixed contexts, and a prefill chunk over a prefix."""
+    mixed = [256 + (i * 97) % 257 for i in range(16)]
+    return [AttentionCase("decode b1 ctx1024", [1], [1024]),
+            AttentionCase("decode b16 ctx256-512", [1] * 16, mixed),
+            AttentionCase("prefill 256 over 256", [256], [512])]
+
+
+def _case_inputs(case: AttentionCase, mc, block_size: int, dtype: torch.dtype, device: torch.device):
+    import torch
+
+    from zili.kernels.attention import AttentionMetadata
+
+    tables, next_block = [], 0
+    for s in case.seq_lens:
+        n = -(-s // block_size)
+        tables.append(list(range(next_block, next_block + n)))
+        next_block += n
+    meta = AttentionMetadata.build(case.query_lens, case.seq_lens, tables, block_size, device)
+    gen = torch.Generator().manual_seed(0)  # host RNG, then moved: same data on every device
+    T = sum(case.query_lens)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    cache = rand(*mc.kv_cache_shape(next_block, block_size))
+    return meta, cache, T, rand
+
+
+def attention_timer(backend, case: AttentionCase, mc, block_size: int, dtype: torch.dtype,
+                    device: torch.device) -> Callable[[], Any]:
+    """One layer's attention for `case`, as a zero-argument call."""
+    meta, cache, T, rand = _case_inputs(case, mc, block_size, dtype, device)
+    H = mc.num_attention_heads
+    if mc.use_mla:
+        from zili.kernels.mla_attention import mla_attention
+
+        r, dr, dn, dv = mc.kv_lora_rank, mc.qk_rope_head_dim, mc.qk_nope_head_dim, mc.v_head_dim
+        q_nope, q_rope, w = rand(T, H, dn), rand(T, H, dr), rand(H, dn + dv, r) * 0.05
+        scale = (dn + dr) ** -0.5
+        if meta.is_decode_only:
+            return lambda: backend.mla_decode(q_nope, q_rope, cache, meta.block_tables, meta.seq_lens,
+                                              max(meta.seq_lens_cpu), w, scale)
+        latent, k_rope = rand(T, r), rand(T, dr)
+        return lambda: mla_attention(q_nope, q_rope, latent, k_rope, cache, meta, w, scale)
+    d, n_kv = mc.head_dim, mc.num_key_value_heads
+    q, k, v = rand(T, H, d), rand(T, n_kv, d), rand(T, n_kv, d)
+    return lambda: backend.paged_attention(q, k, v, cache, meta, d ** -0.5)
+
+
+def tune_attention(platform, mc, dtype: torch.dtype, block_sizes, repeats: int) -> tuple[dict, dict]:
+    """Time every (backend, block size) on every case; the winner has the best geometric mean of
+    time relative to the fastest per case. Returns (winner, per-candidate milliseconds per layer)."""
+    from zili.kernels.backends import get_attention_backend, is_installed
+
+    results: dict[str, dict[str, float]] = {}
+    for name in platform.attention_backends():
+        if not is_installed(name):
+            continue
+        backend = get_attention_backend(name)
+        for bs in block_sizes:
+            label = f"{name}/bs{bs}"
+            try:
+                results[label] = {c.name: 1e3 * best_time(attention_timer(backend, c, mc, bs, dtype, platform.device),
+                                                          repeats, platform.synchronize)
+                                  for c in attention_cases()}
+            except Exception as e:  # a config that does not compile or fit: not a candidate
+                logger.warning("attention %s failed: %s", label, e)
+    if not results:
+        raise RuntimeError("no attention backend could run")
+    best_per_case = {c: min(r[c] for r in results.values()) for c in next(iter(results.values()))}
+
+    def score(label: str) -> float:
+        r = results[label]
+        return math.exp(statistics.fmean(math.log(r[c] / best_per_case[c]) for c in r))
+
+    winner = min(results, key=score)
+    name, bs = winner.split("/bs")
+    return {"attention_backend": name, "block_size": int(bs)}, results
+
+
+# ---- Triton launch configs (GPUs; not run in CI) ----------------------------------------------
+
+TRITON_SWEEP = {
+    "decode": [{"decode_block_n": n, "decode_warps": w} for n in (32, 64, 128) for w in (2, 4, 8)],
+    "prefill": [{"prefill_block_m": m, "prefill_block_n": n, "prefill_warps": w, "prefill_stages": s}
+                for m in (32, 64, 128) for n in (32, 64) for w in (4, 8) for s in (1, 2, 3)],
+    "mla": [{"mla_block_n": n, "mla_warps": w, "mla_block_h": h} for n in (16, 32, 64) for w in (4, 8) for h in (16, 32)],
+}
+
+
+def tune_triton(platform, mc, dtype: torch.dtype, block_size: int, repeats: int) -> tuple[dict, dict]:
+    """Sweep each kernel's launch settings at the model's shapes. UNTESTED on a GPU."""
+    from zili.kernels import triton_attention
+    from zili.kernels.backends import get_attention_backend
+
+    backend = get_attention_backend("triton")
+    cases = attention_cases()
+    groups = {"mla": cases[:2]} if mc.use_mla else {"decode": cases[:2], "prefill": cases[2:]}
+    chosen: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
+    for group, group_cases in groups.items():
+        best, best_ms = None, math.inf
+        for candidate in TRITON_SWEEP[group]:
+            triton_attention.set_config({**chosen, **candidate})
+            try:
+                ms = sum(1e3 * best_time(attention_timer(backend, c, mc, block_size, dtype, platform.device),
+                                         repeats, platform.synchronize) for c in group_cases)
+            except Exception as e:  # too much shared memory, too many registers...
+                logger.info("triton %s %s failed: %s", group, candidate, e)
+                continue
+            timings[f"{group} {candidate}"] = round(ms, 4)
+            if ms < best_ms:
+                best, best_ms = candidate, ms
+        if best is not None:
+            chosen.update(best)
+    triton_attention.set_config(chosen)
+    return chosen, timings
+
+
+# ---- decode-graph ladder (GPUs; not run in CI) -----------------------------------------------
+
+def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], dict]:
+    """Capture each candidate size and keep those where replay beats the eager forward. UNTESTED
+    on a GPU."""
+    import torch
+
+    from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
+    from zili.kernels.attention import AttentionMetadata
+
+    runner, platform = engine.runner, engine.platform
+    ladder = batch_ladder(max_batch)
+    blocks_per_seq = 2  # a short context: graphs matter most where kernels are small
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, platform, ladder, blocks_per_seq, runner.block_size,
+                          runner.device)
+    graphs.capture()
+    kept, timings = [], {}
+    for size in ladder:
+        tables = [[(i * blocks_per_seq + j) % engine.kv_cache.num_blocks for j in range(blocks_per_seq)]
+                  for i in range(size)]
+        seq_lens = [runner.block_size + 1] * size
+        meta = AttentionMetadata.build([1] * size, seq_lens, tables, runner.block_size, runner.device)
+        ids = torch.zeros(size, dtype=torch.long, device=runner.device)
+        pos = torch.full((size,), runner.block_size, dtype=torch.long, device=runner.device)
+        with torch.inference_mode():
+            eager = best_time(lambda: runner.model(ids, pos, runner.kv_caches, meta), repeats, platform.synchronize)
+            replay = best_time(lambda: graphs.run(ids, pos, meta), repeats, platform.synchronize)
+        timings[size] = {"eager_ms": round(1e3 * eager, 4), "graph_ms": round(1e3 * replay, 4)}
+        if eager >= GRAPH_GAIN * replay:
+            kept.append(size)
+        else:
+            break  # larger batches gain even less: the ladder stops here
+    return kept, timings
+
+
+# ---- the quantized/dense switch point, on the whole forward ------------------------------------
+
+def tune_quant_rows(engine, repeats: int, max_rows: int) -> tuple[int, dict]:
+    """Largest decode batch up to which the packed int4/int8 matmuls beat dense, each batch timed
+    as a whole forward + logits (what a decode step costs). Stops at the first loss."""
+    from zili.engine.runner import StepInput
+    from zili.models.quantize import set_quant_max_rows
+
+    runner, model = engine.runner, engine.runner.model
+    ctx = runner.block_size  # one block per sequence is enough to time the matmuls
+    chosen, timings = 0, {}
+    for rows in [r for r in QUANT_ROW_CANDIDATES if r <= max_rows]:
+        if rows > engine.kv_cache.num_blocks:
+            break
+        step = StepInput([[1]] * rows, [ctx - 1] * rows, [[i] for i in range(rows)], [True] * rows)
+        set_quant_max_rows(model, 1 << 30)
+        quant = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)
+        set_quant_max_rows(model, 0)
+        dense = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)
+        timings[rows] = {"quantized_ms": round(1e3 * quant, 3), "dense_ms": round(1e3 * dense, 3)}
+        if quant >= dense:
+            break
+        chosen = rows
+    set_quant_max_rows(model, chosen)
+    return chosen, timings
+
+
+# ---- the whole run -----------------------------------------------------------------------------
+
+def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **overrides):
+    """An engine on the already loaded model, tune cache off, sized for the measurements."""
+    from zili.config import EngineConfig
+    from zili.engine.engine import Engine
+    from zili.engine.runner import kv_bytes_per_block
+    from zili.kernels.backends import use_attention_backend
+
+    need = max(options.decode_batches) * (PROMPT_TOKENS + options.decode_tokens + 1)
+    settings = dict(model=options.model, dtype=options.dtype, quantization=options.quantization,
+                    max_num_seqs=max(options.max_num_seqs, max(options.decode_batches)), use_tune_cache=False,
+                    max_model_len=min(loaded.config.max_position_embeddings, 4096))
+    settings.update(overrides)
+    block = settings.get("block_size", EngineConfig.block_size)
+    per_block = kv_bytes_per_block(loaded.config, block, loaded.dtype)
+    blocks = max(-(-need // block) + 8, max(QUANT_ROW_CANDIDATES) + 8, 4 * max(options.decode_batches))
+    engine = Engine(EngineConfig(**settings, kv_cache_memory=blocks * per_block), loaded=loaded)
+    if kernel_config:  # the engine installed the backend with default launch settings
+        use_attention_backend(engine.attention_backend, kernel_config)
+    return engine
+
+
+def _load(options: TuneOptions, platform):
+    from zili.models.loader import load_model
+    from zili.models.quantize import quantize_model
+    from zili.weights import open_checkpoint
+
+    loaded = load_model(options.model, dtype=options.dtype, device=platform.device)
+    counts: dict[str, int] = {}
+    if options.quantization != "none" and platform.matmul_backend() == "cpu-packed":
+        checkpoint = open_checkpoint(loaded.source) if loaded.source.format == "gguf" else None
+        counts = dict(quantize_model(loaded.model, options.quantization, checkpoint))
+    return loaded, counts
+
+
+def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> TuneReport:
+    from zili.kernels.backends import use_attention_backend
+    from zili.models.quantize import calibrate_max_rows
+    from zili.platforms import current_platform
+    from zili.platforms.tuning import TuneCache, model_key
+
+    platform = current_platform()
+    report = TuneReport(fingerprint=platform.fingerprint())
+    m = report.measurements
+    m["load_average_start"] = load_average()
+    say(f"device: {platform.device_name()} ({platform.name}); load average {m['load_average_start']}")
+    loaded, counts = _load(options, platform)
+    mc = loaded.config
+    report.model_key = model_key(mc, loaded.dtype, options.quantization)
+    say(f"model: {loaded.source.ref} -> {report.model_key}; weights {counts or 'dense'}")
+    quantized = bool(set(counts) - {"dense"})
+    default_rows = calibrate_max_rows(loaded.model) if quantized else 0  # what the engine does untuned
+
+    threads = platform.thread_candidates()
+    if len(threads) > 1:
+        engine = _engine(loaded, options)
+        rates: dict[int, list[float]] = {t: [] for t in threads}
+        for _ in range(2):  # interleaved, best of two: the host's load drifts
+            for t in threads:
+                platform.set_num_threads(t)
+                rates[t].append(decode_rate(engine, 1, PROMPT_TOKENS, options.decode_tokens))
+        report.device["threads"] = max(threads, key=lambda t: max(rates[t]))
+        m["threads_decode_tok_s"] = {t: round(max(r), 2) for t, r in rates.items()}
+        say(f"threads: {m['threads_decode_tok_s']} tok/s (b=1) -> {report.device['threads']}")
+    platform.set_num_threads(report.device.get("threads"))
+
+    if "triton" in platform.attention_backends():
+        try:
+            report.device["triton"], m["triton_ms"] = tune_triton(platform, mc, loaded.dtype, 16, options.repeats)
+            say(f"triton configs: {report.device['triton']}")
+        except Exception as e:
+            m["triton_error"] = repr(e)
+            say(f"triton configs: failed ({e}); defaults kept")
+
+    winner, m["attention_ms_per_layer"] = tune_attention(platform, mc, loaded.dtype, options.block_sizes,
+                                                         options.repeats)
+    report.device["attention_backend"] = winner["attention_backend"]
+    report.model["block_size"] = winner["block_size"]
+    say(f"attention: {winner} (ms per layer: {m['attention_ms_per_layer']})")
+    use_attention_backend(winner["attention_backend"], report.device.get("triton"))
+
+    engine = _engine(loaded, options, report.device.get("triton"), block_size=winner["block_size"],
+                     attention_backend=winner["attention_backend"], threads=report.device.get("threads"))
+    if quantized:
+        report.model["quant_max_rows"], m["quant_rows_ms"] = tune_quant_rows(engine, options.repeats,
+                                                                             options.max_num_seqs)
+        say(f"quantized matmuls up to {report.model['quant_max_rows']} rows (load-time calibration: {default_rows})")
+
+    from zili.kernels.backends import get_attention_backend
+
+    if platform.supports_graph_capture() and get_attention_backend(winner["attention_backend"]).graph_safe_decode:
+        try:
+            report.device["graph_batch_sizes"], m["graph_ms"] = tune_graph_ladder(engine, options.max_num_seqs,
+                                                                                  options.repeats)
+            say(f"graph ladder: {report.device['graph_batch_sizes']}")
+        except Exception as e:
+            m["graph_error"] = repr(e)
+            say(f"graph ladder: failed ({e})")
+
+    if options.compare:
+        report.comparison = compare(loaded, options, report, default_rows if quantized else None, say)
+    m["load_average_end"] = load_average()
+    if options.write_cache:
+        cache = TuneCache(options.cache)
+        report.cache_path = str(cache.store(platform, report.device, report.model_key, {
+            **report.model, "measured": {"comparison": report.comparison, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}}))
+        say(f"saved to {report.cache_path}")
+    return report
+
+
+def compare(loaded, options: TuneOptions, report: TuneReport, default_rows: int | None,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    """Decode tokens/s with the defaults and with the winners, interleaved rounds, median of each."""
+    from zili.models.quantize import set_quant_max_rows
+
+    tuned_rows = report.model.get("quant_max_rows")
+    setups = {
+        "default": (dict(), default_rows, None),
+        "tuned": (dict(threads=report.device.get("threads"), block_size=report.model["block_size"],
+                       attention_backend=report.device["attention_backend"]), tuned_rows, report.device.get("triton")),
+    }
+    result: dict[str, Any] = {"decode_tokens": options.decode_tokens, "prompt_tokens": PROMPT_TOKENS,
+                              "rounds": options.compare_rounds, "load_average_before": load_average()}
+    for batch in options.decode_batches:
+        rates: dict[str, list[float]] = {name: [] for name in setups}
+        for _ in range(options.compare_rounds):
+            for name, (overrides, rows, kernels) in setups.items():
+                engine = _engine(loaded, options, kernels, **{k: v for k, v in overrides.items() if v is not None})
+                if rows is not None:
+                    set_quant_max_rows(loaded.model, rows)
+                rates[name].append(decode_rate(engine, batch, PROMPT_TOKENS, options.decode_tokens))
+        med = {name: statistics.median(r) for name, r in rates.items()}
+        result[f"b{batch}"] = {"default_tok_s": round(med["default"], 2), "tuned_tok_s": round(med["tuned"], 2),
+                               "speedup": round(med["tuned"] / med["default"], 3),
+                               "all_tok_s": {n: [round(x, 2) for x in r] for n, r in rates.items()}}
+        say(f"decode b={batch}: default {med['default']:.1f} tok/s, tuned {med['tuned']:.1f} tok/s "
+            f"-> x{med['tuned'] / med['default']:.3f}")
+    result["load_average_after"] = load_average()
+    if tuned_rows is not None:
+        set_quant_max_rows(loaded.model, tuned_rows)
+    return result
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"{what}: comma-separated positive integers, got {text!r}")
+    return values
+
+
+def tune(
+    model: Annotated[Optional[str], typer.Argument(help="Path to a .gguf file, an HF checkpoint directory, or an "
+                                                    "alias (see `zili models`). Default: smollm2-135m.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (as the engine will run it).")] = "auto",
+    quantization: Annotated[str, typer.Option(help="auto, none, int8 or int4 (as the engine will run it).")] = "auto",
+    block_sizes: Annotated[str, typer.Option(help="KV block sizes to measure, comma-separated.")] = "16,32,64,128",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per candidate (best of).")] = 5,
+    decode_tokens: Annotated[int, typer.Option(min=4, help="Tokens generated per decode measurement.")] = 32,
+    batches: Annotated[str, typer.Option(help="Decode batch sizes for the comparison, comma-separated.")] = "1,8",
+    compare: Annotated[bool, typer.Option("--compare/--no-compare",
+                                          help="Measure decode tokens/s with defaults and tuned.")] = True,
+    cache: Annotated[Optional[Path], typer.Option(help="Tune cache file (default: $ZILI_TUNE_CACHE or "
+                                                  "~/.cache/zili/tune.json).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report; leave the cache alone.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report here.")] = None,
+) -> None:
+    """Measure kernels and settings on this device at the model's shapes; save the winners for `zili serve`."""
+    from zili.config import QUANTIZATION_MODES
+
+    if quantization not in QUANTIZATION_MODES:
+        raise typer.BadParameter(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}")
+    options = TuneOptions(model=model, dtype=dtype, quantization=quantization,
+                          block_sizes=_ints(block_sizes, "--block-sizes"), repeats=repeats, compare=compare,
+                          decode_tokens=decode_tokens, decode_batches=_ints(batches, "--batches"), cache=cache,
+                          write_cache=not dry_run)
+    try:
+        report = run_tuning(options, say=lambda line: typer.echo(line, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(), indent=1, default=str))
+    typer.echo(json.dumps({"device": report.device, "model": report.model, "comparison": report.comparison},
+                          default=str))

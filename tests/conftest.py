@@ -1,0 +1,9 @@
+"""Test-session set-up shared by every test folder."""
+
+import os
+import tempfile
+
+# A developer's own tune cache (zili tune) changes block size, threads and kernel choices, and with
+# them the numerics; tests start from the defaults unless a test points this elsewhere itself.
+os.environ["ZILI_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="zili-test-tune-"), "tune.json")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,204 @@
+"""The device seam: the CPU platform's answers, platform choice (ZILI_PLATFORM, plugins), and a fake
+out-of-tree platform registered through real entry-point metadata that the engine picks up and asks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.tiny_models import write_tiny_llama
+from zili.platforms import ENTRY_POINT_GROUP, current_platform, resolve_platform
+from zili.platforms.cpu import CpuPlatform
+
+FAKE_PLATFORM = '''
+import torch
+from zili.platforms.cpu import CpuPlatform
+
+CALLS = []
+
+
+class FakePlatform(CpuPlatform):
+    """A pretend accelerator: runs on CPU tensors, but records every question it is asked."""
+
+    name = "fakeaccel"
+
+    @classmethod
+    def is_available(cls):
+        return True
+
+    def device_name(self):
+        return "Fake Accelerator 9000"
+
+    def _ask(self, what, answer):
+        CALLS.append(what)
+        return answer
+
+    def default_dtype(self):
+        return self._ask("default_dtype", torch.float32)
+
+    def free_memory(self):
+        return self._ask("free_memory", 64 * 2**20)
+
+    def total_memory(self):
+        return self._ask("total_memory", 128 * 2**20)
+
+    def set_num_threads(self, threads):
+        CALLS.append(("set_num_threads", threads))
+        super().set_num_threads(threads)
+
+    def attention_backend(self):
+        return self._ask("attention_backend", "sdpa")
+
+    def collective_backend(self):
+        return self._ask("collective_backend", "fakeccl")
+
+    @property
+    def device(self):
+        CALLS.append("device")
+        return torch.device("cpu")
+
+
+def absent():
+    return None
+
+
+def broken():
+    raise RuntimeError("driver not loaded")
+'''
+
+
+def install_plugin(root, module: str, entry_points: dict[str, str], source: str = FAKE_PLATFORM) -> None:
+    """A real installed distribution: the module plus a dist-info with entry_points.txt."""
+    (root / f"{module}.py").write_text(source)
+    dist = root / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
+
+
+@pytest.fixture
+def fresh_platform(monkeypatch):
+    """Choose the platform anew inside the test, and again after it (so no fake leaks out)."""
+    monkeypatch.delenv("ZILI_PLATFORM", raising=False)
+    threads = torch.get_num_threads()
+    current_platform.cache_clear()
+    yield
+    current_platform.cache_clear()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_plugin(tmp_path, monkeypatch, fresh_platform):
+    import sys
+
+    install_plugin(tmp_path, "zili_fakeaccel", {"fakeaccel": "zili_fakeaccel:FakePlatform"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("zili_fakeaccel", None)
+
+
+def test_cpu_platform_answers():
+    p = CpuPlatform()
+    assert CpuPlatform.is_available()
+    assert p.device == torch.device("cpu")
+    assert p.default_dtype() in (torch.float32, torch.bfloat16)
+    assert 0 < p.free_memory() <= p.total_memory()
+    assert p.collective_backend() == "gloo"
+    assert p.attention_backend() == "sdpa" and p.attention_backends() == ["sdpa"]
+    assert p.matmul_backend() == "cpu-packed"
+    assert not p.supports_graph_capture()
+    assert 1 in p.thread_candidates()
+    fp = p.fingerprint()
+    assert fp["platform"] == "cpu" and fp["torch"] == torch.__version__ and isinstance(fp["flags"], list)
+    assert fp == CpuPlatform().fingerprint()  # stable: it keys the tune cache
+    p.manual_seed(3)
+    a = torch.rand(2)
+    p.manual_seed(3)
+    assert torch.equal(a, torch.rand(2))
+
+
+def test_builtin_choice_and_env(fresh_platform, monkeypatch):
+    assert isinstance(current_platform(), CpuPlatform)  # no GPU, no plugin here
+    monkeypatch.setenv("ZILI_PLATFORM", "cpu")
+    assert isinstance(resolve_platform(), CpuPlatform)
+    with pytest.raises(ValueError, match="names no platform; known: cpu, cuda"):
+        resolve_platform("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="not available"):
+            resolve_platform("cuda")
+
+
+def test_plugin_from_entry_point_metadata(fake_plugin, monkeypatch):
+    platform = current_platform()
+    assert type(platform).__name__ == "FakePlatform" and platform.device_name() == "Fake Accelerator 9000"
+    assert platform.collective_backend() == "fakeccl"
+    monkeypatch.setenv("ZILI_PLATFORM", "cpu")  # the environment overrides a plugin
+    assert type(resolve_platform()) is CpuPlatform
+
+
+def test_broken_absent_and_ambiguous_plugins(tmp_path, monkeypatch, fresh_platform, caplog):
+    import sys
+
+    install_plugin(tmp_path, "zili_fakeaccel", {"gone": "zili_fakeaccel:absent", "bad": "zili_fakeaccel:broken",
+                                                "missing": "zili_no_such_module:Platform"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="zili.platforms"):
+            assert type(resolve_platform()) is CpuPlatform  # nothing usable: the CPU still works
+        assert "failed to load" in caplog.text and "driver not loaded" in caplog.text
+        with pytest.raises(RuntimeError, match="installed but its device is not available"):
+            resolve_platform("gone")
+        (tmp_path / "zili_fakeaccel-0.1.dist-info" / "entry_points.txt").write_text(
+            f"[{ENTRY_POINT_GROUP}]\none = zili_fakeaccel:FakePlatform\ntwo = zili_fakeaccel:FakePlatform\n")
+        with pytest.raises(RuntimeError, match="several platform plugins are available"):
+            resolve_platform()
+        assert type(resolve_platform("two")).__name__ == "FakePlatform"
+    finally:
+        sys.modules.pop("zili_fakeaccel", None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_engine_picks_up_and_asks_the_plugin(fake_plugin, tiny_dir, monkeypatch):
+    from zili import LLM, SamplingParams
+
+    monkeypatch.setenv("ZILI_TUNE_CACHE", str(fake_plugin / "no-tune.json"))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(tiny_dir), threads=1)  # dtype auto, KV memory a share of free memory: both asked
+    calls = __import__("zili_fakeaccel").CALLS
+    assert llm.engine.platform.name == "fakeaccel"
+    for question in ("default_dtype", "free_memory", ("set_num_threads", 1), "attention_backend", "device"):
+        assert question in calls, question
+    assert llm.engine.dtype == torch.float32 and llm.engine.attention_backend == "sdpa"
+    # 10% of the fake's 64 MiB, whatever the host has
+    assert llm.engine.kv_cache.num_blocks * llm.engine.config.block_size <= 64 * 2**20
+    fake_out = llm.generate(["Hello there"], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    current_platform.cache_clear()
+    monkeypatch.setenv("ZILI_PLATFORM", "cpu")
+    cpu_out = LLM(str(tiny_dir), dtype="float32", threads=1).generate(["Hello there"], params, use_tqdm=False)
+    assert fake_out == cpu_out[0].outputs[0].token_ids and len(fake_out) == 6
+
+
+def test_no_device_names_in_platform_free_code():
+    """The platforms seam, the backends and the tuner name no device (the rest of the tree is
+    reported by the platforms issue, not enforced here: other owners)."""
+    import re
+    from pathlib import Path
+
+    import zili
+
+    root = Path(zili.__file__).parent
+    pattern = re.compile(r"""["'](cuda|cpu|npu|mps|xpu)["']|\.(cuda|cpu)\(""")
+    mine = [root / "kernels" / "backends.py", root / "kernels" / "triton_attention.py",
+            root / "kernels" / "triton_mla.py", root / "kernels" / "attention.py", root / "tune.py",
+            root / "engine" / "cuda_graphs.py", root / "engine" / "engine.py"]
+    offenders = [f"{p.name}:{i}" for p in mine for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert not offenders, offenders

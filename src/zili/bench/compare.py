@@ -32,6 +32,8 @@ SERVE_FIGURES: dict[str, Callable[[dict], float | None]] = {
     "itl_p90_ms": lambda r: r["itl_ms"]["p90"],
     "itl_p99_ms": lambda r: r["itl_ms"]["p99"],
     "tpot_p50_ms": lambda r: r["tpot_ms"]["p50"],
+    # the machine's 1-minute load average when the level ended: how much else was running
+    "load_1min_after": lambda r: (r.get("load_average_after") or [None])[0],
 }
 # Costs of a summary row are those of the median throughput (not medians of per-run costs).
 SERVE_COSTS = {"usd_per_1m_output_tokens": "output_throughput", "usd_per_1m_input_tokens": "input_throughput"}
@@ -196,7 +198,9 @@ def summarize_single_stream(runs: Sequence[dict], basis: CostBasis) -> list[dict
     """Per test: median tok/s per engine; $ per 1M tokens of that median (input tokens for ppN,
     output tokens for tgN)."""
     costs = {"usd_per_1m_tokens": lambda m: dollars_per_million(m["tokens_per_s"], basis.price_per_hour)}
-    return summarize_runs(runs, ["test"], {"tokens_per_s": lambda r: r.get("tokens_per_s")}, costs=costs)
+    figures = {"tokens_per_s": lambda r: r.get("tokens_per_s"),
+               "load_1min_after": lambda r: (r.get("load_average_after") or [None])[0]}
+    return summarize_runs(runs, ["test"], figures, costs=costs)
 
 
 def model_shapes(model_path: Path) -> dict[str, Any]:

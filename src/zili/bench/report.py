@@ -87,13 +87,14 @@ def single_stream_section(record: dict) -> str:
     engines = _engines(sorted({e for row in summary for e in row["medians"]}))
     peers = [e for e in engines if e != "zili"]
     header = ["test", *[f"{e} tok/s" for e in engines], *[f"zili / {p}" for p in peers],
-              *[f"{e} $/1M tok" for e in engines]]
+              *[f"{e} $/1M tok" for e in engines], "load (1 min)"]
     rows = []
     for row in sorted(summary, key=lambda r: r["test"]):
         med = row["medians"]
         rows.append([row["test"], *[_num(med.get(e, {}).get("tokens_per_s")) for e in engines],
                      *[_ratio((row.get("ratios") or {}).get(p, {}).get("tokens_per_s")) for p in peers],
-                     *[_num(med.get(e, {}).get("usd_per_1m_tokens"), 3) for e in engines]])
+                     *[_num(med.get(e, {}).get("usd_per_1m_tokens"), 3) for e in engines],
+                     _num(max((m.get("load_1min_after") or 0) for m in med.values()))])
     rounds = summary[0]["rounds"]
     return ("### Single stream (like llama-bench pp512 / tg128)\n\n"
             f"Medians over {max(rounds.values())} interleaved rounds. ppN: prompt tokens per second of one "
@@ -107,7 +108,7 @@ def serve_section(record: dict, plots: dict[str, str]) -> str:
         return ""
     engines = _engines(sorted({e for row in summary for e in row["medians"]}))
     header = ["concurrency", "engine", "output tok/s", "total tok/s", "req/s", "TTFT p50 / p99 ms",
-              "ITL p50 / p90 / p99 ms", "TPOT p50 ms", "$/1M out", "$/1M in"]
+              "ITL p50 / p90 / p99 ms", "TPOT p50 ms", "$/1M out", "$/1M in", "load (1 min)"]
     rows = []
     for row in sorted(summary, key=lambda r: r["concurrency"]):
         for e in engines:
@@ -119,13 +120,13 @@ def serve_section(record: dict, plots: dict[str, str]) -> str:
                          f"{_num(m['ttft_p50_ms'], 0)} / {_num(m['ttft_p99_ms'], 0)}",
                          f"{_num(m['itl_p50_ms'])} / {_num(m['itl_p90_ms'])} / {_num(m['itl_p99_ms'])}",
                          _num(m["tpot_p50_ms"]), _num(m["usd_per_1m_output_tokens"], 3),
-                         _num(m["usd_per_1m_input_tokens"], 3)])
+                         _num(m["usd_per_1m_input_tokens"], 3), _num(m.get("load_1min_after"))])
         for peer, rat in (row.get("ratios") or {}).items():
             rows.append([str(row["concurrency"]), f"*zili / {peer}*", _ratio(rat["output_throughput"]),
                          _ratio(rat["total_token_throughput"]), _ratio(rat["request_throughput"]),
                          f"{_ratio(rat['ttft_p50_ms'])} / {_ratio(rat['ttft_p99_ms'])}",
                          f"{_ratio(rat['itl_p50_ms'])} / {_ratio(rat['itl_p90_ms'])} / {_ratio(rat['itl_p99_ms'])}",
-                         _ratio(rat["tpot_p50_ms"]), _ratio(rat["usd_per_1m_output_tokens"]), ""])
+                         _ratio(rat["tpot_p50_ms"]), _ratio(rat["usd_per_1m_output_tokens"]), "", ""])
     cfg = record["config"].get("serve", {})
     n = cfg.get("num_prompts")
     per_level = ", ".join(f"c={k}: {v}" for k, v in n.items()) if isinstance(n, dict) else n
@@ -197,6 +198,23 @@ def serve_record_section(record: dict) -> str:
             f"prompts: {cfg.get('prompt_source')}.\n\n"
             + _table(["engine", "load", "output tok/s", "total tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "errors",
                       "$/1M out"], rows) + "\n")
+
+
+MAX_RECORDS_PER_SECTION = 3  # the newest compare records shown per section; all are listed at the end
+
+
+def compares_with(records: list[tuple[Path, dict]], section: str) -> list[tuple[Path, dict]]:
+    """Compare records whose summary has `section`, newest first."""
+    return [(p, r) for p, r in reversed(records) if r["kind"] == "compare" and r.get("summary", {}).get(section)]
+
+
+def render_section_plain(section: str, rec: dict) -> str:
+    return single_stream_section(rec) if section == "single_stream" else serve_section(rec, {})
+
+
+def _demote(markdown: str) -> str:
+    """Headings one level deeper (an earlier record sits under its own ### heading)."""
+    return "\n".join("#" + line if line.startswith("###") else line for line in markdown.splitlines()) + "\n"
 
 
 def latest_with(records: list[tuple[Path, dict]], section: str) -> tuple[Path, dict] | None:
@@ -313,21 +331,21 @@ def render(records: list[tuple[Path, dict]], plots: dict[str, str], base: Path) 
     for section, title, render_section in (
             ("single_stream", "Single stream", single_stream_section),
             ("serve", "Serving", lambda rec: serve_section(rec, plots) + "\n" + plots_section(plots, base))):
-        found = latest_with(records, section)
-        if not found:
-            continue
-        path, rec = found
-        parts += [f"## {title}: zili against its peers (latest `zili bench compare`)\n",
-                  f"`{rec['command']}` — {rec['created']}, commit {_commit(rec)}, record "
-                  f"[{path.name}]({os.path.relpath(path, base)}).\n",
-                  f"Machine: {_machine_line(rec)}. Load average (1/5/15 min) start → end: {_load_span(rec)}. "
-                  f"Model: `{rec['config'].get('model')}` ({rec['config'].get('model_bytes', 0) / 1e6:.0f} MB), "
-                  f"{rec['config'].get('threads')} threads for every engine; llama.cpp from llama-cpp-python "
-                  f"{rec['config'].get('llama_cpp', {}).get('version')}"
-                  + ("" if rec['config'].get('llama_cpp', {}).get('repack', True) else
-                     " with weight repacking off (`--no-repack`: its AMX kernels crash on this CPU)") + ".\n",
-                  *([f"> Note recorded with the run: {rec['note']}\n"] if rec.get("note") else []),
-                  render_section(rec)]
+        found = compares_with(records, section)
+        for i, (path, rec) in enumerate(found[:MAX_RECORDS_PER_SECTION]):
+            heading = (f"## {title}: zili against its peers (latest `zili bench compare`)\n" if i == 0 else
+                       f"### Earlier {title.lower()} comparison ({rec['created']})\n")
+            parts += [heading,
+                      f"`{rec['command']}` — {rec['created']}, commit {_commit(rec)}, record "
+                      f"[{path.name}]({os.path.relpath(path, base)}).\n",
+                      f"Machine: {_machine_line(rec)}. Load average (1/5/15 min) start → end: {_load_span(rec)}. "
+                      f"Model: `{rec['config'].get('model')}` ({rec['config'].get('model_bytes', 0) / 1e6:.0f} MB), "
+                      f"{rec['config'].get('threads')} threads for every engine; llama.cpp from llama-cpp-python "
+                      f"{rec['config'].get('llama_cpp', {}).get('version')}"
+                      + ("" if rec['config'].get('llama_cpp', {}).get('repack', True) else
+                         " with weight repacking off (`--no-repack`: its AMX kernels crash on this CPU)") + ".\n",
+                      *([f"> Note recorded with the run: {rec['note']}\n"] if rec.get("note") else []),
+                      render_section(rec) if i == 0 else _demote(render_section_plain(section, rec))]
     offline = [(p, r) for p, r in records if r["kind"] == "offline"]
     if offline:
         path, rec = offline[-1]
@@ -376,5 +394,9 @@ def write_report(results_dir: Path | None = None, plots_dir: Path | None = None,
 
         print("matplotlib is not installed (pip install matplotlib): BENCHMARKS.md without plots", file=sys.stderr)
         plots = {}
-    output.write_text(render(records, plots, output.parent.resolve()))
+    text = render(records, plots, output.parent.resolve())
+    # Hand-written sections (benchmarks that are scripts, not `zili bench` records) follow the tables.
+    for note in sorted((REPO_ROOT / "benchmarks" / "notes").glob("*.md")):
+        text += "\n" + note.read_text()
+    output.write_text(text)
     return output

@@ -1,16 +1,14 @@
 """The cost of structured output: decode throughput of N concurrent constrained streams against
-N unconstrained ones, on the same engine, prompts and token counts.
+N unconstrained ones.
 
-    python -m zili.structured.bench [--model smollm2-135m] [--streams 32] [--tokens 64] [--repeats 3]
+    python -m zili.structured.bench [--model smollm2-135m] [--streams 32] [--tokens 48] [--repeats 3]
 
-Both sides generate exactly streams x tokens tokens (ignore_eos; the schema needs far more tokens
-than that to finish), and the timed part is decode only: the first step of each run (prefill)
-is left out. Runs alternate (free, constrained, free, ...) so that drifting machine load hits
-both sides alike; the ratio reported is the median over (free, constrained) pairs. Everything is
-printed as JSON, and written with --out.
-On a busy machine that ratio is noisy, so each constrained run also times everything the
-grammar adds (bitmask fill and application, matcher advance): `ratio_from_grammar_share` is
-1 - that share of its decode time, a figure the machine's drift cannot move much.
+Two engines hold the same model: one runs N free streams, the other N streams under a JSON schema
+(long enough that none finishes). Their decode steps alternate, one step each in turn, and only
+the step calls are timed, so a shared machine's drifting load falls on both sides alike. Both sides
+generate exactly N x tokens tokens (ignore_eos); the prefill step is not timed. Each constrained
+round also times everything the grammar itself adds (bitmask fill and application, matcher
+advance). The JSON record (printed, and written with --out) has every round and the medians.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-# Long enough that no stream finishes inside the measured tokens; mixes strings, enums, numbers,
-# patterns and nesting, so the matcher walks through every kind of state.
+# Mixes strings, enums, numbers, patterns and nesting, so the matcher walks through every kind of state.
 SCHEMA = {
     "type": "object",
     "properties": {"records": {"type": "array", "minItems": 200, "items": {
@@ -41,50 +39,70 @@ SCHEMA = {
 PROMPT = "Write a JSON list of user records with name, age, email, role, score and tags."
 
 
-def decode_throughput(llm, structured, streams: int, tokens: int) -> dict:
-    from zili.sampling import SamplingParams
+class _Side:
+    """One engine's streams in a round, with its own decode clock."""
 
-    engine = llm.engine
-    prompt = llm.render_chat([{"role": "user", "content": PROMPT}])
-    params = SamplingParams(temperature=1.0, seed=0, max_tokens=tokens, ignore_eos=True, structured=structured)
-    for i in range(streams):
-        engine.add_request(f"bench-{i}", prompt, params)
-    timer = _GrammarTimer(engine) if structured is not None else None
-    steps, start, generated_at_start = 0, None, 0
-    try:
-        while engine.has_unfinished_requests():
-            outputs = engine.step()
-            steps += 1
-            if start is None and engine.stats().num_waiting == 0:  # every stream is decoding from here on
-                start, generated_at_start = time.perf_counter(), engine.generation_tokens_total
-                if timer is not None:
-                    timer.seconds = 0.0
-            for out in outputs:
-                assert not out.finished or all(c.finish_reason == "length" for c in out.outputs), out
-    finally:
-        if timer is not None:
-            timer.restore()
-    elapsed = time.perf_counter() - start
-    decoded = engine.generation_tokens_total - generated_at_start
-    row = {"decode_tokens": decoded, "decode_seconds": round(elapsed, 3),
-           "tokens_per_second": round(decoded / elapsed, 2), "steps": steps}
-    if timer is not None:  # the grammar's share of this very run: immune to the machine's drift
-        row["grammar_seconds"] = round(timer.seconds, 3)
-        row["grammar_share"] = round(timer.seconds / elapsed, 4)
+    def __init__(self, llm, structured, streams: int, tokens: int) -> None:
+        from zili.sampling import SamplingParams
+
+        self.engine = llm.engine
+        prompt = llm.render_chat([{"role": "user", "content": PROMPT}])
+        params = SamplingParams(temperature=1.0, seed=0, max_tokens=tokens, ignore_eos=True, structured=structured)
+        for i in range(streams):
+            self.engine.add_request(f"bench-{i}", prompt, params)
+        self.seconds, self.tokens_at_start = 0.0, 0
+        self.timer = _GrammarTimer(self.engine) if structured is not None else None
+
+    def prefill(self) -> None:
+        while self.engine.stats().num_waiting:
+            self.engine.step()
+        self.tokens_at_start = self.engine.generation_tokens_total
+        if self.timer is not None:
+            self.timer.seconds = 0.0
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        self.seconds += time.perf_counter() - start
+        for out in outputs:
+            assert not out.finished or all(c.finish_reason == "length" for c in out.outputs), out
+
+    def result(self) -> dict:
+        if self.timer is not None:
+            self.timer.restore()
+        decoded = self.engine.generation_tokens_total - self.tokens_at_start
+        row = {"decode_tokens": decoded, "decode_seconds": round(self.seconds, 3),
+               "tokens_per_second": round(decoded / self.seconds, 2)}
+        if self.timer is not None:
+            row["grammar_seconds"] = round(self.timer.seconds, 3)
+            row["grammar_share"] = round(self.timer.seconds / self.seconds, 4)
+        return row
+
+
+def interleaved_round(free_llm, constrained_llm, structured, streams: int, tokens: int) -> dict:
+    free, constrained = _Side(free_llm, None, streams, tokens), _Side(constrained_llm, structured, streams, tokens)
+    free.prefill()
+    constrained.prefill()
+    while free.engine.has_unfinished_requests() or constrained.engine.has_unfinished_requests():
+        for side in (free, constrained):
+            if side.engine.has_unfinished_requests():
+                side.step()
+    row = {"unconstrained": free.result(), "constrained": constrained.result()}
+    row["ratio"] = round(row["constrained"]["tokens_per_second"] / row["unconstrained"]["tokens_per_second"], 3)
     return row
 
 
 class _GrammarTimer:
-    """Times everything structured output adds to a step: the bitmask fill, its application to the
+    """Times what structured output adds to a step: the bitmask fill, its application to the
     logits, and advancing the matchers."""
 
     def __init__(self, engine) -> None:
-        self.engine, self.seconds = engine, 0.0
+        self.seconds = 0.0
         backend = engine._grammar_backend
         build, advance = backend.build_mask, engine._advance_grammar
 
         def timed_build(seqs):
-            t = time.perf_counter()
+            start = time.perf_counter()
             mask = build(seqs)
             if mask is not None:
                 apply = mask.apply
@@ -94,27 +112,24 @@ class _GrammarTimer:
                     apply(logits)
                     self.seconds += time.perf_counter() - t0
                 mask.apply = timed_apply
-            self.seconds += time.perf_counter() - t
+            self.seconds += time.perf_counter() - start
             return mask
 
         def timed_advance(seq, token_id):
-            t = time.perf_counter()
+            start = time.perf_counter()
             done = advance(seq, token_id)
-            self.seconds += time.perf_counter() - t
+            self.seconds += time.perf_counter() - start
             return done
 
         backend.build_mask, engine._advance_grammar = timed_build, timed_advance
-        self._restore = lambda: (delattr(backend, "build_mask"), delattr(engine, "_advance_grammar"))
-
-    def restore(self) -> None:
-        self._restore()
+        self.restore = lambda: (delattr(backend, "build_mask"), delattr(engine, "_advance_grammar"))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
@@ -123,33 +138,26 @@ def main(argv: list[str] | None = None) -> dict:
     from zili.engine.llm import LLM
     from zili.structured.spec import StructuredOutput
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.streams, max_model_len=1024)
+    options = dict(dtype=args.dtype, max_num_seqs=args.streams, max_model_len=1024)
+    free_llm, constrained_llm = LLM(args.model, **options), LLM(args.model, **options)
     structured = StructuredOutput.json(SCHEMA)
-    llm.engine.compile_structured(structured)  # compile time is not decode time
-    decode_throughput(llm, None, min(args.streams, 4), 4)  # warm-up
-    runs: dict[str, list[dict]] = {"unconstrained": [], "constrained": []}
-    for _ in range(args.repeats):
-        runs["unconstrained"].append(decode_throughput(llm, None, args.streams, args.tokens))
-        runs["constrained"].append(decode_throughput(llm, structured, args.streams, args.tokens))
-    medians = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in runs.items()}
-    pairs = [c["tokens_per_second"] / u["tokens_per_second"]
-             for u, c in zip(runs["unconstrained"], runs["constrained"])]
-    share = statistics.median(r["grammar_share"] for r in runs["constrained"])
+    constrained_llm.engine.compile_structured(structured)  # compile time is not decode time
+    interleaved_round(free_llm, constrained_llm, structured, min(args.streams, 4), 4)  # warm-up
+    rounds = [interleaved_round(free_llm, constrained_llm, structured, args.streams, args.tokens)
+              for _ in range(args.repeats)]
     record = {
         "benchmark": "structured-output decode throughput",
-        "command": "python -m zili.structured.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m zili.structured.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"model": args.model or "smollm2-135m", "streams": args.streams, "tokens": args.tokens,
-                   "repeats": args.repeats, "device": str(llm.engine.platform.device)},
+                   "repeats": args.repeats, "device": str(free_llm.engine.platform.device), "schema": SCHEMA},
         "machine": _machine(),
-        "runs": runs,
-        "median_tokens_per_second": medians,
-        "ratio_of_medians": round(medians["constrained"] / medians["unconstrained"], 3),
-        # Each constrained run against the unconstrained run just before it (same machine load, roughly).
-        "pair_ratios": [round(r, 3) for r in pairs],
-        "ratio_constrained_over_unconstrained": round(statistics.median(pairs), 3),
-        # Within-run measure: decode time left to the model when the grammar's own time is taken out.
-        "grammar_share_of_decode_time": share,
-        "ratio_from_grammar_share": round(1 - share, 3),
+        "rounds": rounds,
+        "median_tokens_per_second": {
+            side: statistics.median(r[side]["tokens_per_second"] for r in rounds)
+            for side in ("unconstrained", "constrained")},
+        "ratio_constrained_over_unconstrained": statistics.median(r["ratio"] for r in rounds),
+        "grammar_share_of_constrained_decode_time": statistics.median(r["constrained"]["grammar_share"]
+                                                                      for r in rounds),
     }
     text = json.dumps(record, indent=2)
     print(text)

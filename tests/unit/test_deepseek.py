@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from zili.config import ModelConfig  # noqa: E402

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402

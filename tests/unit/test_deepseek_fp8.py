@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from zili.kernels.attention import AttentionMetadata  # noqa: E402

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+import xgrammar  # noqa: E402,F401
+import jsonschema  # noqa: E402
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402

@@ -9,8 +9,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+import xgrammar  # noqa: E402,F401
+import jsonschema  # noqa: E402
 
 from zili.extract import extract, extraction_messages  # noqa: E402
 

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+import xgrammar  # noqa: E402,F401
+import jsonschema  # noqa: E402
 
 from zili import SamplingParams  # noqa: E402
 from zili.structured.tools import (HERMES, LLAMA3, ToolCallStream, normalize_tool_choice,  # noqa: E402

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (tests/tiny_models writes checkpoints with it)
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402

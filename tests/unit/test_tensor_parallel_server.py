@@ -10,13 +10,10 @@ import subprocess
 import sys
 import time
 
-import pytest
+import httpx
+import transformers  # noqa: F401  (tests/tiny_models writes checkpoints with it)
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("transformers")
-
-from tests.tiny_models import write_tiny_llama  # noqa: E402
-
+from tests.tiny_models import write_tiny_llama
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -19,7 +19,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs in its own process under TRITON_INTERPRET=1 (test_triton_kernels.py starts it)",
                 allow_module_level=True)
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401
 
 from zili.kernels.attention import AttentionMetadata, sdpa_paged_attention  # noqa: E402
 from zili.kernels.attention import write_kv_cache as reference_write  # noqa: E402

@@ -59,7 +59,10 @@ class LLM:
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        from zili.structured.tools import render_chat
+
+        # Tools go through the model's template when it takes them, else a Hermes-style fallback.
+        text = render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt)
         # The template already carries any BOS it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -95,22 +95,35 @@ def smollm_pair():
     return ref, quant, counts
 
 
-def _teacher_forced_argmax(loaded, sequences: list[list[int]]) -> list[list[int]]:
-    """One token per forward (the decode path), returning the argmax after every token."""
+def _decode_argmax(loaded, prompt: list[int], continuation: list[int] | None, new_tokens: int):
+    """Feed `prompt` one token per forward (the decode path), then either `continuation` (teacher
+    forcing) or, when it is None, the model's own greedy choices. Returns (tokens fed, argmax after
+    each generated-position token)."""
     from zili.kernels.attention import AttentionMetadata
 
     cfg, model = loaded.config, loaded.model
-    out = []
-    for seq in sequences:
-        caches = [torch.zeros(cfg.kv_cache_shape(8, 16), dtype=loaded.dtype) for _ in range(cfg.num_hidden_layers)]
-        preds = []
-        with torch.inference_mode():
-            for pos, tok in enumerate(seq):
-                meta = AttentionMetadata.build([1], [pos + 1], [list(range(8))], 16)
-                hidden = model(torch.tensor([tok]), torch.tensor([pos]), caches, meta)
-                preds.append(int(model.compute_logits(hidden).argmax()))
-        out.append(preds)
-    return out
+    total = len(prompt) + new_tokens
+    blocks = -(-total // 16)
+    caches = [torch.zeros(cfg.kv_cache_shape(blocks, 16), dtype=loaded.dtype) for _ in range(cfg.num_hidden_layers)]
+    seq, preds = list(prompt), []
+    with torch.inference_mode():
+        for pos in range(total - 1):
+            meta = AttentionMetadata.build([1], [pos + 1], [list(range(blocks))], 16)
+            hidden = model(torch.tensor([seq[pos]]), torch.tensor([pos]), caches, meta)
+            if pos < len(prompt) - 1:
+                continue
+            pred = int(model.compute_logits(hidden).argmax())
+            preds.append(pred)
+            if len(seq) < total:
+                seq.append(continuation[len(seq) - len(prompt)] if continuation is not None else pred)
+    return seq, preds
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
+           "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n",
+           "Once upon a time, in a small village,", "import numpy as np\n",
+           "The theory of relativity states that",
+           "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
@@ -118,21 +131,30 @@ def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
     # The GGUF's 4-bit projections stay 4-bit; the tied Q8_0 head becomes int8, never int4.
     assert counts == {"int4": 30 * 4, "int8": 1}
     assert type(quant.model.lm_head.quant).__name__ == "Int8Weight"
-    tok = ref.tokenizer
-    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at",
-               "<|im_start|>user\nName three fruits.<|im_end|>\n<|im_start|>assistant\n"]
-    sequences = []
-    for p in prompts:  # the fp32 model's own greedy continuation, then teacher-forced through both
-        ids = tok.encode(p)
-        for _ in range(24):
-            ids.append(_teacher_forced_argmax(ref, [ids])[0][-1])
-        sequences.append(ids)
-    want = _teacher_forced_argmax(ref, sequences)
-    got = _teacher_forced_argmax(quant, sequences)
-    # Compare the predictions for generated positions.
-    pairs = [(w, g) for s, ws, gs in zip(sequences, want, got) for w, g in zip(ws[-25:], gs[-25:])]
+    pairs = []
+    for p in PROMPTS:  # the fp32 model's own greedy continuation, teacher-forced through the quantized one
+        prompt = ref.tokenizer.encode(p)
+        seq, want = _decode_argmax(ref, prompt, None, 32)
+        _, got = _decode_argmax(quant, prompt, seq[len(prompt):], 32)
+        pairs += list(zip(want, got))
+    assert len(pairs) == len(PROMPTS) * 32
     agreement = sum(w == g for w, g in pairs) / len(pairs)
     assert agreement >= 0.99, agreement
+
+
+def test_refined_logits_match_fp32_at_the_top():
+    from zili.models.base import refine_top_logits
+
+    torch.manual_seed(0)
+    w = torch.randn(500, 64).bfloat16()
+    h = torch.randn(3, 64).bfloat16()
+    exact = h.float() @ w.float().t()
+    approx = (h @ w.t()).float()  # bf16 output: rounded
+    assert not torch.equal(approx.topk(4).values, exact.topk(4).values)
+    refine_top_logits(approx, h, w, 8)
+    top = exact.topk(4)
+    assert torch.equal(approx.topk(4).indices, top.indices)
+    torch.testing.assert_close(approx.topk(4).values, top.values)
 
 
 def test_calibration_sets_one_measured_limit_on_every_layer():

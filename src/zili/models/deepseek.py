@@ -17,7 +17,6 @@ Layers past num_hidden_layers (V3's multi-token-prediction module) are skipped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -25,17 +24,16 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
-from zili.layers.linear import Linear
 from zili.layers.mla import MLA_FUSED_PROJECTIONS, MLAttention
 from zili.layers.moe import DeepseekMoE, FusedExperts, GatedMLP
 from zili.layers.norm import RMSNorm
-from zili.layers.parallel import TensorParallel, lm_head, param_loader, vocab_embedding
+from zili.layers.parallel import TensorParallel, lm_head, vocab_embedding
 from zili.layers.rotary import RotaryEmbedding
+from zili.models.base import CausalLM, Loader
 
 # Fused module name -> the HF projection names it concatenates, in row order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj"), **MLA_FUSED_PROJECTIONS}
 _EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 # Family defaults for fields a config.json may leave out (DeepSeek's own configs, then HF's classes).
@@ -106,7 +104,10 @@ class DeepseekModel(nn.Module):
         return self.norm(x)
 
 
-class DeepseekForCausalLM(nn.Module):
+class DeepseekForCausalLM(CausalLM):
+    family = "DeepSeek"
+    fused_projections = FUSED_PROJECTIONS
+
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         """`tp`: this rank's place in a tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
@@ -118,79 +119,19 @@ class DeepseekForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> hidden [T, H]."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in. ValueError on a missing, unexpected or mis-shaped tensor."""
-        targets = self._weight_targets()
-        pending = set(targets)
-        for name, tensor in weights:
-            if self._skipped(name):
-                continue
-            load = targets.get(name)
-            if load is None:
-                raise ValueError(f"unexpected tensor {name!r} for {self.config.hf_architecture or 'DeepSeek'} model")
-            try:
-                load(tensor)
-            except ValueError as e:
-                raise ValueError(f"tensor {name!r}: {e}") from None
-            pending.discard(name)
-        if pending:
-            shown = ", ".join(sorted(pending)[:8]) + (", ..." if len(pending) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(pending)} tensor(s): {shown}")
-
     def _skipped(self, name: str) -> bool:
-        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-            return True
         layer = _LAYER_INDEX.match(name)
-        return layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers  # MTP layers
+        if layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers:
+            return True  # multi-token-prediction layers, not used for decoding
+        return super()._skipped(name)
 
-    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
-        """HF tensor name -> function copying that tensor into this model."""
-        targets: dict[str, Callable[[torch.Tensor], None]] = {}
-        for module_name, module in self.named_modules():
-            if module_name == "lm_head" and self.config.tie_word_embeddings:
-                continue
-            prefix, _, leaf = module_name.rpartition(".")
-            if isinstance(module, FusedExperts):
-                for expert in range(module.num_experts):
-                    for hf_leaf in _EXPERT_LEAVES:
-                        targets[f"{module_name}.{expert}.{hf_leaf}.weight"] = _expert_loader(module, expert, hf_leaf)
-                continue
-            for param_name, param in module.named_parameters(recurse=False):
-                if isinstance(module, Linear):
-                    for shard, hf_leaf in enumerate(FUSED_PROJECTIONS.get(leaf, (leaf,))):
-                        hf_name = f"{prefix}.{hf_leaf}.{param_name}" if prefix else f"{hf_leaf}.{param_name}"
-                        targets[hf_name] = _linear_loader(module, param_name, shard)
-                else:
-                    targets[f"{module_name}.{param_name}" if module_name else param_name] = _param_loader(param)
-        return targets
+    def _module_targets(self, module_name: str, module: nn.Module) -> dict[str, Loader] | None:
+        if not isinstance(module, FusedExperts):
+            return None
+        return {f"{module_name}.{expert}.{hf_leaf}.weight": _expert_loader(module, expert, hf_leaf)
+                for expert in range(module.num_experts) for hf_leaf in _EXPERT_LEAVES}
 
 
-def _linear_loader(module: Linear, param_name: str, shard: int) -> Callable[[torch.Tensor], None]:
-    return lambda t: module.load(param_name, t, shard)
-
-
-def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Callable[[torch.Tensor], object]:
+def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Loader:
     # Experts outside the module's expert_range (another expert-parallel rank's) are skipped.
     return lambda t: module.load_expert(expert, hf_leaf, t)
-
-
-def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
-    sharded = param_loader(param)  # a tensor-parallel shard slices the checkpoint tensor itself
-    if sharded is not None:
-        return sharded
-
-    def load(tensor: torch.Tensor) -> None:
-        if tensor.shape != param.shape:
-            raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
-    return load

@@ -14,7 +14,6 @@ from HF-named tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -22,19 +21,17 @@ from torch import nn
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata, paged_attention
 from zili.layers.activation import SiluAndMul
-from zili.layers.linear import Linear
 from zili.layers.norm import RMSNorm
-from zili.layers.parallel import (TensorParallel, column_linear, lm_head, param_loader, row_linear,
+from zili.layers.parallel import (TensorParallel, column_linear, lm_head, row_linear,
                                   split_heads, vocab_embedding)
 from zili.layers.rotary import RotaryEmbedding, apply_rotary
+from zili.models.base import CausalLM
 
 # Fused module name -> the HF projection names it concatenates, in row order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
 }
-# Checkpoint buffers that are not parameters (recomputed here).
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 class LlamaAttention(nn.Module):
@@ -116,7 +113,10 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    family = "llama"
+    fused_projections = FUSED_PROJECTIONS
+
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         """`tp`: this rank's place in a tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
@@ -125,66 +125,3 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> hidden [T, H]."""
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in. ValueError on a missing, unexpected or mis-shaped tensor."""
-        targets = self._weight_targets()
-        pending = set(targets)
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                continue
-            load = targets.get(name)
-            if load is None:
-                raise ValueError(f"unexpected tensor {name!r} for {self.config.hf_architecture or 'llama'} model")
-            try:
-                load(tensor)
-            except ValueError as e:
-                raise ValueError(f"tensor {name!r}: {e}") from None
-            pending.discard(name)
-        if pending:
-            shown = ", ".join(sorted(pending)[:8]) + (", ..." if len(pending) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(pending)} tensor(s): {shown}")
-
-    def _weight_targets(self) -> dict[str, Callable[[torch.Tensor], None]]:
-        """HF tensor name -> function copying that tensor into this model."""
-        targets: dict[str, Callable[[torch.Tensor], None]] = {}
-        for module_name, module in self.named_modules():
-            if module_name == "lm_head" and self.config.tie_word_embeddings:
-                continue
-            prefix, _, leaf = module_name.rpartition(".")
-            for param_name, _ in module.named_parameters(recurse=False):
-                if isinstance(module, Linear):
-                    hf_leaves = FUSED_PROJECTIONS.get(leaf, (leaf,))
-                    for shard, hf_leaf in enumerate(hf_leaves):
-                        hf_name = f"{prefix}.{hf_leaf}.{param_name}" if prefix else f"{hf_leaf}.{param_name}"
-                        targets[hf_name] = _linear_loader(module, param_name, shard)
-                else:
-                    full = f"{module_name}.{param_name}" if module_name else param_name
-                    targets[full] = _param_loader(getattr(module, param_name))
-        return targets
-
-
-def _linear_loader(module: Linear, param_name: str, shard: int) -> Callable[[torch.Tensor], None]:
-    return lambda t: module.load(param_name, t, shard)
-
-
-def _param_loader(param: nn.Parameter) -> Callable[[torch.Tensor], None]:
-    sharded = param_loader(param)  # a tensor-parallel shard slices the checkpoint tensor itself
-    if sharded is not None:
-        return sharded
-
-    def load(tensor: torch.Tensor) -> None:
-        if tensor.shape != param.shape:
-            raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
-    return load

@@ -85,12 +85,10 @@ def _raw_type_reader(checkpoint):
 
 def _shard_names(model: nn.Module, module_name: str, module: Linear) -> list[str]:
     """The checkpoint tensor names whose rows make up this projection's weight."""
-    from zili.models.llama import FUSED_PROJECTIONS
-
     if module_name == LM_HEAD and getattr(model.config, "tie_word_embeddings", False):
         return ["model.embed_tokens.weight"]
     prefix, _, leaf = module_name.rpartition(".")
-    leaves = FUSED_PROJECTIONS.get(leaf, (leaf,))
+    leaves = getattr(model, "fused_projections", {}).get(leaf, (leaf,))
     return [f"{prefix}.{hf}.weight" if prefix else f"{hf}.weight" for hf in leaves]
 
 

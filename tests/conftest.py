@@ -7,3 +7,6 @@ import tempfile
 # them the numerics; tests start from the defaults unless a test points this elsewhere itself.
 os.environ["ZILI_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="zili-test-tune-"), "tune.json")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Compiling the decode step (zili.engine.compiled_decode) costs seconds per engine; only the tests
+# about it ask for it (enforce_eager=False), the rest run the eager path.
+os.environ["ZILI_ENFORCE_EAGER"] = "1"

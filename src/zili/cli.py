@@ -12,6 +12,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF checkpoint directory, or an alias "
                         "(see `zili models`). Default: smollm2-135m.")
+# One-shot and interactive commands start eagerly: compiling the decode step takes seconds (a minute
+# or two the first time) and pays off over long outputs and many requests, as in `zili serve`.
+CompileOpt = typer.Option(False, "--compile/--eager", help="Compile the decode step first (faster tokens, "
+                          "slower start).")
 
 
 def _fail(message: str) -> None:
@@ -53,10 +57,11 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     dtype: str = typer.Option("auto", "--dtype"),
+    compile: bool = CompileOpt,
 ) -> None:
     """Complete one prompt and stream the answer to stdout."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, stop)
-    llm = _make_llm(model, dtype)
+    llm = _make_llm(model, dtype, enforce_eager=not compile)
     tokens = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     try:
         _stream_to_stdout(llm, tokens, params)
@@ -76,10 +81,11 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: str = typer.Option("auto", "--dtype"),
+    compile: bool = CompileOpt,
 ) -> None:
     """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
-    llm = _make_llm(model, dtype)
+    llm = _make_llm(model, dtype, enforce_eager=not compile)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     typer.secho("zili chat — /reset clears the conversation, /exit quits, Ctrl-C stops an answer.", err=True, dim=True)

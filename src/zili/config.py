@@ -152,6 +152,9 @@ class EngineConfig:
     # Read `zili tune`'s winners for this device (threads, backend, block size...) at start;
     # False keeps the defaults. Explicit settings above always win over tuned ones.
     use_tune_cache: bool = True
+    # True: every step runs eagerly. False: decode-only steps run one compiled graph where the
+    # set-up allows it (zili.engine.compiled_decode). None: False unless ZILI_ENFORCE_EAGER=1.
+    enforce_eager: bool | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:

@@ -209,6 +209,7 @@ def offline(
     dtype: str = typer.Option("auto", "--dtype", help="zili's dtype."),
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="zili without its compiled decode step."),
     device: str = typer.Option("auto", "--device", help="Where the peers and the roofline run: auto (the "
                                "current zili platform's device) or a torch device string. zili always runs on "
                                "its current platform."),
@@ -235,7 +236,7 @@ def offline(
               "num_prompts": num_prompts, "input_len": str(in_len), "output_len": str(out_len), "pp": pp, "tg": tg,
               "repetitions": repetitions, "peers": peers, "hf_dtypes": hf_dtypes, "hf_batch_size": hf_batch_size,
               "max_num_seqs": max_num_seqs, "threads": threads or _torch_threads(), "platform": platform,
-              "device": str(dev), "seed": seed}
+              "device": str(dev), "seed": seed, "enforce_eager": enforce_eager}
     record = new_record("offline", config, basis)
     record["note"] = note
     runs = record["runs"]
@@ -256,7 +257,7 @@ def offline(
                    f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
-    opts: dict[str, Any] = {"dtype": dtype}
+    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager}
     if max_num_seqs:
         opts["max_num_seqs"] = max_num_seqs
     t0 = time.perf_counter()

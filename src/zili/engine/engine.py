@@ -87,6 +87,7 @@ class Engine:
             if self.tp_executor is not None:
                 self.tp_executor.abort()
             raise
+        self.compile_seconds = self._compile_decode(config, loaded.model) if self.tp_executor is None else None
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(mc.vocab_size, config.seed)
@@ -103,6 +104,30 @@ class Engine:
                     num_blocks * kv_bytes_per_block(self.cache_config, config.block_size, self.dtype) / 2**20)
 
     # ---- set-up ----------------------------------------------------------------------------
+    def _compile_decode(self, config: EngineConfig, model) -> float | None:
+        """Compile the decode step unless told not to or unsupported here; the seconds it took."""
+        from zili.engine.compiled_decode import CompiledDecode, eager_by_default, unsupported_reason
+
+        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
+        if eager:
+            return None
+        reason = unsupported_reason(model, self.platform.device, self.attention_backend, False)
+        if reason is not None:
+            logger.info("decode step stays eager: %s", reason)
+            return None
+        compiled = CompiledDecode(model, self.runner.kv_caches, config.block_size)
+        # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
+        limits = {m.quant.max_rows for m in model.modules() if getattr(m, "quant", None) is not None}
+        sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
+        try:
+            seconds = compiled.warm_up(sizes, scratch_block=0)
+        except Exception as exc:  # a torch/compiler limitation must not stop the engine
+            logger.warning("decode step stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)
+            return None
+        self.runner.compiled_decode = compiled
+        logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
+        return seconds
+
     def _tuned(self, key: str):
         return self.tuning.get(key) if self.tuning is not None else None
 

@@ -42,6 +42,8 @@ class ModelRunner:
         # Zero-filled (not empty): masked-out slots are multiplied by zero weights in attention,
         # and uninitialised memory may hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # zili.engine.compiled_decode.CompiledDecode, when decode-only steps run compiled.
+        self.compiled_decode = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -53,6 +55,8 @@ class ModelRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, step.block_tables, self.block_size, self.device)
         input_ids = torch.tensor(flat_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        if self.compiled_decode is not None and meta.is_decode_only and all(step.sample):
+            return self.compiled_decode(input_ids, pos, meta)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):

@@ -29,16 +29,25 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int64 context length after this step
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     block_size: int
-    query_lens_cpu: list[int]  # host copies, for the per-sequence prefill loop
-    seq_lens_cpu: list[int]
+    # Host copies, for the per-sequence prefill loop. None on a compiled decode step, which must
+    # read tensors only (a host value would be baked into the graph): one token per sequence,
+    # every block-table column scanned and masked by seq_lens.
+    query_lens_cpu: list[int] | None
+    seq_lens_cpu: list[int] | None
 
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
+        return self.seq_lens.shape[0]
 
     @property
     def is_decode_only(self) -> bool:
-        return all(q == 1 for q in self.query_lens_cpu)
+        return self.query_lens_cpu is None or all(q == 1 for q in self.query_lens_cpu)
+
+    @classmethod
+    def decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               block_size: int) -> "AttentionMetadata":
+        """Tensor-only metadata for a decode step (one new token per sequence)."""
+        return cls(slot_mapping, torch.empty(0, dtype=torch.long), seq_lens, block_tables, block_size, None, None)
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
@@ -70,6 +79,12 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     """Store new keys/values [T, n_kv, d] at their slots."""
     _, num_blocks, block_size, n_kv, d = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, n_kv, d)
+    if torch.compiler.is_compiling():
+        # One index_put_, which Inductor performs in place; index_copy_ on the two halves would be
+        # functionalized into a copy of the whole cache every step.
+        which = torch.arange(2, device=kv_cache.device)[:, None]
+        flat.index_put_((which, slot_mapping[None, :]), torch.stack([k, v]).to(kv_cache.dtype))
+        return
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
@@ -146,13 +161,15 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     longest, and let SDPA's fused CPU/GPU kernel do the rest (2-3x faster than explicit einsums)."""
     B, n_heads, d = q.shape
     block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
-    max_len = max(meta.seq_lens_cpu)
-    nblocks = (max_len + block_size - 1) // block_size
+    if meta.seq_lens_cpu is None:  # tensor-only (compiled) step: the whole, padded, block table
+        nblocks = meta.block_tables.shape[1]
+    else:
+        nblocks = (max(meta.seq_lens_cpu) + block_size - 1) // block_size
     ctx = gather_blocks(kv_cache, meta.block_tables[:, :nblocks])  # [2, B, nb, bs, n_kv, d]
     ctx = ctx.view(2, B, nblocks * block_size, n_kv, -1).to(q.dtype)
     k, v = ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)  # [B, n_kv, S, d]
     mask = None
-    if min(meta.seq_lens_cpu) < nblocks * block_size:
+    if meta.seq_lens_cpu is None or min(meta.seq_lens_cpu) < nblocks * block_size:
         positions = torch.arange(nblocks * block_size, device=q.device)
         mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(q.view(B, n_heads, 1, d), k, v, attn_mask=mask, scale=scale,

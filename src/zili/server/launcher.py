@@ -124,6 +124,9 @@ def serve(
     attention_backend: Annotated[str, typer.Option(help="auto, sdpa or triton.")] = "auto",
     tune_cache: Annotated[bool, typer.Option(
         "--tune-cache/--no-tune-cache", help="Use the settings `zili tune` measured on this device.")] = True,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        "--enforce-eager/--compile", help="Run every step eagerly, or compile the decode step at start (the default "
+        "on CPUs unless ZILI_ENFORCE_EAGER=1).", show_default=False)] = None,
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
@@ -140,7 +143,8 @@ def serve(
         options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
                    "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
                    "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
-                   "attention_backend": attention_backend, "use_tune_cache": tune_cache}
+                   "attention_backend": attention_backend, "use_tune_cache": tune_cache,
+                   "enforce_eager": enforce_eager}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
     except (ValueError, OSError) as exc:

@@ -1,0 +1,117 @@
+"""The compiled decode step (torch.compile) against the eager one on a tiny Llama: the same greedy
+tokens, the graphs built at start, every decode-only step taking the compiled path, and the
+set-ups it does not cover staying eager."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.tiny_models import write_tiny_llama
+from zili import LLM, SamplingParams
+from zili.engine.compiled_decode import eager_by_default, unsupported_reason
+from zili.engine.runner import kv_bytes_per_block
+
+PROMPTS = ["Hello there", "The capital of France is", "def fib(n):", "1, 2, 3, 4,", "你好，世界",
+           "The quick brown fox jumps over the lazy dog, then", "a", "import torch\nimport numpy as np\n"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-compiled"))
+
+
+def make_llm(tiny_dir, **kw) -> LLM:
+    from zili.models.hf_config import model_config_from_hf
+
+    cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
+    kw.setdefault("dtype", "float32")
+    dtype = getattr(torch, kw["dtype"])
+    return LLM(str(tiny_dir), block_size=4, max_num_seqs=8,
+               kv_cache_memory=256 * kv_bytes_per_block(cfg, 4, dtype), **kw)
+
+
+def greedy(llm: LLM, prompts, max_tokens=40) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_dir):
+    llm = make_llm(tiny_dir, enforce_eager=False)
+    calls = {"n": 0}
+    inner = llm.engine.runner.compiled_decode
+
+    class Counting:
+        def __call__(self, *args):
+            calls["n"] += 1
+            return inner(*args)
+
+    llm.engine.runner.compiled_decode = Counting()
+    return llm, calls
+
+
+def test_suite_runs_eager_unless_asked():
+    assert eager_by_default()  # tests/conftest.py sets ZILI_ENFORCE_EAGER=1
+
+
+def test_graphs_are_built_at_start(compiled):
+    llm, _ = compiled
+    assert llm.engine.compile_seconds is not None and llm.engine.compile_seconds > 0
+
+
+def test_compiled_greedy_equals_eager(tiny_dir, compiled):
+    llm, calls = compiled
+    eager = make_llm(tiny_dir, enforce_eager=True)
+    assert eager.engine.runner.compiled_decode is None
+    want_alone = [greedy(eager, [p])[0] for p in PROMPTS[:3]]
+    want_batched = greedy(eager, PROMPTS)
+    before = calls["n"]
+    # Alone (the batch-1 graph) and batched (the dynamic-batch graph), with contexts that cross
+    # several blocks (block_size 4) and sequences finishing at different steps.
+    assert [greedy(llm, [p])[0] for p in PROMPTS[:3]] == want_alone
+    assert greedy(llm, PROMPTS) == want_batched
+    mixed = greedy(llm, PROMPTS[:5], max_tokens=7) + greedy(llm, PROMPTS[5:], max_tokens=23)
+    assert mixed == [t[:7] for t in want_batched[:5]] + [t[:23] for t in want_batched[5:]]
+    assert calls["n"] - before >= 3 * 39 + 38  # every decode-only step went through the graph
+    kv = llm.engine.kv_cache
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_bf16_int8_logits_match_eager(tiny_dir):
+    """The quantized path (int8 kernels below the row limit, dense above it) compiles too, and its
+    logits agree with eager up to bf16 rounding."""
+    from zili.kernels.attention import AttentionMetadata
+
+    llm = make_llm(tiny_dir, dtype="bfloat16", quantization="int8", enforce_eager=False)
+    runner = llm.engine.runner
+    assert runner.compiled_decode is not None
+    tokens = greedy(llm, PROMPTS[:4], max_tokens=6)  # fills blocks 1.. with real context
+    assert all(len(t) == 6 for t in tokens)
+    b = 4
+    tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    meta = AttentionMetadata.build([1] * b, [9] * b, tables, 4)
+    ids, pos = torch.tensor([5, 6, 7, 8]), torch.full((b,), 8)
+    with torch.inference_mode():
+        got = runner.compiled_decode(ids, pos, meta)
+        want = runner.model.compute_logits(runner.model(ids, pos, runner.kv_caches, meta))
+    assert got.shape == want.shape == (b, llm.engine.model_config.vocab_size)
+    # bf16 activations: eager rounds every intermediate, the fused loops keep some in fp32.
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_unsupported_setups_stay_eager(tiny_dir):
+    llm = make_llm(tiny_dir, enforce_eager=True)
+    model = llm.engine.runner.model
+    assert unsupported_reason(model, torch.device("cpu"), "sdpa", False) is None
+    assert "CPU" in unsupported_reason(model, torch.device("meta"), "sdpa", False)
+    assert "tensor-parallel" in unsupported_reason(model, torch.device("cpu"), "sdpa", True)
+    assert "triton" in unsupported_reason(model, torch.device("cpu"), "triton", False)
+    model.family = "deepseek"
+    try:
+        assert "deepseek" in unsupported_reason(model, torch.device("cpu"), "sdpa", False)
+    finally:
+        del model.family

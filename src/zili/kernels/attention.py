@@ -162,16 +162,37 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     B, n_heads, d = q.shape
     block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
     if meta.seq_lens_cpu is None:  # tensor-only (compiled) step: the whole, padded, block table
-        nblocks = meta.block_tables.shape[1]
-    else:
-        nblocks = (max(meta.seq_lens_cpu) + block_size - 1) // block_size
+        return _decode_attention_in_place(q, kv_cache, meta, scale)
+    nblocks = (max(meta.seq_lens_cpu) + block_size - 1) // block_size
     ctx = gather_blocks(kv_cache, meta.block_tables[:, :nblocks])  # [2, B, nb, bs, n_kv, d]
     ctx = ctx.view(2, B, nblocks * block_size, n_kv, -1).to(q.dtype)
     k, v = ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)  # [B, n_kv, S, d]
     mask = None
-    if meta.seq_lens_cpu is None or min(meta.seq_lens_cpu) < nblocks * block_size:
+    if min(meta.seq_lens_cpu) < nblocks * block_size:
         positions = torch.arange(nblocks * block_size, device=q.device)
         mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(q.view(B, n_heads, 1, d), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=n_kv != n_heads)
     return out.view(B, n_heads, -1)
+
+
+def _decode_attention_in_place(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                               scale: float) -> torch.Tensor:
+    """Decode attention written as indexed loads and reductions, for torch.compile: Inductor fuses
+    the block-table lookup into the score and output loops, so the context is read straight from
+    the paged cache instead of being gathered into a copy first (and SDPA's per-call cost goes).
+    Eagerly this would be slow; the compiled decode step is its only caller. Math in float32."""
+    B, n_heads, d = q.shape
+    block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
+    group = n_heads // n_kv
+    pos = torch.arange(meta.block_tables.shape[1] * block_size, device=q.device)  # [S]
+    blocks = meta.block_tables[:, pos // block_size]  # [B, S]
+    offsets = (pos % block_size)[None, :]
+    k = kv_cache[0][blocks, offsets].float()  # [B, S, n_kv, d] (fused into the loops below)
+    v = kv_cache[1][blocks, offsets].float()
+    qg = q.view(B, 1, n_kv, group, d).float()
+    scores = (qg * k[:, :, :, None, :]).sum(-1) * scale  # [B, S, n_kv, group]
+    visible = (pos[None, :] < meta.seq_lens[:, None])[:, :, None, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=1)
+    out = (probs[..., None] * v[:, :, :, None, :]).sum(1)  # [B, n_kv, group, d]
+    return out.reshape(B, n_heads, d).to(q.dtype)

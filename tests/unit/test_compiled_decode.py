@@ -105,13 +105,22 @@ def test_bf16_int8_logits_match_eager(tiny_dir):
 
 def test_unsupported_setups_stay_eager(tiny_dir):
     llm = make_llm(tiny_dir, enforce_eager=True)
-    model = llm.engine.runner.model
-    assert unsupported_reason(model, torch.device("cpu"), "sdpa", False) is None
-    assert "CPU" in unsupported_reason(model, torch.device("meta"), "sdpa", False)
-    assert "tensor-parallel" in unsupported_reason(model, torch.device("cpu"), "sdpa", True)
-    assert "triton" in unsupported_reason(model, torch.device("cpu"), "triton", False)
+    from zili.platforms.cpu import CpuPlatform
+    from zili.platforms.interface import Platform
+
+    model, cpu = llm.engine.runner.model, CpuPlatform()
+    assert unsupported_reason(model, cpu, "sdpa", False) is None
+    assert unsupported_reason(model, cpu, "cpp", False) is None
+
+    class GraphDevice(CpuPlatform):
+        name = "graphdev"
+        compiles_decode_step = Platform.compiles_decode_step  # the interface default: no
+
+    assert "graphdev" in unsupported_reason(model, GraphDevice(), "sdpa", False)
+    assert "tensor-parallel" in unsupported_reason(model, cpu, "sdpa", True)
+    assert "triton" in unsupported_reason(model, cpu, "triton", False)
     model.family = "deepseek"
     try:
-        assert "deepseek" in unsupported_reason(model, torch.device("cpu"), "sdpa", False)
+        assert "deepseek" in unsupported_reason(model, cpu, "sdpa", False)
     finally:
         del model.family

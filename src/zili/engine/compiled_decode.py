@@ -39,16 +39,15 @@ def eager_by_default() -> bool:
     return os.environ.get(ENFORCE_EAGER_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def unsupported_reason(model: nn.Module, device: torch.device, attention_backend: str,
-                       tensor_parallel: bool) -> str | None:
+def unsupported_reason(model: nn.Module, platform, attention_backend: str, tensor_parallel: bool) -> str | None:
     """Why this set-up keeps the eager decode step, or None when it can compile."""
-    if device.type != "cpu":
-        return f"the compiled decode step is for CPUs ({device.type} uses device graphs)"
+    if not platform.compiles_decode_step():
+        return f"the {platform.name} platform does not compile its decode step"
     if tensor_parallel:
         return "tensor-parallel ranks run eagerly"
     if getattr(model, "family", None) != "llama":
         return f"the {getattr(model, 'family', type(model).__name__)} family runs eagerly (data-dependent routing)"
-    if attention_backend != "sdpa":
+    if attention_backend not in ("sdpa", "cpp"):
         return f"attention backend {attention_backend!r} has no tensor-only decode path"
     return None
 

@@ -111,7 +111,7 @@ class Engine:
         eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
         if eager:
             return None
-        reason = unsupported_reason(model, self.platform.device, self.attention_backend, False)
+        reason = unsupported_reason(model, self.platform, self.attention_backend, False)
         if reason is not None:
             logger.info("decode step stays eager: %s", reason)
             return None

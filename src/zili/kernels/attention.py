@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from zili.kernels.backends import active_attention_backend
+from zili.kernels.cpu_attention import paged_decode
 
 
 @dataclass
@@ -115,6 +116,16 @@ def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
         out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale)
         start += qlen
     return out
+
+
+def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The "cpp" backend: decode steps through zili's C++ kernel (reads the paged cache in place),
+    everything else as the torch reference."""
+    if not meta.is_decode_only:
+        return sdpa_paged_attention(q, k, v, kv_cache, meta, scale)
+    write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
 
 
 def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@
   sdpa    the portable torch reference in `zili.kernels.attention` (torch SDPA on any device);
           the fallback wherever Triton is not usable.
   triton  the paged kernels in `zili.kernels.triton_attention` / `triton_mla` (GPUs).
+  cpp     zili's C++ decode kernel (`zili.kernels.cpu_attention`, built on first use) reading the
+          paged cache in place; prefill and MLA as sdpa. CPUs with a compiler.
 
 The platform names the default (`Platform.attention_backend()`), `zili tune` may measure a better
 one, and `EngineConfig.attention_backend` overrides both. The engine installs the choice once per
@@ -34,6 +36,13 @@ def _sdpa() -> AttentionBackend:
     return AttentionBackend("sdpa", sdpa_paged_attention, mla_decode_absorbed, graph_safe_decode=False)
 
 
+def _cpp() -> AttentionBackend:
+    from zili.kernels.attention import cpu_paged_attention
+    from zili.kernels.mla_attention import mla_decode_absorbed
+
+    return AttentionBackend("cpp", cpu_paged_attention, mla_decode_absorbed, graph_safe_decode=False)
+
+
 def _triton() -> AttentionBackend:
     from zili.kernels import triton_attention, triton_mla
 
@@ -41,7 +50,7 @@ def _triton() -> AttentionBackend:
                             configure=triton_attention.set_config)
 
 
-_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton}
+_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton, "cpp": _cpp}
 _REQUIRES: dict[str, str] = {"triton": "triton"}  # backend -> the module it needs installed
 _active: list[AttentionBackend] = []  # the process's choice; empty: the torch reference
 
@@ -56,6 +65,10 @@ def attention_backend_names() -> list[str]:
 
 
 def is_installed(name: str) -> bool:
+    if name == "cpp":
+        from zili.kernels import cpu_attention
+
+        return cpu_attention.available()
     need = _REQUIRES.get(name)
     return name in _FACTORIES and (need is None or importlib.util.find_spec(need) is not None)
 
@@ -64,6 +77,9 @@ def get_attention_backend(name: str) -> AttentionBackend:
     if name not in _FACTORIES:
         raise ValueError(f"attention backend {name!r} is unknown; known: {', '.join(_FACTORIES)}")
     if not is_installed(name):
+        if name == "cpp":
+            raise ValueError("attention backend 'cpp' could not build its C++ kernel here (see the log); "
+                             "use sdpa")
         raise ValueError(f"attention backend {name!r} needs the {_REQUIRES[name]!r} package: "
                          f"pip install {_REQUIRES[name]}")
     return _FACTORIES[name]()

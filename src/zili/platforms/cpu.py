@@ -59,6 +59,17 @@ class CpuPlatform(Platform):
     def matmul_backend(self) -> str:
         return "cpu-packed"
 
+    def compiles_decode_step(self) -> bool:
+        return True  # Inductor's C++ backend, with the gcc every Linux CPU build of torch expects
+
+    # The default stays "sdpa": inside the compiled decode step Inductor fuses its in-place decode
+    # attention with the ops around it, which beat the C++ kernel's opaque call at small batches and
+    # tied it at 64 sequences (2-core VM). Eagerly the C++ kernel wins; `zili tune` measures both.
+    def attention_backends(self) -> list[str]:
+        from zili.kernels.backends import is_installed
+
+        return ["sdpa", "cpp"] if is_installed("cpp") else ["sdpa"]
+
     def thread_candidates(self) -> list[int]:
         logical, physical = len(os.sched_getaffinity(0)), physical_cores()
         return sorted({1, max(1, physical // 2), physical, logical})

@@ -79,6 +79,11 @@ class Platform:
         """Whether the decode step may be captured as a device graph and replayed."""
         return False
 
+    def compiles_decode_step(self) -> bool:
+        """Whether the decode step runs as one torch.compile graph (zili.engine.compiled_decode)
+        unless EngineConfig.enforce_eager says otherwise. Devices with graph capture use that instead."""
+        return False
+
     def new_graph(self) -> Any:
         """An empty device graph (with `.replay()`), for `graph_capture`."""
         raise NotImplementedError(f"{self.name} has no graph capture")

@@ -387,3 +387,32 @@ def test_server_process_that_dies_reports_its_log():
                           ready_timeout_s=20)
     with pytest.raises(RuntimeError, match="boom"):
         dying.__enter__()
+
+
+def test_session_peak_rss_counts_the_server_and_its_children():
+    import subprocess
+    import sys
+    import time
+
+    from zili.bench.peers import session_peak_rss
+
+    # A parent holding ~64 MiB that starts a child holding ~128 MiB, in a session of their own.
+    code = ("import subprocess, sys, time; a = bytearray(64 * 2**20); "
+            "c = subprocess.Popen([sys.executable, '-c', 'b = bytearray(128 * 2**20); import time; time.sleep(30)']); "
+            "time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        peak = None
+        for _ in range(100):
+            time.sleep(0.1)
+            peak = session_peak_rss(p.pid)
+            if peak and peak > 190 * 2**20:
+                break
+        assert peak is not None and 190 * 2**20 < peak < 400 * 2**20
+        assert session_peak_rss(2**22 + 12345) is None  # no such session
+    finally:
+        import os
+        import signal
+
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()

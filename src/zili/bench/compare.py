@@ -34,6 +34,8 @@ SERVE_FIGURES: dict[str, Callable[[dict], float | None]] = {
     "tpot_p50_ms": lambda r: r["tpot_ms"]["p50"],
     # the machine's 1-minute load average when the level ended: how much else was running
     "load_1min_after": lambda r: (r.get("load_average_after") or [None])[0],
+    # the server's peak resident memory so far (its whole process session, /proc VmHWM), in MiB
+    "peak_rss_mib": lambda r: r.get("peak_rss_mib"),
 }
 # Costs of a summary row are those of the median throughput (not medians of per-run costs).
 SERVE_COSTS = {"usd_per_1m_output_tokens": "output_throughput", "usd_per_1m_input_tokens": "input_throughput"}
@@ -123,11 +125,14 @@ def serve_round(name: str, start_server: Callable[[], Any], workload: ServeWorkl
             reqs = make_requests(n, workload.input_len, workload.output_len, vocab_size=workload.vocab_size,
                                  seed=workload.seed + 1000 * round_index + level)
             row = asyncio.run(run_load(server.url, model, reqs, LoadSpec(concurrency=c), timeout_s=workload.timeout_s))
-            row.update(engine=name, round=round_index, startup_s=server.startup_s)
+            rss = server.peak_rss_bytes()
+            row.update(engine=name, round=round_index, startup_s=server.startup_s,
+                       peak_rss_mib=rss / 2**20 if rss else None)
             rows.append(with_cost(row, basis))
             log(f"[round {round_index}] {name:10s} c={c:<3d} out {row['output_throughput']:.1f} tok/s  "
                 f"TTFT p50 {_fmt(row['ttft_ms']['p50'])} ms  ITL p50 {_fmt(row['itl_ms']['p50'])} ms  "
-                f"errors {row['errors']}  short {row['short_outputs']}  load {row['load_average_after']}")
+                f"errors {row['errors']}  short {row['short_outputs']}  peak RSS {_fmt(row['peak_rss_mib'])} MiB  "
+                f"load {row['load_average_after']}")
     except Exception as e:
         log(f"[{name}] run failed: {e}\n{server.log_tail()}")
         rows.append({"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000],

@@ -122,6 +122,13 @@ class ServerProcess:
             p.kill()
             p.wait()
 
+    def peak_rss_bytes(self) -> int | None:
+        """Peak resident memory (VmHWM) summed over the server's process session: the server and
+        any helpers it started (compile workers, tensor-parallel ranks). None where /proc is absent."""
+        if self.process is None:
+            return None
+        return session_peak_rss(self.process.pid)
+
     def log_tail(self, n: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""
@@ -194,3 +201,28 @@ def parse_llama_bench(text: str) -> list[dict]:
             "model_type": rec.get("model_type"),
         })
     return rows
+
+
+def session_peak_rss(session_id: int) -> int | None:
+    """Sum of VmHWM over the live processes whose session id is `session_id` (Linux /proc)."""
+    total, found = 0, False
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # Fields after the parenthesised command name: state ppid pgrp session ...
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != session_id:
+                continue
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+                        found = True
+                        break
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+    return total if found else None

@@ -108,7 +108,7 @@ def serve_section(record: dict, plots: dict[str, str]) -> str:
         return ""
     engines = _engines(sorted({e for row in summary for e in row["medians"]}))
     header = ["concurrency", "engine", "output tok/s", "total tok/s", "req/s", "TTFT p50 / p99 ms",
-              "ITL p50 / p90 / p99 ms", "TPOT p50 ms", "$/1M out", "$/1M in", "load (1 min)"]
+              "ITL p50 / p90 / p99 ms", "TPOT p50 ms", "peak RSS MiB", "$/1M out", "$/1M in", "load (1 min)"]
     rows = []
     for row in sorted(summary, key=lambda r: r["concurrency"]):
         for e in engines:
@@ -119,14 +119,16 @@ def serve_section(record: dict, plots: dict[str, str]) -> str:
                          _num(m["request_throughput"], 2),
                          f"{_num(m['ttft_p50_ms'], 0)} / {_num(m['ttft_p99_ms'], 0)}",
                          f"{_num(m['itl_p50_ms'])} / {_num(m['itl_p90_ms'])} / {_num(m['itl_p99_ms'])}",
-                         _num(m["tpot_p50_ms"]), _num(m["usd_per_1m_output_tokens"], 3),
+                         _num(m["tpot_p50_ms"]), _num(m.get("peak_rss_mib"), 0),
+                         _num(m["usd_per_1m_output_tokens"], 3),
                          _num(m["usd_per_1m_input_tokens"], 3), _num(m.get("load_1min_after"))])
         for peer, rat in (row.get("ratios") or {}).items():
             rows.append([str(row["concurrency"]), f"*zili / {peer}*", _ratio(rat["output_throughput"]),
                          _ratio(rat["total_token_throughput"]), _ratio(rat["request_throughput"]),
                          f"{_ratio(rat['ttft_p50_ms'])} / {_ratio(rat['ttft_p99_ms'])}",
                          f"{_ratio(rat['itl_p50_ms'])} / {_ratio(rat['itl_p90_ms'])} / {_ratio(rat['itl_p99_ms'])}",
-                         _ratio(rat["tpot_p50_ms"]), _ratio(rat["usd_per_1m_output_tokens"]), "", ""])
+                         _ratio(rat["tpot_p50_ms"]), _ratio(rat.get("peak_rss_mib")),
+                         _ratio(rat["usd_per_1m_output_tokens"]), "", ""])
     cfg = record["config"].get("serve", {})
     n = cfg.get("num_prompts")
     per_level = ", ".join(f"c={k}: {v}" for k, v in n.items()) if isinstance(n, dict) else n

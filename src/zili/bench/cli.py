@@ -303,6 +303,13 @@ def _device(device: str):
     return plat.name, dev, plat.synchronize
 
 
+def _kv_bytes_per_token(cfg) -> int:
+    """KV cache bytes one token takes across all layers at 2 bytes per element."""
+    import math
+
+    return math.prod(cfg.kv_cache_shape(1, 1)) * cfg.num_hidden_layers * 2
+
+
 def _zili_llm(model: str, opts: dict):
     from zili.engine.llm import LLM
 
@@ -433,7 +440,13 @@ def compare(
 
     if "serve" in modes:
         ctx = _round_up(in_len.high + out_len.high + 64, 256)
-        engines = {"zili": lambda: pr.zili_server(model, extra_args=shlex.split(zili_serve_args), threads=threads)}
+        zili_args = shlex.split(zili_serve_args)
+        if not any(a.startswith("--kv-cache-memory") for a in zili_args):
+            # The same KV capacity as llama-server's slots (bf16 / f16 caches: equal bytes per token), so
+            # neither engine wins throughput or loses memory by holding a bigger cache.
+            zili_args += ["--kv-cache-memory", str(max(levels) * ctx * _kv_bytes_per_token(shapes["config"]))]
+        config["serve"]["zili_serve_args"] = shlex.join(zili_args)
+        engines = {"zili": lambda: pr.zili_server(model, extra_args=zili_args, threads=threads)}
         if "llama.cpp" in peer_list:
             engines["llama.cpp"] = lambda: pr.llama_server(path, max(levels), ctx, threads, bin_dir,
                                                            extra_args=shlex.split(llama_server_args))

@@ -67,6 +67,10 @@ class CompiledDecode:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.compile_seconds = 0.0
+        # The pool size follows free memory: a symbolic block count keeps the graphs (and Inductor's
+        # on-disk cache of them) valid for every pool size.
+        for cache in kv_caches:
+            torch._dynamo.mark_dynamic(cache, 1)
         self._fn = torch.compile(self._forward, dynamic=False, fullgraph=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,

@@ -23,7 +23,7 @@ REPRODUCE = """\
 make setup                                   # venv + zili + the default model (smollm2-135m, GGUF Q4_1)
 .venv/bin/pip install matplotlib             # for the plots
 scripts/build_llama_cpp.sh                   # llama.cpp peer, once (~10-20 min on 2 cores; cached)
-.venv/bin/zili bench compare --repeats 3     # pp512/tg128 + serving at c=1,4,16,32, 128 in / 128 out
+.venv/bin/zili bench compare --repeats 5     # pp512/tg128 + serving at c=1,4,16,32, 128 in / 128 out (~35 min)
 .venv/bin/zili bench report                  # this page and benchmarks/plots/*.png
 ```
 

@@ -110,22 +110,47 @@ def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
     if meta.is_decode_only:
         return _decode_attention(q, kv_cache, meta, scale)
-    out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
-    start = 0
-    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale)
-        start += qlen
-    return out
+    return _mixed_attention(q, kv_cache, meta, scale, _decode_attention)
 
 
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The "cpp" backend: decode steps through zili's C++ kernel (reads the paged cache in place),
-    everything else as the torch reference."""
-    if not meta.is_decode_only:
-        return sdpa_paged_attention(q, k, v, kv_cache, meta, scale)
+    """The "cpp" backend: decode rows through zili's C++ kernel (reads the paged cache in place),
+    multi-token chunks as the torch reference."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-    return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+    if meta.is_decode_only:
+        return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+    return _mixed_attention(q, kv_cache, meta, scale,
+                            lambda q, cache, m, s: paged_decode(q, cache, m.block_tables, m.seq_lens, s))
+
+
+def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                     decode) -> torch.Tensor:
+    """A step mixing decodes and prefill chunks: the one-token rows in one batched `decode` call,
+    each multi-token chunk on its own (a loop over every sequence costs a call per sequence and layer)."""
+    out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
+    starts = [0]
+    for qlen in meta.query_lens_cpu:
+        starts.append(starts[-1] + qlen)
+    singles = [i for i, qlen in enumerate(meta.query_lens_cpu) if qlen == 1]
+    if len(singles) > 1:
+        idx = torch.tensor(singles, dtype=torch.long, device=q.device)
+        rows = torch.tensor([starts[i] for i in singles], dtype=torch.long, device=q.device)
+        lens = [meta.seq_lens_cpu[i] for i in singles]
+        width = -(-max(lens) // meta.block_size)
+        qsl = torch.arange(len(singles) + 1, dtype=torch.long, device=q.device)
+        sub = AttentionMetadata(meta.slot_mapping.index_select(0, rows), qsl,
+                                meta.seq_lens.index_select(0, idx), meta.block_tables.index_select(0, idx)[:, :width],
+                                meta.block_size, [1] * len(singles), lens)
+        out.index_copy_(0, rows, decode(q.index_select(0, rows), kv_cache, sub, scale))
+        done = set(singles)
+    else:
+        done = set()
+    for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if i not in done:
+            start = starts[i]
+            out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale)
+    return out
 
 
 def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

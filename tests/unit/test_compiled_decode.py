@@ -124,3 +124,20 @@ def test_unsupported_setups_stay_eager(tiny_dir):
         assert "deepseek" in unsupported_reason(model, cpu, "sdpa", False)
     finally:
         del model.family
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(tiny_dir, caplog):
+    llm = make_llm(tiny_dir, enforce_eager=True)
+    want = greedy(llm, PROMPTS[:3], max_tokens=8)
+
+    class Broken:
+        calls = 0
+
+        def __call__(self, *args):
+            Broken.calls += 1
+            raise RuntimeError("compiler gave up")
+
+    llm.engine.runner.compiled_decode = Broken()
+    assert greedy(llm, PROMPTS[:3], max_tokens=8) == want
+    assert Broken.calls == 1 and llm.engine.runner.compiled_decode is None
+    assert "running eagerly from now on" in caplog.text

@@ -7,6 +7,7 @@ this step (its last new token is the end of what it has).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +59,11 @@ class ModelRunner:
         input_ids = torch.tensor(flat_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.compiled_decode is not None and meta.is_decode_only and all(step.sample):
-            return self.compiled_decode(input_ids, pos, meta)
+            try:
+                return self.compiled_decode(input_ids, pos, meta)
+            except Exception:  # e.g. a recompile the compiler cannot finish: stay correct, go eager
+                logger.exception("compiled decode step failed; running eagerly from now on")
+                self.compiled_decode = None  # the eager forward below rewrites the same KV slots
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):

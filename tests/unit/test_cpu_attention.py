@@ -20,10 +20,11 @@ def test_kernel_builds_here():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2), (9, 3)])
-def test_decode_matches_reference(dtype, n_heads, n_kv):
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (6, 2), (9, 3), (16, 2)])
+@pytest.mark.parametrize("d", [32, 24])  # 32: the AVX-512 path (16-lane chunks); 24: the portable one
+def test_decode_matches_reference(dtype, n_heads, n_kv, d):
     gen = torch.Generator().manual_seed(n_heads * 10 + n_kv)
-    d, block_size, num_blocks = 32, 4, 64
+    block_size, num_blocks = 4, 64
     lens = [1, 4, 5, 17, 40, 3]  # single token, exactly one block, block + 1, several blocks
     order, tables = torch.randperm(num_blocks, generator=gen).tolist(), []
     for n in lens:  # disjoint blocks in a random order

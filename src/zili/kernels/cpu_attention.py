@@ -58,7 +58,8 @@ def _load() -> bool:
         from torch.utils.cpp_extension import load
 
         load(name="zili_paged_decode_cpu", sources=[str(_SOURCE)], build_directory=str(_build_dir()),
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+             extra_ldflags=["-fopenmp", "-lmvec"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: the torch path stays
         logger.warning("C++ CPU attention kernel unavailable, using the torch path (%s: %s)",

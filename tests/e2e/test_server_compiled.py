@@ -1,0 +1,39 @@
+"""`zili serve --compile`: the compiled decode step behind the HTTP server (its engine thread, its
+batches): graphs built at start, batched answers equal to answers alone, every block returned."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from tests.e2e.server_process import start_server
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
+
+
+@pytest.fixture(scope="module")
+def compiled_server(tmp_path_factory):
+    # float32, so that the batch-1 and batch-2 graphs agree to the last bit on greedy choices; two
+    # sequences at most, so that exactly those two graphs are built at start.
+    srv = start_server(tmp_path_factory, "compiled", ["--compile", "--max-num-seqs", "2", "--dtype", "float32",
+                                                      "--log-level", "info"])
+    yield srv
+    srv.stop()
+
+
+def _complete(server, prompt: str) -> list[str]:
+    reply = server.openai().completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0,
+                                               logprobs=1)
+    return reply.choices[0].logprobs.tokens
+
+
+def test_compiled_server_batches_like_alone(compiled_server):
+    assert "compiled the decode step for batch sizes [1, 2]" in compiled_server.log_tail(20000)
+    alone = [_complete(compiled_server, p) for p in PROMPTS]  # the batch-1 graph
+    assert alone[0][0] == " Paris"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # two at a time (the batch-2 graph), two queued
+        batched = list(pool.map(lambda p: _complete(compiled_server, p), PROMPTS))
+    assert batched == alone
+    m = compiled_server.wait_idle()
+    assert m["zili_kv_cache_free_blocks"] == m["zili_kv_cache_total_blocks"]

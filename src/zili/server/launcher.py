@@ -121,7 +121,7 @@ def serve(
         = None,
     quantization: Annotated[str, typer.Option(
         help="Weights kept quantized in memory: auto (follow the GGUF), none, int8 or int4.")] = "auto",
-    attention_backend: Annotated[str, typer.Option(help="auto, sdpa or triton.")] = "auto",
+    attention_backend: Annotated[str, typer.Option(help="auto, sdpa, cpp (C++ CPU kernel) or triton.")] = "auto",
     tune_cache: Annotated[bool, typer.Option(
         "--tune-cache/--no-tune-cache", help="Use the settings `zili tune` measured on this device.")] = True,
     enforce_eager: Annotated[bool | None, typer.Option(

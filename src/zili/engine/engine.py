@@ -119,6 +119,8 @@ class Engine:
         # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
         limits = {m.quant.max_rows for m in model.modules() if getattr(m, "quant", None) is not None}
         sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
+        logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
+                    "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
         try:
             seconds = compiled.warm_up(sizes, scratch_block=0)
         except Exception as exc:  # a torch/compiler limitation must not stop the engine

@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from zili.engine.async_engine import (
     EngineUnavailableError,
     QueueFullError,
     RequestStream,
+    ServingLifecycle,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class _ModelFacts:
         return self._grammar_backend.compile(structured)
 
 
-class ReplicaPool:
+class ReplicaPool(ServingLifecycle):
     """N EngineReplica actors behind the AsyncEngine interface the server uses."""
 
     def __init__(self, config: EngineConfig, replicas: int, ray_address: str | None = None,
@@ -136,17 +136,13 @@ class ReplicaPool:
         self.replicas: list[_Replica] = []
         self._facts: _ModelFacts | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
+        self._init_lifecycle()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._shutdown_timeout: float | None = 10.0
-        self._accepting = True
         self._started_ray = False
         self._tasks: dict[str, tuple[asyncio.Task, Any, _Replica]] = {}  # request id -> pump, generator, replica
         self._poller: asyncio.Task | None = None
-        self.load_error: BaseException | None = None
-        self.dead_error: BaseException | None = None
-        self.on_fatal: Callable[[BaseException], None] | None = None
         self._name = f"zili-{uuid.uuid4().hex[:8]}"
 
     # ---- lifecycle (AsyncEngine's) -------------------------------------------------------------
@@ -195,25 +191,11 @@ class ReplicaPool:
     async def _start_poller(self) -> None:
         self._poller = asyncio.create_task(self._poll_stats())
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set() and self.dead_error is None
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     @property
     def engine(self) -> _ModelFacts:
         if self._facts is None:
             raise EngineUnavailableError("the model is still loading")
         return self._facts
-
-    def stop_accepting(self) -> None:
-        self._accepting = False
 
     def abort_all(self) -> None:
         for request_id in list(self._tasks):
@@ -272,12 +254,7 @@ class ReplicaPool:
 
     async def add_request(self, request_id: str, prompt: str | list[int], params) -> RequestStream:
         """Route to the least-loaded replica; returns the stream once that replica accepted it."""
-        if self.dead_error is not None:
-            raise EngineUnavailableError(f"the engine has stopped: {self.dead_error}")
-        if not self._ready.is_set():
-            raise EngineUnavailableError("the model is still loading")
-        if not self._accepting:
-            raise EngineUnavailableError("the server is shutting down")
+        self._check_admission()
         if self.max_queue is not None and self.num_waiting() >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting")
         replica = min(self.replicas, key=lambda r: (r.in_flight, r.assigned))

@@ -105,7 +105,43 @@ class RequestStream:
         self.close()
 
 
-class AsyncEngine:
+class ServingLifecycle:
+    """Readiness, draining and death of an engine front (the in-process AsyncEngine and the Ray
+    ReplicaPool share it): the server asks these, and every new request passes `_check_admission`."""
+
+    def _init_lifecycle(self) -> None:
+        self._ready = threading.Event()
+        self._accepting = True
+        self.load_error: BaseException | None = None
+        self.dead_error: BaseException | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.dead_error is None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """Start draining: new requests are refused; running ones go on."""
+        self._accepting = False
+
+    def _check_admission(self) -> None:
+        """EngineUnavailableError unless a new request may be taken now."""
+        if self.dead_error is not None:
+            raise EngineUnavailableError(f"the engine has stopped: {self.dead_error}")
+        if not self._ready.is_set():
+            raise EngineUnavailableError("the model is still loading")
+        if not self._accepting:
+            raise EngineUnavailableError("the server is shutting down")
+
+
+class AsyncEngine(ServingLifecycle):
     """Owns an Engine on a background thread; safe to use from one asyncio event loop."""
 
     def __init__(self, engine_factory: Callable[[], Engine], *, max_queue: int | None = None) -> None:
@@ -125,11 +161,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         # Published by the loop thread (reference swaps only).
         self._stats: EngineStats | None = None
-        self._ready = threading.Event()
-        self._accepting = True
-        self.load_error: BaseException | None = None
-        self.dead_error: BaseException | None = None
-        self.on_fatal: Callable[[BaseException], None] | None = None
+        self._init_lifecycle()
 
     # ----- lifecycle -----
 
@@ -139,27 +171,12 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="zili-engine-loop", daemon=True)
         self._thread.start()
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set() and self.dead_error is None
-
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     @property
     def engine(self) -> Engine:
         """The engine, for read-only facts (tokenizer, model_config, max_model_len)."""
         if self._engine is None:
             raise EngineUnavailableError("the model is still loading")
         return self._engine
-
-    def stop_accepting(self) -> None:
-        """Start draining: new requests are refused; running ones go on."""
-        self._accepting = False
 
     def abort_all(self) -> None:
         """Abort every request the engine holds (end of a drain)."""
@@ -198,12 +215,7 @@ class AsyncEngine:
         Raises EngineUnavailableError (loading / draining / dead), QueueFullError, or the
         engine's ValueError when the request can never fit.
         """
-        if self.dead_error is not None:
-            raise EngineUnavailableError(f"the engine has stopped: {self.dead_error}")
-        if not self._ready.is_set():
-            raise EngineUnavailableError("the model is still loading")
-        if not self._accepting:
-            raise EngineUnavailableError("the server is shutting down")
+        self._check_admission()
         stream = RequestStream(request_id, self)
         with self._cond:
             if self.max_queue is not None and self._num_waiting_locked() >= self.max_queue:

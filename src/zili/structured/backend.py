@@ -70,7 +70,8 @@ class GrammarMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set every token a row's grammar forbids to -inf, in place. logits: [N, V]."""
-        bitmask = self.bitmask if logits.device.type == "cpu" else self.bitmask.to(logits.device, non_blocking=True)
+        bitmask = self.bitmask if self.bitmask.device == logits.device else \
+            self.bitmask.to(logits.device, non_blocking=True)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
 
 

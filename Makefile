@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zili-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test test-gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with an NVIDIA GPU (and a CUDA build of torch): the Triton kernels compiled for the
+# device, CUDA graphs, the nccl tp=1 path. Not part of `make test` (CI has no GPU).
+test-gpu:
+	ZILI_TEST_DEVICE=cuda $(PY) -m pytest -q tests_gpu tests/unit/test_triton_cases.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

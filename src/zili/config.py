@@ -155,6 +155,12 @@ class EngineConfig:
     # True: every step runs eagerly. False: decode-only steps run one compiled graph where the
     # set-up allows it (zili.engine.compiled_decode). None: False unless ZILI_ENFORCE_EAGER=1.
     enforce_eager: bool | None = None
+    # "auto": read the checkpoint's weights. "dummy": seeded random weights on the checkpoint's
+    # architecture (an HF config.json is enough), for speed runs on shapes not on the machine.
+    load_format: str = "auto"
+    # "mp" runs the tensor-parallel executor (process group, collectives) even at
+    # tensor_parallel_size 1, to measure what that path costs; None: only when the size is above 1.
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -165,6 +171,11 @@ class EngineConfig:
         if not isinstance(self.attention_backend, str) or not self.attention_backend:
             raise ValueError(f"EngineConfig.attention_backend must be a backend name or 'auto', "
                              f"got {self.attention_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.distributed_executor_backend not in (None, "mp"):
+            raise ValueError(f"EngineConfig.distributed_executor_backend must be None or 'mp', "
+                             f"got {self.distributed_executor_backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         timeout = self.distributed_timeout

@@ -164,6 +164,16 @@ class Tokenizer:
         return tok
 
     @classmethod
+    def placeholder(cls, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
+        """A stand-in for a checkpoint without tokenizer files (random-weight speed runs): token id i
+        is the word "<i>", whitespace separates words, and text decodes to those words."""
+        vocab = {f"<{i}>": i for i in range(vocab_size)}
+        backend = BackendTokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        eos = [i for i in eos_token_ids if 0 <= int(i) < vocab_size]
+        return cls(backend, eos_token=f"<{eos[0]}>" if eos else None, extra_eos_token_ids=eos)
+
+    @classmethod
     def from_gguf_fields(cls, metadata: Mapping[str, Any], source: str = "GGUF") -> "Tokenizer":
         """From a GGUF file's metadata (the `tokenizer.ggml.*` keys and `tokenizer.chat_template`)."""
         model = metadata.get("tokenizer.ggml.model")

@@ -55,6 +55,7 @@ class TuneOptions:
     max_num_seqs: int = 64
     cache: Path | None = None
     write_cache: bool = True
+    load_format: str = "auto"  # "dummy": random weights on the architecture (shapes are what is timed)
 
 
 @dataclass
@@ -318,7 +319,8 @@ def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **o
     need = max(options.decode_batches) * (PROMPT_TOKENS + options.decode_tokens + 1)
     settings = dict(model=options.model, dtype=options.dtype, quantization=options.quantization,
                     max_num_seqs=max(options.max_num_seqs, max(options.decode_batches)), use_tune_cache=False,
-                    max_model_len=min(loaded.config.max_position_embeddings, 4096))
+                    max_model_len=min(loaded.config.max_position_embeddings, 4096),
+                    enforce_eager=True)  # candidates are timed on the eager step; the graph ladder on its own
     settings.update(overrides)
     block = settings.get("block_size", EngineConfig.block_size)
     per_block = kv_bytes_per_block(loaded.config, block, loaded.dtype)
@@ -334,7 +336,7 @@ def _load(options: TuneOptions, platform):
     from zili.models.quantize import quantize_model
     from zili.weights import open_checkpoint
 
-    loaded = load_model(options.model, dtype=options.dtype, device=platform.device)
+    loaded = load_model(options.model, dtype=options.dtype, device=platform.device, load_format=options.load_format)
     counts: dict[str, int] = {}
     if options.quantization != "none" and platform.matmul_backend() == "cpu-packed":
         checkpoint = open_checkpoint(loaded.source) if loaded.source.format == "gguf" else None
@@ -474,6 +476,8 @@ def tune(
     cache: Annotated[Optional[Path], typer.Option(help="Tune cache file (default: $ZILI_TUNE_CACHE or "
                                                   "~/.cache/zili/tune.json).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report; leave the cache alone.")] = False,
+    load_format: Annotated[str, typer.Option(help="auto, or dummy: seeded random weights on the model's "
+                                             "architecture (timings depend on shapes only).")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report here.")] = None,
 ) -> None:
     """Measure kernels and settings on this device at the model's shapes; save the winners for `zili serve`."""
@@ -484,7 +488,7 @@ def tune(
     options = TuneOptions(model=model, dtype=dtype, quantization=quantization,
                           block_sizes=_ints(block_sizes, "--block-sizes"), repeats=repeats, compare=compare,
                           decode_tokens=decode_tokens, decode_batches=_ints(batches, "--batches"), cache=cache,
-                          write_cache=not dry_run)
+                          write_cache=not dry_run, load_format=load_format)
     try:
         report = run_tuning(options, say=lambda line: typer.echo(line, err=True))
     except (ValueError, FileNotFoundError) as e:

@@ -7,6 +7,8 @@ The interpreter must be on before triton is first imported (triton's own library
 built at import), and other tests import it earlier (transformers does), so this file runs in a
 fresh process: test_triton_kernels.py starts it. By hand:
     TRITON_INTERPRET=1 python -m pytest tests/unit/test_triton_cases.py
+On a GPU the same cases run compiled on the device (`make test-gpu` does this):
+    ZILI_TEST_DEVICE=cuda python -m pytest tests/unit/test_triton_cases.py
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
+DEVICE = os.environ.get("ZILI_TEST_DEVICE", "cpu")
+if os.environ.get("TRITON_INTERPRET") != "1" and DEVICE == "cpu":
     pytest.skip("runs in its own process under TRITON_INTERPRET=1 (test_triton_kernels.py starts it)",
                 allow_module_level=True)
 import triton  # noqa: E402,F401
@@ -30,7 +33,8 @@ from zili.kernels.mla_attention import mla_decode_absorbed  # noqa: E402
 def kernels():
     from zili.kernels import triton_attention, triton_mla
 
-    assert triton_attention.interpreting(), "triton was imported before TRITON_INTERPRET=1 was set"
+    assert triton_attention.interpreting() == (DEVICE == "cpu"), \
+        "on the CPU, triton was imported before TRITON_INTERPRET=1 was set"
     return triton_attention, triton_mla
 
 
@@ -45,11 +49,11 @@ def make_batch(query_lens, seq_lens, *, heads=4, kv_heads=2, head_dim=32, page=1
         tables.append(order[used:used + n])
         used += n
     assert used <= num_blocks
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, page)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, page, DEVICE)
     T = sum(query_lens)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
 
     cache = rand(2, num_blocks, page, kv_heads, head_dim)
     return meta, cache, rand(T, heads, head_dim), rand(T, kv_heads, head_dim), rand(T, kv_heads, head_dim)
@@ -66,7 +70,7 @@ def test_write_kv_cache_matches_and_skips_padding(kernels):
     reference_write(k, v, expected, meta.slot_mapping)
     ta.write_kv_cache(k, v, got, meta.slot_mapping)
     assert torch.equal(expected, got)
-    padded = torch.cat([meta.slot_mapping, torch.tensor([-1])])
+    padded = torch.cat([meta.slot_mapping, torch.tensor([-1], device=DEVICE)])
     before = got.clone()
     ta.write_kv_cache(torch.cat([k, k[:1]]), torch.cat([v, v[:1]]), got, padded)  # row 4: slot -1
     assert torch.equal(before, got)
@@ -116,7 +120,8 @@ def test_backend_entry_point_mixed_batch(kernels):
     c_ref, c_tri = cache.clone(), cache.clone()
     torch.testing.assert_close(ta.paged_attention(q, k, v, c_tri, meta, 0.2),
                                sdpa_paged_attention(q, k, v, c_ref, meta, 0.2), **tol(torch.float32))
-    decode = AttentionMetadata.build([1, 1], [13, 34], [meta.block_tables[0].tolist(), meta.block_tables[1].tolist()], 16)
+    decode = AttentionMetadata.build([1, 1], [13, 34], [meta.block_tables[0].tolist(), meta.block_tables[1].tolist()], 16,
+                                     DEVICE)
     q1, k1, v1 = q[:2], k[:2] * 2, v[:2] * 2
     torch.testing.assert_close(ta.paged_attention(q1, k1, v1, c_tri, decode, 0.2),
                                sdpa_paged_attention(q1, k1, v1, c_ref, decode, 0.2), **tol(torch.float32))
@@ -133,11 +138,12 @@ def make_mla(seq_lens, *, heads=4, rank=32, d_rope=16, d_nope=24, d_v=20, page=1
         used += n
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
 
     B = len(seq_lens)
     return (rand(B, heads, d_nope), rand(B, heads, d_rope), rand(num_blocks, page, rank + d_rope),
-            torch.tensor(tables), torch.tensor(seq_lens), rand(heads, d_nope + d_v, rank, scale=0.2))
+            torch.tensor(tables, device=DEVICE), torch.tensor(seq_lens, device=DEVICE),
+            rand(heads, d_nope + d_v, rank, scale=0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -164,7 +170,8 @@ def test_tiny_llama_same_greedy_tokens_through_triton(kernels, tmp_path, monkeyp
 
     tiny = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=1)
     monkeypatch.setenv("ZILI_TUNE_CACHE", str(tmp_path / "none.json"))
-    monkeypatch.setattr(CpuPlatform, "attention_backends", lambda self: ["sdpa", "triton"])
+    if DEVICE == "cpu":  # on a GPU the platform lists triton itself
+        monkeypatch.setattr(CpuPlatform, "attention_backends", lambda self: ["sdpa", "triton"])
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = ["Hello there", "abc"]
     outs = {}

@@ -81,11 +81,11 @@ def _save(record: dict, output: Optional[Path], label: Optional[str], quiet: boo
     return path
 
 
-def _resolve_path(model: Optional[str]) -> Path:
+def _resolve_path(model: Optional[str], weights_required: bool = True) -> Path:
     from zili.weights.resolve import resolve_model
 
     try:
-        return resolve_model(model).path
+        return resolve_model(model, weights_required).path
     except ValueError as e:
         _fail(str(e))
 
@@ -210,6 +210,16 @@ def offline(
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="zili without its compiled decode step."),
+    load_format: str = typer.Option("auto", "--load-format", help="auto, or dummy: seeded random weights on the "
+                                    "model's architecture (an HF directory with only config.json is enough; the "
+                                    "transformers peer gets random weights too)."),
+    kv_cache_memory: Optional[float] = typer.Option(None, "--kv-cache-memory", help="zili's KV pool: a fraction "
+                                                    "of free memory (<= 1) or bytes (default: the platform's)."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    hf_num_prompts: Optional[int] = typer.Option(None, "--hf-num-prompts", help="The transformers peer's "
+                                                 "throughput runs the first N requests only (default: all)."),
+    tp_path: bool = typer.Option(False, "--tp-path", help="Run zili through its tensor-parallel executor at "
+                                 "tp=1 (process group + step plans), to measure that path's overhead."),
     device: str = typer.Option("auto", "--device", help="Where the peers and the roofline run: auto (the "
                                "current zili platform's device) or a torch device string. zili always runs on "
                                "its current platform."),
@@ -228,7 +238,7 @@ def offline(
 
     _set_threads(threads)
     model = model or DEFAULT_MODEL
-    path = _resolve_path(model)
+    path = _resolve_path(model, weights_required=load_format != "dummy")
     in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
     basis = _basis(price_per_hour, watts)
     platform, dev, sync = _device(device)
@@ -236,7 +246,9 @@ def offline(
               "num_prompts": num_prompts, "input_len": str(in_len), "output_len": str(out_len), "pp": pp, "tg": tg,
               "repetitions": repetitions, "peers": peers, "hf_dtypes": hf_dtypes, "hf_batch_size": hf_batch_size,
               "max_num_seqs": max_num_seqs, "threads": threads or _torch_threads(), "platform": platform,
-              "device": str(dev), "seed": seed, "enforce_eager": enforce_eager}
+              "device": str(dev), "seed": seed, "enforce_eager": enforce_eager, "load_format": load_format,
+              "kv_cache_memory": kv_cache_memory, "max_model_len": max_model_len, "hf_num_prompts": hf_num_prompts,
+              "tp_path": tp_path}
     record = new_record("offline", config, basis)
     record["note"] = note
     runs = record["runs"]
@@ -257,33 +269,60 @@ def offline(
                    f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
-    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager}
+    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager, "load_format": load_format}
     if max_num_seqs:
         opts["max_num_seqs"] = max_num_seqs
+    if kv_cache_memory is not None:
+        opts["kv_cache_memory"] = kv_cache_memory if kv_cache_memory <= 1 else int(kv_cache_memory)
+    if max_model_len:
+        opts["max_model_len"] = max_model_len
+    if tp_path:
+        opts["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()
     llm = _zili_llm(model, opts)
     config["zili_load_s"] = time.perf_counter() - t0
+    config["zili_decode_graphs"] = getattr(llm.engine, "graph_batch_sizes", None)
+    tg_tps = None
     if single_stream:
-        add_single("zili", off.zili_single_stream(llm, pp, tg, repetitions, seed))
+        single = off.zili_single_stream(llm, pp, tg, repetitions, seed)
+        tg_tps = single[f"tg{tg}"]["tokens_per_s"]
+        add_single("zili", single)
     if throughput:
         add_throughput("zili", off.zili_throughput(llm, reqs))
     if roofline:
-        record["summary"]["roofline"] = _roofline(path, dev, sync, llm)
+        record["summary"]["roofline"] = roof = _roofline(path, dev, sync, llm)
+        bound = roof.get("per_token_b1_tokens_per_s")
+        if tg_tps and bound:
+            roof["tg_fraction_of_roofline"] = tg_tps / bound
+            typer.echo(f"zili tg{tg} = {tg_tps / bound:.1%} of the b=1 roofline ({bound:.0f} tok/s)", err=True)
+    llm.engine.close()
     del llm
     gc.collect()
+    _empty_device_cache()
     for peer in [p.strip() for p in peers.split(",") if p.strip()]:
         if peer != "transformers":
             _fail(f"unknown offline peer {peer!r}; offline peers: transformers (llama.cpp is in `zili bench compare`)")
         for dt in [d.strip() for d in hf_dtypes.split(",") if d.strip()]:
-            hf = off.load_hf_model(path, dt, dev)
+            hf = off.load_hf_model(path, dt, dev, random_weights=load_format == "dummy")
             name = f"transformers-{dt}"
             if single_stream:
                 add_single(name, off.hf_single_stream(hf, pp, tg, repetitions, seed, sync))
             if throughput:
-                add_throughput(name, off.hf_throughput(hf, reqs, hf_batch_size, sync))
+                add_throughput(name, off.hf_throughput(hf, reqs[:hf_num_prompts or None], hf_batch_size, sync))
             del hf
             gc.collect()
+            _empty_device_cache()
     _save(record, output, label)
+
+
+def _empty_device_cache() -> None:
+    """Hand a freed model's device memory back, so that the next engine or peer can have it."""
+    import torch
+
+    for name in ("cuda", "xpu", "npu", "mlu"):
+        module = getattr(torch, name, None)
+        if module is not None and getattr(module, "is_available", lambda: False)():
+            module.empty_cache()
 
 
 def _torch_threads() -> int:
@@ -338,15 +377,36 @@ def _roofline(path: Path, dev, sync, llm=None) -> dict:
     file_bytes = _model_bytes(path)
     loaded = _try(lambda: sum(t.numel() * t.element_size() for t in
                               [*llm.engine.runner.model.parameters(), *llm.engine.runner.model.buffers()]))
+    per_token = _try(lambda: _weight_bytes_per_token(llm.engine, cfg))
     out = {"device": str(dev), "copy_bandwidth": bw, "weights_bytes_file": file_bytes, "weights_bytes_loaded": loaded,
+           "weights_bytes_per_token": per_token,
            "note": "tokens/s upper bound: batch / ((weights + batch*context*KV bytes) / copy bandwidth); "
-                   "'file' reads the checkpoint as stored, 'loaded' reads zili's in-memory weights.",
-           "file": off.roofline_table(cfg, file_bytes, bw["bandwidth_gb_s"])}
+                   "'file' reads the checkpoint as stored, 'loaded' reads zili's in-memory weights, "
+                   "'per_token' the weights one decode token must read (the embedding table is not read, "
+                   "only one row of it).",
+           "file": off.roofline_table(cfg, file_bytes, bw["bandwidth_gb_s"]) if file_bytes else None}
     if loaded:
         out["loaded"] = off.roofline_table(cfg, loaded, bw["bandwidth_gb_s"])
-    typer.echo(f"copy bandwidth {bw['bandwidth_gb_s']:.1f} GB/s; decode roofline b=1 (file bytes) "
-               f"{out['file'][0]['tokens_per_s']:.0f} tok/s", err=True)
+    if per_token:
+        out["per_token"] = off.roofline_table(cfg, per_token, bw["bandwidth_gb_s"], context_len=0)
+        out["per_token_b1_tokens_per_s"] = out["per_token"][0]["tokens_per_s"]
+    shown = next((out[k][0]["tokens_per_s"], k) for k in ("per_token", "file", "loaded") if out.get(k))
+    typer.echo(f"copy bandwidth {bw['bandwidth_gb_s']:.1f} GB/s; decode roofline b=1 ({shown[1]} bytes) "
+               f"{shown[0]:.0f} tok/s", err=True)
     return out
+
+
+def _weight_bytes_per_token(engine, cfg) -> int | None:
+    """Bytes of weights one decode token reads on a dense model: every parameter except the
+    embedding table, of which a token reads one row (unless it is also the LM head). None for a
+    model with packed quantized layers (which of their two copies a step reads depends on the batch)."""
+    if set(engine.quantized) - {"dense"}:
+        return None
+    params = dict(engine.runner.model.named_parameters())
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not cfg.tie_word_embeddings:
+        total -= sum(p.numel() * p.element_size() for n, p in params.items() if "embed_tokens" in n)
+    return total
 
 
 # --- compare -------------------------------------------------------------------------------------

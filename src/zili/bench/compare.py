@@ -213,5 +213,5 @@ def model_shapes(model_path: Path) -> dict[str, Any]:
     from zili.weights import open_checkpoint
     from zili.weights.resolve import resolve_model
 
-    cfg = open_checkpoint(resolve_model(str(model_path))).config()
+    cfg = open_checkpoint(resolve_model(str(model_path), weights_required=False)).config()
     return {"vocab_size": cfg.vocab_size, "config": cfg}

@@ -108,13 +108,19 @@ def _throughput_row(num: int, n_in: int, n_out: int, duration: float, load_befor
 
 # --- HF transformers ----------------------------------------------------------------------------
 
-def load_hf_model(model_path: Path, dtype: str = "float32", device: Any = None):
-    """An HF transformers causal LM from a .gguf file (dequantized) or a checkpoint directory."""
+def load_hf_model(model_path: Path, dtype: str = "float32", device: Any = None, random_weights: bool = False):
+    """An HF transformers causal LM from a .gguf file (dequantized) or a checkpoint directory;
+    random_weights: built from the directory's config.json alone (as zili's "dummy" load format)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     model_path = Path(model_path)
+    if random_weights:
+        config = AutoConfig.from_pretrained(str(model_path))
+        with torch.device(device if device is not None else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        return model.eval()
     if model_path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
                                                      dtype=torch_dtype)

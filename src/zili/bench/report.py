@@ -178,13 +178,25 @@ def offline_section(record: dict) -> str:
         text += _table(["engine", "test", "tok/s"], single) + "\n\n"
     roof = record["summary"].get("roofline")
     if roof:
-        bw = roof["copy_bandwidth"]["bandwidth_gb_s"]
-        trows = [[str(x["batch"]), str(x["context_len"]), _num(x["tokens_per_s"], 0)] for x in roof["file"]]
-        text += (f"Decode roofline on `{roof['device']}`: copy bandwidth {bw:.1f} GB/s, weights "
-                 f"{roof['weights_bytes_file'] / 1e6:.0f} MB as stored"
-                 + (f", {roof['weights_bytes_loaded'] / 1e6:.0f} MB as zili holds them" if roof.get("weights_bytes_loaded")
-                    else "") + " (bound below uses the stored size).\n\n"
-                 + _table(["batch", "context", "max tok/s"], trows) + "\n")
+        text += _roofline_text(roof)
+    return text
+
+
+def _roofline_text(roof: dict) -> str:
+    """The decode bound: per-token weight bytes when the record has them (dense models), else the
+    checkpoint's stored size."""
+    bw = roof["copy_bandwidth"]["bandwidth_gb_s"]
+    key = "per_token" if roof.get("per_token") else "file"
+    basis = {"per_token": f"{roof.get('weights_bytes_per_token', 0) / 1e9:.2f} GB of weights read per token "
+                          "(all but the embedding table)",
+             "file": f"{(roof.get('weights_bytes_file') or 0) / 1e6:.0f} MB of weights as stored"}[key]
+    trows = [[str(x["batch"]), str(x["context_len"]), _num(x["tokens_per_s"], 0)] for x in roof.get(key) or []]
+    text = f"Decode roofline on `{roof['device']}`: copy bandwidth {bw:.1f} GB/s, {basis}"
+    if roof.get("weights_bytes_loaded"):
+        text += f"; zili holds {roof['weights_bytes_loaded'] / 1e6:.0f} MB"
+    text += ".\n\n" + _table(["batch", "context", "max tok/s"], trows) + "\n"
+    if roof.get("tg_fraction_of_roofline") is not None:
+        text += f"\nzili's single-stream decode reaches **{roof['tg_fraction_of_roofline']:.1%}** of the batch-1 bound.\n"
     return text
 
 

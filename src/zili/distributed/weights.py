@@ -122,7 +122,8 @@ def load_shard(config, tp, device: torch.device):
     from zili.platforms import current_platform
     from zili.weights import open_checkpoint
 
-    loaded = load_model(config.model, dtype=config.dtype, device=device, tp=tp)
+    loaded = load_model(config.model, dtype=config.dtype, device=device, tp=tp, load_format=config.load_format,
+                        seed=config.seed + tp.rank)
     if config.quantization != "none" and current_platform().matmul_backend() != "cpu-packed":
         return loaded, {}  # no packed int4/int8 matmul on this device: dense, as Engine does
     checkpoint = None

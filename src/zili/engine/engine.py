@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,6 @@ from zili.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_FRACTION = 0.10  # of free memory, when kv_cache_memory is not given
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Engine:
         self.quantized: dict[str, int] = {}
         # Tensor parallelism (zili.distributed): this process is rank 0 and drives the workers.
         self.tp_executor = None
-        if config.tensor_parallel_size > 1:
+        if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
             if loaded is not None:
                 raise ValueError("a preloaded model runs on one device: tensor_parallel_size must be 1")
             from zili.distributed.executor import TensorParallelExecutor
@@ -66,7 +66,8 @@ class Engine:
             loaded, self.quantized = self.tp_executor.load_shard()
             config = self._apply_model_tuning(config, loaded)
         elif loaded is None:
-            loaded = load_model(config.model, dtype=config.dtype, device=self.platform.device)
+            loaded = load_model(config.model, dtype=config.dtype, device=self.platform.device,
+                                load_format=config.load_format, seed=config.seed)
             config = self._apply_model_tuning(config, loaded)
             self.quantized = self._quantize(loaded, config.quantization, self._tuned("quant_max_rows"))
         else:
@@ -88,6 +89,8 @@ class Engine:
                 self.tp_executor.abort()
             raise
         self.compile_seconds = self._compile_decode(config, loaded.model) if self.tp_executor is None else None
+        self.graph_batch_sizes = self._capture_decode_graphs(config, loaded.model) if self.tp_executor is None \
+            else None
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(mc.vocab_size, config.seed)
@@ -129,6 +132,40 @@ class Engine:
         self.runner.compiled_decode = compiled
         logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
         return seconds
+
+    def _capture_decode_graphs(self, config: EngineConfig, model) -> list[int] | None:
+        """Capture the decode forward as device graphs for a ladder of batch sizes where the platform
+        can (zili.engine.cuda_graphs); the captured sizes, or None when decode steps stay eager."""
+        from zili.engine.compiled_decode import eager_by_default
+        from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
+        from zili.kernels.backends import get_attention_backend
+
+        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
+        if eager or not self.platform.supports_graph_capture():
+            return None
+        if not get_attention_backend(self.attention_backend).graph_safe_decode:
+            logger.info("decode graphs: off (attention backend %r reads host-side lengths)", self.attention_backend)
+            return None
+        if getattr(model, "family", None) != "llama":
+            logger.info("decode graphs: off (the %s family routes on data)", getattr(model, "family", "?"))
+            return None
+        tuned = self._tuned("graph_batch_sizes")
+        ladder = [s for s in tuned if s <= config.max_num_seqs] if tuned else batch_ladder(config.max_num_seqs)
+        if not ladder:
+            return None
+        max_blocks = -(-self.max_model_len // config.block_size)
+        start = time.perf_counter()
+        try:
+            graphs = DecodeGraphs(model, self.runner.kv_caches, self.platform, ladder, max_blocks, config.block_size,
+                                  self.platform.device)
+            graphs.capture()
+        except Exception as exc:  # a capture the driver refuses must not stop the engine
+            logger.warning("decode graphs: off, capture failed (%s: %s)", type(exc).__name__, exc)
+            return None
+        self.runner.decode_graphs = graphs
+        logger.info("decode graphs: captured batch sizes %s%s in %.1f s", graphs.ladder,
+                    " (tuned)" if tuned else "", time.perf_counter() - start)
+        return graphs.ladder
 
     def _tuned(self, key: str):
         return self.tuning.get(key) if self.tuning is not None else None
@@ -177,7 +214,7 @@ class Engine:
         per_block = kv_bytes_per_block(self.cache_config, self.config.block_size, self.dtype)
         mem = self.config.kv_cache_memory
         if mem is None or isinstance(mem, float):
-            budget = int((mem or DEFAULT_KV_FRACTION) * self.platform.free_memory())
+            budget = int((mem or self.platform.default_kv_cache_fraction()) * self.platform.free_memory())
         else:
             budget = mem
         # More than every sequence at full length is never needed.

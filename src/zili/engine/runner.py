@@ -47,6 +47,8 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         # zili.engine.compiled_decode.CompiledDecode, when decode-only steps run compiled.
         self.compiled_decode = None
+        # zili.engine.cuda_graphs.DecodeGraphs, when decode-only steps replay captured device graphs.
+        self.decode_graphs = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -64,6 +66,10 @@ class ModelRunner:
             except Exception:  # e.g. a recompile the compiler cannot finish: stay correct, go eager
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
+        if self.decode_graphs is not None and meta.is_decode_only and all(step.sample):
+            hidden = self.decode_graphs.run(input_ids, pos, meta)  # None: no graph fits this batch
+            if hidden is not None:
+                return self.model.compute_logits(hidden).float()
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):

@@ -28,7 +28,9 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Any = None) -> SamplerOutput:
         """logits: [N, V] float32, one row per sequence that samples this step. grammar_mask
@@ -59,8 +61,9 @@ class Sampler:
         for i, seq in enumerate(seqs):
             p = seq.request.params
             if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if t < self.vocab_size], dtype=torch.long)
-                vals = torch.tensor([b for t, b in p.logit_bias.items() if t < self.vocab_size])
+                ids = torch.tensor([t for t in p.logit_bias if t < self.vocab_size], dtype=torch.long,
+                                   device=logits.device)
+                vals = torch.tensor([b for t, b in p.logit_bias.items() if t < self.vocab_size], device=logits.device)
                 logits[i].index_add_(0, ids, vals.to(logits.dtype))
             # (a grammar decides for itself when it may end: min_tokens does not override it)
             if seq.num_output_tokens < p.min_tokens and seq.request.stop_token_ids and seq.grammar is None:
@@ -71,17 +74,17 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if s.request.params.needs_penalties]
         if not rows:
             return
-        V = self.vocab_size
-        out_counts = torch.zeros(len(rows), V)
-        seen = torch.zeros(len(rows), V, dtype=torch.bool)
+        V, dev = self.vocab_size, logits.device
+        out_counts = torch.zeros(len(rows), V, device=dev)
+        seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
         for j, i in enumerate(rows):
-            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long)
+            out = torch.tensor(seqs[i].output_token_ids, dtype=torch.long, device=dev)
             if len(out):
-                out_counts[j].index_add_(0, out, torch.ones(len(out)))
-            seen[j, torch.tensor(seqs[i].token_ids, dtype=torch.long)] = True  # prompt + output
-        rep = torch.tensor([seqs[i].request.params.repetition_penalty for i in rows])[:, None]
-        pres = torch.tensor([seqs[i].request.params.presence_penalty for i in rows])[:, None]
-        freq = torch.tensor([seqs[i].request.params.frequency_penalty for i in rows])[:, None]
+                out_counts[j].index_add_(0, out, torch.ones(len(out), device=dev))
+            seen[j, torch.tensor(seqs[i].token_ids, dtype=torch.long, device=dev)] = True  # prompt + output
+        rep = torch.tensor([seqs[i].request.params.repetition_penalty for i in rows], device=dev)[:, None]
+        pres = torch.tensor([seqs[i].request.params.presence_penalty for i in rows], device=dev)[:, None]
+        freq = torch.tensor([seqs[i].request.params.frequency_penalty for i in rows], device=dev)[:, None]
         sub = logits[rows]
         # Repetition penalty (CTRL / HF): shrink the logit of every token already seen.
         penalised = torch.where(sub > 0, sub / rep, sub * rep)
@@ -92,24 +95,35 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.request.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+        dev = logits.device
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
         logits = logits / temps
         logits = apply_top_k_top_p(logits,
-                                   torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params]),
-                                   torch.tensor([p.top_p for p in params], dtype=logits.dtype))
+                                   torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params],
+                                                device=dev),
+                                   torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev))
         probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype)[:, None]
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)[:, None]
         if (min_p > 0).any():
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row.
         noise = torch.empty_like(probs)
         shared = [i for i, s in enumerate(seqs) if s.generator is None]
         if shared:
-            noise[shared] = torch.empty(len(shared), probs.shape[1]).exponential_(generator=self.generator)
+            noise[shared] = torch.empty(len(shared), probs.shape[1], device=dev).exponential_(
+                generator=self._generator_for(dev))
         for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator)
+            if seq.generator is not None:  # a seeded request draws on the host: same tokens on every device
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(dev)
         return (probs / noise).argmax(dim=-1)
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        """The engine-wide generator for unseeded rows, drawing on the logits' own device."""
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._device_generators:
+            self._device_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._device_generators[device]
 
     def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
         wanted = [s.request.params.logprobs for s in seqs]
@@ -143,7 +157,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     if bool((top_k >= V).all()) and bool((top_p >= 1.0).all()):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(V)[None, :]
+    ranks = torch.arange(V, device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
     # The nucleus is taken over the top-k survivors, renormalised.
     probs = torch.softmax(sorted_logits, dim=-1)

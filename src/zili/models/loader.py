@@ -58,20 +58,33 @@ def _progress(message: str) -> Iterator[None]:
     console.print(f"[dim]{message.rstrip('.')} done in {time.perf_counter() - start:.1f} s[/dim]")
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(
     ref: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     tp: TensorParallel | None = None,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> LoadedModel:
     """Resolve `ref` (path or alias; None = the default model), build the model and load its weights.
 
     With `tp` (tensor parallelism), build this rank's shard of the model and read only its slice of
-    each checkpoint tensor where the format allows (see `zili.distributed.weights`)."""
+    each checkpoint tensor where the format allows (see `zili.distributed.weights`).
+
+    load_format "dummy" (vLLM's name) reads only the architecture (an HF directory's config.json
+    is enough) and fills the weights with seeded random values: for speed work on model shapes
+    whose weights are not on the machine. Without a tokenizer.json it gets a placeholder tokenizer
+    (one made-up word per token id), so prompts must be token ids."""
     from zili.models.registry import build_model
 
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    dummy = load_format == "dummy"
     torch_dtype = resolve_dtype(dtype)
-    source = resolve_model(ref)
+    source = resolve_model(ref, weights_required=not dummy)
     if device is None:
         from zili.platforms import current_platform
 
@@ -79,19 +92,46 @@ def load_model(
     with _progress(f"Loading {source.ref} ({source.format}, {str(torch_dtype).removeprefix('torch.')})..."):
         checkpoint = open_checkpoint(source)
         config = checkpoint.config()
-        tokenizer = checkpoint.tokenizer()
+        tokenizer = _placeholder_tokenizer_if_missing(checkpoint, config) if dummy else checkpoint.tokenizer()
         if active(tp):
             model = _build_shard(config, torch_dtype, device, tp)
-            from zili.distributed.weights import shard_specs, sharded_tensors
+            if not dummy:
+                from zili.distributed.weights import shard_specs, sharded_tensors
 
-            weights = sharded_tensors(checkpoint, shard_specs(model), torch_dtype)
+                weights = sharded_tensors(checkpoint, shard_specs(model), torch_dtype)
         else:
             model = build_model(config, torch_dtype, device)
-            weights = checkpoint.tensors(torch_dtype)
+            if not dummy:
+                weights = checkpoint.tensors(torch_dtype)
         with torch.no_grad():
-            model.load_weights(weights)
+            if dummy:
+                fill_dummy_weights(model, seed)
+            else:
+                model.load_weights(weights)
         model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, dtype=torch_dtype)
+
+
+def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Seeded random weights: norm scales 1, everything else uniform in +-0.02 (small enough that
+    activations stay finite through many layers). Generated on the parameters' own device."""
+    for i, (name, param) in enumerate(model.named_parameters()):
+        if not param.is_floating_point():
+            continue
+        if "norm" in name.rpartition(".")[0].rpartition(".")[2] or name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        gen = torch.Generator(device=param.device).manual_seed(seed * 100_003 + i)
+        param.uniform_(-0.02, 0.02, generator=gen)
+
+
+def _placeholder_tokenizer_if_missing(checkpoint, config: ModelConfig) -> Tokenizer:
+    try:
+        return checkpoint.tokenizer()
+    except Exception:  # no tokenizer files next to a bare config.json
+        eos = getattr(checkpoint, "hf_config", {}).get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return Tokenizer.placeholder(config.vocab_size, eos_ids)
 
 
 def _build_shard(config: ModelConfig, dtype: torch.dtype, device: str | torch.device, tp: TensorParallel

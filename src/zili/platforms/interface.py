@@ -45,6 +45,11 @@ class Platform:
     def free_memory(self) -> int:
         raise NotImplementedError
 
+    def default_kv_cache_fraction(self) -> float:
+        """Share of free memory the KV pool takes when kv_cache_memory is not given. A host shares its
+        RAM with everything else on the machine, so a small share."""
+        return 0.10
+
     def synchronize(self) -> None:
         pass
 
@@ -145,6 +150,11 @@ class AcceleratorPlatform(Platform):
 
     def free_memory(self) -> int:
         return int(self.module.mem_get_info(self.device)[0])
+
+    def default_kv_cache_fraction(self) -> float:
+        # The device is the engine's own (asked after the weights are loaded): most of what is free,
+        # leaving room for activations, graphs and the sampler's logits.
+        return 0.80
 
     def synchronize(self) -> None:
         self.module.synchronize()

@@ -127,6 +127,9 @@ def serve(
     enforce_eager: Annotated[bool | None, typer.Option(
         "--enforce-eager/--compile", help="Run every step eagerly, or compile the decode step at start (the default "
         "on CPUs unless ZILI_ENFORCE_EAGER=1).", show_default=False)] = None,
+    load_format: Annotated[str, typer.Option(
+        help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
+        "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
@@ -139,12 +142,12 @@ def serve(
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resolve_model(model)  # fail now, with the resolver's message, rather than after binding the port
+        resolve_model(model, weights_required=load_format != "dummy")  # fail now, with the resolver's message, rather than after binding the port
         options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
                    "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
                    "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
                    "attention_backend": attention_backend, "use_tune_cache": tune_cache,
-                   "enforce_eager": enforce_eager}
+                   "enforce_eager": enforce_eager, "load_format": load_format}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
     except (ValueError, OSError) as exc:

@@ -75,8 +75,10 @@ def list_aliases() -> dict[str, tuple[str, str]]:
     return out
 
 
-def resolve_model(ref: str | None = None) -> ModelSource:
-    """Find the files behind `ref` (None means the default alias) and check zili can run them."""
+def resolve_model(ref: str | None = None, weights_required: bool = True) -> ModelSource:
+    """Find the files behind `ref` (None means the default alias) and check zili can run them.
+    weights_required=False accepts an HF directory with a config.json and no weights (the
+    "dummy" load format fills random ones)."""
     if ref is None:
         ref = DEFAULT_ALIAS
     key = ref.strip().lower()
@@ -86,7 +88,7 @@ def resolve_model(ref: str | None = None) -> ModelSource:
     if path.is_file():
         return _resolve_gguf(ref, path)
     if path.is_dir():
-        return _resolve_hf_dir(ref, path)
+        return _resolve_hf_dir(ref, path, weights_required)
     looks_like_path = "/" in ref or ref.endswith(".gguf") or ref.startswith((".", "~"))
     what = f"no file or directory at {ref!r}" if looks_like_path else f"{ref!r} is not a known alias, file or directory"
     raise ModelNotFoundError(
@@ -121,7 +123,7 @@ def _resolve_gguf(ref: str, path: Path) -> ModelSource:
     return ModelSource(ref, "gguf", path.resolve())
 
 
-def _resolve_hf_dir(ref: str, path: Path) -> ModelSource:
+def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True) -> ModelSource:
     ggufs = sorted(path.glob("*.gguf"))
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -130,7 +132,7 @@ def _resolve_hf_dir(ref: str, path: Path) -> ModelSource:
             f"Directory {ref!r} is not an HF checkpoint: config.json is missing.{hint} "
             f"Supported: {_supported_refs()}."
         )
-    if not any(path.glob("*.safetensors")):
+    if weights_required and not any(path.glob("*.safetensors")):
         raise UnsupportedModelError(
             f"Directory {ref!r} has config.json but no *.safetensors weights (only safetensors are read; "
             "PyTorch .bin files are not). Supported: " + _supported_refs() + "."

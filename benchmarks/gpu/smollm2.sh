@@ -7,7 +7,7 @@ MODEL=${MODEL:-smollm2-135m}
 timeout "${OFFLINE_TIMEOUT:-240}" python3 -m zili bench offline --model "$MODEL" --peers transformers \
     --hf-dtypes bfloat16 -n 256 --max-num-seqs 64 --hf-batch-size 64 -r 3 --label smollm2-gpu \
     -o "$OUT/smollm2_offline.json" 2>&1 | tee "$OUT/smollm2.log" | grep -E "tok/s|roofline|Error|error" | tail -20
-python3 -m zili serve "$MODEL" --port 8011 --max-num-seqs 64 >"$OUT/serve.log" 2>&1 &
+python3 -m zili serve "$MODEL" --port 8011 --max-num-seqs 64 --served-model-name default >"$OUT/serve.log" 2>&1 &
 server=$!
 for _ in $(seq 120); do curl -sf http://127.0.0.1:8011/health >/dev/null && break; sleep 1; done
 {

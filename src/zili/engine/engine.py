@@ -88,6 +88,7 @@ class Engine:
             if self.tp_executor is not None:
                 self.tp_executor.abort()
             raise
+        self.fused_elementwise = self._fuse_elementwise(config) if self.tp_executor is None else False
         self.compile_seconds = self._compile_decode(config, loaded.model) if self.tp_executor is None else None
         self.graph_batch_sizes = self._capture_decode_graphs(config, loaded.model) if self.tp_executor is None \
             else None
@@ -132,6 +133,18 @@ class Engine:
         self.runner.compiled_decode = compiled
         logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
         return seconds
+
+    def _fuse_elementwise(self, config: EngineConfig) -> bool:
+        """Compiled elementwise chains (zili.layers.fused) where the platform wants them; process-wide."""
+        from zili.engine.compiled_decode import eager_by_default
+        from zili.layers import fused
+
+        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
+        if eager or not self.platform.fuses_elementwise():
+            fused.disable_fusion()
+            return False
+        fused.enable_fusion()
+        return True
 
     def _capture_decode_graphs(self, config: EngineConfig, model) -> list[int] | None:
         """Capture the decode forward as device graphs for a ladder of batch sizes where the platform

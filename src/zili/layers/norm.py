@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zili.layers import fused
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalised over the last dimension."""
@@ -15,8 +17,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # HF casts back before the weight multiply; doing the same keeps bf16 results identical.
-        return self.weight * x32.to(dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)), one kernel where the platform fuses."""
+        return fused.add_rms_norm(x, delta, self.weight, self.eps)

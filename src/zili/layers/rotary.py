@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zili.layers import fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -108,9 +110,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, n_heads, d]; cos, sin [T, d/2]. Same as HF's x*cos + rotate_half(x)*sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return fused.rotary(x, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):

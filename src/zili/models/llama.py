@@ -20,11 +20,12 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata, paged_attention
+from zili.layers import fused
 from zili.layers.activation import SiluAndMul
 from zili.layers.norm import RMSNorm
 from zili.layers.parallel import (TensorParallel, column_linear, lm_head, row_linear,
                                   split_heads, vocab_embedding)
-from zili.layers.rotary import RotaryEmbedding, apply_rotary
+from zili.layers.rotary import RotaryEmbedding
 from zili.models.base import CausalLM
 
 # Fused module name -> the HF projection names it concatenates, in row order.
@@ -64,7 +65,7 @@ class LlamaAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = fused.rotary_qk(q, k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, n_heads, d]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -91,8 +92,9 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -84,6 +84,12 @@ class Platform:
         """Whether the decode step may be captured as a device graph and replayed."""
         return False
 
+    def fuses_elementwise(self) -> bool:
+        """Whether the decoder layers' elementwise chains (norms, rotary, SwiGLU) run as compiled
+        kernels (zili.layers.fused) unless EngineConfig.enforce_eager says otherwise: worth it where
+        every kernel launch has a fixed cost, as on GPUs."""
+        return False
+
     def compiles_decode_step(self) -> bool:
         """Whether the decode step runs as one torch.compile graph (zili.engine.compiled_decode)
         unless EngineConfig.enforce_eager says otherwise. Devices with graph capture use that instead."""

@@ -248,8 +248,8 @@ def tune_triton(platform, mc, dtype: torch.dtype, block_size: int, repeats: int)
 # ---- decode-graph ladder (GPUs; not run in CI) -----------------------------------------------
 
 def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], dict]:
-    """Capture each candidate size and keep those where replay beats the eager forward. UNTESTED
-    on a GPU."""
+    """Capture each candidate size and keep those where replay beats the eager step (forward and
+    logits). Run on an H100 (benchmarks/gpu/extras.sh)."""
     import torch
 
     from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
@@ -270,7 +270,8 @@ def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], 
         ids = torch.zeros(size, dtype=torch.long, device=runner.device)
         pos = torch.full((size,), runner.block_size, dtype=torch.long, device=runner.device)
         with torch.inference_mode():
-            eager = best_time(lambda: runner.model(ids, pos, runner.kv_caches, meta), repeats, platform.synchronize)
+            eager = best_time(lambda: runner.model.compute_logits(runner.model(ids, pos, runner.kv_caches, meta)),
+                              repeats, platform.synchronize)
             replay = best_time(lambda: graphs.run(ids, pos, meta), repeats, platform.synchronize)
         timings[size] = {"eager_ms": round(1e3 * eager, 4), "graph_ms": round(1e3 * replay, 4)}
         if eager >= GRAPH_GAIN * replay:

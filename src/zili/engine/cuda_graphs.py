@@ -1,8 +1,8 @@
 """Device-graph capture of the decode step, for a ladder of batch sizes.
 
-UNTESTED ON A GPU: written against the platform's graph API (`Platform.new_graph`,
-`graph_capture`, `graph_pool`; CUDA graphs on NVIDIA), never run here (CI has no GPU). Only the
-padding/ladder logic is exercised on the CPU.
+Written against the platform's graph API (`Platform.new_graph`, `graph_capture`, `graph_pool`; CUDA
+graphs on NVIDIA). CI has no GPU: the ladder logic is tested on the CPU, the capture and replay by
+tests_gpu/ (`make test-gpu`) on an H100.
 
 A decode step launches hundreds of small kernels; at small batches launching them costs more than
 running them. Capturing the model forward once per batch size in a ladder (1, 2, 4, 8, ...) and
@@ -13,14 +13,14 @@ attention kernel returns zeros for them). Every input lives in a static buffer t
 
 It needs an attention backend whose decode reads no host-side lengths (`graph_safe_decode`, the
 Triton one) and a model whose forward has no host syncs (true of the dense Llama/Qwen path).
-Hook (in ModelRunner.execute, decode-only steps):
-    hidden = graphs.run(input_ids, positions, meta) if graphs is not None else None
-    if hidden is None: hidden = self.model(input_ids, positions, self.kv_caches, meta)
+Hook (in ModelRunner.execute, decode-only steps where every sequence samples):
+    logits = graphs.run(input_ids, positions, meta)   # None: no graph fits; run eagerly
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from zili.kernels.attention import AttentionMetadata
+from zili.layers import fused
 from zili.platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
@@ -99,24 +100,32 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
-    def capture(self, warmup: int = 2) -> None:
-        """Capture every ladder size, largest first (so the smaller ones reuse its memory pool)."""
+    def capture(self, warmup: int = 2, fused_ops: bool = False) -> None:
+        """Capture every ladder size, largest first (so the smaller ones reuse its memory pool).
+        A graph holds the whole decode step up to float32 logits (forward and LM head); fused_ops
+        captures the compiled elementwise kernels of zili.layers.fused instead of the eager chains."""
         pool = self.platform.graph_pool()
-        for size in reversed(self.ladder):
-            meta = self.inputs.meta(size, self.block_size)
-            args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self.kv_caches, meta)
-            for _ in range(warmup):  # compile kernels and settle the allocator outside the capture
-                self.model(*args)
-            self.platform.synchronize()
-            graph = self.platform.new_graph()
-            with self.platform.graph_capture(graph, pool=pool):
-                self.outputs[size] = self.model(*args)
-            self.graphs[size] = graph
+        ops = fused.compiled_ops() if fused_ops else contextlib.nullcontext()
+        with ops:
+            for size in reversed(self.ladder):
+                meta = self.inputs.meta(size, self.block_size)
+                args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self.kv_caches, meta)
+                for _ in range(warmup):  # compile kernels and settle the allocator outside the capture
+                    self._step(args)
+                self.platform.synchronize()
+                graph = self.platform.new_graph()
+                with self.platform.graph_capture(graph, pool=pool):
+                    self.outputs[size] = self._step(args)
+                self.graphs[size] = graph
         self.platform.synchronize()
         logger.info("captured decode graphs for batch sizes %s", self.ladder)
 
+    def _step(self, args) -> torch.Tensor:
+        return self.model.compute_logits(self.model(*args)).float()
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Replay the decode forward for this batch; None when it has no graph (not decode-only,
+        """Replay the decode step for this batch: float32 logits [batch, vocab] (a view of the
+        graph's output, valid until the next replay). None when it has no graph (not decode-only,
         too large, or a block table wider than captured): the caller runs eagerly."""
         batch = input_ids.shape[0]
         size = graph_size_for(batch, self.ladder)

@@ -135,13 +135,13 @@ class Engine:
         return seconds
 
     def _fuse_elementwise(self, config: EngineConfig) -> bool:
-        """Compiled elementwise chains (zili.layers.fused) where the platform wants them; process-wide."""
+        """Compiled elementwise chains (zili.layers.fused) in the captured decode graphs, where the
+        platform wants them."""
         from zili.engine.compiled_decode import eager_by_default
         from zili.layers import fused
 
         eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
-        if eager or not self.platform.fuses_elementwise():
-            fused.disable_fusion()
+        if eager or not self.platform.fuses_elementwise() or not self.platform.supports_graph_capture():
             return False
         fused.enable_fusion()
         return True
@@ -171,7 +171,7 @@ class Engine:
         try:
             graphs = DecodeGraphs(model, self.runner.kv_caches, self.platform, ladder, max_blocks, config.block_size,
                                   self.platform.device)
-            graphs.capture()
+            graphs.capture(fused_ops=self.fused_elementwise)
         except Exception as exc:  # a capture the driver refuses must not stop the engine
             logger.warning("decode graphs: off, capture failed (%s: %s)", type(exc).__name__, exc)
             return None

@@ -67,9 +67,9 @@ class ModelRunner:
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
         if self.decode_graphs is not None and meta.is_decode_only and all(step.sample):
-            hidden = self.decode_graphs.run(input_ids, pos, meta)  # None: no graph fits this batch
-            if hidden is not None:
-                return self.model.compute_logits(hidden).float()
+            logits = self.decode_graphs.run(input_ids, pos, meta)  # None: no graph fits this batch
+            if logits is not None:
+                return logits
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):

@@ -3,16 +3,18 @@
 Eagerly, an RMSNorm is eight kernels (upcast, square, mean, add, rsqrt, scale, downcast, weight), a
 rotary embedding seven per tensor, SwiGLU three. On a GPU each kernel costs a few microseconds
 however small its work, so in a batch-1 decode step of an 8B model these chains (~30 launches per
-layer) cost about half as much time as reading the weights. `enable_fusion` swaps every function
-here for its torch.compile'd form (one generated kernel per function, for any number of tokens);
-the models call the functions below and never know which form runs. The plain forms are the
+layer) cost about half as much time as reading the weights. `enable_fusion` prepares each
+function's torch.compile'd form (one generated kernel per function, for any number of tokens) and
+`compiled_ops()` runs them, around the capture of decode graphs; the models call the functions
+below and never know which form runs. The plain forms are the
 reference: they match HF transformers' arithmetic, casts included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,8 @@ def _silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 REFERENCE: dict[str, Callable] = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rotary": _rotary,
                                   "rotary_qk": _rotary_qk, "silu_mul": _silu_mul}
-_active: dict[str, Callable] = dict(REFERENCE)
+_compiled: dict[str, Callable] = {}
+_active: dict[str, Callable] = REFERENCE  # swapped for _compiled inside `compiled_ops()`
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,9 +82,13 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def enable_fusion() -> None:
-    """Compile each function once for any token count (the first call of each builds its kernel)."""
-    if fusion_enabled():
+    """Prepare the compiled forms (each builds its kernel on its first call, for any token count).
+    They run only inside `compiled_ops()`: a compiled function costs ~100+ us of host time per call
+    (guards, dispatch), more than the eager chain it replaces, so it pays only where the host is out
+    of the loop, in a captured device graph that replays the kernels."""
+    if _compiled:
         return
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     from zili.engine.compiled_decode import _inductor_cache_dir
@@ -90,14 +97,27 @@ def enable_fusion() -> None:
     # Round where the reference rounds (the bf16 cast before the norm's weight multiply): the fused
     # kernels then give the eager results bit for bit on the CPU, to the last bit or so on GPUs.
     inductor_config.emulate_precision_casts = True
+    # A process may hold models of several dtypes and norm widths: one graph each, not a hard stop.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     for name, fn in REFERENCE.items():
-        _active[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    logger.info("fused elementwise ops: %s (torch.compile)", ", ".join(REFERENCE))
-
-
-def disable_fusion() -> None:
-    _active.update(REFERENCE)
+        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    logger.info("fused elementwise ops ready: %s (torch.compile, used in captured decode graphs)",
+                ", ".join(REFERENCE))
 
 
 def fusion_enabled() -> bool:
-    return _active["rms_norm"] is not REFERENCE["rms_norm"]
+    return bool(_compiled)
+
+
+@contextlib.contextmanager
+def compiled_ops() -> Iterator[None]:
+    """Run the compiled forms within (a no-op before `enable_fusion`)."""
+    global _active
+    previous = _active
+    _active = _compiled if _compiled else REFERENCE
+    try:
+        yield
+    finally:
+        _active = previous

@@ -77,8 +77,19 @@ def git_info(repo: Path | None = None) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def accelerator_name() -> str | None:
+    """The device zili's platform runs on, when it is not the CPU (e.g. "NVIDIA H100 80GB HBM3")."""
+    try:
+        from zili.platforms import current_platform
+
+        plat = current_platform()
+        return None if plat.name == "cpu" else f"{plat.device_name()} ({plat.name})"
+    except Exception:
+        return None
+
+
 def machine_info() -> dict:
-    return {
+    info = {
         "cpu": cpu_info(),
         "memory_bytes": memory_total_bytes(),
         "os": f"{platform.system()} {platform.release()}",
@@ -86,3 +97,7 @@ def machine_info() -> dict:
         "torch": torch_info(),
         "load_average": load_average(),
     }
+    accelerator = accelerator_name()
+    if accelerator:
+        info["accelerator"] = accelerator
+    return info

@@ -29,8 +29,8 @@ scripts/build_llama_cpp.sh                   # llama.cpp peer, once (~10-20 min 
 
 On a machine with a GPU (a zili platform other than the CPU), the peers are HF transformers and the
 memory-bandwidth roofline: `zili bench compare --mode offline --peers transformers,roofline` and
-`zili bench offline --peers transformers` (roofline included). This GPU mode has not yet been run on
-GPU hardware."""
+`zili bench offline --peers transformers` (roofline included). `benchmarks/gpu/*.sh` run the GPU
+measurements below (an 8B-shaped model with random weights, the default model offline and served)."""
 
 
 def _num(x: float | None, digits: int = 1) -> str:
@@ -161,25 +161,55 @@ def plots_section(plots: dict[str, str], base: Path) -> str:
     return "\n".join(out)
 
 
+def _priced(record: dict) -> bool:
+    """Whether the record's $ figures mean something: not for a GPU run priced at the CPU default."""
+    basis = record.get("cost_basis") or {}
+    return not (record.get("machine", {}).get("accelerator") and basis.get("price_per_hour") == DEFAULT_PRICE_PER_HOUR)
+
+
 def offline_section(record: dict) -> str:
     rows = []
+    priced = _priced(record)
     for r in record["runs"]:
         if r.get("test") == "throughput":
             rows.append([r["engine"], str(r["num_requests"]), _num(r["output_throughput"]),
                          _num(r["total_token_throughput"]), _num(r["request_throughput"], 2),
-                         _num(r["cost"]["usd_per_1m_output_tokens"], 3), str(r.get("short_outputs", 0))])
+                         _num(r["cost"]["usd_per_1m_output_tokens"], 3) if priced else "–",
+                         str(r.get("short_outputs", 0))])
     single = [[r["engine"], r["test"], _num(r["tokens_per_s"])] for r in record["runs"]
               if r.get("test", "").startswith(("pp", "tg"))]
     cfg = record["config"]
-    text = f"Model `{cfg.get('model')}`, {cfg.get('input_len')} in / {cfg.get('output_len')} out.\n\n"
+    weights = " (random weights: `--load-format dummy`)" if cfg.get("load_format") == "dummy" else ""
+    text = f"Model `{cfg.get('model')}`{weights}, {cfg.get('input_len')} in / {cfg.get('output_len')} out.\n\n"
     if rows:
         text += _table(["engine", "requests", "output tok/s", "total tok/s", "req/s", "$/1M out", "short"], rows) + "\n\n"
     if single:
         text += _table(["engine", "test", "tok/s"], single) + "\n\n"
+    ratios = _peer_ratios(record)
+    if ratios:
+        text += ratios + "\n\n"
     roof = record["summary"].get("roofline")
     if roof:
         text += _roofline_text(roof)
     return text
+
+
+def _peer_ratios(record: dict) -> str:
+    """zili over each transformers peer of the record: output throughput and single-stream speed."""
+    by = {(r["engine"], r["test"]): r for r in record["runs"]}
+    lines = []
+    for engine in sorted({e for e, _ in by if e.startswith("transformers")}):
+        parts = []
+        for (e, test), r in by.items():
+            if e != "zili" or (engine, test) not in by:
+                continue
+            key = "output_throughput" if test == "throughput" else "tokens_per_s"
+            peer = by[(engine, test)][key]
+            if peer:
+                parts.append(f"{test} **{r[key] / peer:.1f}×**")
+        if parts:
+            lines.append(f"zili / {engine}: " + ", ".join(parts) + ".")
+    return " ".join(lines)
 
 
 def _roofline_text(roof: dict) -> str:
@@ -206,7 +236,7 @@ def serve_record_section(record: dict) -> str:
         rows.append([r.get("engine", "?"), r["load"], _num(r["output_throughput"]), _num(r["total_token_throughput"]),
                      f"{_num(r['ttft_ms']['p50'], 0)} / {_num(r['ttft_ms']['p99'], 0)}",
                      f"{_num(r['itl_ms']['p50'])} / {_num(r['itl_ms']['p99'])}", str(r["errors"]),
-                     _num(r["cost"]["usd_per_1m_output_tokens"], 3)])
+                     _num(r["cost"]["usd_per_1m_output_tokens"], 3) if _priced(record) else "–"])
     cfg = record["config"]
     return (f"`{cfg.get('url')}` model `{cfg.get('model')}`, {cfg.get('input_len')} in / {cfg.get('output_len')} out, "
             f"prompts: {cfg.get('prompt_source')}.\n\n"
@@ -360,14 +390,31 @@ def render(records: list[tuple[Path, dict]], plots: dict[str, str], base: Path) 
                          " with weight repacking off (`--no-repack`: its AMX kernels crash on this CPU)") + ".\n",
                       *([f"> Note recorded with the run: {rec['note']}\n"] if rec.get("note") else []),
                       render_section(rec) if i == 0 else _demote(render_section_plain(section, rec))]
-    offline = [(p, r) for p, r in records if r["kind"] == "offline"]
+    gpu = [(p, r) for p, r in records if r.get("machine", {}).get("accelerator")]
+    on_cpu = [(p, r) for p, r in records if not r.get("machine", {}).get("accelerator")]
+    if gpu:
+        parts += ["## GPU: zili against HF transformers and the memory-bandwidth roofline\n",
+                  "Run on a lent GPU machine with `benchmarks/gpu/*.sh` (see `benchmarks/gpu/README.md`); "
+                  "the latest record of each model and kind. No $ figures: these runs were priced at the "
+                  "CPU machine's default (`--price-per-hour` sets the GPU's).\n"]
+        latest: dict[tuple, tuple[Path, dict]] = {}
+        for p, r in gpu:
+            latest[(r["kind"], r["config"].get("model") or r["config"].get("url"), r["config"].get("tp_path"),
+                    r["config"].get("enforce_eager"))] = (p, r)
+        for p, r in sorted(latest.values(), key=lambda pr: pr[1]["created"]):
+            parts += [f"### `{r['command']}`\n",
+                      f"{r['created']}, commit {_commit(r)}, {r['machine']['accelerator']}, host "
+                      f"{_machine_line(r)}; record [{p.name}]({os.path.relpath(p, base)}).\n",
+                      *([f"> Note recorded with the run: {r['note']}\n"] if r.get("note") else []),
+                      offline_section(r) if r["kind"] == "offline" else serve_record_section(r)]
+    offline = [(p, r) for p, r in on_cpu if r["kind"] == "offline"]
     if offline:
         path, rec = offline[-1]
         parts += ["## Latest offline run (`zili bench offline`)\n",
                   f"`{rec['command']}` — {rec['created']}, commit {_commit(rec)}, load {_load_span(rec)}.\n",
                   *([f"> Note recorded with the run: {rec['note']}\n"] if rec.get("note") else []),
                   offline_section(rec)]
-    serves = [(p, r) for p, r in records if r["kind"] == "serve"]
+    serves = [(p, r) for p, r in on_cpu if r["kind"] == "serve"]
     if serves:
         path, rec = serves[-1]
         parts += ["## Latest standalone serving run (`zili bench serve`)\n",

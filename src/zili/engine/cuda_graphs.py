@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,24 +47,50 @@ def graph_size_for(batch: int, ladder: list[int]) -> int | None:
     return ladder[i] if i < len(ladder) else None
 
 
-@dataclass
 class _StaticInputs:
-    input_ids: torch.Tensor  # [S]
-    positions: torch.Tensor  # [S]
-    slot_mapping: torch.Tensor  # [S], -1 on padded rows
-    seq_lens: torch.Tensor  # [S], 0 on padded rows
-    block_tables: torch.Tensor  # [S, max_blocks]
-    query_start_loc: torch.Tensor  # [S + 1] = 0..S (one token per sequence)
+    """One graph size's inputs: a single flat int64 device buffer, [ids | positions | slots | seq_lens
+    | block table rows], so that a step's inputs arrive in one host-to-device copy from a pinned
+    mirror (each small pageable copy otherwise costs tens of microseconds of host time)."""
 
-    @classmethod
-    def allocate(cls, size: int, max_blocks: int, device: torch.device) -> "_StaticInputs":
-        as_long = dict(dtype=torch.long, device=device)
-        return cls(torch.zeros(size, **as_long), torch.zeros(size, **as_long), torch.full((size,), -1, **as_long),
-                   torch.zeros(size, **as_long), torch.zeros(size, max_blocks, **as_long),
-                   torch.arange(size + 1, **as_long))
+    def __init__(self, size: int, max_blocks: int, device: torch.device) -> None:
+        self.size, self.width = size, max_blocks
+        n = size * (4 + max_blocks)
+        self.buffer = torch.zeros(n, dtype=torch.long, device=device)
+        pinned = torch.device(device).type != "cpu" and torch.cuda.is_available()
+        self.host = torch.zeros(n, dtype=torch.long, pin_memory=pinned)
+        self.host_np = self.host.numpy()
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.buffer[:4 * size].view(4, size)
+        self.block_tables = self.buffer[4 * size:].view(size, max_blocks)
+        self.query_start_loc = torch.arange(size + 1, dtype=torch.long, device=device)
+        self._pad()
+        self.buffer.copy_(self.host)
 
-    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, size: int) -> None:
-        """Copy one step's inputs in; rows beyond the batch become padding."""
+    def _pad(self, batch: int = 0) -> None:
+        """Rows batch.. of the host mirror become padding: slot -1 (no cache write), length 0."""
+        h, s = self.host_np, self.size
+        h[batch:s] = 0
+        h[s + batch:2 * s] = 0
+        h[2 * s + batch:3 * s] = -1
+        h[3 * s + batch:4 * s] = 0
+
+    def fill_from_host(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                       block_size: int) -> None:
+        """Stage one decode step (one new token per sequence) and send it in one copy."""
+        h, s, w = self.host_np, self.size, self.width
+        b = len(token_ids)
+        h[:b] = token_ids
+        h[s:s + b] = positions
+        tables = h[4 * s:].reshape(s, w)
+        tables[:] = 0
+        for i, (pos, table) in enumerate(zip(positions, block_tables)):
+            h[2 * s + i] = table[pos // block_size] * block_size + pos % block_size
+            h[3 * s + i] = pos + 1
+            tables[i, :len(table)] = table
+        self._pad(b)
+        self.buffer.copy_(self.host, non_blocking=True)  # the host mirror is rewritten only after a sync
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Stage from device tensors (the step's metadata is already built)."""
         b, width = input_ids.shape[0], meta.block_tables.shape[1]
         self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(positions)
@@ -73,15 +98,16 @@ class _StaticInputs:
         self.seq_lens[:b].copy_(meta.seq_lens)
         self.block_tables[:b, :width].copy_(meta.block_tables)
         self.block_tables[:b, width:].zero_()
-        self.slot_mapping[b:size].fill_(-1)
-        self.seq_lens[b:size].zero_()
-        self.input_ids[b:size].zero_()
-        self.positions[b:size].zero_()
+        self.slot_mapping[b:].fill_(-1)
+        self.seq_lens[b:].zero_()
+        self.input_ids[b:].zero_()
+        self.positions[b:].zero_()
+        self.block_tables[b:].zero_()
 
-    def meta(self, size: int, block_size: int) -> AttentionMetadata:
+    def meta(self, block_size: int) -> AttentionMetadata:
         # Host-side lists only tell the backend this is a decode step; the kernels read the tensors.
-        return AttentionMetadata(self.slot_mapping[:size], self.query_start_loc[:size + 1], self.seq_lens[:size],
-                                 self.block_tables[:size], block_size, [1] * size, [1] * size)
+        return AttentionMetadata(self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables, block_size,
+                                 [1] * self.size, [1] * self.size)
 
 
 class DecodeGraphs:
@@ -95,7 +121,7 @@ class DecodeGraphs:
         self.ladder = sorted(set(ladder))
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
-        self.inputs = _StaticInputs.allocate(self.ladder[-1], max_blocks_per_seq, device)
+        self.inputs = {size: _StaticInputs(size, max_blocks_per_seq, device) for size in self.ladder}
         self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -108,8 +134,8 @@ class DecodeGraphs:
         ops = fused.compiled_ops() if fused_ops else contextlib.nullcontext()
         with ops:
             for size in reversed(self.ladder):
-                meta = self.inputs.meta(size, self.block_size)
-                args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self.kv_caches, meta)
+                inputs = self.inputs[size]
+                args = (inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta(self.block_size))
                 for _ in range(warmup):  # compile kernels and settle the allocator outside the capture
                     self._step(args)
                 self.platform.synchronize()
@@ -132,6 +158,18 @@ class DecodeGraphs:
         if size is None or size not in self.graphs or not meta.is_decode_only or \
                 meta.block_tables.shape[1] > self.max_blocks:
             return None
-        self.inputs.fill(input_ids, positions, meta, size)
+        self.inputs[size].fill(input_ids, positions, meta)
+        self.graphs[size].replay()
+        return self.outputs[size][:batch]
+
+    def run_host(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]
+                 ) -> torch.Tensor | None:
+        """`run` for a decode step still on the host (one token per sequence): the inputs travel in
+        one copy straight into the graph's buffer, no metadata tensors are built."""
+        batch = len(token_ids)
+        size = graph_size_for(batch, self.ladder)
+        if size is None or size not in self.graphs or max(len(t) for t in block_tables) > self.max_blocks:
+            return None
+        self.inputs[size].fill_from_host(token_ids, positions, block_tables, self.block_size)
         self.graphs[size].replay()
         return self.outputs[size][:batch]

@@ -53,6 +53,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run one forward pass. Returns float32 logits [num sampling sequences, vocab]."""
+        if self.decode_graphs is not None and all(step.sample) and all(len(t) == 1 for t in step.token_ids):
+            logits = self.decode_graphs.run_host([t[0] for t in step.token_ids], step.start_positions,
+                                                 step.block_tables)
+            if logits is not None:  # None: no captured graph fits this batch
+                return logits
         query_lens = [len(t) for t in step.token_ids]
         seq_lens = [s + q for s, q in zip(step.start_positions, query_lens)]
         flat_ids = [t for chunk in step.token_ids for t in chunk]
@@ -66,10 +71,6 @@ class ModelRunner:
             except Exception:  # e.g. a recompile the compiler cannot finish: stay correct, go eager
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
-        if self.decode_graphs is not None and meta.is_decode_only and all(step.sample):
-            logits = self.decode_graphs.run(input_ids, pos, meta)  # None: no graph fits this batch
-            if logits is not None:
-                return logits
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):

@@ -90,14 +90,14 @@ def test_graphs_captured_and_replayed_same_tokens_as_eager_and_hf(tiny_llama, mo
     assert expected == _hf_greedy(tiny_llama, PROMPTS, eager, GREEDY.max_tokens)
 
     replays = []
-    run = DecodeGraphs.run
+    run_host = DecodeGraphs.run_host
 
     def counting_run(self, *args):
-        hidden = run(self, *args)
-        replays.append(hidden is not None)
-        return hidden
+        logits = run_host(self, *args)
+        replays.append(logits is not None)
+        return logits
 
-    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    monkeypatch.setattr(DecodeGraphs, "run_host", counting_run)
     graphed = _llm(tiny_llama, enforce_eager=False)
     assert graphed.engine.graph_batch_sizes == [1, 2, 4, 8, 16]
     assert graphed.engine.fused_elementwise

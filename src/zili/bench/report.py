@@ -399,8 +399,9 @@ def render(records: list[tuple[Path, dict]], plots: dict[str, str], base: Path) 
                   "CPU machine's default (`--price-per-hour` sets the GPU's).\n"]
         latest: dict[tuple, tuple[Path, dict]] = {}
         for p, r in gpu:
+            tests = tuple(sorted({run.get("test", "") for run in r["runs"]}))
             latest[(r["kind"], r["config"].get("model") or r["config"].get("url"), r["config"].get("tp_path"),
-                    r["config"].get("enforce_eager"))] = (p, r)
+                    r["config"].get("enforce_eager"), tests)] = (p, r)
         for p, r in sorted(latest.values(), key=lambda pr: pr[1]["created"]):
             parts += [f"### `{r['command']}`\n",
                       f"{r['created']}, commit {_commit(r)}, {r['machine']['accelerator']}, host "

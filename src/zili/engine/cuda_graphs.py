@@ -52,11 +52,10 @@ class _StaticInputs:
     | block table rows], so that a step's inputs arrive in one host-to-device copy from a pinned
     mirror (each small pageable copy otherwise costs tens of microseconds of host time)."""
 
-    def __init__(self, size: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, size: int, max_blocks: int, device: torch.device, pinned: bool = False) -> None:
         self.size, self.width = size, max_blocks
         n = size * (4 + max_blocks)
         self.buffer = torch.zeros(n, dtype=torch.long, device=device)
-        pinned = torch.device(device).type != "cpu" and torch.cuda.is_available()
         self.host = torch.zeros(n, dtype=torch.long, pin_memory=pinned)
         self.host_np = self.host.numpy()
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.buffer[:4 * size].view(4, size)
@@ -121,7 +120,8 @@ class DecodeGraphs:
         self.ladder = sorted(set(ladder))
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
-        self.inputs = {size: _StaticInputs(size, max_blocks_per_seq, device) for size in self.ladder}
+        pinned = platform.pins_host_memory()
+        self.inputs = {size: _StaticInputs(size, max_blocks_per_seq, device, pinned) for size in self.ladder}
         self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 

@@ -38,6 +38,9 @@ class CudaPlatform(AcceleratorPlatform):
     def supports_graph_capture(self) -> bool:
         return True
 
+    def pins_host_memory(self) -> bool:
+        return True
+
     def fuses_elementwise(self) -> bool:
         return True  # Inductor writes Triton kernels; a launch costs a few microseconds whatever its size
 

@@ -84,6 +84,11 @@ class Platform:
         """Whether the decode step may be captured as a device graph and replayed."""
         return False
 
+    def pins_host_memory(self) -> bool:
+        """Whether host staging buffers should be page-locked, so that copies to the device are
+        asynchronous DMA (CUDA's pinned memory)."""
+        return False
+
     def fuses_elementwise(self) -> bool:
         """Whether the decoder layers' elementwise chains (norms, rotary, SwiGLU) run as compiled
         kernels (zili.layers.fused) unless EngineConfig.enforce_eager says otherwise: worth it where

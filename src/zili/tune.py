@@ -249,11 +249,9 @@ def tune_triton(platform, mc, dtype: torch.dtype, block_size: int, repeats: int)
 
 def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], dict]:
     """Capture each candidate size and keep those where replay beats the eager step (forward and
-    logits). Run on an H100 (benchmarks/gpu/extras.sh)."""
-    import torch
-
+    logits, as the runner executes it). Run on an H100 (benchmarks/gpu/extras.sh)."""
     from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
-    from zili.kernels.attention import AttentionMetadata
+    from zili.engine.runner import StepInput
 
     runner, platform = engine.runner, engine.platform
     ladder = batch_ladder(max_batch)
@@ -262,17 +260,19 @@ def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], 
                           runner.device)
     graphs.capture()
     kept, timings = [], {}
+    previous = runner.decode_graphs
     for size in ladder:
+        # One decode token per sequence at position block_size, as the engine's runner receives it.
         tables = [[(i * blocks_per_seq + j) % engine.kv_cache.num_blocks for j in range(blocks_per_seq)]
                   for i in range(size)]
-        seq_lens = [runner.block_size + 1] * size
-        meta = AttentionMetadata.build([1] * size, seq_lens, tables, runner.block_size, runner.device)
-        ids = torch.zeros(size, dtype=torch.long, device=runner.device)
-        pos = torch.full((size,), runner.block_size, dtype=torch.long, device=runner.device)
-        with torch.inference_mode():
-            eager = best_time(lambda: runner.model.compute_logits(runner.model(ids, pos, runner.kv_caches, meta)),
-                              repeats, platform.synchronize)
-            replay = best_time(lambda: graphs.run(ids, pos, meta), repeats, platform.synchronize)
+        step = StepInput([[0]] * size, [runner.block_size] * size, tables, [True] * size)
+        try:
+            runner.decode_graphs = None
+            eager = best_time(lambda: runner.execute(step), repeats, platform.synchronize)
+            runner.decode_graphs = graphs
+            replay = best_time(lambda: runner.execute(step), repeats, platform.synchronize)
+        finally:
+            runner.decode_graphs = previous
         timings[size] = {"eager_ms": round(1e3 * eager, 4), "graph_ms": round(1e3 * replay, 4)}
         if eager >= GRAPH_GAIN * replay:
             kept.append(size)

@@ -317,12 +317,9 @@ def offline(
 
 def _empty_device_cache() -> None:
     """Hand a freed model's device memory back, so that the next engine or peer can have it."""
-    import torch
+    from zili.platforms import current_platform
 
-    for name in ("cuda", "xpu", "npu", "mlu"):
-        module = getattr(torch, name, None)
-        if module is not None and getattr(module, "is_available", lambda: False)():
-            module.empty_cache()
+    current_platform().empty_cache()
 
 
 def _torch_threads() -> int:

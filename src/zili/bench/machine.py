@@ -81,9 +81,10 @@ def accelerator_name() -> str | None:
     """The device zili's platform runs on, when it is not the CPU (e.g. "NVIDIA H100 80GB HBM3")."""
     try:
         from zili.platforms import current_platform
+        from zili.platforms.cpu import CpuPlatform
 
         plat = current_platform()
-        return None if plat.name == "cpu" else f"{plat.device_name()} ({plat.name})"
+        return None if isinstance(plat, CpuPlatform) else f"{plat.device_name()} ({plat.name})"
     except Exception:
         return None
 

@@ -11,6 +11,8 @@ Each repetition uses a fresh random prompt, so a prefix cache never helps.
 
 from __future__ import annotations
 
+import contextlib
+
 import random
 import time
 from pathlib import Path
@@ -118,7 +120,7 @@ def load_hf_model(model_path: Path, dtype: str = "float32", device: Any = None, 
     model_path = Path(model_path)
     if random_weights:
         config = AutoConfig.from_pretrained(str(model_path))
-        with torch.device(device if device is not None else "cpu"):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         return model.eval()
     if model_path.suffix == ".gguf":

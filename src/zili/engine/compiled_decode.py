@@ -52,7 +52,7 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
     return None
 
 
-def _inductor_cache_dir() -> None:
+def use_zili_inductor_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "zili" / "inductor")
@@ -62,7 +62,7 @@ class CompiledDecode:
     """Runs decode-only steps through the compiled graph; `__call__` returns float32 logits."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int) -> None:
-        _inductor_cache_dir()
+        use_zili_inductor_cache()
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size

@@ -14,7 +14,7 @@ attention kernel returns zeros for them). Every input lives in a static buffer t
 It needs an attention backend whose decode reads no host-side lengths (`graph_safe_decode`, the
 Triton one) and a model whose forward has no host syncs (true of the dense Llama/Qwen path).
 Hook (in ModelRunner.execute, decode-only steps where every sequence samples):
-    logits = graphs.run(input_ids, positions, meta)   # None: no graph fits; run eagerly
+    logits = graphs.run_host(token_ids, positions, block_tables)   # None: no graph fits; run eagerly
 """
 
 from __future__ import annotations
@@ -88,21 +88,6 @@ class _StaticInputs:
         self._pad(b)
         self.buffer.copy_(self.host, non_blocking=True)  # the host mirror is rewritten only after a sync
 
-    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Stage from device tensors (the step's metadata is already built)."""
-        b, width = input_ids.shape[0], meta.block_tables.shape[1]
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.seq_lens[:b].copy_(meta.seq_lens)
-        self.block_tables[:b, :width].copy_(meta.block_tables)
-        self.block_tables[:b, width:].zero_()
-        self.slot_mapping[b:].fill_(-1)
-        self.seq_lens[b:].zero_()
-        self.input_ids[b:].zero_()
-        self.positions[b:].zero_()
-        self.block_tables[b:].zero_()
-
     def meta(self, block_size: int) -> AttentionMetadata:
         # Host-side lists only tell the backend this is a decode step; the kernels read the tensors.
         return AttentionMetadata(self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables, block_size,
@@ -149,23 +134,12 @@ class DecodeGraphs:
     def _step(self, args) -> torch.Tensor:
         return self.model.compute_logits(self.model(*args)).float()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Replay the decode step for this batch: float32 logits [batch, vocab] (a view of the
-        graph's output, valid until the next replay). None when it has no graph (not decode-only,
-        too large, or a block table wider than captured): the caller runs eagerly."""
-        batch = input_ids.shape[0]
-        size = graph_size_for(batch, self.ladder)
-        if size is None or size not in self.graphs or not meta.is_decode_only or \
-                meta.block_tables.shape[1] > self.max_blocks:
-            return None
-        self.inputs[size].fill(input_ids, positions, meta)
-        self.graphs[size].replay()
-        return self.outputs[size][:batch]
-
     def run_host(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]
                  ) -> torch.Tensor | None:
-        """`run` for a decode step still on the host (one token per sequence): the inputs travel in
-        one copy straight into the graph's buffer, no metadata tensors are built."""
+        """Replay the decode step (one new token per sequence, given as host lists) for this batch:
+        float32 logits [batch, vocab], a view of the graph's output valid until the next replay. The
+        inputs travel in one copy straight into the graph's buffer. None when no graph fits (too
+        many sequences, or a block table wider than captured): the caller runs eagerly."""
         batch = len(token_ids)
         size = graph_size_for(batch, self.ladder)
         if size is None or size not in self.graphs or max(len(t) for t in block_tables) > self.max_blocks:

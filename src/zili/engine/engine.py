@@ -88,10 +88,15 @@ class Engine:
             if self.tp_executor is not None:
                 self.tp_executor.abort()
             raise
-        self.fused_elementwise = self._fuse_elementwise(config) if self.tp_executor is None else False
-        self.compile_seconds = self._compile_decode(config, loaded.model) if self.tp_executor is None else None
-        self.graph_batch_sizes = self._capture_decode_graphs(config, loaded.model) if self.tp_executor is None \
-            else None
+        # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled
+        # step (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
+        from zili.engine.compiled_decode import eager_by_default
+
+        eager = self.tp_executor is not None or (
+            config.enforce_eager if config.enforce_eager is not None else eager_by_default())
+        self.fused_elementwise = not eager and self._fuse_elementwise()
+        self.compile_seconds = None if eager else self._compile_decode(config, loaded.model)
+        self.graph_batch_sizes = None if eager else self._capture_decode_graphs(config, loaded.model)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(mc.vocab_size, config.seed)
@@ -109,12 +114,9 @@ class Engine:
 
     # ---- set-up ----------------------------------------------------------------------------
     def _compile_decode(self, config: EngineConfig, model) -> float | None:
-        """Compile the decode step unless told not to or unsupported here; the seconds it took."""
-        from zili.engine.compiled_decode import CompiledDecode, eager_by_default, unsupported_reason
+        """Compile the decode step unless unsupported here; the seconds it took."""
+        from zili.engine.compiled_decode import CompiledDecode, unsupported_reason
 
-        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
-        if eager:
-            return None
         reason = unsupported_reason(model, self.platform, self.attention_backend, False)
         if reason is not None:
             logger.info("decode step stays eager: %s", reason)
@@ -134,14 +136,12 @@ class Engine:
         logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
         return seconds
 
-    def _fuse_elementwise(self, config: EngineConfig) -> bool:
+    def _fuse_elementwise(self) -> bool:
         """Compiled elementwise chains (zili.layers.fused) in the captured decode graphs, where the
         platform wants them."""
-        from zili.engine.compiled_decode import eager_by_default
         from zili.layers import fused
 
-        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
-        if eager or not self.platform.fuses_elementwise() or not self.platform.supports_graph_capture():
+        if not self.platform.fuses_elementwise() or not self.platform.supports_graph_capture():
             return False
         fused.enable_fusion()
         return True
@@ -149,12 +149,10 @@ class Engine:
     def _capture_decode_graphs(self, config: EngineConfig, model) -> list[int] | None:
         """Capture the decode forward as device graphs for a ladder of batch sizes where the platform
         can (zili.engine.cuda_graphs); the captured sizes, or None when decode steps stay eager."""
-        from zili.engine.compiled_decode import eager_by_default
         from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
         from zili.kernels.backends import get_attention_backend
 
-        eager = config.enforce_eager if config.enforce_eager is not None else eager_by_default()
-        if eager or not self.platform.supports_graph_capture():
+        if not self.platform.supports_graph_capture():
             return None
         if not get_attention_backend(self.attention_backend).graph_safe_decode:
             logger.info("decode graphs: off (attention backend %r reads host-side lengths)", self.attention_backend)

@@ -29,8 +29,7 @@ class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}  # unseeded rows, one per device
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Any = None) -> SamplerOutput:
         """logits: [N, V] float32, one row per sequence that samples this step. grammar_mask
@@ -119,11 +118,9 @@ class Sampler:
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
         """The engine-wide generator for unseeded rows, drawing on the logits' own device."""
-        if device.type == "cpu":
-            return self.generator
-        if device not in self._device_generators:
-            self._device_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._device_generators[device]
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def _logprobs(self, raw: torch.Tensor, token_ids: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
         wanted = [s.request.params.logprobs for s in seqs]

@@ -91,9 +91,9 @@ def enable_fusion() -> None:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    from zili.engine.compiled_decode import _inductor_cache_dir
+    from zili.engine.compiled_decode import use_zili_inductor_cache
 
-    _inductor_cache_dir()
+    use_zili_inductor_cache()
     # Round where the reference rounds (the bf16 cast before the norm's weight multiply): the fused
     # kernels then give the eager results bit for bit on the CPU, to the last bit or so on GPUs.
     inductor_config.emulate_precision_casts = True

@@ -13,7 +13,7 @@ from rich.console import Console
 from zili.config import ModelConfig
 from zili.layers.parallel import TensorParallel, active
 from zili.tokenizer import Tokenizer
-from zili.weights import ModelSource, open_checkpoint, resolve_model
+from zili.weights import ModelSource, UnsupportedModelError, open_checkpoint, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -113,22 +113,22 @@ def load_model(
 
 
 def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Seeded random weights: norm scales 1, everything else uniform in +-0.02 (small enough that
+    """Seeded random weights: RMSNorm scales 1, everything else uniform in +-0.02 (small enough that
     activations stay finite through many layers). Generated on the parameters' own device."""
-    for i, (name, param) in enumerate(model.named_parameters()):
-        if not param.is_floating_point():
-            continue
-        if "norm" in name.rpartition(".")[0].rpartition(".")[2] or name.endswith("norm.weight"):
+    from zili.layers.norm import RMSNorm
+
+    norm_scales = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for i, param in enumerate(model.parameters()):
+        if id(param) in norm_scales:
             param.fill_(1.0)
-            continue
-        gen = torch.Generator(device=param.device).manual_seed(seed * 100_003 + i)
-        param.uniform_(-0.02, 0.02, generator=gen)
+        else:
+            param.uniform_(-0.02, 0.02, generator=torch.Generator(device=param.device).manual_seed(seed * 100_003 + i))
 
 
 def _placeholder_tokenizer_if_missing(checkpoint, config: ModelConfig) -> Tokenizer:
     try:
         return checkpoint.tokenizer()
-    except Exception:  # no tokenizer files next to a bare config.json
+    except UnsupportedModelError:  # no tokenizer.json next to a bare config.json (a broken one still fails)
         eos = getattr(checkpoint, "hf_config", {}).get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         return Tokenizer.placeholder(config.vocab_size, eos_ids)

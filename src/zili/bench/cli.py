@@ -368,12 +368,14 @@ def _vocab(path: Path) -> int:
 def _roofline(path: Path, dev, sync, llm=None) -> dict:
     from zili.bench import offline as off
     from zili.bench.compare import model_shapes
+    from zili.layers.onednn import packed_only_bytes
 
     cfg = model_shapes(path)["config"]
     bw = off.measure_copy_bandwidth(dev, synchronize=sync)
     file_bytes = _model_bytes(path)
     loaded = _try(lambda: sum(t.numel() * t.element_size() for t in
-                              [*llm.engine.runner.model.parameters(), *llm.engine.runner.model.buffers()]))
+                              [*llm.engine.runner.model.parameters(), *llm.engine.runner.model.buffers()])
+                  + packed_only_bytes(llm.engine.runner.model))
     per_token = _try(lambda: _weight_bytes_per_token(llm.engine, cfg))
     out = {"device": str(dev), "copy_bandwidth": bw, "weights_bytes_file": file_bytes, "weights_bytes_loaded": loaded,
            "weights_bytes_per_token": per_token,
@@ -397,10 +399,12 @@ def _weight_bytes_per_token(engine, cfg) -> int | None:
     """Bytes of weights one decode token reads on a dense model: every parameter except the
     embedding table, of which a token reads one row (unless it is also the LM head). None for a
     model with packed quantized layers (which of their two copies a step reads depends on the batch)."""
+    from zili.layers.onednn import packed_only_bytes
+
     if set(engine.quantized) - {"dense"}:
         return None
     params = dict(engine.runner.model.named_parameters())
-    total = sum(p.numel() * p.element_size() for p in params.values())
+    total = sum(p.numel() * p.element_size() for p in params.values()) + packed_only_bytes(engine.runner.model)
     if not cfg.tie_word_embeddings:
         total -= sum(p.numel() * p.element_size() for n, p in params.items() if "embed_tokens" in n)
     return total

@@ -85,8 +85,10 @@ class CompiledDecode:
             tables = torch.nn.functional.pad(tables, (0, 2 - tables.shape[1]))
         args = (input_ids, positions, meta.slot_mapping, tables, meta.seq_lens)
         if input_ids.shape[0] > 1:
+            # maybe_: a batch range holding one size (2, when quantized layers stop at 2 rows) is
+            # specialised to it instead of failing the compile.
             for t in args:
-                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(tables, 1)
         return self._fn(*args)
 

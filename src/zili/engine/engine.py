@@ -195,6 +195,7 @@ class Engine:
         return config
 
     def _quantize(self, loaded, mode: str, max_rows: int | None = None) -> dict[str, int]:
+        from zili.layers import onednn
         from zili.models.quantize import calibrate_max_rows, quantize_model, set_quant_max_rows
         from zili.weights import open_checkpoint
 
@@ -203,6 +204,11 @@ class Engine:
             return {}
         checkpoint = open_checkpoint(loaded.source) if mode != "none" and loaded.source.format == "gguf" else None
         counts = dict(quantize_model(loaded.model, mode, checkpoint))
+        # Dense weights pre-packed for oneDNN (after quantizing, which reads them; before calibrating,
+        # which races the packed path against the quantized one).
+        if self.platform.matmul_backend() == "cpu-packed" and onednn.available(loaded.dtype):
+            n = onednn.pack_dense_weights(loaded.model)
+            logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", n)
         if counts.keys() - {"dense"}:
             if max_rows is None:
                 rows, how = calibrate_max_rows(loaded.model), "measured"

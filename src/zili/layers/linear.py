@@ -27,6 +27,9 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         # A packed copy of the weight (zili.layers.quant), used up to its `max_rows` input rows.
         self.quant = None
+        # The dense weight pre-packed for the device's matmul library (zili.layers.onednn): when
+        # set, it serves every row count the quantized form does not (and `weight` may be empty).
+        self.packed = None
 
     @property
     def num_shards(self) -> int:
@@ -37,6 +40,8 @@ class Linear(nn.Module):
         if quant is not None and x.shape[0] <= quant.max_rows:
             y = quant.matmul(x)
             return y + self.bias if self.bias is not None else y
+        if self.packed is not None:
+            return self.packed.matmul(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
@@ -52,4 +57,5 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         quant = f", quant={type(self.quant).__name__}" if self.quant is not None else ""
-        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{quant}"
+        packed = ", packed" if self.packed is not None else ""
+        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{quant}{packed}"

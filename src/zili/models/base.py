@@ -50,6 +50,9 @@ class CausalLM(nn.Module):
 
     # How many of the highest logits are recomputed exactly when the head's matmul is lossy.
     refine_top_k = 8
+    # Modules (names or leaf names) whose dense `weight` the forward reads directly, so a packed
+    # copy (zili.layers.onednn) must not replace it: the head's top-k refinement reads its rows.
+    dense_weight_readers: tuple[str, ...] = ("lm_head",)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, vocab] float32.

@@ -106,6 +106,8 @@ class DeepseekModel(nn.Module):
 
 class DeepseekForCausalLM(CausalLM):
     family = "DeepSeek"
+    # Absorbed MLA decode reshapes kv_b_proj's weight into per-head factors (zili.layers.mla).
+    dense_weight_readers = ("lm_head", "kv_b_proj")
     fused_projections = FUSED_PROJECTIONS
 
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:

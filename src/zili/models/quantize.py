@@ -112,12 +112,22 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
     import torch
     import torch.nn.functional as F
 
-    layers = [m for _, m in _linears(model) if m.quant is not None and m.weight is not None]
+    layers = [m for _, m in _linears(model) if m.quant is not None]
     if not layers:
         return 0
-    layer = max((m for m in layers if m.quant is not None and type(m.quant).__name__ == "Int4Weight"),
-                key=lambda m: m.weight.numel(), default=max(layers, key=lambda m: m.weight.numel()))
-    dense = layer.weight.detach().to(torch.bfloat16)
+
+    def size(m) -> int:
+        return m.in_features * m.out_features
+
+    layer = max((m for m in layers if type(m.quant).__name__ == "Int4Weight"), key=size,
+                default=max(layers, key=size))
+    if layer.packed is not None:  # the dense path this layer really takes (zili.layers.onednn)
+        dense_matmul = layer.packed.matmul
+    else:
+        weight = layer.weight.detach().to(torch.bfloat16)
+
+        def dense_matmul(x):
+            return F.linear(x, weight)
 
     def best(fn) -> float:
         fn()
@@ -132,7 +142,7 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
     with torch.inference_mode():
         for rows in candidates:
             x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
-            if best(lambda: layer.quant.matmul(x)) >= best(lambda: F.linear(x, dense)):
+            if best(lambda: layer.quant.matmul(x)) >= best(lambda: dense_matmul(x)):
                 break
             chosen = rows
     set_quant_max_rows(model, chosen)

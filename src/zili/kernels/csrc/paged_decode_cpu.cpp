@@ -83,6 +83,48 @@ inline __m256 hsum8(const __m512* v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// exp(x) for x <= 0 (softmax inputs after the max is taken off): 2^(x log2 e) split into 2^n * 2^f
+// with |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error ~1e-7, below fp32's own
+// rounding), the 2^n by scalef. Inputs below -88 give (close to) zero, as expf does.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// In-place softmax of x[0..n) with 16-lane vectors (a masked tail): max, exp and sum, scale.
+inline void softmax_avx512(float* x, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(x + i));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1u);
+  if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, x + i));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + i), m));
+    _mm512_storeu_ps(x + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + i), m)));
+    _mm512_mask_storeu_ps(x + i, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+  if (tail) _mm512_mask_storeu_ps(x + i, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + i), inv));
+}
+
 // One (sequence, KV-head range) item with D a multiple of 16: keys are read 8 positions at a time
 // and scored against the G query heads of their KV head while in registers; values are summed into
 // per-head accumulators held in registers. Returns false when D does not suit (scalar path then).
@@ -120,12 +162,7 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const
       }
     }
   }
-  for (int64_t h = 0; h < nh; ++h) {  // softmax per query head
-    float* sh = scores + h * len;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < len; ++s) mx = sh[s] > mx ? sh[s] : mx;
-    softmax_tail(sh, len, mx);
-  }
+  for (int64_t h = 0; h < nh; ++h) softmax_avx512(scores + h * len, len);  // per query head
   for (int64_t kh = h0; kh < h1; ++kh) {  // values: accumulators in registers per query head
     const int64_t hb = (kh - h0) * G;
     __m512 out[8][kMaxChunks];
@@ -146,6 +183,114 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bf16 caches with D = 32 * CH and G query heads per KV head, all compile-time so that every loop
+// below unrolls into registers. Scores use the dot-product instruction on bf16 pairs (vdpbf16ps:
+// the products are exact in fp32, as in the fp32 path, with no conversion of the keys); the
+// value sum stays in fp32 FMAs on the softmax weights. Positions go 8 at a time so that one
+// transpose-and-add (hsum8) finishes 8 scores; 8 consecutive positions share a block when the
+// block size is a multiple of 8 (the caller checks), so one block-table lookup serves all 8.
+constexpr int64_t kPrefetchAhead = 16;  // positions
+
+template <int G, int CH>
+void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t len, const c10::BFloat16* q,
+                      float scale, float* scores, float* acc, int64_t h0, int64_t h1, int64_t BS,
+                      int64_t token_stride, int64_t block_stride, int64_t half) {
+  constexpr int D = 32 * CH;
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    const c10::BFloat16* qh = q + (kh - h0) * G * D;
+    const int64_t head_off = kh * D;
+    for (int64_t s0 = 0; s0 < len; s0 += 8) {
+      const int64_t n = std::min<int64_t>(8, len - s0);
+      const c10::BFloat16* kb = cache + table[s0 / BS] * block_stride + (s0 % BS) * token_stride + head_off;
+      if (kh == h0 && s0 + kPrefetchAhead < len) {
+        // The first KV head's pass brings in whole rows (every KV head's keys, and the values) a
+        // little ahead: blocks sit at random places, so the hardware prefetcher cannot follow.
+        const int64_t sp = s0 + kPrefetchAhead;
+        const int64_t n_ahead = std::min<int64_t>(8, len - sp);
+        const c10::BFloat16* row = cache + table[sp / BS] * block_stride + (sp % BS) * token_stride + h0 * D;
+        const int64_t bytes = (h1 - h0) * D * 2;
+        for (int64_t t = 0; t < n_ahead; ++t)
+          for (int64_t off = 0; off < bytes; off += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(row + t * token_stride) + off, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(row + half + t * token_stride) + off, _MM_HINT_T1);
+          }
+      }
+      for (int g = 0; g < G; ++g) {
+        __m512bh qv[CH];
+        for (int c = 0; c < CH; ++c)
+          qv[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(qh + g * D + 32 * c));
+        __m512 part[8];
+        for (int t = 0; t < 8; ++t) {
+          part[t] = _mm512_setzero_ps();
+          if (t < n) {
+            const c10::BFloat16* k = kb + t * token_stride;
+            for (int c = 0; c < CH; ++c)
+              part[t] = _mm512_dpbf16_ps(part[t], qv[c],
+                                         (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(k + 32 * c)));
+          }
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(part), _mm256_set1_ps(scale)));
+        for (int64_t t = 0; t < n; ++t) scores[(hb + g) * len + s0 + t] = sums[t];
+      }
+    }
+  }
+  const int64_t nh = (h1 - h0) * G;
+  for (int64_t h = 0; h < nh; ++h) softmax_avx512(scores + h * len, len);
+  // Values: heads in passes of GB so that GB * 2CH fp32 accumulators stay in registers.
+  constexpr int VC = 2 * CH;  // 16-lane chunks per row
+  constexpr int GB = std::max(1, std::min(G, 24 / VC));
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    for (int g0 = 0; g0 < G; g0 += GB) {
+      __m512 out[GB][VC];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < VC; ++c) out[g][c] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < len; ++s) {
+        const c10::BFloat16* v = cache + half + table[s / BS] * block_stride + (s % BS) * token_stride + kh * D;
+        __m512 w[GB];
+        for (int g = 0; g < GB; ++g)
+          w[g] = g0 + g < G ? _mm512_set1_ps(scores[(hb + g0 + g) * len + s]) : _mm512_setzero_ps();
+        for (int c = 0; c < VC; ++c) {
+          const __m512 vc = load16(v + 16 * c);
+          for (int g = 0; g < GB; ++g) out[g][c] = _mm512_fmadd_ps(w[g], vc, out[g][c]);
+        }
+      }
+      for (int g = 0; g < GB && g0 + g < G; ++g)
+        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc + (hb + g0 + g) * D + 16 * c, out[g][c]);
+    }
+  }
+}
+
+using Bf16ItemFn = void (*)(const c10::BFloat16*, const int64_t*, int64_t, const c10::BFloat16*, float, float*,
+                            float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+template <int CH>
+Bf16ItemFn bf16_item_for_group(int64_t G) {
+  switch (G) {
+    case 1: return decode_item_bf16<1, CH>;
+    case 2: return decode_item_bf16<2, CH>;
+    case 3: return decode_item_bf16<3, CH>;
+    case 4: return decode_item_bf16<4, CH>;
+    case 5: return decode_item_bf16<5, CH>;
+    case 6: return decode_item_bf16<6, CH>;
+    case 7: return decode_item_bf16<7, CH>;
+    case 8: return decode_item_bf16<8, CH>;
+    default: return nullptr;
+  }
+}
+
+// The specialised kernel for (G, D), or nullptr (the generic paths then run).
+Bf16ItemFn bf16_item(int64_t G, int64_t D, int64_t BS) {
+  if (BS % 8 != 0) return nullptr;
+  if (D == 64) return bf16_item_for_group<2>(G);
+  if (D == 128) return bf16_item_for_group<4>(G);
+  return nullptr;
+}
+#endif
+
 template <typename T>
 void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, const int64_t* lens, T* out,
                          int64_t B, int64_t H, int64_t D, int64_t NB, int64_t BS, int64_t KVH, int64_t W,
@@ -157,6 +302,9 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
   // A work item is a sequence with all its KV heads (each position's keys are one contiguous row),
   // or, when there are fewer sequences than threads, one KV head of a sequence.
   const int64_t split = B >= at::get_num_threads() ? 1 : KVH;
+#if defined(__AVX512BF16__)
+  const Bf16ItemFn bf16_fn = std::is_same<T, c10::BFloat16>::value ? bf16_item(G, D, BS) : nullptr;
+#endif
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), row(token_stride), scores;
     for (int64_t item = begin; item < end; ++item) {
@@ -171,6 +319,17 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
         for (int64_t i = 0; i < nh * D; ++i) o[i] = T(0.0f);
         continue;
       }
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same<T, c10::BFloat16>::value) {
+        if (bf16_fn != nullptr) {
+          scores.resize(nh * len);
+          bf16_fn(cache, tables + b * W, len, q + (b * H + qh0) * D, scale, scores.data(), acc.data(), h0, h1, BS,
+                  token_stride, block_stride, half);
+          for (int64_t i = 0; i < nh * D; ++i) o[i] = T(acc[i]);
+          continue;
+        }
+      }
+#endif
       load_row(q + (b * H + qh0) * D, qf.data(), nh * D);
       for (int64_t i = 0; i < nh * D; ++i) qf[i] *= scale;
       scores.assign(nh * len, 0.0f);

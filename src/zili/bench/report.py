@@ -217,7 +217,7 @@ def _roofline_text(roof: dict) -> str:
     checkpoint's stored size."""
     bw = roof["copy_bandwidth"]["bandwidth_gb_s"]
     key = "per_token" if roof.get("per_token") else "file"
-    basis = {"per_token": f"{roof.get('weights_bytes_per_token', 0) / 1e9:.2f} GB of weights read per token "
+    basis = {"per_token": f"{(roof.get('weights_bytes_per_token') or 0) / 1e9:.2f} GB of weights read per token "
                           "(all but the embedding table)",
              "file": f"{(roof.get('weights_bytes_file') or 0) / 1e6:.0f} MB of weights as stored"}[key]
     trows = [[str(x["batch"]), str(x["context_len"]), _num(x["tokens_per_s"], 0)] for x in roof.get(key) or []]

@@ -208,3 +208,18 @@ def test_no_device_names_in_platform_free_code():
     offenders = [f"{p.name}:{i}" for p in mine for i, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_cpu_host_allocator_tuned_once_and_opt_out(monkeypatch):
+    """glibc keeps a step's large blocks on the heap once the engine asks (see CpuPlatform);
+    ZILI_MALLOC_TUNE=0 leaves the allocator alone."""
+    import zili.platforms.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_malloc_tuned", [])
+    monkeypatch.setenv("ZILI_MALLOC_TUNE", "0")
+    CpuPlatform().prepare_host_allocator()
+    assert cpu._malloc_tuned == []
+    monkeypatch.delenv("ZILI_MALLOC_TUNE")
+    CpuPlatform().prepare_host_allocator()
+    CpuPlatform().prepare_host_allocator()
+    assert cpu._malloc_tuned == [True]  # glibc here: mallopt accepted, and only once

@@ -51,6 +51,7 @@ class Engine:
         # -- tuning (zili tune; zili.platforms.tuning): tuned values fill what the config leaves default
         self.tuning = load_tuning(self.platform) if config.use_tune_cache else None
         self.platform.set_num_threads(config.threads or self._tuned("threads"))
+        self.platform.prepare_host_allocator()
         backend = choose_attention_backend(config.attention_backend, self.platform, self._tuned("attention_backend"))
         self.attention_backend = use_attention_backend(backend, self._tuned("triton")).name
         # -- end tuning

@@ -62,6 +62,9 @@ class Platform:
     def set_num_threads(self, threads: int | None) -> None:
         """Threads for host-side compute; None keeps the platform's default."""
 
+    def prepare_host_allocator(self) -> None:
+        """Set up the process's host memory allocator for inference steps (once per engine)."""
+
     def collective_backend(self) -> str:
         """torch.distributed backend for tensor parallelism on this device."""
         return "gloo"

@@ -210,6 +210,8 @@ def offline(
     max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="zili without its compiled decode step."),
+    attention_backend: str = typer.Option("auto", "--attention-backend", help="zili's attention backend "
+                                          "(auto: tuned or the platform's default; sdpa, cpp, triton)."),
     load_format: str = typer.Option("auto", "--load-format", help="auto, or dummy: seeded random weights on the "
                                     "model's architecture (an HF directory with only config.json is enough; the "
                                     "transformers peer gets random weights too)."),
@@ -248,7 +250,7 @@ def offline(
               "max_num_seqs": max_num_seqs, "threads": threads or _torch_threads(), "platform": platform,
               "device": str(dev), "seed": seed, "enforce_eager": enforce_eager, "load_format": load_format,
               "kv_cache_memory": kv_cache_memory, "max_model_len": max_model_len, "hf_num_prompts": hf_num_prompts,
-              "tp_path": tp_path}
+              "tp_path": tp_path, "attention_backend": attention_backend}
     record = new_record("offline", config, basis)
     record["note"] = note
     runs = record["runs"]
@@ -269,7 +271,8 @@ def offline(
                    f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
-    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager, "load_format": load_format}
+    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager, "load_format": load_format,
+                            "attention_backend": attention_backend}
     if max_num_seqs:
         opts["max_num_seqs"] = max_num_seqs
     if kv_cache_memory is not None:

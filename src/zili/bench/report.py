@@ -410,7 +410,10 @@ def render(records: list[tuple[Path, dict]], plots: dict[str, str], base: Path) 
                       offline_section(r) if r["kind"] == "offline" else serve_record_section(r)]
     offline = [(p, r) for p, r in on_cpu if r["kind"] == "offline"]
     if offline:
-        path, rec = offline[-1]
+        # The newest run with a peer beside zili, when there is one: a zili-only run (an A/B of one
+        # option) goes to the records table, not over the comparison.
+        compared = [(p, r) for p, r in offline if any(run.get("engine") != "zili" for run in r["runs"])]
+        path, rec = (compared or offline)[-1]
         parts += ["## Latest offline run (`zili bench offline`)\n",
                   f"`{rec['command']}` — {rec['created']}, commit {_commit(rec)}, load {_load_span(rec)}.\n",
                   *([f"> Note recorded with the run: {rec['note']}\n"] if rec.get("note") else []),

@@ -20,16 +20,18 @@ ZILI_ONEDNN=0 turns packing off (for comparisons).
 
 from __future__ import annotations
 
-import logging
+import itertools
 import os
 import threading
+import weakref
 
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
-
-_PACKED: list[torch.Tensor] = []
+# handle -> packed weight; an entry lives as long as its PackedDense (dropped when that is collected,
+# so a discarded engine's weights do not stay behind in this registry).
+_PACKED: dict[int, torch.Tensor] = {}
+_handles = itertools.count()
 _lock = threading.Lock()
 _lib: torch.library.Library | None = None
 
@@ -71,20 +73,15 @@ class PackedDense:
     def __init__(self, weight: torch.Tensor, batch_hint: int = 64) -> None:
         _register_op()
         self.out_features, self.in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
-        with _lock:
-            _PACKED.append(packed)
-            self.handle = len(_PACKED) - 1
+        self.handle = next(_handles)
+        _PACKED[self.handle] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             return torch.ops.zili_onednn.linear(x.to(torch.bfloat16), self.handle, self.out_features,
                                                 bias).to(x.dtype)
         return torch.ops.zili_onednn.linear(x, self.handle, self.out_features, bias)
-
-    def dense(self) -> torch.Tensor:
-        """The plain [N, K] weight back (a copy), for code that needs to read it."""
-        return _PACKED[self.handle].to_dense()
 
     def nbytes(self) -> int:
         return self.out_features * self.in_features * 2
@@ -96,22 +93,19 @@ def packed_only_bytes(model: nn.Module) -> int:
                if getattr(m, "packed", None) is not None and m.weight.numel() == 0)
 
 
-def pack_dense_weights(model: nn.Module, keep_dense: set[str] = frozenset()) -> int:
-    """Pack every plain `Linear` whose weight is bf16 on the CPU; returns how many were packed.
-
-    Dense weights are released afterwards except for the modules named in `keep_dense`, the
-    model's `dense_weight_readers` and weights shared with another module (tied embeddings)."""
+def pack_dense_weights(model: nn.Module) -> int:
+    """Pack every plain `Linear` with a bf16 weight (the caller checked `available`); returns how
+    many were packed. Dense weights are released afterwards except for the model's
+    `dense_weight_readers` and weights shared with another module (tied embeddings)."""
     from zili.layers.linear import Linear
 
-    keep = set(keep_dense) | set(getattr(model, "dense_weight_readers", ()))
+    keep = set(getattr(model, "dense_weight_readers", ()))
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
     count = 0
     for name, module in model.named_modules():
-        if type(module) is not Linear or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu":
-            continue
-        if module.weight.dim() != 2 or module.weight.numel() == 0:
+        if type(module) is not Linear or module.weight.dtype != torch.bfloat16 or module.weight.numel() == 0:
             continue
         module.packed = PackedDense(module.weight)
         count += 1

@@ -87,9 +87,9 @@ class CpuPlatform(Platform):
         return True  # Inductor's C++ backend, with the gcc every Linux CPU build of torch expects
 
     # The C++ decode kernel is the default wherever it builds: with its bf16 dot-product scores,
-    # vector softmax and prefetched block rows it beats Inductor's fused in-place attention at every
-    # batch size measured on the 2-core VM (b=1 111 vs 103 tok/s, b=32 844 vs 606 out tok/s).
-    # `zili tune` still measures both.
+    # vector softmax and prefetched block rows it beats Inductor's fused in-place attention on the
+    # 2-core VM (`zili bench offline --attention-backend {sdpa,cpp} -n 64 --max-num-seqs 32`: 831 vs
+    # 590 output tok/s, tg128 148 vs 142). `zili tune` still measures both.
     def attention_backend(self) -> str:
         from zili.kernels.backends import is_installed
 

@@ -250,7 +250,7 @@ LLAMA_BENCH_JSON = """[
 
 
 def test_parse_llama_bench():
-    from zili.bench.peers import parse_llama_bench
+    from benchmarks.peers import parse_llama_bench
 
     rows = parse_llama_bench("some log line\n" + LLAMA_BENCH_JSON)
     assert [r["test"] for r in rows] == ["pp512", "tg128"]
@@ -270,7 +270,7 @@ def _serve_row(engine, c, rnd, tps, ttft):
 
 
 def test_summarize_runs_medians_and_ratios():
-    from zili.bench.compare import summarize_serve
+    from benchmarks.compare import summarize_serve
 
     runs = [_serve_row("zili", 4, r, tps, 100) for r, tps in enumerate([50, 70, 60])]
     runs += [_serve_row("llama.cpp", 4, r, tps, 50) for r, tps in enumerate([100, 120, 110])]
@@ -285,15 +285,15 @@ def test_summarize_runs_medians_and_ratios():
 
 
 def test_record_roundtrip_and_report(tmp_path):
-    from zili.bench.compare import summarize_serve, summarize_single_stream
-    from zili.bench.report import write_report
+    from benchmarks.compare import summarize_serve, summarize_single_stream
+    from benchmarks.report import write_report
     from zili.bench.results import load_records, new_record, write_record
 
     basis = CostBasis(price_per_hour=0.5)
     rec = new_record("compare", {"model": "m", "model_bytes": 1e8, "threads": 2, "llama_cpp": {"version": "x"},
                                  "serve": {"input_len": "128", "output_len": "128", "num_prompts": 8}}, basis,
-                     argv=["bench", "compare", "--repeats", "2"])
-    assert rec["command"] == "zili bench compare --repeats 2"
+                     argv=["compare", "--repeats", "2"], program="python -m benchmarks")
+    assert rec["command"] == "python -m benchmarks compare --repeats 2"
     assert rec["machine"]["cpu"]["logical_cores"] >= 1 and "load_average" in rec["machine"]
     rec["runs"] = [_serve_row(e, c, r, t * c, 10 * c) for e, t in (("zili", 10), ("llama.cpp", 20))
                    for c in (1, 4) for r in range(2)]
@@ -313,7 +313,7 @@ def test_record_roundtrip_and_report(tmp_path):
     out = write_report(results, tmp_path / "plots", tmp_path / "BENCHMARKS.md")
     text = out.read_text()
     assert "zili / llama.cpp" in text and "**0.50×**" in text and "pp512" in text
-    assert "zili bench compare --repeats 2" in text and "plots/throughput_vs_concurrency.png" in text
+    assert "python -m benchmarks compare --repeats 2" in text and "plots/throughput_vs_concurrency.png" in text
     for name in ("throughput_vs_concurrency", "ttft_percentiles", "itl_percentiles", "single_stream"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
@@ -350,7 +350,18 @@ def test_cli_help_lists_commands():
 
     result = CliRunner().invoke(bench_app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("serve", "offline", "compare", "report", "build-peers"):
+    assert "serve" in result.output and "offline" in result.output
+    assert "compare" not in result.output  # the peer tooling is the repository's, not the package's
+
+
+def test_repository_benchmarks_cli_lists_its_commands():
+    from typer.testing import CliRunner
+
+    from benchmarks.__main__ import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("compare", "report", "build-peers", "structured"):
         assert cmd in result.output
 
 
@@ -367,7 +378,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 def test_server_process_starts_waits_and_stops():
     import sys
 
-    from zili.bench.peers import ServerProcess, free_port
+    from benchmarks.peers import ServerProcess, free_port
 
     port = free_port()
     server = ServerProcess("fake", [sys.executable, "-c", HEALTH_SERVER, str(port)], port, ready_timeout_s=20)
@@ -380,7 +391,7 @@ def test_server_process_starts_waits_and_stops():
 def test_server_process_that_dies_reports_its_log():
     import sys
 
-    from zili.bench.peers import ServerProcess, free_port
+    from benchmarks.peers import ServerProcess, free_port
 
     port = free_port()
     dying = ServerProcess("dying", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"], port,
@@ -394,7 +405,7 @@ def test_session_peak_rss_counts_the_server_and_its_children():
     import sys
     import time
 
-    from zili.bench.peers import session_peak_rss
+    from benchmarks.peers import session_peak_rss
 
     # A parent holding ~64 MiB that starts a child holding ~128 MiB, in a session of their own.
     code = ("import subprocess, sys, time; a = bytearray(64 * 2**20); "

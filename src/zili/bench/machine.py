@@ -64,7 +64,8 @@ def torch_info() -> dict:
 
 
 def git_info(repo: Path | None = None) -> dict:
-    repo = repo or Path(__file__).resolve().parents[3]
+    # The checkout the running zili was imported from (an editable install), if it is one.
+    repo = repo or Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
         try:

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 from zili.bench.machine import load_average
 from zili.bench.stats import median, summarize
 from zili.bench.workload import RequestSpec, random_token_ids
+from zili.weights import open_checkpoint
+from zili.weights.resolve import resolve_model
 
 
 def _timed(fn) -> float:
@@ -257,3 +259,9 @@ def roofline_table(model_config, weight_bytes: int, bandwidth_gb_s: float, kv_dt
 
 def summarize_samples(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return summarize(r[key] for r in rows if r.get(key) is not None)
+
+
+def model_shapes(model_path: Path) -> dict[str, Any]:
+    """Vocabulary size and the shapes a roofline needs, read from the checkpoint's metadata."""
+    cfg = open_checkpoint(resolve_model(str(model_path), weights_required=False)).config()
+    return {"vocab_size": cfg.vocab_size, "config": cfg}

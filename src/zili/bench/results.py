@@ -1,4 +1,5 @@
-"""Result records: one JSON file per benchmark invocation under benchmarks/results/.
+"""Result records: one JSON file per benchmark invocation under benchmarks/results/
+(relative to the current directory unless a command's --output says otherwise).
 
 A record holds the command, the code (git commit), the machine, the configuration, the cost basis,
 one row per measured run (`runs`) and the medians / ratios derived from them (`summary`).
@@ -18,23 +19,29 @@ from zili.bench.cost import CostBasis, cost_figures
 from zili.bench.machine import git_info, load_average, machine_info
 
 SCHEMA = "zili-bench/1"
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as a user would type it: `zili bench <sub> ...`."""
+def default_results_dir() -> Path:
+    """Where records go when no --output is given: `benchmarks/results/` under the current directory
+    (the repository root, when run from a checkout)."""
+    return Path.cwd() / "benchmarks" / "results"
+
+
+def command_line(argv: list[str] | None = None, program: str = "zili bench") -> str:
+    """The command as a user would type it: `zili bench <sub> ...` (or `program <sub> ...`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["bench"]:
         args = args[1:]
-    return "zili bench " + shlex.join(args)
+    return f"{program} " + shlex.join(args)
 
 
-def new_record(kind: str, config: dict[str, Any], basis: CostBasis, argv: list[str] | None = None) -> dict[str, Any]:
+def new_record(kind: str, config: dict[str, Any], basis: CostBasis, argv: list[str] | None = None,
+               program: str = "zili bench") -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": command_line(argv),
+        "command": command_line(argv, program),
         "git": git_info(),
         "machine": machine_info(),
         "config": config,
@@ -62,7 +69,7 @@ def slug(text: str) -> str:
 def write_record(record: dict[str, Any], out: Path | None = None, label: str | None = None) -> Path:
     """Write to `out` (a .json path or a directory; default benchmarks/results/)."""
     finish_record(record)
-    out = Path(out) if out else RESULTS_DIR
+    out = Path(out) if out else default_results_dir()
     if out.suffix != ".json":
         stamp = record["created"].replace("-", "").replace(":", "")
         out = out / f"{stamp}-{record['kind']}{'-' + slug(label) if label else ''}.json"
@@ -73,7 +80,7 @@ def write_record(record: dict[str, Any], out: Path | None = None, label: str | N
 
 def load_records(results_dir: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """Every record under the directory, oldest first; files of another schema are skipped."""
-    results_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
     out = []
     for path in sorted(results_dir.glob("*.json")):
         try:

@@ -265,3 +265,14 @@ async def wait_until_ready(url: str, timeout_s: float = 300.0, process=None) -> 
                 pass
             await asyncio.sleep(0.5)
     raise TimeoutError(f"{url} did not become ready within {timeout_s:.0f} s")
+
+def default_num_prompts(concurrency: int, waves: int = 2, min_prompts: int = 4) -> int:
+    """`waves` full batches at each level (at least `min_prompts` requests): enough to see steady
+    state, few enough to keep a round short."""
+    return max(min_prompts, waves * concurrency)
+
+
+async def discover_model_name(url: str) -> str:
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        data = (await client.get(url.rstrip("/") + "/v1/models")).json()
+    return data["data"][0]["id"]

@@ -1,4 +1,4 @@
-"""`zili bench compare`: zili against its peers on one model file and one workload, interleaved
+"""`python -m benchmarks compare`: zili against its peers on one model file and one workload, interleaved
 (A B A B ... for `repeats` rounds) so that drift in a shared machine's speed hits both sides;
 reports medians per engine and ratios zili / peer (above 1: zili is faster, for throughputs)."""
 
@@ -15,7 +15,7 @@ import httpx
 from zili.bench.cost import CostBasis, cost_figures, dollars_per_million
 from zili.bench.machine import load_average
 from zili.bench.results import with_cost
-from zili.bench.serve import LoadSpec, run_load, warm_up
+from zili.bench.serve import LoadSpec, default_num_prompts, discover_model_name, run_load, warm_up
 from zili.bench.stats import median, ratio
 from zili.bench.workload import LengthSpec, make_requests
 
@@ -44,12 +44,6 @@ HIGHER_IS_BETTER = ("output_throughput", "total_token_throughput", "request_thro
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def default_num_prompts(concurrency: int, waves: int = 2, min_prompts: int = 4) -> int:
-    """`waves` full batches at each level (at least `min_prompts` requests): enough to see steady
-    state, few enough to keep a round short."""
-    return max(min_prompts, waves * concurrency)
 
 
 def summarize_runs(runs: Sequence[dict], group_keys: Sequence[str], figures: dict[str, Callable[[dict], Any]],
@@ -93,12 +87,6 @@ class ServeWorkload:
     seed: int = 0
     warmup: int = 2
     timeout_s: float = 600.0
-
-
-async def discover_model_name(url: str) -> str:
-    async with httpx.AsyncClient(timeout=10.0) as client:
-        data = (await client.get(url.rstrip("/") + "/v1/models")).json()
-    return data["data"][0]["id"]
 
 
 def serve_round(name: str, start_server: Callable[[], Any], workload: ServeWorkload, round_index: int,
@@ -208,10 +196,3 @@ def summarize_single_stream(runs: Sequence[dict], basis: CostBasis) -> list[dict
     return summarize_runs(runs, ["test"], figures, costs=costs)
 
 
-def model_shapes(model_path: Path) -> dict[str, Any]:
-    """Vocabulary size and the shapes a roofline needs, read from the checkpoint's metadata."""
-    from zili.weights import open_checkpoint
-    from zili.weights.resolve import resolve_model
-
-    cfg = open_checkpoint(resolve_model(str(model_path), weights_required=False)).config()
-    return {"vocab_size": cfg.vocab_size, "config": cfg}

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zili.bench.machine import cpu_info
 from zili.bench.serve import wait_until_ready
 
 LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python release whose sdist vendors llama.cpp 0c1e57098
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_llama_cpp.sh"
 
 
@@ -64,7 +65,6 @@ def repack_default() -> bool:
     in this build (llama-cpp-python 0.3.36, GGML_NATIVE=ON) the first matmul segfaults inside
     ggml_backend_amx_mul_mat on a Sapphire Rapids VM (seen 2026-11-23, gdb backtrace), so both
     llama-server and llama-bench run with repacking off there."""
-    from zili.bench.machine import cpu_info
 
     return "amx_tile" not in cpu_info()["flags"]
 

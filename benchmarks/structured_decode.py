@@ -1,7 +1,7 @@
 """The cost of structured output: decode throughput of N concurrent constrained streams against
 N unconstrained ones.
 
-    python -m zili.structured.bench [--model smollm2-135m] [--streams 32] [--tokens 48] [--repeats 3]
+    python -m benchmarks structured [--model smollm2-135m] [--streams 32] [--tokens 48] [--repeats 3]
 
 Two engines hold the same model: one runs N free streams, the other N streams under a JSON schema
 (long enough that none finishes). Their decode steps alternate, one step each in turn, and only
@@ -19,6 +19,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from zili.bench.machine import machine_info
+from zili.engine.llm import LLM
+from zili.sampling import SamplingParams
+from zili.structured.spec import StructuredOutput
 
 # Mixes strings, enums, numbers, patterns and nesting, so the matcher walks through every kind of state.
 SCHEMA = {
@@ -43,8 +48,6 @@ class _Side:
     """One engine's streams in a round, with its own decode clock."""
 
     def __init__(self, llm, structured, streams: int, tokens: int) -> None:
-        from zili.sampling import SamplingParams
-
         self.engine = llm.engine
         prompt = llm.render_chat([{"role": "user", "content": PROMPT}])
         params = SamplingParams(temperature=1.0, seed=0, max_tokens=tokens, ignore_eos=True, structured=structured)
@@ -135,9 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     args = parser.parse_args(argv)
 
-    from zili.engine.llm import LLM
-    from zili.structured.spec import StructuredOutput
-
     options = dict(dtype=args.dtype, max_num_seqs=args.streams, max_model_len=1024)
     free_llm, constrained_llm = LLM(args.model, **options), LLM(args.model, **options)
     structured = StructuredOutput.json(SCHEMA)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
               for _ in range(args.repeats)]
     record = {
         "benchmark": "structured-output decode throughput",
-        "command": "python -m zili.structured.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks structured " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {"model": args.model or "smollm2-135m", "streams": args.streams, "tokens": args.tokens,
                    "repeats": args.repeats, "device": str(free_llm.engine.platform.device), "schema": SCHEMA},
         "machine": _machine(),
@@ -168,10 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _machine() -> dict:
-    try:
-        from zili.bench.machine import machine_info
-    except ImportError:
-        return {}
     info = machine_info()
     info.get("cpu", {}).pop("flags", None)
     return info

@@ -1,0 +1,241 @@
+"""Benchmarks that compare zili with its peers, and the report built from every record.
+
+These are the repository's tools, not part of the installed package:
+
+    python -m benchmarks compare [...]      # zili against llama.cpp / transformers / the roofline, interleaved
+    python -m benchmarks report             # BENCHMARKS.md and benchmarks/plots/*.png from benchmarks/results/
+    python -m benchmarks build-peers        # build llama.cpp's llama-server and llama-bench once
+    python -m benchmarks structured [...]   # structured-output masking cost (benchmarks/structured_decode.py)
+
+They reuse the installed `zili bench` pieces (workloads, the serving load generator, records).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from benchmarks import compare as cmp
+from benchmarks import peers as pr
+from benchmarks import report as rp
+from benchmarks import structured_decode
+from zili.bench import cli as zb
+from zili.bench import offline as off
+from zili.bench.results import new_record, write_record
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="zili against its peers (llama.cpp, transformers, roofline) and the benchmark report.")
+
+
+# --- compare -------------------------------------------------------------------------------------
+
+@app.command()
+def compare(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m); "
+                                        "both engines load this same file."),
+    mode: str = typer.Option("offline,serve", "--mode", help="offline (pp / tg single stream), serve, or both."),
+    peers: str = typer.Option("llama.cpp", "--peers", help="Comma-separated: llama.cpp, transformers "
+                              "(offline only; fp32 and bf16), roofline (offline: the memory-bandwidth bound of "
+                              "tgN, measured each round). On a GPU use transformers,roofline."),
+    repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, peer, zili, peer, ...)."),
+    concurrency: str = typer.Option("1,4,16,32", "--concurrency", "-c"),
+    input_len: str = typer.Option("128", "--input-len"),
+    output_len: str = typer.Option("128", "--output-len"),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", "-n",
+                                              help="Requests per level (default max(min-prompts, waves x concurrency))."),
+    waves: int = typer.Option(2, "--waves", help="Full batches of requests per level when --num-prompts is not given."),
+    min_prompts: int = typer.Option(4, "--min-prompts", help="Fewest requests per level when --num-prompts is not given."),
+    pp: int = typer.Option(512, "--pp"),
+    tg: int = typer.Option(128, "--tg"),
+    repetitions: int = typer.Option(2, "--repetitions", "-r", help="Single-stream repetitions inside each round."),
+    threads: int = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for every engine."),
+    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version", help="llama-cpp-python sdist version."),
+    build_peers: bool = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing."),
+    zili_serve_args: str = typer.Option("", "--zili-serve-args", help="Extra arguments for `zili serve`."),
+    llama_server_args: str = typer.Option("", "--llama-server-args", help="Extra arguments for llama-server."),
+    timeout: float = typer.Option(900.0, "--timeout", help="Per-request timeout in seconds."),
+    seed: int = zb.SeedOpt,
+    price_per_hour: float = zb.PriceOpt,
+    watts: Optional[float] = zb.WattsOpt,
+    output: Optional[Path] = zb.OutputOpt,
+    label: Optional[str] = zb.LabelOpt,
+    note: Optional[str] = zb.NoteOpt,
+) -> None:
+    """zili against its peers on the same model file and workload, interleaved; medians and ratios."""
+
+    model = model or zb.DEFAULT_MODEL
+    path = zb._resolve_path(model)
+    modes = {m.strip() for m in mode.split(",") if m.strip()}
+    peer_list = [p.strip() for p in peers.split(",") if p.strip()]
+    if not modes <= {"offline", "serve"}:
+        zb._fail(f"--mode takes offline and/or serve, got {mode!r}")
+    if not set(peer_list) <= {"llama.cpp", "transformers", "roofline"}:
+        zb._fail(f"--peers takes llama.cpp, transformers and/or roofline, got {peers!r}")
+    levels = zb._ints(concurrency, "--concurrency")
+    in_len, out_len = zb._lengths(input_len, "--input-len"), zb._lengths(output_len, "--output-len")
+    basis = zb._basis(price_per_hour, watts)
+    zb._set_threads(threads)
+    bin_dir = None
+    if "llama.cpp" in peer_list:
+        try:
+            bin_dir = pr.ensure_llama_cpp(llama_cpp_version, build=build_peers)
+        except Exception as e:
+            zb._fail(f"llama.cpp is not available: {e}")
+    shapes = cmp.model_shapes(path)
+    config = {"model": model, "model_path": str(path), "model_bytes": zb._model_bytes(path), "modes": sorted(modes),
+              "peers": peer_list, "repeats": repeats, "threads": threads, "seed": seed,
+              "llama_cpp": {"version": llama_cpp_version, "bin_dir": str(bin_dir) if bin_dir else None,
+                            "repack": pr.repack_default()},
+              "single_stream": {"pp": pp, "tg": tg, "repetitions": repetitions},
+              "serve": {"concurrency": levels, "input_len": str(in_len), "output_len": str(out_len),
+                        "num_prompts": num_prompts or {c: cmp.default_num_prompts(c, waves, min_prompts) for c in levels},
+                        "zili_serve_args": zili_serve_args, "llama_server_args": llama_server_args}}
+    record = new_record("compare", config, basis, program="python -m benchmarks")
+    record["note"] = note
+    out_path = write_record(record, output, label)  # rewritten after every part, so a cut-off run keeps its data
+    typer.echo(f"writing {out_path}", err=True)
+
+    if "offline" in modes:
+        single = [_zili_single_peer(model, pp, tg, repetitions, seed, config)]
+        if "llama.cpp" in peer_list:
+            single.append(cmp.SingleStreamPeer("llama.cpp", lambda r: _llama_bench(path, pp, tg, threads,
+                                                                                    repetitions, bin_dir)))
+        if "transformers" in peer_list:
+            single += [_hf_single_peer(path, dt, pp, tg, repetitions, seed) for dt in ("float32", "bfloat16")]
+        if "roofline" in peer_list:
+            single.append(_roofline_peer(path, tg, shapes["config"]))
+        runs, summary = cmp.compare_single_stream(single, repeats, basis)
+        record["runs"] += [dict(r, mode="offline") for r in runs]
+        record["summary"]["single_stream"] = summary
+        del single
+        gc.collect()
+        write_record(record, out_path)
+
+    if "serve" in modes:
+        ctx = _round_up(in_len.high + out_len.high + 64, 256)
+        zili_args = shlex.split(zili_serve_args)
+        if not any(a.startswith("--kv-cache-memory") for a in zili_args):
+            # The same KV capacity as llama-server's slots (bf16 / f16 caches: equal bytes per token), so
+            # neither engine wins throughput or loses memory by holding a bigger cache.
+            zili_args += ["--kv-cache-memory", str(max(levels) * ctx * zb._kv_bytes_per_token(shapes["config"]))]
+        config["serve"]["zili_serve_args"] = shlex.join(zili_args)
+        engines = {"zili": lambda: pr.zili_server(model, extra_args=zili_args, threads=threads)}
+        if "llama.cpp" in peer_list:
+            engines["llama.cpp"] = lambda: pr.llama_server(path, max(levels), ctx, threads, bin_dir,
+                                                           extra_args=shlex.split(llama_server_args))
+        workload = cmp.ServeWorkload(levels, in_len, out_len, num_prompts, waves, min_prompts, shapes["vocab_size"], seed,
+                                     timeout_s=timeout)
+        runs: list[dict] = []
+        for r in range(repeats):
+            for name, start in engines.items():
+                runs += cmp.serve_round(name, start, workload, r, basis)
+                record["runs"] = [x for x in record["runs"] if x.get("mode") != "serve"] + \
+                                 [dict(x, mode="serve") for x in runs]
+                record["summary"]["serve"] = cmp.summarize_serve(runs, basis)
+                write_record(record, out_path)
+    write_record(record, out_path)
+    _print_compare_summary(record)
+    typer.echo(f"wrote {out_path}", err=True)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _zili_single_peer(model: str, pp: int, tg: int, repetitions: int, seed: int, config: dict):
+
+    state: dict[str, Any] = {}
+
+    def run(r: int) -> dict:
+        if "llm" not in state:
+            t0 = time.perf_counter()
+            state["llm"] = zb._zili_llm(model, {})
+            config["zili_load_s"] = time.perf_counter() - t0
+        return off.zili_single_stream(state["llm"], pp, tg, repetitions, seed + r, warmup=(r == 0))
+
+    return cmp.SingleStreamPeer("zili", run)
+
+
+def _hf_single_peer(path: Path, dtype: str, pp: int, tg: int, repetitions: int, seed: int):
+
+    state: dict[str, Any] = {}
+
+    def run(r: int) -> dict:
+        if "model" not in state:
+            _, dev, sync = zb._device("auto")
+            state["model"], state["sync"] = off.load_hf_model(path, dtype, dev), sync
+        return off.hf_single_stream(state["model"], pp, tg, repetitions, seed + r, state["sync"])
+
+    return cmp.SingleStreamPeer(f"transformers-{dtype}", run)
+
+
+def _roofline_peer(path: Path, tg: int, model_config):
+    """tgN's upper bound: every decode step reads the stored weights and the KV cache so far once, at the
+    copy bandwidth measured on the current platform's device in this round."""
+
+    def run(r: int) -> dict:
+        _, dev, sync = zb._device("auto")
+        bw = off.measure_copy_bandwidth(dev, synchronize=sync)["bandwidth_gb_s"]
+        kv = off.kv_bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads,
+                                    model_config.head_dim, 2)
+        bound = off.decode_roofline(zb._model_bytes(path), kv, tg // 2, 1, bw)["tokens_per_s"]
+        return {f"tg{tg}": {"tokens_per_s": bound, "samples_ts": [bound], "copy_bandwidth_gb_s": bw}}
+
+    return cmp.SingleStreamPeer("roofline", run)
+
+
+def _llama_bench(path: Path, pp: int, tg: int, threads: int, repetitions: int, bin_dir) -> dict:
+
+    rows = pr.run_llama_bench(path, pp, tg, threads, repetitions, bin_dir)
+    return {row["test"]: {"tokens_per_s": row["tokens_per_s"], "samples_ts": row["samples_ts"],
+                          "build_commit": row["build_commit"]} for row in rows}
+
+
+def _print_compare_summary(record: dict) -> None:
+    f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for row in record["summary"].get("single_stream", []):
+        for peer, rat in (row.get("ratios") or {}).items():
+            typer.echo(f"{row['test']:8s} zili/{peer}: {f(rat['tokens_per_s'])}", err=True)
+    for row in record["summary"].get("serve", []):
+        for peer, rat in (row.get("ratios") or {}).items():
+            typer.echo(f"c={row['concurrency']:<3d} zili/{peer}: output tok/s {f(rat['output_throughput'])}  "
+                       f"TTFT p50 {f(rat['ttft_p50_ms'])}  ITL p50 {f(rat['itl_p50_ms'])}", err=True)
+
+
+# --- report / peers ------------------------------------------------------------------------------
+
+@app.command()
+def report(
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="Default: benchmarks/results/."),
+    plots_dir: Optional[Path] = typer.Option(None, "--plots-dir", help="Default: benchmarks/plots/."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: BENCHMARKS.md at the repo root."),
+) -> None:
+    """Regenerate BENCHMARKS.md and the PNG plots from every JSON result."""
+
+    path = rp.write_report(results_dir, plots_dir, output)
+    typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("build-peers")
+def build_peers_cmd(
+    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version"),
+) -> None:
+    """Build llama.cpp's llama-server and llama-bench (once; reused from the cache afterwards)."""
+
+    typer.echo(str(pr.ensure_llama_cpp(llama_cpp_version)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def structured(ctx: typer.Context) -> None:
+    """Structured-output masking cost; options as `python benchmarks/structured_decode.py --help`."""
+    structured_decode.main(list(ctx.args))
+
+
+if __name__ == "__main__":
+    app()

@@ -168,3 +168,59 @@ def test_mixed_step_matches_per_sequence_attention(backend):
         want.append(_prefill_one(q[start:start + qlen], cache, meta.block_tables[i], slen, 0.3))
         start += qlen
     torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+
+
+def _windowed_reference(q, cache, tables, lens, scale, window):
+    """fp64 attention with positions before the sliding window masked out (-inf scores)."""
+    out = []
+    block_size = cache.shape[2]
+    flat = cache.double().flatten(1, 2)  # [2, NB*BS, KVH, D]
+    for b, n in enumerate(lens):
+        slots = torch.tensor([tables[b][s // block_size] * block_size + s % block_size for s in range(n)])
+        k, v = flat[0, slots], flat[1, slots]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].double() * scale, k)
+        if window:
+            scores[:, : max(0, n - window)] = float("-inf")
+        out.append(torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,d,block_size", [(torch.bfloat16, 64, 16),   # specialised bf16 path
+                                                (torch.bfloat16, 64, 4),    # generic AVX-512 path
+                                                (torch.float32, 32, 8),
+                                                (torch.float32, 24, 4)])    # portable loop
+@pytest.mark.parametrize("window", [0, 1, 5, 8, 13, 64])
+def test_sliding_window_matches_masked_reference(dtype, d, block_size, window):
+    """window > 0 attends to the last `window` positions only (window start not a multiple of 8 or
+    of the block size, windows longer than the context); 0 is the whole context."""
+    assert cpu_attention.available()
+    gen = torch.Generator().manual_seed(window * 7 + d + block_size)
+    n_kv, group, num_blocks = 2, 3, 128
+    lens = [1, 6, 9, 17, 40, 77]
+    order, tables = torch.randperm(num_blocks, generator=gen).tolist(), []
+    for n in lens:
+        tables.append(order[: -(-n // block_size)])
+        order = order[len(tables[-1]):]
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cache = (torch.randn(2, num_blocks, block_size, n_kv, d, generator=gen) * 2).to(dtype)
+    q = (torch.randn(len(lens), n_kv * group, d, generator=gen) * 2).to(dtype)
+    scale = d ** -0.5
+    want = _windowed_reference(q, cache, tables, lens, scale, window)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for rows in (slice(None), slice(4, 5)):  # split by sequence, and by KV head (one sequence)
+        got = cpu_attention.paged_decode(q[rows], cache, table_t[rows], torch.tensor(lens)[rows], scale,
+                                         window=window or None)
+        torch.testing.assert_close(got.double(), want[rows], atol=tol, rtol=tol)
+    if window and window < 40:  # the window changes the answer where the context is longer
+        full = cpu_attention.paged_decode(q, cache, table_t, torch.tensor(lens), scale)
+        assert not torch.allclose(full[4].float(), want[4].float(), atol=tol, rtol=tol)
+
+
+def test_negative_window_is_rejected():
+    cache = torch.randn(2, 4, 4, 1, 16)
+    with pytest.raises(ValueError, match="window"):
+        cpu_attention.paged_decode(torch.randn(1, 1, 16), cache, torch.tensor([[0]]), torch.tensor([3]), 1.0,
+                                   window=-1)

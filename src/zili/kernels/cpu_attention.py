@@ -67,13 +67,22 @@ def _load() -> bool:
         return False
 
     @torch.library.register_fake("zili_cpu::paged_decode")
-    def _(q, kv_cache, block_tables, seq_lens, scale):
+    def _(q, kv_cache, block_tables, seq_lens, scale, window=0):
         return torch.empty_like(q)
 
     return True
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """q [B, H, D] (one token per sequence) over its paged context -> [B, H, D]; needs `available()`."""
-    return torch.ops.zili_cpu.paged_decode(q, kv_cache, block_tables, seq_lens, scale)
+                 scale: float, window: int | None = None) -> torch.Tensor:
+    """q [B, H, D] (one token per sequence) over its paged context -> [B, H, D]; needs `available()`.
+
+    kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, W] int64; seq_lens [B] int64
+    (context length including the new token). `window`: sliding-window attention (Mistral, Gemma's
+    local layers): each query sees only the last `window` positions of its sequence; None or 0 is
+    the whole context. A negative window is a ValueError.
+    """
+    window = 0 if window is None else int(window)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 or None: full context), got {window}")
+    return torch.ops.zili_cpu.paged_decode(q, kv_cache, block_tables, seq_lens, scale, window)

@@ -4,6 +4,8 @@
 //   q            [B, H, D]                    float32 / bfloat16 / float16
 //   kv_cache     [2, NB, BS, KVH, D]          same dtype family (index 0 keys, 1 values)
 //   block_tables [B, W] int64, seq_lens [B] int64 (context length including the new token)
+//   window       0: the whole context; > 0: only the last `window` positions (sliding-window
+//                attention, as in Mistral and Gemma's local layers)
 //   returns      [B, H, D] in q's dtype
 //
 // Work is split over sequences (over (sequence, KV head) pairs when there are fewer sequences than
@@ -129,8 +131,8 @@ inline void softmax_avx512(float* x, int64_t n) {
 // and scored against the G query heads of their KV head while in registers; values are summed into
 // per-head accumulators held in registers. Returns false when D does not suit (scalar path then).
 template <typename T>
-bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const float* qf, float* scores,
-                        float* acc, int64_t h0, int64_t h1, int64_t G, int64_t D, int64_t BS,
+bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int64_t len, const float* qf,
+                        float* scores, float* acc, int64_t h0, int64_t h1, int64_t G, int64_t D, int64_t BS,
                         int64_t token_stride, int64_t block_stride, int64_t half) {
   constexpr int kMaxChunks = 8;  // D up to 128
   if (D % 16 != 0 || D / 16 > kMaxChunks || G > 8 || std::is_same<T, double>::value) return false;
@@ -146,7 +148,7 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const
         for (int64_t g = 0; g < 3; ++g)
           for (int64_t t = 0; t < 8; ++t) part[g][t] = _mm512_setzero_ps();
         for (int64_t t = 0; t < n; ++t) {
-          const int64_t s = s0 + t;
+          const int64_t s = first + s0 + t;
           const T* k = cache + table[s / BS] * block_stride + (s % BS) * token_stride + kh * D;
           for (int64_t c = 0; c < chunks; ++c) {
             const __m512 kc = load16(k + 16 * c);
@@ -169,7 +171,8 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const
     for (int64_t g = 0; g < G; ++g)
       for (int64_t c = 0; c < chunks; ++c) out[g][c] = _mm512_setzero_ps();
     for (int64_t s = 0; s < len; ++s) {
-      const T* v = cache + half + table[s / BS] * block_stride + (s % BS) * token_stride + kh * D;
+      const int64_t p = first + s;
+      const T* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * D;
       for (int64_t c = 0; c < chunks; ++c) {
         const __m512 vc = load16(v + 16 * c);
         for (int64_t g = 0; g < G; ++g)
@@ -193,9 +196,9 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t len, const
 constexpr int64_t kPrefetchAhead = 16;  // positions
 
 template <int G, int CH>
-void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t len, const c10::BFloat16* q,
-                      float scale, float* scores, float* acc, int64_t h0, int64_t h1, int64_t BS,
-                      int64_t token_stride, int64_t block_stride, int64_t half) {
+void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t first, int64_t skip, int64_t len,
+                      const c10::BFloat16* q, float scale, float* scores, float* acc, int64_t h0, int64_t h1,
+                      int64_t BS, int64_t token_stride, int64_t block_stride, int64_t half) {
   constexpr int D = 32 * CH;
   for (int64_t kh = h0; kh < h1; ++kh) {
     const int64_t hb = (kh - h0) * G;
@@ -203,13 +206,14 @@ void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t 
     const int64_t head_off = kh * D;
     for (int64_t s0 = 0; s0 < len; s0 += 8) {
       const int64_t n = std::min<int64_t>(8, len - s0);
-      const c10::BFloat16* kb = cache + table[s0 / BS] * block_stride + (s0 % BS) * token_stride + head_off;
+      const int64_t p0 = first + s0;  // a multiple of 8: the 8 positions share a block
+      const c10::BFloat16* kb = cache + table[p0 / BS] * block_stride + (p0 % BS) * token_stride + head_off;
       if (kh == h0 && s0 + kPrefetchAhead < len) {
         // The first KV head's pass brings in whole rows (every KV head's keys, and the values) a
         // little ahead: blocks sit at random places, so the hardware prefetcher cannot follow.
-        const int64_t sp = s0 + kPrefetchAhead;
+        const int64_t sp = s0 + kPrefetchAhead, pp = first + sp;
         const int64_t n_ahead = std::min<int64_t>(8, len - sp);
-        const c10::BFloat16* row = cache + table[sp / BS] * block_stride + (sp % BS) * token_stride + h0 * D;
+        const c10::BFloat16* row = cache + table[pp / BS] * block_stride + (pp % BS) * token_stride + h0 * D;
         const int64_t bytes = (h1 - h0) * D * 2;
         for (int64_t t = 0; t < n_ahead; ++t)
           for (int64_t off = 0; off < bytes; off += 64) {
@@ -238,7 +242,13 @@ void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t 
     }
   }
   const int64_t nh = (h1 - h0) * G;
+  // Positions before a sliding window's start that share its first group of 8 were scored for
+  // alignment only: they get no weight.
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t s = 0; s < skip; ++s) scores[h * len + s] = -std::numeric_limits<float>::infinity();
   for (int64_t h = 0; h < nh; ++h) softmax_avx512(scores + h * len, len);
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t s = 0; s < skip; ++s) scores[h * len + s] = 0.0f;
   // Values: heads in passes of GB so that GB * 2CH fp32 accumulators stay in registers.
   constexpr int VC = 2 * CH;  // 16-lane chunks per row
   constexpr int GB = std::max(1, std::min(G, 24 / VC));
@@ -248,8 +258,9 @@ void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t 
       __m512 out[GB][VC];
       for (int g = 0; g < GB; ++g)
         for (int c = 0; c < VC; ++c) out[g][c] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < len; ++s) {
-        const c10::BFloat16* v = cache + half + table[s / BS] * block_stride + (s % BS) * token_stride + kh * D;
+      for (int64_t s = skip; s < len; ++s) {
+        const int64_t p = first + s;
+        const c10::BFloat16* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * D;
         __m512 w[GB];
         for (int g = 0; g < GB; ++g)
           w[g] = g0 + g < G ? _mm512_set1_ps(scores[(hb + g0 + g) * len + s]) : _mm512_setzero_ps();
@@ -264,8 +275,8 @@ void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t 
   }
 }
 
-using Bf16ItemFn = void (*)(const c10::BFloat16*, const int64_t*, int64_t, const c10::BFloat16*, float, float*,
-                            float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+using Bf16ItemFn = void (*)(const c10::BFloat16*, const int64_t*, int64_t, int64_t, int64_t, const c10::BFloat16*,
+                            float, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <int CH>
 Bf16ItemFn bf16_item_for_group(int64_t G) {
@@ -294,7 +305,7 @@ Bf16ItemFn bf16_item(int64_t G, int64_t D, int64_t BS) {
 template <typename T>
 void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, const int64_t* lens, T* out,
                          int64_t B, int64_t H, int64_t D, int64_t NB, int64_t BS, int64_t KVH, int64_t W,
-                         float scale) {
+                         float scale, int64_t window) {
   const int64_t G = H / KVH;
   const int64_t token_stride = KVH * D;            // between positions inside a block
   const int64_t block_stride = BS * token_stride;  // between blocks
@@ -313,18 +324,22 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
       const int64_t nh = (h1 - h0) * G;       // query heads of this item
       const int64_t qh0 = h0 * G;             // first of them
       const int64_t width = (h1 - h0) * D;    // elements of a key row this item reads
-      const int64_t len = lens[b];
+      const int64_t total = lens[b];
+      // A sliding window attends to the last `window` positions only: [first, total).
+      const int64_t first = window > 0 && total > window ? total - window : 0;
+      const int64_t len = total - first;
       T* o = out + (b * H + qh0) * D;
-      if (len <= 0) {  // a padded row: zeros
+      if (total <= 0) {  // a padded row: zeros
         for (int64_t i = 0; i < nh * D; ++i) o[i] = T(0.0f);
         continue;
       }
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same<T, c10::BFloat16>::value) {
         if (bf16_fn != nullptr) {
-          scores.resize(nh * len);
-          bf16_fn(cache, tables + b * W, len, q + (b * H + qh0) * D, scale, scores.data(), acc.data(), h0, h1, BS,
-                  token_stride, block_stride, half);
+          const int64_t aligned = first & ~int64_t{7};
+          scores.resize(nh * (total - aligned));
+          bf16_fn(cache, tables + b * W, aligned, first - aligned, total - aligned, q + (b * H + qh0) * D, scale,
+                  scores.data(), acc.data(), h0, h1, BS, token_stride, block_stride, half);
           for (int64_t i = 0; i < nh * D; ++i) o[i] = T(acc[i]);
           continue;
         }
@@ -335,14 +350,15 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
       scores.assign(nh * len, 0.0f);
       const int64_t* table = tables + b * W;
 #if defined(__AVX512F__)
-      if (decode_item_avx512(cache, table, len, qf.data(), scores.data(), acc.data(), h0, h1, G, D, BS,
+      if (decode_item_avx512(cache, table, first, len, qf.data(), scores.data(), acc.data(), h0, h1, G, D, BS,
                              token_stride, block_stride, half)) {
         for (int64_t i = 0; i < nh * D; ++i) o[i] = T(acc[i]);
         continue;
       }
 #endif
       for (int64_t s = 0; s < len; ++s) {
-        const T* k = cache + table[s / BS] * block_stride + (s % BS) * token_stride + h0 * D;
+        const int64_t p = first + s;
+        const T* k = cache + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
         load_row(k, row.data(), width);
         for (int64_t h = 0; h < nh; ++h) {
           const float* qh = qf.data() + h * D;
@@ -361,7 +377,8 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
       }
       std::fill(acc.begin(), acc.begin() + nh * D, 0.0f);
       for (int64_t s = 0; s < len; ++s) {
-        const T* v = cache + half + table[s / BS] * block_stride + (s % BS) * token_stride + h0 * D;
+        const int64_t p = first + s;
+        const T* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
         load_row(v, row.data(), width);
         for (int64_t h = 0; h < nh; ++h) {
           const float p = scores[h * len + s];
@@ -377,7 +394,7 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
 }
 
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                        const at::Tensor& seq_lens, double scale) {
+                        const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode: bad shapes");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "paged_decode: q and kv_cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
@@ -386,6 +403,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const a
   const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == D && H % KVH == 0, "paged_decode: head sizes do not match");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes differ");
+  TORCH_CHECK(window >= 0, "paged_decode: window must be >= 0 (0: full context), got ", window);
   auto qc = q.contiguous();
   auto cache = kv_cache.contiguous();
   auto tables = block_tables.contiguous();
@@ -395,7 +413,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode", [&] {
     paged_decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
                                   lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, D, NB, BS, KVH, W,
-                                  static_cast<float>(scale));
+                                  static_cast<float>(scale), window);
   });
   return out;
 }
@@ -403,7 +421,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const a
 }  // namespace
 
 TORCH_LIBRARY(zili_cpu, m) {
-  m.def("paged_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("paged_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+        "int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

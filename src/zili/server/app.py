@@ -18,6 +18,7 @@ import zili
 from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
 from zili.server.errors import APIError, error_body, install_error_handlers
 from zili.server.metrics import ServerMetrics
+from zili.server.web_ui import mount_web_ui
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 30.0
     retry_after: int = 1  # seconds, sent with 429
+    web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
 
 
 class ServerState:
@@ -173,5 +175,7 @@ def build_app(settings: ServerSettings, engine: AsyncEngine) -> FastAPI:
     app.state.zili = state
     install_error_handlers(app)
     app.include_router(router)
+    if settings.web_ui:
+        mount_web_ui(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -127,6 +127,8 @@ def serve(
     enforce_eager: Annotated[bool | None, typer.Option(
         "--enforce-eager/--compile", help="Run every step eagerly, or compile the decode step at start (the default "
         "on CPUs unless ZILI_ENFORCE_EAGER=1).", show_default=False)] = None,
+    web_ui: Annotated[bool, typer.Option(
+        "--web-ui/--no-web-ui", help="Serve the web console (chat, form extraction, usage) at /.")] = True,
     load_format: Annotated[str, typer.Option(
         help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
         "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
@@ -164,7 +166,8 @@ def serve(
 
     settings = ServerSettings(
         served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
-        max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
+        max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
+        web_ui=web_ui)
     if replicas > 1 or ray_address is not None:
         from zili.distributed.replicas import ReplicaPool
 

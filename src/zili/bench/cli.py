@@ -20,6 +20,7 @@ from typing import Any, Optional
 import typer
 
 from zili.bench.cost import DEFAULT_PRICE_PER_HOUR, CostBasis
+from zili.cli_options import engine_options
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True,
                         help="Benchmarks: serving load against an OpenAI-compatible endpoint, offline engine speed.")
@@ -193,6 +194,8 @@ def _serve_line(row: dict) -> str:
 # --- offline -------------------------------------------------------------------------------------
 
 @bench_app.command()
+@engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "attention_backend",
+                "use_tune_cache", "enforce_eager", "load_format", defaults={"enforce_eager": False})
 def offline(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
                                         "alias (default smollm2-135m)."),
@@ -209,18 +212,7 @@ def offline(
     hf_batch_size: int = typer.Option(32, "--hf-batch-size"),
     roofline: bool = typer.Option(True, "--roofline/--no-roofline",
                                   help="Measure copy bandwidth and report the decode roofline."),
-    dtype: str = typer.Option("auto", "--dtype", help="zili's dtype."),
-    max_num_seqs: Optional[int] = typer.Option(None, "--max-num-seqs"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
-    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="zili without its compiled decode step."),
-    attention_backend: str = typer.Option("auto", "--attention-backend", help="zili's attention backend "
-                                          "(auto: tuned or the platform's default; sdpa, cpp, triton)."),
-    load_format: str = typer.Option("auto", "--load-format", help="auto, or dummy: seeded random weights on the "
-                                    "model's architecture (an HF directory with only config.json is enough; the "
-                                    "transformers peer gets random weights too)."),
-    kv_cache_memory: Optional[float] = typer.Option(None, "--kv-cache-memory", help="zili's KV pool: a fraction "
-                                                    "of free memory (<= 1) or bytes (default: the platform's)."),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     hf_num_prompts: Optional[int] = typer.Option(None, "--hf-num-prompts", help="The transformers peer's "
                                                  "throughput runs the first N requests only (default: all)."),
     tp_path: bool = typer.Option(False, "--tp-path", help="Run zili through its tensor-parallel executor at "
@@ -234,8 +226,12 @@ def offline(
     output: Optional[Path] = OutputOpt,
     label: Optional[str] = LabelOpt,
     note: Optional[str] = NoteOpt,
+    engine_args: dict[str, Any] | None = None,
 ) -> None:
-    """zili's engine throughput (LLM.generate) and single-stream pp / tg, optionally HF transformers too."""
+    """zili's engine throughput (LLM.generate) and single-stream pp / tg, optionally HF transformers too.
+    With --load-format dummy the transformers peer gets random weights too."""
+    engine_args = dict(engine_args or {})
+    load_format = engine_args.get("load_format", "auto")
     from zili.bench import offline as off
     from zili.bench.cost import cost_figures
     from zili.bench.results import new_record, with_cost
@@ -247,13 +243,16 @@ def offline(
     in_len, out_len = _lengths(input_len, "--input-len"), _lengths(output_len, "--output-len")
     basis = _basis(price_per_hour, watts)
     platform, dev, sync = _device(device)
-    config = {"model": model, "model_path": str(path), "model_bytes": _model_bytes(path), "dtype": dtype,
-              "num_prompts": num_prompts, "input_len": str(in_len), "output_len": str(out_len), "pp": pp, "tg": tg,
+    config = {"model": model, "model_path": str(path), "model_bytes": _model_bytes(path),
+              "dtype": engine_args.get("dtype", "auto"), "num_prompts": num_prompts, "input_len": str(in_len),
+              "output_len": str(out_len), "pp": pp, "tg": tg,
               "repetitions": repetitions, "peers": peers, "hf_dtypes": hf_dtypes, "hf_batch_size": hf_batch_size,
-              "max_num_seqs": max_num_seqs, "threads": threads or _torch_threads(), "platform": platform,
-              "device": str(dev), "seed": seed, "enforce_eager": enforce_eager, "load_format": load_format,
-              "kv_cache_memory": kv_cache_memory, "max_model_len": max_model_len, "hf_num_prompts": hf_num_prompts,
-              "tp_path": tp_path, "attention_backend": attention_backend}
+              "max_num_seqs": engine_args.get("max_num_seqs"), "threads": threads or _torch_threads(),
+              "platform": platform, "device": str(dev), "seed": seed,
+              "enforce_eager": engine_args.get("enforce_eager"), "load_format": load_format,
+              "kv_cache_memory": engine_args.get("kv_cache_memory"), "max_model_len": engine_args.get("max_model_len"),
+              "hf_num_prompts": hf_num_prompts, "tp_path": tp_path,
+              "attention_backend": engine_args.get("attention_backend", "auto"), "engine_args": engine_args}
     record = new_record("offline", config, basis)
     record["note"] = note
     runs = record["runs"]
@@ -274,14 +273,7 @@ def offline(
                    f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
-    opts: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager, "load_format": load_format,
-                            "attention_backend": attention_backend}
-    if max_num_seqs:
-        opts["max_num_seqs"] = max_num_seqs
-    if kv_cache_memory is not None:
-        opts["kv_cache_memory"] = kv_cache_memory if kv_cache_memory <= 1 else int(kv_cache_memory)
-    if max_model_len:
-        opts["max_model_len"] = max_model_len
+    opts: dict[str, Any] = dict(engine_args)
     if tp_path:
         opts["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()

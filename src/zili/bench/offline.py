@@ -21,8 +21,7 @@ from typing import Any, Sequence
 from zili.bench.machine import load_average
 from zili.bench.stats import median, summarize
 from zili.bench.workload import RequestSpec, random_token_ids
-from zili.weights import open_checkpoint
-from zili.weights.resolve import resolve_model
+from zili.models.loader import open_checkpoint, resolve_model
 
 
 def _timed(fn) -> float:

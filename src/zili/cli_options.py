@@ -1,0 +1,108 @@
+"""Engine settings as command-line options, declared once for every command that builds an engine.
+
+`zili serve`, `zili generate`, `zili chat`, `zili extract`, `zili tune` and `zili bench offline`
+each take some of the `EngineConfig` fields as options. Their flag, type, default and help text
+live here, in `ENGINE_OPTIONS`; a command names the ones it takes:
+
+    @engine_options("dtype", "max_model_len", "enforce_eager")
+    def generate(prompt: str, ..., engine_args: dict[str, Any]) -> None:
+        llm = LLM(model, **engine_args)
+
+The decorator adds the options to the command's signature (typer reads `__signature__`) and hands
+the command one `engine_args` dict: EngineConfig field -> value, holding only the options the user
+gave or that have a default other than EngineConfig's. Values are validated where they always are,
+by `EngineConfig` (a ValueError naming the field).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from zili.config import DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One EngineConfig field as a command-line option."""
+
+    field: str  # the EngineConfig field it sets
+    annotation: Any  # its Python type on the command line
+    default: Any  # None: leave EngineConfig's default
+    help: str
+    flags: tuple[str, ...] = ()  # e.g. ("--enforce-eager/--compile",); default: --field-name
+    min: int | None = None
+
+    def parameter(self) -> inspect.Parameter:
+        option = typer.Option(*self.flags, help=self.help, min=self.min, show_default=self.default is not None)
+        return inspect.Parameter(self.field, inspect.Parameter.KEYWORD_ONLY, default=self.default,
+                                 annotation=Annotated[self.annotation, option])
+
+
+ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
+    EngineOption("dtype", str, "auto", f"Weights and activations dtype: {', '.join(DTYPES)} (or bf16, fp16, fp32)."),
+    EngineOption("max_model_len", int | None, None, "Context length (default: the model's).", min=2),
+    EngineOption("max_num_seqs", int | None, None, "Most sequences in one batch (default 64).", min=1),
+    EngineOption("kv_cache_memory", str | None, None,
+                 "KV pool size: bytes (512MiB, 2GiB, 1GB) or a fraction of free memory (0.2)."),
+    EngineOption("quantization", str, "auto",
+                 f"Weights kept quantized in memory: {', '.join(QUANTIZATION_MODES)} (auto follows the GGUF)."),
+    EngineOption("threads", int | None, None, "CPU threads (default: physical cores, or tuned).", min=1),
+    EngineOption("attention_backend", str, "auto", "auto, sdpa, cpp (C++ CPU kernel) or triton."),
+    EngineOption("use_tune_cache", bool, True, "Use the settings `zili tune` measured on this device.",
+                 flags=("--tune-cache/--no-tune-cache",)),
+    EngineOption("enforce_eager", bool | None, None,
+                 "Run every step eagerly, or compile the decode step (default: compiled on CPUs for `zili serve`, "
+                 "eager for one-shot commands; ZILI_ENFORCE_EAGER=1 forces eager).",
+                 flags=("--enforce-eager/--compile",)),
+    EngineOption("load_format", str, "auto",
+                 f"{' or '.join(LOAD_FORMATS)}: dummy fills seeded random weights on MODEL's architecture (a "
+                 "directory with only config.json is enough), for load tests of shapes whose weights are not here."),
+    EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
+                 "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
+)}
+
+
+def engine_options(*names: str, defaults: dict[str, Any] | None = None) -> Callable[[F], F]:
+    """Add the named `ENGINE_OPTIONS` to a typer command; it receives them as `engine_args`.
+
+    `defaults` overrides an option's default for this command (e.g. eager one-shot commands).
+    ValueError at import time for an unknown name or a command without an `engine_args` parameter."""
+    unknown = [n for n in names if n not in ENGINE_OPTIONS]
+    if unknown:
+        raise ValueError(f"unknown engine options {unknown}; known: {', '.join(ENGINE_OPTIONS)}")
+    overrides = defaults or {}
+
+    def decorate(func: F) -> F:
+        signature = inspect.signature(func)
+        if "engine_args" not in signature.parameters:
+            raise ValueError(f"{func.__name__} must take an engine_args parameter to use engine_options")
+        params = [p for p in signature.parameters.values() if p.name != "engine_args"]
+        added = []
+        for name in names:
+            param = ENGINE_OPTIONS[name].parameter()
+            if name in overrides:
+                param = param.replace(default=overrides[name])
+            added.append(param)
+        # typer maps parameters in order; keyword-only options go after the command's own.
+        positional = [p for p in params if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params
+                   if p.kind == inspect.Parameter.KEYWORD_ONLY]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            engine_args = {name: kwargs.pop(name) for name in names if name in kwargs}
+            engine_args = {k: v for k, v in engine_args.items() if v is not None}
+            return func(*args, engine_args=engine_args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*positional, *keyword, *added])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,11 +1,13 @@
-"""The `zili` command: generate, chat, models, serve, bench."""
+"""The `zili` command: generate, chat, models, serve, bench, keys, usage."""
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from zili.cli_options import engine_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="zili (自立): self-hosted LLM inference. Runs open-weight models on the machine you have.")
@@ -14,8 +16,9 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF
                         "(see `zili models`). Default: smollm2-135m.")
 # One-shot and interactive commands start eagerly: compiling the decode step takes seconds (a minute
 # or two the first time) and pays off over long outputs and many requests, as in `zili serve`.
-CompileOpt = typer.Option(False, "--compile/--eager", help="Compile the decode step first (faster tokens, "
-                          "slower start).")
+ONE_SHOT_ENGINE_OPTIONS = ("dtype", "max_model_len", "kv_cache_memory", "quantization", "threads",
+                           "attention_backend", "use_tune_cache", "enforce_eager", "load_format")
+ONE_SHOT_DEFAULTS = {"enforce_eager": True}
 
 
 def _fail(message: str) -> None:
@@ -23,11 +26,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _make_llm(model: Optional[str], dtype: str, max_model_len: Optional[int] = None, **options):
+def _make_llm(model: Optional[str], engine_args: dict[str, Any]):
     from zili.engine.llm import LLM
 
     try:
-        return LLM(model, dtype=dtype, max_model_len=max_model_len, **options)
+        return LLM(model, **engine_args)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
@@ -44,6 +47,7 @@ def _params(max_tokens: int, temperature: float, top_p: float, top_k: int, min_p
 
 
 @app.command()
+@engine_options(*ONE_SHOT_ENGINE_OPTIONS, defaults=ONE_SHOT_DEFAULTS)
 def generate(
     prompt: str = typer.Argument(..., help="The prompt text."),
     model: Optional[str] = ModelOpt,
@@ -56,12 +60,11 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
-    dtype: str = typer.Option("auto", "--dtype"),
-    compile: bool = CompileOpt,
+    engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Complete one prompt and stream the answer to stdout."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, stop)
-    llm = _make_llm(model, dtype, enforce_eager=not compile)
+    llm = _make_llm(model, engine_args or {})
     tokens = llm.render_chat([{"role": "user", "content": prompt}]) if chat else prompt
     try:
         _stream_to_stdout(llm, tokens, params)
@@ -70,6 +73,7 @@ def generate(
 
 
 @app.command()
+@engine_options(*ONE_SHOT_ENGINE_OPTIONS, defaults=ONE_SHOT_DEFAULTS)
 def chat(
     model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
@@ -80,12 +84,11 @@ def chat(
     min_p: float = typer.Option(0.0, "--min-p"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    compile: bool = CompileOpt,
+    engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
-    llm = _make_llm(model, dtype, enforce_eager=not compile)
+    llm = _make_llm(model, engine_args or {})
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     typer.secho("zili chat — /reset clears the conversation, /exit quits, Ctrl-C stops an answer.", err=True, dim=True)
@@ -149,12 +152,15 @@ def models() -> None:
 
 def _register_subcommands() -> None:
     from zili.bench.cli import bench_app
+    from zili.governance.cli import keys_app, usage
     from zili.server.launcher import serve
     from zili.tune import tune
 
     app.command("serve", help="Start the OpenAI-compatible HTTP server.")(serve)
     app.add_typer(bench_app, name="bench", help="Benchmarks: offline, serving, and side by side with peers.")
     app.command("tune", help="Measure kernels and settings on this device; save the winners.")(tune)
+    app.add_typer(keys_app, name="keys", help="API keys with quotas, kept in zili's database.")
+    app.command("usage", help="Requests, tokens and cost per day, model or key, from the usage ledger.")(usage)
     try:
         from zili.extract import extract
     except ImportError:  # structured output needs xgrammar

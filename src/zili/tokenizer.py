@@ -21,7 +21,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from zili.weights.errors import UnsupportedModelError
@@ -34,8 +34,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# For base models without a chat template and without ChatML's tokens in their vocabulary (Gemma 3
+# 270M): the conversation's texts, one after another, as a plain completion prompt after BOS.
+PLAIN_COMPLETION_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
 # llama.cpp token types (tokenizer.ggml.token_type).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+# SentencePiece's word-boundary mark, which stands for a space inside the vocabulary.
+_SPM_SPACE = "\u2581"
+# Architectures whose SentencePiece GGUF vocabularies follow Gemma's conventions: no space prefix,
+# spaces turned into the boundary mark by a normalizer, runs of spaces stored as real spaces, and
+# merges ranked by the tokens' order in the file (their scores do not follow the merge order).
+_GEMMA_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 # Split rules of the byte-level BPE pre-tokenizers, by `tokenizer.ggml.pre` name.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -175,13 +189,20 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, metadata: Mapping[str, Any], source: str = "GGUF") -> "Tokenizer":
-        """From a GGUF file's metadata (the `tokenizer.ggml.*` keys and `tokenizer.chat_template`)."""
+        """From a GGUF file's metadata (the `tokenizer.ggml.*` keys and `tokenizer.chat_template`).
+
+        `tokenizer.ggml.model` "gpt2" is byte-level BPE (Llama 3, Qwen, SmolLM); "llama" is a
+        SentencePiece BPE vocabulary (Gemma, Llama 2, Mistral), see `_sentencepiece_from_gguf`.
+        Anything else raises UnsupportedModelError naming the model and what is supported.
+        """
         model = metadata.get("tokenizer.ggml.model")
+        if model == "llama":
+            return _sentencepiece_from_gguf(cls, metadata, source)
         if model != "gpt2":
             raise UnsupportedModelError(
                 f"{source}: tokenizer model {model!r} (tokenizer.ggml.model) is not supported; supported: "
-                "'gpt2' (byte-level BPE, used by Llama 3, Qwen2/3, SmolLM). SentencePiece ('llama') "
-                "GGUFs are not supported yet: use the model's HF checkpoint directory instead."
+                "'gpt2' (byte-level BPE: Llama 3, Qwen2/3, SmolLM) and 'llama' (SentencePiece BPE: Gemma, "
+                "Llama 2, Mistral)."
             )
         tokens: list[str] = metadata["tokenizer.ggml.tokens"]
         types: list[int] = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
@@ -270,6 +291,100 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# SentencePiece vocabularies in GGUF files
+# --------------------------------------------------------------------------------------------
+
+
+def sentencepiece_merges(tokens: Sequence[str], ranks: Mapping[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary (a GGUF stores the pieces, not the merges).
+
+    Every split of a piece into two pieces that are both in the vocabulary is a merge; merges are
+    ranked by the piece's rank, best (highest) first, ties broken by the longer left then right part,
+    then by the parts' ids. This is how SentencePiece's BPE picks which pair to join (the highest-
+    scoring resulting piece), and the order HF's converters (`generate_merges`) produce, so that the
+    same vocabulary tokenizes identically here and in transformers.
+    """
+    ids = {token: i for i, token in enumerate(tokens)}  # a repeated piece keeps its last id
+    found: list[tuple[float, int, int, str, str]] = []
+    for piece in ranks:
+        local = []
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                local.append((ids[left], ids[right], left, right))
+        local.sort()
+        rank = ranks[piece]
+        found.extend((rank, len(left), len(right), left, right) for _, _, left, right in local)
+    # Stable sort on the key only, best first: equal keys keep the order they were found in.
+    found.sort(key=lambda m: (m[0], m[1], m[2]), reverse=True)
+    return [(left, right) for _, _, _, left, right in found]
+
+
+def _sentencepiece_from_gguf(cls: type[Tokenizer], metadata: Mapping[str, Any], source: str) -> Tokenizer:
+    """A SentencePiece BPE vocabulary (`tokenizer.ggml.model` "llama") as an HF `tokenizers` BPE.
+
+    The GGUF keeps the pieces with their scores and token types (1 normal, 2 unknown, 3 control,
+    4 user-defined, 6 byte). Rebuilt here: BPE merges derived from the pieces (ranked by score, or
+    by file order for Gemma), byte fallback to the `<0xNN>` pieces for characters outside the
+    vocabulary, the space prefix (`tokenizer.ggml.add_space_prefix`, default true as in llama.cpp)
+    as a Metaspace pre-tokenizer on the first piece of text only, control tokens as special tokens
+    matched whole, user-defined ones as plain added tokens, and BOS/EOS added per
+    `tokenizer.ggml.add_bos_token` (default true) / `add_eos_token`. The components are those of
+    transformers' GGUF loader (`gguf_file=`), which the tests hold this to.
+    """
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+    gemma = metadata.get("general.architecture") in _GEMMA_SPM_ARCHITECTURES
+    if gemma:
+        # Gemma stores its pieces of 2+ spaces as spaces; its normalizer looks them up as boundary marks.
+        pieces = [_SPM_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        ranks: dict[str, float] = {t: -float(i) for i, t in enumerate(pieces)}
+    else:
+        pieces = tokens
+        scores = metadata.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+        ranks = dict(zip(pieces, (float(s) for s in scores)))
+    vocab = {t: i for i, t in enumerate(pieces)}
+
+    def token_of(key: str) -> str | None:
+        i = metadata.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos, pad, unk = (token_of(k) for k in ("bos_token_id", "eos_token_id", "padding_token_id",
+                                                "unknown_token_id"))
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(pieces, ranks), fuse_unk=True,
+                                          byte_fallback=True, unk_token=unk if gemma else None))
+    decode_steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", _SPM_SPACE)
+    else:
+        add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=_SPM_SPACE, prepend_scheme="first" if add_prefix else "never", split=False)
+        if add_prefix:
+            decode_steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(decode_steps)
+
+    special = [t for t, k in zip(tokens, types) if k == _TOKEN_CONTROL]
+    special += [t for t in (bos, eos, unk, pad) if t is not None and t not in special]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(special)])
+    known = backend.get_vocab()
+    user = [t for t, k in zip(tokens, types) if k == _TOKEN_USER_DEFINED and t in known]
+    if user:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True)) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        backend.post_processor = _bos_eos_processor(
+            (bos, backend.token_to_id(bos)) if add_bos else None, (eos, backend.token_to_id(eos)) if add_eos else None)
+    extra_eos = [metadata[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in metadata]
+    template = metadata.get("tokenizer.chat_template")
+    if template is None and "<|im_start|>" not in known:
+        template = PLAIN_COMPLETION_TEMPLATE
+    return cls(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+               extra_eos_token_ids=extra_eos, chat_template=template)
 
 
 # --------------------------------------------------------------------------------------------

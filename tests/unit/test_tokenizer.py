@@ -224,9 +224,9 @@ def test_gguf_fields_add_bos_and_eot() -> None:
     assert t.decode([0, 4, 1]) == "ab" and t.decode([0, 4, 1], skip_special_tokens=False) == "<s>ab</s>"
 
 
-def test_sentencepiece_and_unknown_pre_tokenizer_are_refused() -> None:
-    with pytest.raises(UnsupportedModelError, match=r"tokenizer model 'llama'.*supported: 'gpt2'"):
-        Tokenizer.from_gguf_fields(_fields(**{"tokenizer.ggml.model": "llama"}), source="m.gguf")
+def test_unknown_tokenizer_model_and_pre_tokenizer_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"tokenizer model 'rwkv'.*supported: 'gpt2'.*'llama'"):
+        Tokenizer.from_gguf_fields(_fields(**{"tokenizer.ggml.model": "rwkv"}), source="m.gguf")
     with pytest.raises(UnsupportedModelError, match=r"pre-tokenizer 'made-up'.*supported: .*llama-bpe.*qwen2.*smollm"):
         Tokenizer.from_gguf_fields(_fields(**{"tokenizer.ggml.pre": "made-up"}), source="m.gguf")
 

@@ -48,9 +48,11 @@ def compare(
     input_len: str = typer.Option("128", "--input-len"),
     output_len: str = typer.Option("128", "--output-len"),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", "-n",
-                                              help="Requests per level (default max(min-prompts, waves x concurrency))."),
+                                              help="Requests per level (default max(min-prompts, waves x "
+                                                   "concurrency))."),
     waves: int = typer.Option(2, "--waves", help="Full batches of requests per level when --num-prompts is not given."),
-    min_prompts: int = typer.Option(4, "--min-prompts", help="Fewest requests per level when --num-prompts is not given."),
+    min_prompts: int = typer.Option(4, "--min-prompts",
+                                    help="Fewest requests per level when --num-prompts is not given."),
     pp: int = typer.Option(512, "--pp"),
     tg: int = typer.Option(128, "--tg"),
     repetitions: int = typer.Option(2, "--repetitions", "-r", help="Single-stream repetitions inside each round."),
@@ -94,7 +96,8 @@ def compare(
                             "repack": pr.repack_default()},
               "single_stream": {"pp": pp, "tg": tg, "repetitions": repetitions},
               "serve": {"concurrency": levels, "input_len": str(in_len), "output_len": str(out_len),
-                        "num_prompts": num_prompts or {c: cmp.default_num_prompts(c, waves, min_prompts) for c in levels},
+                        "num_prompts": num_prompts or {c: cmp.default_num_prompts(c, waves, min_prompts)
+                                                       for c in levels},
                         "zili_serve_args": zili_serve_args, "llama_server_args": llama_server_args}}
     record = new_record("compare", config, basis, program="python -m benchmarks")
     record["note"] = note
@@ -129,7 +132,8 @@ def compare(
         if "llama.cpp" in peer_list:
             engines["llama.cpp"] = lambda: pr.llama_server(path, max(levels), ctx, threads, bin_dir,
                                                            extra_args=shlex.split(llama_server_args))
-        workload = cmp.ServeWorkload(levels, in_len, out_len, num_prompts, waves, min_prompts, shapes["vocab_size"], seed,
+        workload = cmp.ServeWorkload(levels, in_len, out_len, num_prompts, waves, min_prompts, shapes["vocab_size"],
+                                     seed,
                                      timeout_s=timeout)
         runs: list[dict] = []
         for r in range(repeats):

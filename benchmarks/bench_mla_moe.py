@@ -77,10 +77,10 @@ def tiny_moe_config() -> ModelConfig:
 def dense_loop_experts(self: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The baseline: every expert on every token, zero-weighted where it was not chosen."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    I = self.intermediate_size
+    inter = self.intermediate_size
     for e in range(self.num_experts):
         h = F.linear(x, self.w13[e])
-        y = F.linear(F.silu(h[:, :I]) * h[:, I:], self.w2[e])
+        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], self.w2[e])
         out += y.float() * (weights * (ids == e)).sum(-1, keepdim=True)
     return out.to(x.dtype)
 

@@ -83,7 +83,7 @@ def main() -> None:
     import torch
 
     from zili.config import EngineConfig
-    from zili.engine.engine import Engine
+    from zili.engine.builder import build_engine
     from zili.platforms import current_platform
 
     platform = current_platform()
@@ -97,7 +97,7 @@ def main() -> None:
     for name, options in configs.items():  # all loaded up front; only one runs at a time
         config = EngineConfig(model=args.model, max_model_len=1024, kv_cache_memory=64 * 2**20,
                               max_num_seqs=max(args.batch), use_tune_cache=False, **options)
-        engines[name] = Engine(config)
+        engines[name] = build_engine(config)
     results: dict[str, dict[int, list[float]]] = {name: {b: [] for b in args.batch} for name in configs}
     for _ in range(args.repeats):
         for batch in args.batch:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
-
-import httpx
 
 from zili.bench.cost import CostBasis, cost_figures, dollars_per_million
 from zili.bench.machine import load_average

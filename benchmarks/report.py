@@ -138,7 +138,8 @@ def serve_section(record: dict, plots: dict[str, str]) -> str:
     errors = sum(r.get("errors", 0) for r in record["runs"] if r.get("mode") == "serve")
     short = sum(r.get("short_outputs", 0) for r in record["runs"] if r.get("mode") == "serve")
     notes = [f"{len(failed)} engine round(s) failed: " + "; ".join(f"{r['engine']} round {r['round']}: "
-                                                                    f"{r['error'][:200]}" for r in failed)] if failed else []
+                                                                    f"{r['error'][:200]}" for r in failed)
+                                           ] if failed else []
     text = ("### Serving (OpenAI-compatible /v1/completions, streamed)\n\n"
             f"{cfg.get('input_len')} prompt tokens (random token ids), {cfg.get('output_len')} output tokens "
             f"(`ignore_eos`), requests per level {per_level}; medians over rounds. Ratios: zili / peer "
@@ -184,7 +185,8 @@ def offline_section(record: dict) -> str:
     weights = " (random weights: `--load-format dummy`)" if cfg.get("load_format") == "dummy" else ""
     text = f"Model `{cfg.get('model')}`{weights}, {cfg.get('input_len')} in / {cfg.get('output_len')} out.\n\n"
     if rows:
-        text += _table(["engine", "requests", "output tok/s", "total tok/s", "req/s", "$/1M out", "short"], rows) + "\n\n"
+        header = ["engine", "requests", "output tok/s", "total tok/s", "req/s", "$/1M out", "short"]
+        text += _table(header, rows) + "\n\n"
     if single:
         text += _table(["engine", "test", "tok/s"], single) + "\n\n"
     ratios = _peer_ratios(record)
@@ -228,7 +230,8 @@ def _roofline_text(roof: dict) -> str:
         text += f"; zili holds {roof['weights_bytes_loaded'] / 1e6:.0f} MB"
     text += ".\n\n" + _table(["batch", "context", "max tok/s"], trows) + "\n"
     if roof.get("tg_fraction_of_roofline") is not None:
-        text += f"\nzili's single-stream decode reaches **{roof['tg_fraction_of_roofline']:.1%}** of the batch-1 bound.\n"
+        text += (f"\nzili's single-stream decode reaches **{roof['tg_fraction_of_roofline']:.1%}** of the batch-1 "
+                 "bound.\n")
     return text
 
 

@@ -15,6 +15,11 @@ from typing import Any, Optional
 
 import typer
 
+from zili.cli_options import engine_options
+from zili.engine.llm import LLM
+from zili.sampling import SamplingParams
+from zili.structured.spec import StructuredOutput
+
 SYSTEM_PROMPT = (
     "You read documents and fill in forms. Answer with one JSON object that matches the JSON schema "
     "of the form. Use only facts stated in the document; copy names, dates and numbers exactly."
@@ -33,8 +38,6 @@ def extraction_request(llm: Any, schema: dict[str, Any], document: str, *, max_t
                        temperature: float = 0.0, seed: int | None = None,
                        instructions: str | None = None) -> tuple[list[int], Any]:
     """The prompt (token ids) and SamplingParams that fill `schema` from `document` with a `zili.LLM`."""
-    from zili.sampling import SamplingParams
-
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured={"json": schema})
     return llm.render_chat(extraction_messages(schema, document, instructions)), params
 
@@ -72,8 +75,6 @@ def _fail(message: str) -> None:
 
 
 def _read_schema(path: Path) -> dict[str, Any]:
-    from zili.structured.spec import StructuredOutput
-
     try:
         schema = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -98,6 +99,8 @@ def _read_document(document: str) -> str:
         _fail(f"the document {document!r} is not UTF-8 text")
 
 
+@engine_options("dtype", "max_model_len", "kv_cache_memory", "quantization", "threads", "attention_backend",
+                "use_tune_cache", "enforce_eager", "load_format", defaults={"enforce_eager": True})
 def extract(
     document: str = typer.Argument(..., help="The document to read: a UTF-8 text file, or - for stdin."),
     schema: Path = typer.Option(..., "--schema", "-s", help="The form: a JSON schema file."),
@@ -108,16 +111,13 @@ def extract(
     seed: Optional[int] = typer.Option(None, "--seed"),
     instructions: Optional[str] = typer.Option(None, "--instructions", help="Extra guidance for the model."),
     compact: bool = typer.Option(False, "--compact", help="Print the JSON on one line."),
-    dtype: str = typer.Option("auto", "--dtype"),
-    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Fill a JSON form from a document; prints JSON that is valid against the schema."""
     form = _read_schema(schema)
     text = _read_document(document)
-    from zili.engine.llm import LLM
-
     try:
-        llm = LLM(model, dtype=dtype, max_model_len=max_model_len)
+        llm = LLM(model, **(engine_args or {}))
         value = extract_json(llm, form, text, max_tokens=max_tokens, temperature=temperature, seed=seed,
                              instructions=instructions)
     except (ValueError, FileNotFoundError) as e:

@@ -18,7 +18,6 @@ from zili.bench.cost import CostBasis, cost_figures, dollars_per_million, joules
 from zili.bench.stats import median, percentile, ratio, summarize
 from zili.bench.workload import LengthSpec, make_requests
 
-
 # --- stats ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])

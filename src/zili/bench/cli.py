@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -107,14 +106,16 @@ def serve(
     request_rate: Optional[float] = typer.Option(None, "--request-rate",
                                                  help="Poisson arrivals in requests/s (with --concurrency: capped)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", "-n",
-                                              help="Requests per level (default max(4, 2 x concurrency); 32 with a rate)."),
+                                              help="Requests per level (default max(4, 2 x concurrency); 32 with "
+                                                   "a rate)."),
     input_len: str = typer.Option("128", "--input-len", help="Prompt tokens: N or LOW:HIGH (uniform)."),
     output_len: str = typer.Option("128", "--output-len", help="Output tokens: N or LOW:HIGH (uniform)."),
     prompt_source: str = typer.Option("random-ids", "--prompt-source",
                                       help="random-ids (token ids: exact lengths), random-words or file."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Text to cut prompts from (words)."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size",
-                                             help="For random ids (default: from the server's /v1/models, else 32000)."),
+                                             help="For random ids (default: from the server's /v1/models, else "
+                                                  "32000)."),
     extra_body: Optional[str] = typer.Option(None, "--extra-body", help="JSON merged into every request body."),
     warmup: int = typer.Option(2, "--warmup", help="Unrecorded short requests sent first."),
     timeout: float = typer.Option(600.0, "--timeout", help="Per-request timeout in seconds."),
@@ -128,8 +129,7 @@ def serve(
 ) -> None:
     """Load an OpenAI-compatible endpoint at fixed concurrencies and/or a Poisson rate; write JSON."""
     from zili.bench.results import new_record, with_cost
-    from zili.bench.serve import (LoadSpec, default_num_prompts, discover_model_name, run_load, wait_until_ready,
-                                  warm_up)
+    from zili.bench.serve import LoadSpec, default_num_prompts, discover_model_name, run_load, wait_until_ready, warm_up
     from zili.bench.workload import LengthSpec, make_requests
 
     if endpoint not in ("completions", "chat"):
@@ -147,7 +147,7 @@ def serve(
     model = model or _try(lambda: asyncio.run(discover_model_name(url))) or "default"
     vocab = vocab_size or _server_vocab(url) or 32000
     basis = _basis(price_per_hour, watts)
-    config = {"url": url, "model": model, "endpoint": endpoint, "loads": [l.label for l in loads],
+    config = {"url": url, "model": model, "endpoint": endpoint, "loads": [load.label for load in loads],
               "input_len": str(in_len), "output_len": str(out_len), "prompt_source": prompt_source,
               "prompt_file": str(prompt_file) if prompt_file else None, "vocab_size": vocab, "seed": seed,
               "extra_body": extra, "warmup": warmup, "num_prompts": num_prompts}
@@ -299,7 +299,8 @@ def offline(
     _empty_device_cache()
     for peer in [p.strip() for p in peers.split(",") if p.strip()]:
         if peer != "transformers":
-            _fail(f"unknown offline peer {peer!r}; offline peers: transformers (llama.cpp is in the repository's `python -m benchmarks compare`)")
+            _fail(f"unknown offline peer {peer!r}; offline peers: transformers (llama.cpp is in the repository's "
+                  "`python -m benchmarks compare`)")
         for dt in [d.strip() for d in hf_dtypes.split(",") if d.strip()]:
             hf = off.load_hf_model(path, dt, dev, random_weights=load_format == "dummy")
             name = f"transformers-{dt}"

@@ -12,7 +12,6 @@ Each repetition uses a fresh random prompt, so a prefix cache never helps.
 from __future__ import annotations
 
 import contextlib
-
 import random
 import time
 from pathlib import Path

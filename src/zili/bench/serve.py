@@ -108,7 +108,8 @@ async def parse_sse_lines(lines, endpoint: str, result: RequestResult, t_sent: f
         result.output_tokens, result.token_count_source = n_chunks, "chunks"
 
 
-async def send_request(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec, endpoint: str = "completions",
+async def send_request(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec,
+                       endpoint: str = "completions",
                        extra: dict[str, Any] | None = None, t0: float = 0.0) -> RequestResult:
     result = RequestResult(ok=False, input_len=spec.input_len, max_tokens=spec.output_len)
     payload = build_payload(spec, model, endpoint, extra)

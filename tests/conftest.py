@@ -10,3 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Compiling the decode step (zili.engine.compiled_decode) costs seconds per engine; only the tests
 # about it ask for it (enforce_eager=False), the rest run the eager path.
 os.environ["ZILI_ENFORCE_EAGER"] = "1"
+# zili's data directory (the governance database, zili.governance.db) is a fresh one per test session:
+# keys a developer created in their own database must not turn on key checks in the test servers.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="zili-test-data-")
+os.environ.pop("ZILI_DATABASE_URL", None)
+os.environ.pop("ZILI_ADMIN_KEY", None)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +19,10 @@ from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
 from zili.server.errors import APIError, error_body, install_error_handlers
 from zili.server.metrics import ServerMetrics
 from zili.server.web_ui import mount_web_ui
+
+if TYPE_CHECKING:
+    from zili.governance.service import Governance
+    from zili.server.hooks import RequestHooks
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self._drain_timer: asyncio.TimerHandle | None = None
+        self.governance: Governance | None = None  # keys, quotas, ledger (zili.governance), when in use
+        self.request_hooks: RequestHooks | None = None
         self.token_str = lru_cache(maxsize=1 << 17)(self._token_str)
 
     @property
@@ -150,20 +156,28 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def build_app(settings: ServerSettings, engine: AsyncEngine) -> FastAPI:
+def build_app(settings: ServerSettings, engine: AsyncEngine, governance: Governance | None = None) -> FastAPI:
     """The app for `engine` (not started yet: the lifespan starts it on the server's loop)."""
     from zili.server.routes import router
 
     state = ServerState(settings, engine)
+    if governance is not None:
+        governance.static_keys = settings.api_keys
+        governance.register_metrics(state.metrics.registry)
+        state.governance = state.request_hooks = governance
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        if governance is not None:
+            await governance.start(engine)
         try:
             yield
         finally:
             state.cancel_drain_timer()
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            if governance is not None:
+                await governance.close()  # after the drain: every request's ledger row is written
 
     app = FastAPI(
         title="zili",
@@ -175,6 +189,10 @@ def build_app(settings: ServerSettings, engine: AsyncEngine) -> FastAPI:
     app.state.zili = state
     install_error_handlers(app)
     app.include_router(router)
+    if governance is not None:
+        from zili.governance.admin import admin_router
+
+        app.include_router(admin_router)
     if settings.web_ui:
         mount_web_ui(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

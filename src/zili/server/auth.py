@@ -1,4 +1,9 @@
-"""API keys: `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize."""
+"""API keys: `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize.
+
+Static keys (--api-key, --api-key-file, ZILI_API_KEY) are compared in constant time. When the
+server governs its keys (zili.governance: keys in a database, quotas, a ledger), a request needs
+a database key or a static one, and the governance layer decides.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,13 @@ def key_matches(given: str, keys: list[str]) -> bool:
 async def require_api_key(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 ) -> None:
-    keys: list[str] = request.app.state.zili.settings.api_keys
+    state = request.app.state.zili
+    if state.governance is not None:
+        token = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else None
+        client = request.client.host if request.client is not None else None
+        await state.governance.authenticate(token, request.url.path, client)
+        return
+    keys: list[str] = state.settings.api_keys
     if not keys:
         return
     if credentials is None or credentials.scheme.lower() != "bearer":

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zili.engine.async_engine import EngineUnavailableError, QueueFullError, RequestStream
+from zili.engine.async_engine import EngineStepError, EngineUnavailableError, QueueFullError, RequestStream
 from zili.sampling import SamplingParams
 from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
@@ -73,14 +73,24 @@ class Generation:
 
     async def start(self) -> None:
         """Hand every prompt to the engine; maps refusals to API errors (nothing left running)."""
+        hooks = self.state.request_hooks
+        if hooks is not None:
+            await hooks.admit(self)  # governance: quotas, pause, content policy (raises APIError)
         adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.params)
                 for i, ids in enumerate(self.prompts)]
-        results = await asyncio.gather(*adds, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*adds, return_exceptions=True)
+        except BaseException:
+            if hooks is not None:
+                hooks.finished(self, "aborted")
+            raise
         self.streams = [r for r in results if isinstance(r, RequestStream)]
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is None:
             return
         self.close()
+        if hooks is not None:
+            hooks.finished(self, "rejected")
         if isinstance(error, QueueFullError):
             self.state.metrics.rejected.labels(reason="queue_full").inc()
             raise APIError(429, f"The server is busy: {error}. Retry later.", code="queue_full",
@@ -97,16 +107,37 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """Per engine output, what each of its choices gained; ends when all have finished."""
+        hooks, status = self.state.request_hooks, "aborted"
         try:
             async for prompt_index, output in _merge(self.streams):
                 self._cached[prompt_index] = output.num_cached_tokens or 0
                 deltas = [self._delta(prompt_index, c) for c in output.outputs]
                 deltas = [d for d in deltas if d is not None]
+                if hooks is not None:
+                    deltas = hooks.on_deltas(self, deltas)
                 self._observe(deltas)
                 if deltas:
                     yield deltas
+                if not self.unfinished_choices():  # all ended, perhaps early by stop()
+                    break
+            status = "ok"
+        except EngineStepError:
+            status = "error"
+            raise
         finally:
             self.close()
+            if hooks is not None:
+                hooks.finished(self, status)
+
+    def stop(self, finish_reason: str) -> list[ChoiceDelta]:
+        """End every unfinished choice now with `finish_reason` (e.g. "content_filter"): aborts the
+        engine requests and returns the closing delta of each such choice."""
+        ends = []
+        for index in self.unfinished_choices():
+            self._progress.setdefault(index, _ChoiceProgress()).finished = True
+            ends.append(ChoiceDelta(index, "", [], None, finish_reason))
+        self.close()
+        return ends
 
     def _delta(self, prompt_index: int, out: Any) -> ChoiceDelta | None:
         index = prompt_index * self.n + out.index

@@ -21,6 +21,9 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from zili.governance.service import GovernanceConfig, build_governance
 from zili.server.app import ServerSettings, ServerState, build_app
 
 logger = logging.getLogger("zili.server")
@@ -132,6 +135,26 @@ def serve(
     load_format: Annotated[str, typer.Option(
         help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
         "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
+    admin_key: Annotated[str | None, typer.Option(
+        "--admin-key", envvar="ZILI_ADMIN_KEY", help="Turn on the admin API (/admin/v1: keys, usage, audit, "
+        "pause) for this bearer key; also turns on database keys, quotas and the usage ledger.")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", envvar="ZILI_DATABASE_URL", help="Keys, quotas, ledger and audit in this database: "
+        "sqlite:///PATH or postgresql://USER@HOST/DB (default: zili.db in zili's data directory, used when it "
+        "holds keys).")] = None,
+    content_policy: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="A TOML file of regex / word-list rules checked on prompts (400) and "
+        "streamed output (finish_reason content_filter).")] = None,
+    log_content: Annotated[bool, typer.Option(
+        "--log-content", help="Store request and response texts in the database (off by default).")] = False,
+    log_retention_days: Annotated[float, typer.Option(
+        min=0.01, help="With --log-content: delete stored texts older than this many days.")] = 30.0,
+    prices: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="JSON price table ($ per 1M input / cached_input / output tokens, by "
+        "model) for the ledger's cost column.")] = None,
+    metrics_key_label: Annotated[list[str] | None, typer.Option(
+        "--metrics-key-label", help="Key names exported with their own label in /metrics (repeatable); all "
+        "other keys are summed as 'other'.")] = None,
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
@@ -152,7 +175,10 @@ def serve(
                    "enforce_eager": enforce_eager, "load_format": load_format}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
-    except (ValueError, OSError) as exc:
+        governance = build_governance(GovernanceConfig(
+            database_url=database_url, admin_key=admin_key, content_policy=content_policy, log_content=log_content,
+            log_retention_days=log_retention_days, prices=prices, metrics_keys=list(metrics_key_label or [])))
+    except (ValueError, OSError, SQLAlchemyError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
@@ -174,12 +200,16 @@ def serve(
         engine = ReplicaPool(config, replicas, ray_address, max_queue=max_queue)
     else:
         engine = AsyncEngine(load_engine, max_queue=max_queue)
-    app = build_app(settings, engine)
+    app = build_app(settings, engine, governance)
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=level == "DEBUG",
                                timeout_graceful_shutdown=math.ceil(shutdown_timeout) + 5)
     server = _DrainingServer(uv_config, app.state.zili)
     engine.on_fatal = server.engine_failed
-    if keys:
+    if governance is not None:
+        logger.info("governance on: database keys%s, quotas and the usage ledger in %s%s", " and static keys" if keys
+                    else "", governance.db.url.render_as_string(hide_password=True),
+                    "; admin API at /admin/v1" if admin_key else "")
+    elif keys:
         logger.info("API keys required on /v1/*, /tokenize, /detokenize (%d key(s))", len(keys))
     server.run()
     if server.exit_code:

@@ -16,7 +16,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-DATABASE_URL_ENV = "ZILI_DATABASE_URL"
+from zili import envs
+
+DATABASE_URL_ENV = envs.ZILI_DATABASE_URL.name
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _migrate_lock = threading.Lock()
 
@@ -37,7 +39,7 @@ def resolve_database_url(url: str | None) -> str:
     `postgresql://` and `postgres://` URLs are given the psycopg 3 driver. Raises ValueError for a
     URL SQLAlchemy cannot parse or a database other than SQLite / PostgreSQL.
     """
-    url = url or os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{default_database_path()}"
+    url = url or envs.database_url() or f"sqlite:///{default_database_path()}"
     if url.startswith("postgres://"):
         url = "postgresql://" + url.removeprefix("postgres://")
     try:

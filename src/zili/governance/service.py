@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import Engine, delete
 
+from zili import envs
 from zili.governance.audit import AuditEvent, write_audit
 from zili.governance.db import DATABASE_URL_ENV, default_database_path, open_database
 from zili.governance.keys import ApiKey, KeyStore, hash_secret
@@ -437,7 +437,7 @@ def build_governance(config: GovernanceConfig) -> Governance | None:
     holds active keys: keys made with `zili keys create` are then never silently ignored. Raises
     ValueError for bad options and sqlalchemy errors when the database cannot be opened.
     """
-    asked = (config.admin_key or config.database_url or os.environ.get(DATABASE_URL_ENV)
+    asked = (config.admin_key or config.database_url or envs.database_url()
              or config.content_policy is not None or config.log_content)
     if not asked:
         if not default_database_path().exists():

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zili-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-gpu clean
+.PHONY: setup run test test-gpu clean postgres
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,11 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/zili serve
 
-test: setup
+# The governance tests run on SQLite and on a PostgreSQL server they start; this installs it if missing.
+postgres:
+	sh scripts/ensure_postgres.sh
+
+test: setup postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU (and a CUDA build of torch): the Triton kernels compiled for the

@@ -6,18 +6,20 @@ metadata (GGUF key/values or HF config.json) and every module reads its shapes f
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# Architectures zili can run, by the family name used in ModelConfig.architecture.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "deepseek_v2", "deepseek_v3")
+import torch
+
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 ROUTER_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclass
 class ModelConfig:
-    architecture: str  # family: "llama", "qwen2", "qwen3"
+    architecture: str  # the model family's name in zili.models.registry
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -32,6 +34,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    o_proj_bias: bool | None = None  # bias on the output projection; None: same as attention_bias
     qk_norm: bool = False  # RMSNorm on per-head q and k (Qwen3)
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -61,11 +64,11 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {self.architecture!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        # Which architectures exist is the model-family table's business (zili.models.registry).
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"ModelConfig.architecture must be a family name, got {self.architecture!r}")
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -121,8 +124,100 @@ class ModelConfig:
             return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim)
         return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim)
 
+    def kv_bytes_per_token(self, dtype: torch.dtype | str) -> int:
+        """Bytes of KV cache one token occupies across all layers, elements stored in `dtype`.
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+        Standard attention keeps a key and a value per KV head (2 * kv_heads * head_dim per layer);
+        MLA keeps one latent (kv_lora_rank + qk_rope_head_dim per layer, DeepSeek-V2 sec. 2.1)."""
+        dtype = parse_dtype(dtype, "dtype") if isinstance(dtype, str) else dtype
+        per_layer = math.prod(self.kv_cache_shape(1, 1))
+        return per_layer * self.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Parsers for user-given values (library, CLI and config alike). Each raises ValueError naming the
+# field it was given.
+# --------------------------------------------------------------------------------------------
+
+# Canonical floating-point dtype names, then the aliases users write for them.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", *DTYPE_NAMES)
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32",
+                  "bf16": "bfloat16",
+                  "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def normalize_dtype(value: object, field: str = "dtype") -> str:
+    """"auto" or a canonical dtype name (float32, bfloat16, float16) for a name, alias
+    (bf16, fp16, half, fp32, float, "torch.bfloat16"...) or torch.dtype. ValueError naming `field`."""
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+    elif isinstance(value, str):
+        name = value.strip().lower().removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+    else:
+        name = ""
+    if name in DTYPES:
+        return name
+    aliases = ", ".join(_DTYPE_ALIASES)
+    raise ValueError(f"{field} {value!r} is not supported; supported: {', '.join(DTYPES)} (aliases: {aliases})")
+
+
+def parse_dtype(value: object, field: str = "dtype") -> torch.dtype:
+    """A concrete torch dtype for a name, alias or torch.dtype ("auto" is the caller's to resolve)."""
+    name = normalize_dtype(value, field)
+    if name == "auto":
+        raise ValueError(f"{field}: 'auto' must be resolved by the platform before it becomes a torch dtype")
+    return getattr(torch, name)
+
+
+_MEMORY_SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)$", re.IGNORECASE)
+
+
+def parse_memory_size(value: object, field: str = "memory size") -> int | float:
+    """A memory budget: bytes (int) or a fraction of free memory (float in (0, 1]).
+
+    Accepts ints (bytes), floats (a fraction), and strings: "1073741824" (bytes), "0.5" (fraction),
+    "512MiB" / "2GiB" / "2G" (binary units, 1024-based), "512MB" / "2GB" / "1kB" (decimal SI units).
+    ValueError naming `field` for anything else, zero, negatives or fractions above 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be bytes or a fraction of free memory, got {value!r}")
+    if isinstance(value, str):
+        match = _MEMORY_SIZE.match(value.strip())
+        if not match:
+            raise ValueError(f"{field} must be bytes (e.g. 1073741824, 512MiB, 2GiB, 512MB) or a fraction of "
+                             f"free memory (e.g. 0.5), got {value!r}")
+        number, unit, binary, suffix = match.groups()
+        if not (unit or binary or suffix):
+            value = float(number) if "." in number else int(number)
+        else:
+            if binary and not (unit and suffix):
+                raise ValueError(f"{field}: the unit in {value!r} is not one of K, M, G, T, KiB, MiB, GiB, TiB, "
+                                 "kB, MB, GB, TB, B")
+            base = 1000 if suffix and not binary else 1024
+            value = int(float(number) * base ** "_kmgt".index(unit.lower() or "_"))
+    if isinstance(value, float):
+        if not math.isfinite(value) or not 0 < value <= 1:
+            raise ValueError(f"{field} as a fraction of free memory must be in (0, 1], got {value!r}")
+        return value
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{field} must be a positive number of bytes, got {value!r}")
+        return value
+    raise ValueError(f"{field} must be bytes (int or a size string) or a fraction (float), got {value!r}")
+
+
+# How checkpoints are read: "auto" reads the weights; "dummy" (vLLM's name) fills seeded random
+# weights on the checkpoint's architecture.
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def check_load_format(value: object, field: str = "load_format") -> str:
+    """`value` if it is one of LOAD_FORMATS; ValueError naming `field` otherwise."""
+    if value not in LOAD_FORMATS:
+        raise ValueError(f"{field} must be one of {', '.join(LOAD_FORMATS)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 
@@ -131,13 +226,14 @@ class EngineConfig:
     """Engine options. Names follow vLLM's where they exist."""
 
     model: str | None = None  # path to a .gguf file, an HF checkpoint directory, or an alias
-    dtype: str = "auto"
+    dtype: str = "auto"  # "auto" or a dtype name / alias (normalised to float32, bfloat16, float16)
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    # KV pool size: bytes (int), a fraction of the device's free memory (float in (0, 1]), or None.
-    kv_cache_memory: int | float | None = None
+    # KV pool size: bytes (int), a fraction of the device's free memory (float in (0, 1]), a size
+    # string ("2GiB", "512MB", "0.5"; see parse_memory_size), or None.
+    kv_cache_memory: int | float | str | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
     # Weights kept quantized in memory: "auto" follows a GGUF's own quantization; see
@@ -171,13 +267,11 @@ class EngineConfig:
         if not isinstance(self.attention_backend, str) or not self.attention_backend:
             raise ValueError(f"EngineConfig.attention_backend must be a backend name or 'auto', "
                              f"got {self.attention_backend!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"EngineConfig.load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        check_load_format(self.load_format, "EngineConfig.load_format")
         if self.distributed_executor_backend not in (None, "mp"):
             raise ValueError(f"EngineConfig.distributed_executor_backend must be None or 'mp', "
                              f"got {self.distributed_executor_backend!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"EngineConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.dtype = normalize_dtype(self.dtype, "EngineConfig.dtype")
         timeout = self.distributed_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"EngineConfig.distributed_timeout must be positive seconds, got {timeout!r}")
@@ -187,11 +281,5 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2, got {self.max_model_len!r}")
-        mem = self.kv_cache_memory
-        if mem is not None:
-            if isinstance(mem, bool) or not isinstance(mem, (int, float)):
-                raise ValueError(f"EngineConfig.kv_cache_memory must be bytes (int) or a fraction (float), got {mem!r}")
-            if isinstance(mem, float) and not 0 < mem <= 1:
-                raise ValueError(f"EngineConfig.kv_cache_memory as a fraction must be in (0, 1], got {mem}")
-            if isinstance(mem, int) and mem <= 0:
-                raise ValueError(f"EngineConfig.kv_cache_memory must be positive, got {mem}")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")

@@ -318,10 +318,9 @@ def test_record_roundtrip_and_report(tmp_path):
 
 
 def test_roofline_math():
-    from zili.bench.offline import decode_roofline, kv_bytes_per_token
+    from zili.bench.offline import decode_roofline
 
-    kv = kv_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=2)
-    assert kv == 2 * 30 * 3 * 64 * 2
+    kv = 2 * 30 * 3 * 64 * 2  # SmolLM2: k and v, 30 layers, 3 KV heads of 64, bf16
     r = decode_roofline(weight_bytes=100e6, kv_bytes_per_tok=kv, context_len=0, batch=1, bandwidth_gb_s=10)
     assert r["tokens_per_s"] == pytest.approx(100.0)
     r4 = decode_roofline(100e6, kv, 256, 4, 10)

@@ -13,7 +13,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from zili.weights import open_checkpoint, resolve_model
+from zili.models.loader import open_checkpoint, resolve_model
+from zili.weights import ModelSource
 from zili.weights.errors import UnsupportedModelError
 from zili.weights.gguf import (
     GGUFCheckpoint,
@@ -24,6 +25,13 @@ from zili.weights.gguf import (
 from zili.weights.resolve import alias_path, ALIASES
 
 RNG = np.random.default_rng(0)
+
+
+def open_gguf(path: Path) -> GGUFCheckpoint:
+    """A .gguf file opened with its family's layout (what the loader does)."""
+    ck = open_checkpoint(ModelSource(str(path), "gguf", Path(path)))
+    assert isinstance(ck, GGUFCheckpoint)
+    return ck
 
 # ---------------------------------------------------------------------------------------------
 # Reference decoders, written from the block layouts in ggml-common.h (independent of gguf.quants)
@@ -277,7 +285,7 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_tiny_llama_config(tiny_llama) -> None:
     path, _ = tiny_llama
-    cfg = GGUFCheckpoint(path).config()
+    cfg = open_gguf(path).config()
     assert (cfg.architecture, cfg.hf_architecture) == ("llama", "LlamaForCausalLM")
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (HIDDEN, FFN, LAYERS)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (HEADS, KV_HEADS, HEAD_DIM)
@@ -290,7 +298,7 @@ def test_tiny_llama_config(tiny_llama) -> None:
 
 def test_tiny_llama_tensors_round_trip(tiny_llama) -> None:
     path, stored = tiny_llama
-    ck = GGUFCheckpoint(path)
+    ck = open_gguf(path)
     tensors = dict(ck.tensors(torch.float32))
     expected_names = {"model.embed_tokens.weight", "model.norm.weight"} | {
         f"model.layers.{i}.{n}.weight" for i in range(LAYERS) for n in (
@@ -328,7 +336,7 @@ def test_llama_rotary_permutation_is_undone_exactly(tmp_path) -> None:
         for name, hf, heads in (("blk.1.attn_q.weight", hf_q, HEADS), ("blk.1.attn_k.weight", hf_k, KV_HEADS)):
             f.seek(header.tensors[name].offset)
             f.write(llamacpp_permute(hf, heads).tobytes())
-    ck = GGUFCheckpoint(path)
+    ck = open_gguf(path)
     assert torch.equal(ck.tensor("model.layers.1.self_attn.q_proj.weight"), torch.from_numpy(hf_q))
     assert torch.equal(ck.tensor("model.layers.1.self_attn.k_proj.weight"), torch.from_numpy(hf_k))
     raw = ck.raw_tensor("model.layers.1.self_attn.k_proj.weight")
@@ -339,7 +347,7 @@ def test_llama_rotary_permutation_is_undone_exactly(tmp_path) -> None:
 
 def test_raw_tensor_keeps_blocks_and_hf_row_order(tiny_llama) -> None:
     path, stored = tiny_llama
-    ck = GGUFCheckpoint(path)
+    ck = open_gguf(path)
     raw = ck.raw_tensor("model.layers.0.mlp.gate_proj.weight")
     assert raw.qtype == Q.Q4_1 and raw.shape == (FFN, HIDDEN)
     assert np.array_equal(raw.data, stored["blk.0.ffn_gate.weight"])
@@ -366,7 +374,7 @@ def test_header_reader_agrees_with_gguf_reader(tiny_llama) -> None:
 def test_tiny_qwen2_and_qwen3(tmp_path) -> None:
     q2 = tmp_path / "qwen2.gguf"
     stored = write_tiny_gguf(q2, "qwen2", untied=True, bias=True, pre="qwen2")
-    ck = GGUFCheckpoint(q2)
+    ck = open_gguf(q2)
     cfg = ck.config()
     assert (cfg.architecture, cfg.hf_architecture) == ("qwen2", "Qwen2ForCausalLM")
     assert cfg.attention_bias and not cfg.tie_word_embeddings and not cfg.qk_norm
@@ -377,9 +385,9 @@ def test_tiny_qwen2_and_qwen3(tmp_path) -> None:
     assert np.array_equal(tensors["model.layers.1.self_attn.q_proj.weight"].numpy(), want)
     q3 = tmp_path / "qwen3.gguf"
     write_tiny_gguf(q3, "qwen3", qk_norm=True, pre="qwen2")
-    cfg3 = GGUFCheckpoint(q3).config()
+    cfg3 = open_gguf(q3).config()
     assert cfg3.qk_norm and cfg3.architecture == "qwen3" and not cfg3.attention_bias
-    assert "model.layers.0.self_attn.k_norm.weight" in dict(GGUFCheckpoint(q3).tensors())
+    assert "model.layers.0.self_attn.k_norm.weight" in dict(open_gguf(q3).tensors())
 
 
 def test_rope_scaling_metadata(tmp_path) -> None:
@@ -387,7 +395,7 @@ def test_rope_scaling_metadata(tmp_path) -> None:
     write_tiny_gguf(path, "qwen2", extra=[lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
                                           lambda w: w.add_rope_scaling_factor(4.0),
                                           lambda w: w.add_rope_scaling_orig_ctx_len(128)])
-    assert GGUFCheckpoint(path).config().rope_scaling == {
+    assert open_gguf(path).config().rope_scaling == {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
 
 
@@ -401,7 +409,7 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path) -> None:
 
     path = tmp_path / "llama3.gguf"
     write_tiny_gguf(path, extra=[add_freqs, lambda w: w.add_rope_freq_base(500000.0)])  # overrides 50000
-    ck = GGUFCheckpoint(path)
+    ck = open_gguf(path)
     assert ck.config().rope_theta == 500000.0
     assert ck.config().rope_scaling == params
     assert "rope_freqs.weight" not in {n for n, _ in ck.tensors()}
@@ -410,18 +418,18 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path) -> None:
     write_tiny_gguf(bad, extra=[lambda w: w.add_tensor("rope_freqs.weight", freqs * 1.5),
                                 lambda w: w.add_rope_freq_base(500000.0)])
     with pytest.raises(UnsupportedModelError, match="rope_freqs"):
-        GGUFCheckpoint(bad).config()
+        open_gguf(bad).config()
 
 
 def test_unsupported_architecture_and_quant_type(tmp_path) -> None:
     gpt2 = tmp_path / "gpt2.gguf"
     write_tiny_gguf(gpt2, "gpt2")
-    with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2'.*supported architectures: llama, qwen2, qwen3"):
-        GGUFCheckpoint(gpt2)
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2'.*supported: LlamaForCausalLM.*\(HF config\.json\); llama, qwen2, qwen3.*\(GGUF\)"):
+        open_gguf(gpt2)
     q5 = tmp_path / "q5_0.gguf"
     write_tiny_gguf(q5, tensor_types={"blk.0.ffn_up.weight": Q.Q5_0})
     with pytest.raises(UnsupportedModelError, match=r"Q5_0.*blk\.0\.ffn_up\.weight.*supported quant types: .*Q6_K"):
-        GGUFCheckpoint(q5)
+        open_gguf(q5)
 
 
 def test_tiny_llama_loads_into_the_model(tiny_llama) -> None:

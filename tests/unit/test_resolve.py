@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from zili.models.loader import load_model, resolve_dtype
-from zili.weights import ModelNotFoundError, UnsupportedModelError, list_aliases, open_checkpoint, resolve_model
+from zili.models.loader import load_model, open_checkpoint, resolve_dtype, resolve_model
+from zili.weights import ModelNotFoundError, UnsupportedModelError, list_aliases
 from zili.weights import resolve as resolve_mod
 from zili.weights.resolve import ALIASES, Alias, alias_path
 from zili.weights.safetensors import HFCheckpoint

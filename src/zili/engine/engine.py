@@ -18,7 +18,7 @@ from zili.config import EngineConfig
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.request import Request, RequestOutput, Sequence, TokenLogprob
 from zili.engine.runner import ModelRunner, StepInput, kv_bytes_per_block
-from zili.engine.sampler import Sampler
+from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
 from zili.kernels.backends import choose_attention_backend, use_attention_backend
 from zili.platforms import current_platform
@@ -261,7 +261,7 @@ class Engine:
                            detokenizer=IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens),
                            logprobs=[] if params.logprobs is not None else None)
             if params.seed is not None:
-                seq.generator = torch.Generator().manual_seed(params.seed + i)
+                seq.generator = torch.Generator().manual_seed(sequence_seed(params.seed, i))
             if grammar is not None:  # structured output: one matcher per sequence
                 seq.grammar = self._grammar_backend.new_matcher(grammar)
                 self._constrained.add(seq)

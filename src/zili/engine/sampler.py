@@ -19,6 +19,30 @@ import torch
 from zili.engine.request import Sequence, TokenLogprob
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood, "Fast splittable pseudorandom number
+    generators", OOPSLA 2014; Vigna's splitmix64.c): a bijection on 64-bit integers whose every output
+    bit depends on every input bit. `x` is taken modulo 2**64 (negative seeds included)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sequence_seed(seed: int, index: int) -> int:
+    """The torch.Generator seed for choice `index` (0..n-1) of a request seeded `seed` (any 64-bit
+    value, signed or not), as a 64-bit unsigned int.
+
+    The seed and the index are hashed together, not added: `seed + index` made choice i of seed s the
+    same draw as choice 0 of seed s+i. And torch's CPU generator (mt19937) keeps only the low 32 bits
+    of the number it is seeded with, so seeds 1 and 2**32+1 drew the same tokens; the hash folds all
+    64 bits into those 32."""
+    return splitmix64(splitmix64(seed & _MASK64) ^ index)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]

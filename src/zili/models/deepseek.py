@@ -38,20 +38,30 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 # Family defaults for fields a config.json may leave out (DeepSeek's own configs, then HF's classes).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    "v2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                         v_head_dim=128, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
                         moe_intermediate_size=1407, first_k_dense_replace=0, scoring_func="softmax",
                         topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0),
-    "deepseek_v3": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    "v3": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                         v_head_dim=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
                         moe_intermediate_size=2048, first_k_dense_replace=3, scoring_func="sigmoid",
                         topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5),
 }
 
 
-def deepseek_config_fields(cfg: dict[str, Any], family: str) -> dict[str, Any]:
-    """The ModelConfig fields an HF DeepSeek config.json sets beyond the Llama-shaped ones."""
-    defaults = _DEFAULTS[family]
+def deepseek_v2_hf_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields a DeepSeek-V2 config.json sets beyond the Llama-shaped ones."""
+    return deepseek_config_fields(cfg, "v2")
+
+
+def deepseek_v3_hf_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields a DeepSeek-V3 config.json sets beyond the Llama-shaped ones."""
+    return deepseek_config_fields(cfg, "v3")
+
+
+def deepseek_config_fields(cfg: dict[str, Any], version: str) -> dict[str, Any]:
+    """The ModelConfig fields an HF DeepSeek config.json ("v2" or "v3") sets beyond the Llama-shaped ones."""
+    defaults = _DEFAULTS[version]
 
     def get(key: str) -> Any:
         return cfg[key] if key in cfg else defaults[key]
@@ -63,7 +73,7 @@ def deepseek_config_fields(cfg: dict[str, Any], family: str) -> dict[str, Any]:
     fields["topk_group"] = int(cfg.get("topk_group") or 1)
     fields["moe_layer_freq"] = int(cfg.get("moe_layer_freq") or 1)
     # V2 always rotates interleaved pairs; V3 says which.
-    fields["rope_interleave"] = True if family == "deepseek_v2" else bool(cfg.get("rope_interleave", True))
+    fields["rope_interleave"] = True if version == "v2" else bool(cfg.get("rope_interleave", True))
     # Keys and values are per attention head, expanded from the shared latent.
     fields["num_key_value_heads"] = int(cfg["num_attention_heads"])
     fields["head_dim"] = fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]

@@ -1,4 +1,8 @@
-"""HF config.json (a dict) -> ModelConfig, for the Llama-shaped families zili runs."""
+"""HF config.json (a dict) -> ModelConfig, through the family table (zili.models.registry).
+
+The Llama-shaped fields are read here for every family; an entry adds its fixed overrides
+(`hf_overrides`) and its own fields (`hf_fields`, defined in its model file).
+"""
 
 from __future__ import annotations
 
@@ -6,41 +10,27 @@ from typing import Any
 
 from zili.config import ModelConfig
 from zili.layers.rotary import SUPPORTED_ROPE_TYPES
-
-# HF architecture name -> ModelConfig.architecture family. Mistral is Llama-shaped.
-HF_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "DeepseekV2ForCausalLM": "deepseek_v2",
-    "DeepseekV3ForCausalLM": "deepseek_v3",
-}
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
-# Used when config.json leaves max_position_embeddings out (the HF config class defaults).
-_DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32,
-                          "Qwen2ForCausalLM": 32768, "Qwen3ForCausalLM": 32768,
-                          "DeepseekV2ForCausalLM": 2048, "DeepseekV3ForCausalLM": 4096}
+from zili.models.registry import hf_family
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    hf_arch = _hf_architecture(cfg)
-    family = HF_ARCHITECTURES[hf_arch]
+    """ModelConfig for a config.json dict. ValueError naming the unsupported architecture (with the
+    supported HF and GGUF ones), a missing key, or an unsupported setting."""
+    entry, hf_arch = hf_family(cfg)
     if cfg.get("mlp_bias"):
-        raise ValueError(f"{hf_arch} with mlp_bias=true is not supported")
-    trained_positions = int(cfg.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[hf_arch])
+        raise ValueError(f"{hf_arch.name} with mlp_bias=true is not supported")
+    trained_positions = int(cfg.get("max_position_embeddings") or hf_arch.default_max_positions)
     max_positions = trained_positions
-    window = _sliding_window(cfg, hf_arch)
+    window = _sliding_window(cfg)
     if window is not None:
         # Sliding-window attention equals full attention over sequences no longer than the window,
         # so the model is exact up to that length.
         max_positions = min(max_positions, window)
     rope_theta, rope_scaling = _rope(cfg, trained_positions)
     eos = cfg.get("eos_token_id")
-    fields = dict(
-        architecture=family,
+    attention_bias = bool(cfg.get("attention_bias", False))
+    fields: dict[str, Any] = dict(
+        architecture=entry.name,
         hidden_size=_required(cfg, "hidden_size"),
         intermediate_size=_required(cfg, "intermediate_size"),
         num_hidden_layers=_required(cfg, "num_hidden_layers"),
@@ -53,31 +43,19 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rope_scaling=rope_scaling,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        # Qwen2 always has q/k/v bias; Llama and Qwen3 have it (and on o_proj) when attention_bias.
-        attention_bias=True if family == "qwen2" else bool(cfg.get("attention_bias", False)),
-        qk_norm=family == "qwen3",
+        # attention_bias (HF's LlamaAttention) puts a bias on q/k/v and on o_proj.
+        attention_bias=attention_bias,
+        o_proj_bias=attention_bias,
         hidden_act=_activation(cfg),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         pad_token_id=cfg.get("pad_token_id"),
-        hf_architecture=hf_arch,
+        hf_architecture=hf_arch.name,
     )
-    if family.startswith("deepseek"):
-        from zili.models.deepseek import deepseek_config_fields
-
-        fields.update(deepseek_config_fields(cfg, family))
+    fields.update(entry.hf_overrides)
+    if entry.hf_fields is not None:
+        fields.update(entry.hf_fields(cfg))
     return ModelConfig(**fields)
-
-
-def _hf_architecture(cfg: dict[str, Any]) -> str:
-    names = list(cfg.get("architectures") or [])
-    if not names and cfg.get("model_type") in _MODEL_TYPES:
-        names = [_MODEL_TYPES[cfg["model_type"]]]
-    for name in names:
-        if name in HF_ARCHITECTURES:
-            return name
-    asked = ", ".join(names) or f"model_type {cfg.get('model_type')!r}"
-    raise ValueError(f"architecture {asked} is not supported; supported: {', '.join(HF_ARCHITECTURES)}")
 
 
 def _required(cfg: dict[str, Any], key: str) -> int:
@@ -91,20 +69,23 @@ def _activation(cfg: dict[str, Any]) -> str:
     return "silu" if act == "swish" else act
 
 
-def _sliding_window(cfg: dict[str, Any], hf_arch: str) -> int | None:
-    """The attention window if any layer uses one, else None."""
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The attention window if any layer uses one, else None.
+
+    HF's conventions: `layer_types` lists "sliding_attention" layers (transformers 5); Qwen2/3
+    configs carry `use_sliding_window` (off by default) and slide only above `max_window_layers`;
+    a config with a `sliding_window` and neither (Mistral) slides every layer."""
     window = cfg.get("sliding_window")
     if window is None:
         return None
-    if hf_arch == "MistralForCausalLM":
-        return int(window)
-    if hf_arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        layer_types = cfg.get("layer_types")
-        if layer_types is not None:
-            return int(window) if "sliding_attention" in layer_types else None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    if "use_sliding_window" in cfg or "max_window_layers" in cfg:
         if cfg.get("use_sliding_window") and cfg.get("max_window_layers", 28) < cfg.get("num_hidden_layers", 0):
             return int(window)
-    return None
+        return None
+    return int(window)
 
 
 def _rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, dict[str, Any] | None]:

@@ -4,7 +4,7 @@ One flat batch of T tokens (no batch dimension) runs through the decoder; attent
 writes the paged KV cache through `zili.kernels.attention.paged_attention`.
 
 Family differences, all read from ModelConfig:
-  qwen2  q/k/v bias (never o_proj)
+  qwen2  q/k/v bias (never o_proj: ModelConfig.o_proj_bias)
   qwen3  per-head RMSNorm on q and k before RoPE; explicit head_dim
   llama  q/k/v *and* o_proj bias when attention_bias (as HF's LlamaAttention)
 
@@ -14,6 +14,7 @@ from HF-named tensors.
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from zili.layers.parallel import (TensorParallel, column_linear, lm_head, row_li
                                   split_heads, vocab_embedding)
 from zili.layers.rotary import RotaryEmbedding
 from zili.models.base import CausalLM
+from zili.weights.errors import UnsupportedModelError
+from zili.weights.gguf import GGUFCheckpoint, GGUFLayout
 
 # Fused module name -> the HF projection names it concatenates, in row order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -45,7 +48,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        o_bias = config.attention_bias and config.architecture != "qwen2"
+        o_bias = bool(config.o_proj_bias)
         self.qkv_proj = column_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], tp,
                                       bias=config.attention_bias,
                                       ranges=[heads.q.scaled(d), heads.kv.scaled(d), heads.kv.scaled(d)])
@@ -127,3 +130,24 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = lm_head(config.hidden_size, config.vocab_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def _whole_head_rotary(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
+    """The Llama-shaped GGUF families rotate whole heads; a file that says otherwise is refused."""
+    heads = int(checkpoint.meta("attention.head_count"))
+    head_dim = int(checkpoint.meta("attention.key_length", int(checkpoint.meta("embedding_length")) // heads))
+    rope_dim = int(checkpoint.meta("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise UnsupportedModelError(
+            f"{checkpoint.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) "
+            "are not supported; zili rotates the whole head."
+        )
+    return {}
+
+
+# llama.cpp's GGUF dialects of this family. Its converter permutes Llama's q/k rows into its
+# interleaved rotary order (transformers' GGUF loader undoes that for "llama" only); Qwen2/3 keep HF's.
+LLAMA_GGUF_LAYOUT = GGUFLayout("llama", "llama", "LlamaForCausalLM", rotary_permuted=True,
+                               config_fields=_whole_head_rotary)
+QWEN2_GGUF_LAYOUT = GGUFLayout("qwen2", "qwen2", "Qwen2ForCausalLM", config_fields=_whole_head_rotary)
+QWEN3_GGUF_LAYOUT = GGUFLayout("qwen3", "qwen3", "Qwen3ForCausalLM", config_fields=_whole_head_rotary)

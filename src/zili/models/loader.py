@@ -1,4 +1,8 @@
-"""load_model: reference -> files -> ModelConfig -> nn.Module with weights, plus the tokenizer."""
+"""load_model: reference -> files -> ModelConfig -> nn.Module with weights, plus the tokenizer.
+
+`open_checkpoint` and `resolve_model` here are the family-aware versions of `zili.weights`'
+(which reads formats and knows no families): they consult the family table, zili.models.registry.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,25 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.console import Console
 
-from zili.config import ModelConfig
+from zili.config import LOAD_FORMATS, ModelConfig, check_load_format, normalize_dtype, parse_dtype
+from zili.layers.norm import RMSNorm
 from zili.layers.parallel import TensorParallel, active
+from zili.models.hf_config import model_config_from_hf
+from zili.models.registry import SUPPORTED, build_model, default_dtype, gguf_family, hf_family, model_class
+from zili.models.sharding import shard_specs, sharded_tensors
+from zili.platforms import current_platform
 from zili.tokenizer import Tokenizer
-from zili.weights import ModelSource, UnsupportedModelError, open_checkpoint, resolve_model
+from zili.weights import ModelSource, UnsupportedModelError
+from zili.weights import resolve_model as resolve_files
+from zili.weights.gguf import GGUFCheckpoint, read_gguf_header
+from zili.weights.safetensors import HFCheckpoint
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+Checkpoint = GGUFCheckpoint | HFCheckpoint
 
 
 @dataclass
@@ -29,20 +41,50 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """"auto" (or None) asks the platform; otherwise one of float32, bfloat16, float16."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif dtype is None or dtype == "auto":
-        from zili.platforms import current_platform
-
+    """"auto" (or None) asks the platform; otherwise a name or alias `zili.config.normalize_dtype`
+    accepts (float32, bf16, half, torch.bfloat16...). ValueError naming `dtype` otherwise."""
+    if dtype is None or normalize_dtype(dtype, "dtype") == "auto":
         return current_platform().default_dtype()
-    elif isinstance(dtype, str):
-        name = dtype.lower().removeprefix("torch.")
-        name = _DTYPE_ALIASES.get(name, name)
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ValueError(f"dtype {dtype!r} is not supported; supported: auto, {', '.join(_DTYPES)}")
+    return parse_dtype(dtype, "dtype")
+
+
+def check_architecture(source: ModelSource, meta: dict[str, Any]) -> None:
+    """UnsupportedModelError unless the family table runs this checkpoint: a GGUF's architecture and
+    tokenizer kind, or an HF config.json's architecture and settings. The message names what the
+    file declares and lists the supported HF and GGUF architectures."""
+    if source.format == "gguf":
+        gguf_family(meta.get("general.architecture"), meta.get("tokenizer.ggml.model"), str(source.path))
+        return
+    try:
+        hf_family(meta)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"Checkpoint {source.ref!r} declares architectures {meta.get('architectures')} (model_type "
+            f"{meta.get('model_type')!r}): {e}.") from None
+    try:
+        model_config_from_hf(meta)  # the rest of the config (rope type, activation, ...) is checked there
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnsupportedModelError(f"Checkpoint {source.ref!r} cannot be run: {e}. "
+                                    f"Supported architectures: {', '.join(SUPPORTED)}.") from e
+
+
+def resolve_model(ref: str | None = None, weights_required: bool = True) -> ModelSource:
+    """`zili.weights.resolve_model` plus the family table's check (`check_architecture`)."""
+    return resolve_files(ref, weights_required, check_architecture)
+
+
+def open_checkpoint(source: ModelSource) -> Checkpoint:
+    """The checkpoint behind `source`, read with its family's hooks: a GGUF file with the family's
+    GGUF layout, an HF directory with `model_config_from_hf`. UnsupportedModelError for an
+    architecture or tokenizer the family table does not list (the message lists what it does)."""
+    if source.format == "gguf":
+        meta = read_gguf_header(source.path).metadata
+        entry = gguf_family(meta.get("general.architecture"), meta.get("tokenizer.ggml.model"), str(source.path))
+        assert entry.gguf is not None  # gguf_family only returns entries with a layout
+        return GGUFCheckpoint(source.path, entry.gguf)
+    if source.format == "hf":
+        return HFCheckpoint(source.path, model_config_from_hf)
+    raise UnsupportedModelError(f"checkpoint format {source.format!r} is not supported; supported: gguf, hf")
 
 
 @contextlib.contextmanager
@@ -58,7 +100,7 @@ def _progress(message: str) -> Iterator[None]:
     console.print(f"[dim]{message.rstrip('.')} done in {time.perf_counter() - start:.1f} s[/dim]")
 
 
-LOAD_FORMATS = ("auto", "dummy")
+__all__ = ["LOAD_FORMATS", "LoadedModel", "load_model", "open_checkpoint", "resolve_dtype", "resolve_model"]
 
 
 def load_model(
@@ -72,22 +114,17 @@ def load_model(
     """Resolve `ref` (path or alias; None = the default model), build the model and load its weights.
 
     With `tp` (tensor parallelism), build this rank's shard of the model and read only its slice of
-    each checkpoint tensor where the format allows (see `zili.distributed.weights`).
+    each checkpoint tensor where the format allows (see `zili.models.sharding`).
 
     load_format "dummy" (vLLM's name) reads only the architecture (an HF directory's config.json
     is enough) and fills the weights with seeded random values: for speed work on model shapes
     whose weights are not on the machine. Without a tokenizer.json it gets a placeholder tokenizer
     (one made-up word per token id), so prompts must be token ids."""
-    from zili.models.registry import build_model
-
-    if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    check_load_format(load_format, "load_format")
     dummy = load_format == "dummy"
     torch_dtype = resolve_dtype(dtype)
     source = resolve_model(ref, weights_required=not dummy)
     if device is None:
-        from zili.platforms import current_platform
-
         device = current_platform().device
     with _progress(f"Loading {source.ref} ({source.format}, {str(torch_dtype).removeprefix('torch.')})..."):
         checkpoint = open_checkpoint(source)
@@ -96,8 +133,6 @@ def load_model(
         if active(tp):
             model = _build_shard(config, torch_dtype, device, tp)
             if not dummy:
-                from zili.distributed.weights import shard_specs, sharded_tensors
-
                 weights = sharded_tensors(checkpoint, shard_specs(model), torch_dtype)
         else:
             model = build_model(config, torch_dtype, device)
@@ -115,8 +150,6 @@ def load_model(
 def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Seeded random weights: RMSNorm scales 1, everything else uniform in +-0.02 (small enough that
     activations stay finite through many layers). Generated on the parameters' own device."""
-    from zili.layers.norm import RMSNorm
-
     norm_scales = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for i, param in enumerate(model.parameters()):
         if id(param) in norm_scales:
@@ -125,7 +158,7 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             param.uniform_(-0.02, 0.02, generator=torch.Generator(device=param.device).manual_seed(seed * 100_003 + i))
 
 
-def _placeholder_tokenizer_if_missing(checkpoint, config: ModelConfig) -> Tokenizer:
+def _placeholder_tokenizer_if_missing(checkpoint: Checkpoint, config: ModelConfig) -> Tokenizer:
     try:
         return checkpoint.tokenizer()
     except UnsupportedModelError:  # no tokenizer.json next to a bare config.json (a broken one still fails)
@@ -137,13 +170,6 @@ def _placeholder_tokenizer_if_missing(checkpoint, config: ModelConfig) -> Tokeni
 def _build_shard(config: ModelConfig, dtype: torch.dtype, device: str | torch.device, tp: TensorParallel
                  ) -> torch.nn.Module:
     """Like `registry.build_model`, for one tensor-parallel rank."""
-    from zili.models.registry import model_class
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_class(config)(config, tp)
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.device(device), default_dtype(dtype):
+        model = model_class(config)(config, tp)
     return model.requires_grad_(False).eval()

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 
 def open_checkpoint(source: ModelSource) -> "GGUFCheckpoint | HFCheckpoint":
-    """The checkpoint class for the source's format."""
+    """The checkpoint class for the source's format, without any model family's hooks: its
+    metadata, tensor index and tokenizer are readable, its ModelConfig and HF-named tensors are
+    not. `zili.models.loader.open_checkpoint` opens it with its family's."""
     if source.format == "gguf":
         from zili.weights.gguf import GGUFCheckpoint
 

@@ -20,8 +20,8 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,14 +37,9 @@ from zili.weights.errors import UnsupportedModelError
 if TYPE_CHECKING:
     from zili.tokenizer import Tokenizer
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 SUPPORTED_QUANT_TYPES = tuple(
     GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 )
-HF_ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# llama.cpp's converter permutes the q/k rows of these architectures into its interleaved rotary
-# order (transformers' GGUF loader undoes it for "llama" only; qwen2/qwen3 are stored as in HF).
-_ROTARY_PERMUTED_ARCHITECTURES = ("llama",)
 
 _DEFAULT_ALIGNMENT = 32
 _SCALAR_FORMATS = {
@@ -174,7 +169,7 @@ def _parse_header(buf: memoryview, path: Path) -> GGUFHeader:
 
 
 # --------------------------------------------------------------------------------------------
-# Names: GGUF -> HF
+# Names: GGUF -> HF, per model family
 # --------------------------------------------------------------------------------------------
 
 _GLOBAL_NAMES = {
@@ -182,7 +177,8 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
+# llama.cpp's block tensor names for the Llama-shaped decoder (llama.cpp's LLM_TENSOR_* names).
+LLAMA_BLOCK_NAMES: dict[str, str] = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -200,14 +196,44 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SKIPPED_TENSORS = ("rope_freqs.weight",)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF parameter name of a GGUF tensor; None when the name is not one we know."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+@dataclass(frozen=True)
+class GGUFLayout:
+    """One model family's GGUF dialect: how its files map onto ModelConfig and HF tensor names.
+
+    Families declare theirs next to their model class and list it in `zili.models.registry`; this
+    module reads files with it and names no family itself.
+
+    architecture: the files' `general.architecture` (llama.cpp's name, e.g. "deepseek2").
+    family / hf_architecture: what ModelConfig.architecture / .hf_architecture become.
+    block_names: GGUF block tensor leaf -> HF name under `model.layers.N.` ("attn_q" ->
+        "self_attn.q_proj"); a key with a suffix ("exp_probs_b.bias") maps that exact tensor to a
+        full HF tail ("mlp.gate.e_score_correction_bias").
+    rotary_permuted: q/k rows are stored in llama.cpp's interleaved rotary order (its converter
+        permutes them for Llama) and are put back in HF's order on reading.
+    config_fields: family-specific ModelConfig fields from the metadata, applied over the
+        Llama-shaped ones this module reads (may also replace them, e.g. head_dim for MLA).
+    """
+
+    architecture: str
+    family: str
+    hf_architecture: str
+    block_names: Mapping[str, str] = field(default_factory=lambda: dict(LLAMA_BLOCK_NAMES))
+    rotary_permuted: bool = False
+    config_fields: Callable[["GGUFCheckpoint"], dict[str, Any]] | None = None
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The HF parameter name of a GGUF tensor; None when the name is not one this family has."""
+        if gguf_name in _GLOBAL_NAMES:
+            return _GLOBAL_NAMES[gguf_name]
+        m = _BLOCK_RE.fullmatch(gguf_name)
+        if m is None:
+            return None
+        layer, leaf, suffix = m.groups()
+        if f"{leaf}.{suffix}" in self.block_names:
+            return f"model.layers.{layer}.{self.block_names[f'{leaf}.{suffix}']}"
+        if leaf in self.block_names:
+            return f"model.layers.{layer}.{self.block_names[leaf]}.{suffix}"
+        return None
 
 
 def rotary_unpermute_rows(num_rows: int, num_heads: int) -> np.ndarray:
@@ -239,26 +265,45 @@ class RawTensor:
 
 
 class GGUFCheckpoint:
-    """One .gguf file: ModelConfig, HF-named tensors, the raw blocks, the tokenizer."""
+    """One .gguf file: ModelConfig, HF-named tensors, the raw blocks, the tokenizer.
+
+    `layout` is the file's model-family dialect (`zili.models.loader.open_checkpoint` picks it from
+    the family table). Without one, the metadata, tensor index and tokenizer are readable, but
+    config / tensors are not (UnsupportedModelError)."""
 
     format = "gguf"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, layout: GGUFLayout | None = None) -> None:
         self.path = Path(path)
         self.header = read_gguf_header(self.path)
         self.metadata = self.header.metadata
-        self.architecture = check_gguf_supported(self.header, self.path)
+        check_gguf_supported(self.header, self.path)
+        self.architecture = str(self.metadata.get("general.architecture"))
+        self.layout = layout
         self._names: dict[str, str] = {}  # hf name -> gguf name
+        if layout is None:
+            return
+        if layout.architecture != self.architecture:
+            raise UnsupportedModelError(f"{self.path}: GGUF architecture {self.architecture!r} read with the "
+                                        f"{layout.architecture!r} layout")
         for name in self.header.tensors:
             if name in _SKIPPED_TENSORS:
                 continue
-            target = hf_name(name)
+            target = layout.hf_name(name)
             if target is None:
                 raise UnsupportedModelError(
-                    f"{self.path}: tensor {name!r} has no place in a dense {self.architecture} model "
-                    f"(supported tensors: token_embd, output_norm, output, blk.N.{{{', '.join(_BLOCK_NAMES)}}})."
+                    f"{self.path}: tensor {name!r} has no place in a {self.architecture} model "
+                    f"(supported tensors: token_embd, output_norm, output, "
+                    f"blk.N.{{{', '.join(layout.block_names)}}})."
                 )
             self._names[target] = name
+
+    def _need_layout(self) -> GGUFLayout:
+        if self.layout is None:
+            raise UnsupportedModelError(
+                f"{self.path}: opened without its model family's GGUF layout; open it with "
+                "zili.models.loader.open_checkpoint to read its config and tensors.")
+        return self.layout
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r})"
@@ -277,17 +322,11 @@ class GGUFCheckpoint:
 
     @cached_property
     def _config(self) -> ModelConfig:
-        arch, meta = self.architecture, self.metadata
+        layout, meta = self._need_layout(), self.metadata
         hidden = int(self._meta("embedding_length"))
         heads = int(self._meta("attention.head_count"))
         kv_heads = self._uniform(self._meta("attention.head_count_kv", heads), "attention.head_count_kv")
         head_dim = int(self._meta("attention.key_length", hidden // heads))
-        rope_dim = int(self._meta("rope.dimension_count", head_dim))
-        if rope_dim != head_dim:
-            raise UnsupportedModelError(
-                f"{self.path}: partial rotary embeddings (rope.dimension_count {rope_dim} < head dim {head_dim}) "
-                "are not supported; zili rotates the whole head."
-            )
         embd = self.header.tensors["token_embd.weight"]
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = int(self._meta("vocab_size", len(tokens) if tokens else embd.shape[0]))
@@ -295,8 +334,8 @@ class GGUFCheckpoint:
         context = int(self._meta("context_length", 4096))
         eos_ids = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                      "tokenizer.ggml.eom_token_id") if k in meta]
-        return ModelConfig(
-            architecture=arch,
+        fields: dict[str, Any] = dict(
+            architecture=layout.family,
             hidden_size=hidden,
             intermediate_size=self._uniform(self._meta("feed_forward_length"), "feed_forward_length"),
             num_hidden_layers=int(self._meta("block_count")),
@@ -306,16 +345,28 @@ class GGUFCheckpoint:
             head_dim=head_dim,
             max_position_embeddings=context,
             rope_theta=theta,
-            rope_scaling=self._rope_scaling(head_dim, theta),
+            rope_scaling=self._rope_scaling(int(self._meta("rope.dimension_count", head_dim)), theta),
             rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
             tie_word_embeddings="output.weight" not in self.header.tensors,
             attention_bias="blk.0.attn_q.bias" in self.header.tensors,
+            o_proj_bias="blk.0.attn_output.bias" in self.header.tensors,
             qk_norm="blk.0.attn_q_norm.weight" in self.header.tensors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids)),
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-            hf_architecture=HF_ARCHITECTURE_NAMES[arch],
+            hf_architecture=layout.hf_architecture,
         )
+        if layout.config_fields is not None:
+            fields.update(layout.config_fields(self))
+        return ModelConfig(**fields)
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """The metadata value `<architecture>.<key>` (e.g. "attention.kv_lora_rank"), or `default`."""
+        return self._meta(key, default)
+
+    def uniform(self, value: Any, key: str) -> int:
+        """A per-layer metadata array that must hold one value (or a scalar), as an int."""
+        return self._uniform(value, key)
 
     def _uniform(self, value: Any, key: str) -> int:
         """Per-layer arrays (some converters write one) must hold a single value for a dense model."""
@@ -379,6 +430,7 @@ class GGUFCheckpoint:
 
     def tensor_names(self) -> list[str]:
         """HF names of the model's parameters, in file order."""
+        self._need_layout()
         return list(self._names)
 
     def _rows(self, info: GGUFTensorInfo) -> np.ndarray:
@@ -386,7 +438,7 @@ class GGUFCheckpoint:
         return self._file[start:start + info.num_rows * info.row_bytes].reshape(info.num_rows, info.row_bytes)
 
     def _row_order(self, hf: str, info: GGUFTensorInfo) -> np.ndarray | None:
-        if self.architecture not in _ROTARY_PERMUTED_ARCHITECTURES:
+        if not self._need_layout().rotary_permuted:
             return None
         if ".self_attn.q_proj." in hf:
             return rotary_unpermute_rows(info.shape[0], self._config.num_attention_heads)
@@ -408,6 +460,7 @@ class GGUFCheckpoint:
         return RawTensor(GGMLQuantizationType(info.qtype), info.shape, rows)
 
     def _info(self, name: str) -> GGUFTensorInfo:
+        self._need_layout()
         if name not in self._names:
             raise KeyError(f"{self.path} has no tensor for parameter {name!r}")
         return self.header.tensors[self._names[name]]
@@ -422,6 +475,8 @@ class GGUFCheckpoint:
         return t.to(dtype)
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor dequantized to `dtype`) for every parameter, in file order."""
+        self._need_layout()
         for name in self._names:
             yield name, self.tensor(name, dtype)
 
@@ -466,13 +521,10 @@ def llama3_rope_factors(head_dim: int, theta: float, params: dict[str, Any]) -> 
 
 
 def check_gguf_supported(header: GGUFHeader, path: Path) -> str:
-    """The file's architecture, after checking that zili can run it; UnsupportedModelError if not."""
+    """The file's `general.architecture`, after checking its tensors' quant types and required tensors
+    (UnsupportedModelError if not). Whether the architecture is supported is the family table's
+    question (`zili.models.registry.gguf_family`)."""
     arch = header.metadata.get("general.architecture")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported architectures: "
-            f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}."
-        )
     bad = [info for info in header.tensors.values() if info.qtype not in SUPPORTED_QUANT_TYPES]
     if bad:
         kinds = sorted({info.type_name for info in bad})
@@ -484,4 +536,4 @@ def check_gguf_supported(header: GGUFHeader, path: Path) -> str:
     for needed in ("token_embd.weight",):
         if needed not in header.tensors:
             raise UnsupportedModelError(f"{path}: required tensor {needed!r} is missing.")
-    return arch
+    return str(arch)

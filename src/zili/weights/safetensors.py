@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,12 +39,16 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 class HFCheckpoint:
-    """A directory in Hugging Face layout."""
+    """A directory in Hugging Face layout.
+
+    `parse_config` turns config.json into a ModelConfig (`zili.models.hf_config.model_config_from_hf`,
+    passed in by `zili.models.loader.open_checkpoint`); without it `config()` is unavailable."""
 
     format = "hf"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, parse_config: Callable[[dict[str, Any]], ModelConfig] | None = None) -> None:
         self.path = Path(path)
+        self._parse_config = parse_config
         self.hf_config = _read_json(self.path / "config.json")
         if not self.hf_config:
             raise UnsupportedModelError(f"{self.path}: config.json is missing or empty.")
@@ -57,10 +61,11 @@ class HFCheckpoint:
 
     @cached_property
     def _config(self) -> ModelConfig:
-        from zili.models.hf_config import model_config_from_hf
-
+        if self._parse_config is None:
+            raise UnsupportedModelError(f"{self.path}: opened without a config parser; open it with "
+                                        "zili.models.loader.open_checkpoint to read its ModelConfig.")
         try:
-            return model_config_from_hf(self.hf_config)
+            return self._parse_config(self.hf_config)
         except UnsupportedModelError:
             raise
         except (ValueError, KeyError, TypeError) as e:

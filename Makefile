@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zili-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-gpu clean postgres
+.PHONY: setup run test test-gpu clean postgres chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,11 @@ run: setup
 postgres:
 	sh scripts/ensure_postgres.sh
 
-test: setup postgres
+# The web console's browser tests drive Debian's Chromium; this installs it (and its driver) if missing.
+chromium:
+	sh webui/ensure_chromium.sh
+
+test: setup postgres chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU (and a CUDA build of torch): the Triton kernels compiled for the

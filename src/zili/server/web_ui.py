@@ -67,7 +67,7 @@ def extraction_config() -> dict[str, Any]:
 def mount_web_ui(app: FastAPI) -> None:
     """Serve the console: `/` (the page), `/ui/extract.json` (forms) and `/ui/*` (its static files)."""
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8", headers=SECURITY_HEADERS)
 

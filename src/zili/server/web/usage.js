@@ -37,7 +37,8 @@ async function loadUsage() {
     render();
   } catch (err) {
     if (err instanceof ApiError && err.status === 404) setStatus(t("usage.missing"), true);
-    else if (err instanceof ApiError && (err.status === 401 || err.status === 403)) setStatus(t("usage.denied"), true);
+    else if (err instanceof ApiError && err.status === 401) setStatus(t("usage.denied"), true);
+    else if (err instanceof ApiError && err.status === 403) setStatus(t("usage.forbidden", { message: err.serverMessage }), true);
     else setStatus(describeError(err), true);
   }
 }

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from zili.reasoning import REASONING_PARSERS
+
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 ROUTER_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -257,6 +259,9 @@ class EngineConfig:
     # "mp" runs the tensor-parallel executor (process group, collectives) even at
     # tensor_parallel_size 1, to measure what that path costs; None: only when the size is above 1.
     distributed_executor_backend: str | None = None
+    # Reasoning models (zili.reasoning): how the output's thinking is delimited, for thinking budgets
+    # and for grammars that start after the thinking. "auto" decides from the chat template.
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -268,6 +273,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.attention_backend must be a backend name or 'auto', "
                              f"got {self.attention_backend!r}")
         check_load_format(self.load_format, "EngineConfig.load_format")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"EngineConfig.reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.distributed_executor_backend not in (None, "mp"):
             raise ValueError(f"EngineConfig.distributed_executor_backend must be None or 'mp', "
                              f"got {self.distributed_executor_backend!r}")

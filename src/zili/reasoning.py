@@ -124,6 +124,11 @@ class ReasoningParser:
         return self.state is _State.REASONING or (self.state is _State.START and self.style == DEEPSEEK_R1)
 
     @property
+    def thinking_tokens(self) -> int:
+        """Tokens the thinking has taken so far, counting those still undecided at the start."""
+        return self.reasoning_tokens + (self._undecided_tokens if self.thinking else 0)
+
+    @property
     def answering(self) -> bool:
         """True once the thinking is over (or was skipped): what follows is the answer."""
         return self.state is _State.CONTENT

@@ -29,6 +29,9 @@ class SamplingParams:
     # Constrained decoding: a zili.structured.StructuredOutput, or a dict such as {"json": schema},
     # {"regex": ...}, {"choice": [...]}, {"grammar": ebnf}, {"json_object": True}.
     structured: Any = None
+    # Reasoning models (zili.engine.thinking): the most tokens the thinking may take, closing tag
+    # included; when spent, the engine closes the thinking and the model answers. None: unbounded.
+    max_reasoning_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +56,10 @@ class SamplingParams:
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
                f"must be an integer in [0, 20], got {self.logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _check(self.max_reasoning_tokens is None or (isinstance(self.max_reasoning_tokens, int)
+                                                     and not isinstance(self.max_reasoning_tokens, bool)
+                                                     and self.max_reasoning_tokens >= 1),
+               "max_reasoning_tokens", f"must be an integer >= 1, got {self.max_reasoning_tokens!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "must be non-negative integers")
         if self.structured is not None:  # structured output: normalise to a StructuredOutput, shape-checked

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import zili
 from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
+from zili.reasoning import DEFAULT_REASONING_BUDGETS
 from zili.server.errors import APIError, error_body, install_error_handlers
 from zili.server.metrics import ServerMetrics
 from zili.server.web_ui import mount_web_ui
@@ -36,6 +37,8 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 30.0
     retry_after: int = 1  # seconds, sent with 429
+    reasoning_parser: str = "auto"  # zili.reasoning: auto, deepseek-r1, qwen3 or none
+    reasoning_budgets: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
     web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
 
 

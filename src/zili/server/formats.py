@@ -1,14 +1,19 @@
 """Rendering a Generation's deltas in OpenAI's shapes: chat and legacy completions.
 
 Each format accumulates a whole response (`add`, `response`) or renders stream chunks
-(`first_chunks`, `chunk_choice`, `end_choice`), logprobs included.
+(`first_chunks`, `chunk_choice`, `end_choice`), logprobs included. For a reasoning model the chat
+format splits each choice's text (zili.reasoning) into `reasoning_content` (the thinking) and
+`content` (the answer) the way DeepSeek's API and vLLM do; tool calls are parsed out of the answer
+only, so look-alikes inside the thinking are ignored.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zili.reasoning import ReasoningDelta, ReasoningParser
 from zili.server import protocol as p
 from zili.server.generation import ChoiceDelta, Generation
 from zili.structured.tools import ToolCallStream, parse_tool_calls
@@ -17,11 +22,28 @@ if TYPE_CHECKING:
     from zili.server.app import ServerState
 
 
+@dataclass(frozen=True)
+class ReasoningSetup:
+    """How a request's output is split: the parser style, the rendered prompt (whose end may open or
+    close the thinking) and the closing tag's token id when it is one token (exact token counts)."""
+
+    style: str
+    prompt: str
+    end_token_id: int | None = None
+
+    def parser(self) -> ReasoningParser:
+        return ReasoningParser(self.style, self.prompt, self.end_token_id)
+
+
 class ChatFormat:
     def __init__(self, state: ServerState, gen: Generation, top_logprobs: int | None,
-                 tool_style: str | None = None) -> None:
+                 tool_style: str | None = None, reasoning: ReasoningSetup | None = None) -> None:
         self.state, self.gen, self.top_logprobs = state, gen, top_logprobs
         self.texts: dict[int, list[str]] = {}
+        self.reasoning = reasoning  # None: the text is all answer (no reasoning parser)
+        self.reasoning_texts: dict[int, list[str]] = {}
+        self.parsers: dict[int, ReasoningParser] = {}
+        self.num_tokens: dict[int, int] = {}
         self.logprobs: dict[int, list[p.ChatTokenLogprob]] = {}
         self.finish: dict[int, tuple[str | None, Any]] = {}
         self.tool_style = tool_style  # when tools were offered: parse tool calls out of the text
@@ -39,8 +61,30 @@ class ChatFormat:
             out.append(p.ChatTokenLogprob(token=tok, logprob=lp.logprob, bytes=list(tok.encode()), top_logprobs=top))
         return out
 
+    def _split(self, delta: ChoiceDelta) -> ReasoningDelta:
+        """The delta's text as (reasoning, answer); at the choice's end, with what the parser held."""
+        self.num_tokens[delta.index] = self.num_tokens.get(delta.index, 0) + len(delta.token_ids)
+        if self.reasoning is None:
+            return ReasoningDelta(content=delta.text)
+        parser = self.parsers.get(delta.index)
+        if parser is None:
+            parser = self.parsers[delta.index] = self.reasoning.parser()
+        out = parser.feed(delta.text, delta.token_ids)
+        if delta.finish_reason is not None:
+            rest = parser.finish()
+            out = ReasoningDelta(out.reasoning + rest.reasoning, out.content + rest.content)
+            self._count_tokens(delta.index, parser)
+        return out
+
+    def _count_tokens(self, index: int, parser: ReasoningParser) -> None:
+        metrics = self.state.metrics
+        metrics.reasoning_tokens.inc(parser.reasoning_tokens)
+        metrics.answer_tokens.inc(max(0, self.num_tokens.get(index, 0) - parser.reasoning_tokens))
+
     def add(self, delta: ChoiceDelta) -> None:
-        self.texts.setdefault(delta.index, []).append(delta.text)
+        split = self._split(delta)
+        self.texts.setdefault(delta.index, []).append(split.content)
+        self.reasoning_texts.setdefault(delta.index, []).append(split.reasoning)
         lps = self._logprobs(delta)
         if lps is not None:
             self.logprobs.setdefault(delta.index, []).extend(lps)
@@ -52,17 +96,29 @@ class ChatFormat:
         for i in range(self.gen.num_choices):
             reason, stop_reason = self.finish.get(i, (None, None))
             logprobs = p.ChatLogprobs(content=self.logprobs.get(i, [])) if self.top_logprobs is not None else None
-            message = p.ChatResponseMessage(content="".join(self.texts.get(i, [])))
-            if self.tool_style is not None:
-                parsed = parse_tool_calls(message.content, self.tool_style)
+            content: str | None = "".join(self.texts.get(i, []))
+            reasoning = None
+            if i in self.parsers:
+                reasoning, content = self.parsers[i].result("".join(self.reasoning_texts.get(i, [])), content)
+            message = p.ChatResponseMessage(content=content, reasoning_content=reasoning)
+            if self.tool_style is not None and content:
+                parsed = parse_tool_calls(content, self.tool_style)
                 if parsed.tool_calls:
-                    message = p.ChatResponseMessage(content=parsed.content,
+                    message = p.ChatResponseMessage(content=parsed.content, reasoning_content=reasoning,
                                                     tool_calls=[c.to_openai() for c in parsed.tool_calls])
                     reason = "tool_calls" if reason == "stop" else reason
             choices.append(p.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason,
                                         stop_reason=stop_reason))
         return p.ChatCompletionResponse(id=self.gen.request_id, created=int(time.time()), model=model,
-                                        choices=choices, usage=self.gen.usage())
+                                        choices=choices, usage=self.usage())
+
+    def usage(self) -> p.Usage:
+        """The generation's usage; with a reasoning parser, the thinking's share of the completion."""
+        usage = self.gen.usage()
+        if self.reasoning is not None:
+            reasoning = sum(parser.reasoning_tokens for parser in self.parsers.values())
+            usage.completion_tokens_details = p.CompletionTokensDetails(reasoning_tokens=reasoning)
+        return usage
 
     def first_chunks(self, base: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -71,17 +127,20 @@ class ChatFormat:
 
     def chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
         lps = self._logprobs(delta)
-        body, reason = ({"content": delta.text} if delta.text else {}), delta.finish_reason
+        split = self._split(delta)
+        body, reason = ({"content": split.content} if split.content else {}), delta.finish_reason
         if self.tool_style is not None:
-            body, reason = self._tool_delta(delta)
+            body, reason = self._tool_delta(delta, split.content)
+        if split.reasoning:  # thinking comes before any answer text, so it goes first in the delta
+            body = {"reasoning_content": split.reasoning, **body}
         return {"index": delta.index, "delta": body,
                 "logprobs": None if lps is None else {"content": [x.model_dump() for x in lps], "refusal": None},
                 "finish_reason": reason}
 
-    def _tool_delta(self, delta: ChoiceDelta) -> tuple[dict[str, Any], str | None]:
-        """The text split into content and `tool_calls` deltas, as the whole-response parse splits it."""
+    def _tool_delta(self, delta: ChoiceDelta, text: str) -> tuple[dict[str, Any], str | None]:
+        """The answer text split into content and `tool_calls` deltas, as the whole-response parse splits it."""
         stream = self.tool_streams.setdefault(delta.index, ToolCallStream(self.tool_style))
-        content, calls = stream.feed(delta.text)
+        content, calls = stream.feed(text)
         reason = delta.finish_reason
         if reason is not None:
             rest, more = stream.finish()
@@ -159,6 +218,9 @@ class CompletionFormat:
 
     def end_choice(self, index: int, reason: str) -> dict[str, Any]:
         return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+
+    def usage(self) -> p.Usage:
+        return self.gen.usage()
 
 
 Format = ChatFormat | CompletionFormat

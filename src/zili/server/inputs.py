@@ -20,9 +20,21 @@ _MIN_TEMPERATURE = 1e-5
 LEGACY_DEFAULT_MAX_TOKENS = SamplingParams.__dataclass_fields__["max_tokens"].default  # legacy completions
 
 
+# Template variables the server sets itself: chat_template_kwargs may not replace them.
+_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "documents", "add_generation_prompt",
+                                          "bos_token", "eos_token", "unk_token", "pad_token"})
+
+
 def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None) -> str:
+                tools: list[dict[str, Any]] | None = None,
+                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text: messages (an assistant turn's reasoning_content handed to the template, which
+    decides whether to show it) and chat_template_kwargs (e.g. enable_thinking) through the template."""
     from zili.structured.tools import render_chat as render_with_tools
+
+    reserved = sorted(_RESERVED_TEMPLATE_VARIABLES & set(chat_template_kwargs or {}))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
 
     conversation = []
     for message in messages:
@@ -43,9 +55,12 @@ def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generatio
             entry["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None and message.role == "assistant":
+            entry["reasoning_content"] = message.reasoning_content
         conversation.append(entry)
     try:
-        return render_with_tools(state.tokenizer, conversation, tools, add_generation_prompt=add_generation_prompt)
+        return render_with_tools(state.tokenizer, conversation, tools, add_generation_prompt=add_generation_prompt,
+                                 **(chat_template_kwargs or {}))
     except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja2 errors, raise_exception)
         raise bad_request(f"the model's chat template rejected these messages: {exc}", param="messages") from exc
 

@@ -70,6 +70,11 @@ class ServerMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.rejected = Counter("zili_requests_rejected", "Requests refused before running, by reason.",
                                 ["reason"], registry=self.registry)
+        # Chat completions under a reasoning parser (zili.reasoning): the thinking apart from the answer.
+        self.reasoning_tokens = Counter("zili_reasoning_tokens", "Generated tokens spent thinking (through "
+                                        "</think>), in chat completions of a reasoning model.", registry=self.registry)
+        self.answer_tokens = Counter("zili_answer_tokens", "Generated tokens after the thinking, in chat "
+                                     "completions of a reasoning model.", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

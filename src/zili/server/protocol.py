@@ -127,6 +127,9 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = Field(
+        None, description="An earlier assistant turn's thinking, as returned. Handed to the chat template, "
+                          "which decides whether to show it to the model (most leave it out).")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -137,6 +140,15 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Reasoning models (zili.reasoning).
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None, description="Bounds the thinking of a reasoning model by a budget the server sets per level "
+                          "(--reasoning-budgets).")
+    max_reasoning_tokens: int | None = Field(
+        None, description="Extension: the most tokens the thinking may take (closing tag included); when they "
+                          "are spent the engine ends the thinking and the model answers.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template, e.g. {\"enable_thinking\": false}.")
 
 
 class CompletionRequest(_SamplingFields):
@@ -155,11 +167,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):
@@ -191,6 +208,7 @@ class ResponseToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking (DeepSeek's and vLLM's field)
     tool_calls: list[ResponseToolCall] | None = None
 
 
@@ -215,6 +233,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from zili.reasoning import NONE, THINK_END, resolve_reasoning_parser
 from zili.server import protocol as p
 from zili.server.app import ServerState
 from zili.server.auth import require_api_key
 from zili.server.errors import bad_request
-from zili.server.formats import ChatFormat, CompletionFormat
+from zili.server.formats import ChatFormat, CompletionFormat, ReasoningSetup
 from zili.server.generation import Generation
 from zili.server.inputs import (
     LEGACY_DEFAULT_MAX_TOKENS,
@@ -87,7 +90,10 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     tools, tool_choice = chat_tools(body)
     offered = tools if tool_choice != "none" else None  # tool_choice "none": the model is not shown the tools
     style = tool_style(state.tokenizer) if offered else None
-    prompt = encode(state, render_chat(state, body.messages, tools=offered), "messages", add_special_tokens=False)
+    prompt_text = render_chat(state, body.messages, tools=offered, chat_template_kwargs=body.chat_template_kwargs)
+    prompt = encode(state, prompt_text, "messages", add_special_tokens=False)
+    reasoning = _reasoning_setup(state, prompt_text)
+    reasoning_budget = _reasoning_budget(state, body, reasoning)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -98,11 +104,41 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
                                                      body.parallel_tool_calls)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=top_logprobs,
                              rename={"logprobs": "top_logprobs", "max_tokens": param}, structured=structured)
+    if reasoning_budget is not None:
+        params = dataclasses.replace(params, max_reasoning_tokens=reasoning_budget)
     await compile_structured(state, structured, structured_param)
     gen = Generation(state, new_request_id("chatcmpl"), [prompt], params)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, gen, ChatFormat(state, gen, top_logprobs, tool_style=style), stream=body.stream,
-                         include_usage=include_usage, model=model)
+    fmt = ChatFormat(state, gen, top_logprobs, tool_style=style, reasoning=reasoning)
+    return await respond(request, gen, fmt, stream=body.stream, include_usage=include_usage, model=model)
+
+
+def _reasoning_setup(state: ServerState, prompt_text: str) -> ReasoningSetup | None:
+    """How this server splits a chat answer's thinking from the answer (None: it does not)."""
+    tokenizer = state.tokenizer
+    parser = resolve_reasoning_parser(state.settings.reasoning_parser, tokenizer.chat_template)
+    if parser == NONE:
+        return None
+    end_ids = tokenizer.encode(THINK_END, add_special_tokens=False)
+    return ReasoningSetup(parser, prompt_text, end_ids[0] if len(end_ids) == 1 else None)
+
+
+def _reasoning_budget(state: ServerState, body: p.ChatCompletionRequest,
+                      reasoning: ReasoningSetup | None) -> int | None:
+    """The thinking budget in tokens: max_reasoning_tokens, else the server's budget for reasoning_effort."""
+    param = "max_reasoning_tokens" if body.max_reasoning_tokens is not None else "reasoning_effort"
+    if body.max_reasoning_tokens is None and body.reasoning_effort is None:
+        return None
+    if reasoning is None:
+        raise bad_request(f"{param} needs a reasoning model; this server's model does not think "
+                          f"(--reasoning-parser {state.settings.reasoning_parser})", param=param)
+    if body.max_reasoning_tokens is not None:
+        if body.max_reasoning_tokens < 1:
+            raise bad_request(f"max_reasoning_tokens must be an integer >= 1, got {body.max_reasoning_tokens}",
+                              param="max_reasoning_tokens")
+        return body.max_reasoning_tokens
+    return state.settings.reasoning_budgets[body.reasoning_effort]
+
 
 
 @guarded.post("/v1/completions", response_model=p.CompletionResponse,

@@ -76,7 +76,7 @@ async def _sse(gen: Generation, fmt: Format, base: dict[str, Any], include_usage
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _sse_event({**base, "choices": [], "usage": gen.usage().model_dump(mode="json")})
+            yield _sse_event({**base, "choices": [], "usage": fmt.usage().model_dump(mode="json")})
         yield "data: [DONE]\n\n"
     finally:
         gen.close()

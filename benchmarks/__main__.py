@@ -126,7 +126,7 @@ def compare(
         if not any(a.startswith("--kv-cache-memory") for a in zili_args):
             # The same KV capacity as llama-server's slots (bf16 / f16 caches: equal bytes per token), so
             # neither engine wins throughput or loses memory by holding a bigger cache.
-            zili_args += ["--kv-cache-memory", str(max(levels) * ctx * zb._kv_bytes_per_token(shapes["config"]))]
+            zili_args += ["--kv-cache-memory", str(max(levels) * ctx * shapes["config"].kv_bytes_per_token("bfloat16"))]
         config["serve"]["zili_serve_args"] = shlex.join(zili_args)
         engines = {"zili": lambda: pr.zili_server(model, extra_args=zili_args, threads=threads)}
         if "llama.cpp" in peer_list:
@@ -186,8 +186,7 @@ def _roofline_peer(path: Path, tg: int, model_config):
     def run(r: int) -> dict:
         _, dev, sync = zb._device("auto")
         bw = off.measure_copy_bandwidth(dev, synchronize=sync)["bandwidth_gb_s"]
-        kv = off.kv_bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads,
-                                    model_config.head_dim, 2)
+        kv = model_config.kv_bytes_per_token("bfloat16")
         bound = off.decode_roofline(zb._model_bytes(path), kv, tg // 2, 1, bw)["tokens_per_s"]
         return {f"tg{tg}": {"tokens_per_s": bound, "samples_ts": [bound], "copy_bandwidth_gb_s": bw}}
 

@@ -335,7 +335,7 @@ def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **o
 def _load(options: TuneOptions, platform):
     from zili.models.loader import load_model
     from zili.models.quantize import quantize_model
-    from zili.weights import open_checkpoint
+    from zili.models.loader import open_checkpoint
 
     loaded = load_model(options.model, dtype=options.dtype, device=platform.device, load_format=options.load_format)
     counts: dict[str, int] = {}

@@ -87,7 +87,7 @@ def test_linear_switches_to_dense_above_max_rows():
 def smollm_pair():
     from zili.models.loader import load_model
     from zili.models.quantize import quantize_model
-    from zili.weights import open_checkpoint
+    from zili.models.loader import open_checkpoint
 
     ref = load_model(None, dtype="float32")
     quant = load_model(None, dtype="bfloat16")

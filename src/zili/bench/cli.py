@@ -338,13 +338,6 @@ def _device(device: str):
     return plat.name, dev, plat.synchronize
 
 
-def _kv_bytes_per_token(cfg) -> int:
-    """KV cache bytes one token takes across all layers at 2 bytes per element."""
-    import math
-
-    return math.prod(cfg.kv_cache_shape(1, 1)) * cfg.num_hidden_layers * 2
-
-
 def _zili_llm(model: str, opts: dict):
     from zili.engine.llm import LLM
 

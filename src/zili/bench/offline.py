@@ -234,10 +234,6 @@ def measure_copy_bandwidth(device: Any = None, nbytes: int = 256 << 20, repetiti
             "median_bandwidth_gb_s": 2 * nbytes / median(times) / 1e9}
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
-
-
 def decode_roofline(weight_bytes: int, kv_bytes_per_tok: int, context_len: int, batch: int,
                     bandwidth_gb_s: float) -> dict[str, float]:
     """Upper bound on decode speed when a step must read every weight once and each sequence's KV cache:
@@ -248,10 +244,11 @@ def decode_roofline(weight_bytes: int, kv_bytes_per_tok: int, context_len: int, 
             "step_time_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
 
 
-def roofline_table(model_config, weight_bytes: int, bandwidth_gb_s: float, kv_dtype_bytes: int = 2,
+def roofline_table(model_config, weight_bytes: int, bandwidth_gb_s: float, kv_dtype: str = "bfloat16",
                    context_len: int = 256, batches: Sequence[int] = (1, 4, 16, 32)) -> list[dict[str, float]]:
-    kv = kv_bytes_per_token(model_config.num_hidden_layers, model_config.num_key_value_heads,
-                            model_config.head_dim, kv_dtype_bytes)
+    """decode_roofline over `batches`; the KV bytes per token come from ModelConfig.kv_bytes_per_token
+    (an MLA model's latent cache, not per-head keys and values)."""
+    kv = model_config.kv_bytes_per_token(kv_dtype)
     return [decode_roofline(weight_bytes, kv, context_len, b, bandwidth_gb_s) for b in batches]
 
 

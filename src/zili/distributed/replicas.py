@@ -170,7 +170,7 @@ class ReplicaPool(ServingLifecycle):
     def _launch(self) -> None:
         import ray
 
-        from zili.weights import open_checkpoint, resolve_model
+        from zili.models.loader import open_checkpoint, resolve_model
 
         if not ray.is_initialized():
             # With no address, a new local instance (never a stale one found on disk); stopped at shutdown.

@@ -3,11 +3,10 @@ single-process engine's (the slicing itself is `zili.models.sharding`)."""
 
 from __future__ import annotations
 
-from zili.models.loader import load_model
+from zili.models.loader import load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
 from zili.models.sharding import ShardedRawCheckpoint, shard_specs
 from zili.platforms import current_platform
-from zili.weights import open_checkpoint
 
 
 def load_shard(config, tp, device: torch.device):

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from zili.kernels.attention import AttentionMetadata
+from zili.models.registry import capabilities_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
         return f"the {platform.name} platform does not compile its decode step"
     if tensor_parallel:
         return "tensor-parallel ranks run eagerly"
-    if getattr(model, "family", None) != "llama":
-        return f"the {getattr(model, 'family', type(model).__name__)} family runs eagerly (data-dependent routing)"
+    if not capabilities_of(model).compiled_decode:
+        family = getattr(getattr(model, "config", None), "architecture", type(model).__name__)
+        return f"the {family} family runs eagerly (its decode step does not compile: data-dependent routing)"
     if attention_backend not in ("sdpa", "cpp"):
         return f"attention backend {attention_backend!r} has no tensor-only decode path"
     return None

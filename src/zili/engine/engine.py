@@ -21,6 +21,7 @@ from zili.engine.runner import ModelRunner, StepInput, kv_bytes_per_block
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
 from zili.kernels.backends import choose_attention_backend, use_attention_backend
+from zili.models.registry import capabilities_of
 from zili.platforms import current_platform
 from zili.platforms.tuning import load_tuning, model_key
 from zili.sampling import SamplingParams
@@ -158,8 +159,9 @@ class Engine:
         if not get_attention_backend(self.attention_backend).graph_safe_decode:
             logger.info("decode graphs: off (attention backend %r reads host-side lengths)", self.attention_backend)
             return None
-        if getattr(model, "family", None) != "llama":
-            logger.info("decode graphs: off (the %s family routes on data)", getattr(model, "family", "?"))
+        if not capabilities_of(model).graph_safe_decode:
+            logger.info("decode graphs: off (the %s family is not graph-safe: it routes on data)",
+                        getattr(getattr(model, "config", None), "architecture", type(model).__name__))
             return None
         tuned = self._tuned("graph_batch_sizes")
         ladder = [s for s in tuned if s <= config.max_num_seqs] if tuned else batch_ladder(config.max_num_seqs)
@@ -198,7 +200,7 @@ class Engine:
     def _quantize(self, loaded, mode: str, max_rows: int | None = None) -> dict[str, int]:
         from zili.layers import onednn
         from zili.models.quantize import calibrate_max_rows, quantize_model, set_quant_max_rows
-        from zili.weights import open_checkpoint
+        from zili.models.loader import open_checkpoint
 
         if mode != "none" and self.platform.matmul_backend() != "cpu-packed":
             logger.info("weights: dense (%s has no packed int4/int8 matmul)", self.platform.name)

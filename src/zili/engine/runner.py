@@ -8,7 +8,6 @@ this step (its last new token is the end of what it has).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +28,8 @@ class StepInput:
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes across all layers."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return math.prod(config.kv_cache_shape(1, block_size)) * config.num_hidden_layers * elem
+    """Bytes one KV block takes across all layers (ModelConfig.kv_bytes_per_token, MLA-aware)."""
+    return config.kv_bytes_per_token(dtype) * block_size
 
 
 class ModelRunner:

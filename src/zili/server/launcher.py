@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -24,25 +23,21 @@ import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from zili.governance.service import GovernanceConfig, build_governance
-from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
+from zili.config import parse_memory_size
 from zili.server.app import ServerSettings, ServerState, build_app
 
 logger = logging.getLogger("zili.server")
 
 DEFAULT_MODEL = "smollm2-135m"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 def parse_memory(text: str) -> int | float:
-    """'512MiB', '2G', '1073741824' -> bytes (int); '0.25' -> a fraction of free memory (float)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise typer.BadParameter(f"expected a size like 512MiB, 2GiB or a fraction like 0.2, got {text!r}")
-    number, unit, suffix = match.groups()
-    if not unit and not suffix and "." in number:
-        return float(number)
-    scale = 1024 ** "_kmgt".index(unit.lower() or "_")
-    return int(float(number) * scale)
+    """'512MiB', '2G', '1073741824' -> bytes (int); '0.25' -> a fraction of free memory (float).
+    zili.config.parse_memory_size does the parsing; its ValueError becomes a usage error."""
+    try:
+        return parse_memory_size(text, "--kv-cache-memory")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 class _DrainingServer(uvicorn.Server):
@@ -136,11 +131,6 @@ def serve(
     load_format: Annotated[str, typer.Option(
         help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
         "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
-    reasoning_parser: Annotated[str, typer.Option(
-        help="Split a reasoning model's thinking into reasoning_content: auto (from the chat template), "
-        "deepseek-r1, qwen3 or none.")] = "auto",
-    reasoning_budgets: Annotated[str | None, typer.Option(
-        help="Thinking budgets (tokens) for reasoning_effort, e.g. low=1024,medium=4096,high=16384.")] = None,
     admin_key: Annotated[str | None, typer.Option(
         "--admin-key", envvar="ZILI_ADMIN_KEY", help="Turn on the admin API (/admin/v1: keys, usage, audit, "
         "pause) for this bearer key; also turns on database keys, quotas and the usage ledger.")] = None,
@@ -166,7 +156,7 @@ def serve(
     from zili.config import EngineConfig
     from zili.engine.async_engine import AsyncEngine
     from zili.server.auth import read_api_keys
-    from zili.weights.resolve import resolve_model
+    from zili.models.loader import resolve_model
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -178,15 +168,12 @@ def serve(
                    "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
                    "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
                    "attention_backend": attention_backend, "use_tune_cache": tune_cache,
-                   "enforce_eager": enforce_eager, "load_format": load_format,
-                   "reasoning_parser": reasoning_parser}
+                   "enforce_eager": enforce_eager, "load_format": load_format}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
         governance = build_governance(GovernanceConfig(
             database_url=database_url, admin_key=admin_key, content_policy=content_policy, log_content=log_content,
             log_retention_days=log_retention_days, prices=prices, metrics_keys=list(metrics_key_label or [])))
-        resolve_reasoning_parser(reasoning_parser, None)  # the name is checked now; "auto" is decided at load
-        budgets = parse_reasoning_budgets(reasoning_budgets or "")
     except (ValueError, OSError, SQLAlchemyError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -202,7 +189,7 @@ def serve(
     settings = ServerSettings(
         served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
         max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
-        web_ui=web_ui, reasoning_parser=reasoning_parser, reasoning_budgets=budgets)
+        web_ui=web_ui)
     if replicas > 1 or ray_address is not None:
         from zili.distributed.replicas import ReplicaPool
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-from dataclasses import dataclass
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from zili.weights.errors import ModelNotFoundError, UnsupportedModelError
-
 from zili.weights.gguf import check_gguf_supported, read_gguf_header
+
 DEFAULT_ALIAS = "smollm2-135m"
 
 
@@ -120,6 +119,7 @@ def _resolve_alias(ref: str, alias: Alias, check: ArchitectureCheck | None) -> M
     return _resolve_gguf(ref, path, check)
 
 
+def _resolve_gguf(ref: str, path: Path, check: ArchitectureCheck | None) -> ModelSource:
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF"
     if not is_gguf:
@@ -162,4 +162,3 @@ def _resolve_hf_dir(ref: str, path: Path, weights_required: bool = True,
     if check is not None:
         check(source, cfg)
     return source
-def _resolve_gguf(ref: str, path: Path, check: ArchitectureCheck | None) -> ModelSource:

@@ -1,0 +1,149 @@
+"""Every `ZILI_*` environment variable zili reads, in one place: its type, default and meaning.
+
+Other modules call the accessors here instead of reading `os.environ`, so this table is complete
+by construction. Values are read at call time (not import time): tests and launchers may set them
+after zili is imported. A malformed value is a ValueError naming the variable.
+
+This module imports nothing from zili, so every layer (platforms included) may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One documented variable: `kind` is "bool" (1/true/yes/on or 0/false/no/off), "str" or "path"."""
+
+    name: str
+    kind: str
+    default: str | bool | None
+    help: str
+
+
+ZILI_ENFORCE_EAGER = EnvVar(
+    "ZILI_ENFORCE_EAGER", "bool", False,
+    "Run every engine step eagerly (no compiled decode) when EngineConfig.enforce_eager is None; "
+    "the test suite sets it so only the compile tests pay for compilation.")
+ZILI_PLATFORM = EnvVar(
+    "ZILI_PLATFORM", "str", None,
+    "Platform to run on, by name (cpu, cuda, or an installed plugin's); unset: the preferred available one.")
+ZILI_TUNE_CACHE = EnvVar(
+    "ZILI_TUNE_CACHE", "path", None,
+    "The `zili tune` results file; unset: $XDG_CACHE_HOME/zili/tune.json (~/.cache/zili/tune.json).")
+ZILI_CPU_KERNELS = EnvVar(
+    "ZILI_CPU_KERNELS", "bool", True,
+    "Build and use zili's C++ CPU attention kernels; 0 keeps the torch paths (for comparisons).")
+ZILI_CPU_ISA = EnvVar(
+    "ZILI_CPU_ISA", "str", None,
+    "Force the CPU instruction-set level the C++ kernels are built for (e.g. avx2, avx512); unset: detected.")
+ZILI_ONEDNN = EnvVar(
+    "ZILI_ONEDNN", "bool", True,
+    "Pre-pack dense bf16 weights for oneDNN's matmul on CPUs; 0 turns packing off (for comparisons).")
+ZILI_MALLOC_TUNE = EnvVar(
+    "ZILI_MALLOC_TUNE", "bool", True,
+    "Keep a step's large host blocks on glibc's heap (mallopt) on CPUs; 0 leaves the allocator alone.")
+ZILI_API_KEY = EnvVar(
+    "ZILI_API_KEY", "str", None,
+    "API key `zili serve` requires on /v1/* (read by the --api-key option); unset: no key unless given.")
+ZILI_ADMIN_KEY = EnvVar(
+    "ZILI_ADMIN_KEY", "str", None,
+    "Admin key that turns on `zili serve`'s admin API (read by the --admin-key option); unset: admin API off.")
+ZILI_DATABASE_URL = EnvVar(
+    "ZILI_DATABASE_URL", "str", None,
+    "SQLAlchemy URL of the accounts / usage database (zili.governance); unset: a SQLite file under "
+    "$XDG_DATA_HOME/zili.")
+ZILI_LLAMA_CPP_DIR = EnvVar(
+    "ZILI_LLAMA_CPP_DIR", "path", None,
+    "Where the benchmark tooling builds / finds llama.cpp (benchmarks/peers.py); unset: the user cache.")
+
+ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
+    ZILI_ENFORCE_EAGER, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA, ZILI_ONEDNN,
+    ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR)}
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _raw(var: EnvVar) -> str | None:
+    value = os.environ.get(var.name)
+    return value.strip() if value is not None and value.strip() else None
+
+
+def get_bool(var: EnvVar) -> bool:
+    """A "bool" variable's value, its default when unset or empty; ValueError naming it otherwise."""
+    value = _raw(var)
+    if value is None:
+        return bool(var.default)
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f"{var.name}={value!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE)}")
+
+
+def get_str(var: EnvVar) -> str | None:
+    """A "str" variable's value (stripped), None when unset or empty."""
+    value = _raw(var)
+    return value if value is not None else (var.default if isinstance(var.default, str) else None)
+
+
+def get_path(var: EnvVar) -> Path | None:
+    """A "path" variable's value with ~ expanded, None when unset or empty."""
+    value = _raw(var)
+    return Path(value).expanduser() if value is not None else None
+
+
+def user_cache_dir() -> Path:
+    """zili's cache root: $XDG_CACHE_HOME/zili, default ~/.cache/zili (XDG base-directory spec)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "zili"
+
+
+def enforce_eager() -> bool:
+    """ZILI_ENFORCE_EAGER."""
+    return get_bool(ZILI_ENFORCE_EAGER)
+
+
+def platform_name() -> str | None:
+    """ZILI_PLATFORM."""
+    return get_str(ZILI_PLATFORM)
+
+
+def tune_cache_path() -> Path:
+    """ZILI_TUNE_CACHE, else the default under the user cache."""
+    return get_path(ZILI_TUNE_CACHE) or user_cache_dir() / "tune.json"
+
+
+def cpu_kernels_enabled() -> bool:
+    """ZILI_CPU_KERNELS."""
+    return get_bool(ZILI_CPU_KERNELS)
+
+
+def cpu_isa() -> str | None:
+    """ZILI_CPU_ISA, lower-cased."""
+    value = get_str(ZILI_CPU_ISA)
+    return value.lower() if value else None
+
+
+def onednn_enabled() -> bool:
+    """ZILI_ONEDNN."""
+    return get_bool(ZILI_ONEDNN)
+
+
+def malloc_tune_enabled() -> bool:
+    """ZILI_MALLOC_TUNE."""
+    return get_bool(ZILI_MALLOC_TUNE)
+
+
+def database_url() -> str | None:
+    """ZILI_DATABASE_URL."""
+    return get_str(ZILI_DATABASE_URL)
+
+
+def llama_cpp_dir() -> Path | None:
+    """ZILI_LLAMA_CPP_DIR."""
+    return get_path(ZILI_LLAMA_CPP_DIR)

@@ -23,21 +23,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from zili import envs
 from zili.kernels.attention import AttentionMetadata
 from zili.models.registry import capabilities_of
 
 logger = logging.getLogger(__name__)
 
-ENFORCE_EAGER_ENV = "ZILI_ENFORCE_EAGER"
+ENFORCE_EAGER_ENV = envs.ZILI_ENFORCE_EAGER.name
 
 
 def eager_by_default() -> bool:
-    return os.environ.get(ENFORCE_EAGER_ENV, "").strip().lower() in ("1", "true", "yes")
+    return envs.enforce_eager()
 
 
 def unsupported_reason(model: nn.Module, platform, attention_backend: str, tensor_parallel: bool) -> str | None:
@@ -56,8 +56,7 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
 
 def use_zili_inductor_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / "zili" / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(envs.user_cache_dir() / "inductor")
 
 
 class CompiledDecode:

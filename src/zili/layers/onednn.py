@@ -21,12 +21,13 @@ ZILI_ONEDNN=0 turns packing off (for comparisons).
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import weakref
 
 import torch
 from torch import nn
+
+from zili import envs
 
 # handle -> packed weight; an entry lives as long as its PackedDense (dropped when that is collected,
 # so a discarded engine's weights do not stay behind in this registry).
@@ -38,7 +39,7 @@ _lib: torch.library.Library | None = None
 
 def available(dtype: torch.dtype) -> bool:
     """Whether this torch build and CPU run oneDNN's bf16 matmul on packed weights."""
-    if os.environ.get("ZILI_ONEDNN", "1").strip() == "0" or dtype != torch.bfloat16:
+    if not envs.onednn_enabled() or dtype != torch.bfloat16:
         return False
     if not torch.backends.mkldnn.is_available():
         return False

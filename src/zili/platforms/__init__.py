@@ -20,17 +20,17 @@ that fails to import is logged and skipped: a broken plugin must not stop the CP
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+from zili import envs
 from zili.platforms.interface import AcceleratorPlatform, Platform
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "zili.platforms"
-ENV_VAR = "ZILI_PLATFORM"
+ENV_VAR = envs.ZILI_PLATFORM.name
 
 
 def _builtin_platforms() -> dict[str, type[Platform]]:
@@ -72,7 +72,7 @@ def _as_factory(name: str, target) -> Callable[[], Platform | None]:
 
 def resolve_platform(requested: str | None = None) -> Platform:
     """Choose the platform (see the module docstring). `requested` overrides ZILI_PLATFORM."""
-    requested = requested or os.environ.get(ENV_VAR) or None
+    requested = requested or envs.platform_name()
     builtins = _builtin_platforms()
     plugins = plugin_platforms()
     if requested:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from zili import envs
 from zili.platforms.interface import Platform
 
 # CPU flags that change which kernels win (the tune cache is keyed by them).
@@ -56,7 +57,7 @@ class CpuPlatform(Platform):
         # kernel writing two such copies took 4.8 ms, 1.6 ms once they came from the reused heap.
         # Keep blocks up to 64 MiB on the heap and up to 256 MiB of free heap before trimming.
         # ZILI_MALLOC_TUNE=0 leaves the allocator alone.
-        if _malloc_tuned or os.environ.get("ZILI_MALLOC_TUNE", "1").strip() == "0":
+        if _malloc_tuned or not envs.malloc_tune_enabled():
             return
         try:
             import ctypes

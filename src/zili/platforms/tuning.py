@@ -17,27 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zili import envs
 from zili.platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-ENV_VAR = "ZILI_TUNE_CACHE"
+ENV_VAR = envs.ZILI_TUNE_CACHE.name
 DEVICE_KEYS = ("threads", "attention_backend", "triton", "graph_batch_sizes")
 MODEL_KEYS = ("block_size", "quant_max_rows")
 
 
 def default_cache_path() -> Path:
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zili" / "tune.json"
+    return envs.tune_cache_path()
 
 
 def fingerprint_key(fingerprint: dict[str, Any]) -> str:

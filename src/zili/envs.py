@@ -28,6 +28,9 @@ ZILI_ENFORCE_EAGER = EnvVar(
     "ZILI_ENFORCE_EAGER", "bool", False,
     "Run every engine step eagerly (no compiled decode) when EngineConfig.enforce_eager is None; "
     "the test suite sets it so only the compile tests pay for compilation.")
+ZILI_BACKGROUND_COMPILE = EnvVar(
+    "ZILI_BACKGROUND_COMPILE", "bool", False,
+    "Compile the decode step on a background thread while the engine serves eagerly (`zili serve` sets it).")
 ZILI_PLATFORM = EnvVar(
     "ZILI_PLATFORM", "str", None,
     "Platform to run on, by name (cpu, cuda, or an installed plugin's); unset: the preferred available one.")
@@ -61,7 +64,7 @@ ZILI_LLAMA_CPP_DIR = EnvVar(
     "Where the benchmark tooling builds / finds llama.cpp (benchmarks/peers.py); unset: the user cache.")
 
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
-    ZILI_ENFORCE_EAGER, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA, ZILI_ONEDNN,
+    ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA, ZILI_ONEDNN,
     ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR)}
 
 _TRUE = ("1", "true", "yes", "on")
@@ -106,6 +109,11 @@ def user_cache_dir() -> Path:
 def enforce_eager() -> bool:
     """ZILI_ENFORCE_EAGER."""
     return get_bool(ZILI_ENFORCE_EAGER)
+
+
+def background_compile() -> bool:
+    """ZILI_BACKGROUND_COMPILE."""
+    return get_bool(ZILI_BACKGROUND_COMPILE)
 
 
 def platform_name() -> str | None:

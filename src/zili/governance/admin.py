@@ -54,7 +54,7 @@ class KeyUpdate(BaseModel):
 
 class PauseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    message: str = Field("The service is paused by its operator.", min_length=1, max_length=500)
+    message: str = Field(default="The service is paused by its operator.", min_length=1, max_length=500)
     abort: bool = False
 
 

@@ -8,6 +8,7 @@ to some model names. Every change is written to the audit log in the same transa
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import hmac
@@ -195,7 +196,7 @@ class KeyStore:
             return None
         return ApiKey.from_row(row)
 
-    def changed_since(self, t: float) -> list[ApiKey]:
+    def changed_since(self, t: float) -> builtins.list[ApiKey]:
         """Keys created, changed or revoked at or after `t` (epoch s), for the server's key cache."""
         query = select(api_keys).where(api_keys.c.updated_at >= t)
         with self.engine.connect() as connection:

@@ -85,8 +85,9 @@ def _prices(entry: Any, where: str) -> TokenPrices:
     if not isinstance(entry, dict) or not set(entry) <= {"input", "cached_input", "output"} \
             or "input" not in entry or "output" not in entry:
         raise ValueError(f"--prices {where}: expected {{'input', 'output'[, 'cached_input']}} in $ per 1M tokens")
-    cached = entry.get("cached_input", entry["input"] * CACHED_INPUT_SHARE
-                       if isinstance(entry["input"], (int, float)) else None)
+    cached: Any = entry.get("cached_input")
+    if cached is None and isinstance(entry["input"], (int, float)):
+        cached = entry["input"] * CACHED_INPUT_SHARE
     try:
         return TokenPrices(entry["input"], cached, entry["output"])
     except ValueError as exc:

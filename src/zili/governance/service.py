@@ -28,7 +28,7 @@ from sqlalchemy import Engine, delete
 
 from zili import envs
 from zili.governance.audit import AuditEvent, write_audit
-from zili.governance.db import DATABASE_URL_ENV, default_database_path, open_database
+from zili.governance.db import default_database_path, open_database
 from zili.governance.keys import ApiKey, KeyStore, hash_secret
 from zili.governance.ledger import LedgerWriter, UsageRecord
 from zili.governance.policy import ContentClassifier, OutputScanner, PolicyHit, RegexPolicy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF
 # One-shot and interactive commands start eagerly: compiling the decode step takes seconds (a minute
 # or two the first time) and pays off over long outputs and many requests, as in `zili serve`.
 ONE_SHOT_ENGINE_OPTIONS = ("dtype", "max_model_len", "kv_cache_memory", "quantization", "threads",
-                           "attention_backend", "use_tune_cache", "enforce_eager", "load_format")
+                           "attention_backend", "use_tune_cache", "enforce_eager", "load_format", "reasoning_parser")
 ONE_SHOT_DEFAULTS = {"enforce_eager": True}
 
 
@@ -84,10 +85,16 @@ def chat(
     min_p: float = typer.Option(0.0, "--min-p"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    show_thinking: bool = typer.Option(True, "--show-thinking/--hide-thinking", help="A reasoning model's "
+                                       "thinking: shown dimmed before the answer, or folded into one line."),
+    max_reasoning_tokens: Optional[int] = typer.Option(None, "--max-reasoning-tokens", min=1,
+                                                       help="A reasoning model's thinking budget per answer."),
     engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
+    if max_reasoning_tokens is not None:
+        params = dataclasses.replace(params, max_reasoning_tokens=max_reasoning_tokens)
     llm = _make_llm(model, engine_args or {})
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -112,7 +119,7 @@ def chat(
             continue
         history.append({"role": "user", "content": text})
         try:
-            answer = _stream_to_stdout(llm, llm.render_chat(history), params)
+            answer = _stream_to_stdout(llm, llm.render_chat(history), params, show_thinking)
         except KeyboardInterrupt:
             typer.secho("\n(stopped)", err=True, dim=True)
             history.pop()
@@ -124,21 +131,60 @@ def chat(
         history.append({"role": "assistant", "content": answer})
 
 
-def _stream_to_stdout(llm, prompt, params) -> str:
+def _stream_to_stdout(llm, prompt, params, show_thinking: bool = True) -> str:
+    """Stream the answer; a reasoning model's thinking first, dimmed (or one "thinking..." line).
+    Returns the answer (without the thinking, which is not fed back into the conversation)."""
+    thinking = _ThinkingView(llm, prompt, show_thinking)
     printed = 0
     text = ""
     stream = llm.stream(prompt, params)
     try:
         for out in stream:
             text = out.outputs[0].text
-            sys.stdout.write(text[printed:])
-            sys.stdout.flush()
+            thinking.write(text[printed:], out.outputs[0].finish_reason is not None)
             printed = len(text)
     finally:
         stream.close()  # on Ctrl-C this aborts the request and frees its KV blocks
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return text
+    return thinking.answer if thinking.parser is not None else text
+
+
+class _ThinkingView:
+    """Writes generated text to the terminal, a reasoning model's thinking dimmed (zili.reasoning)."""
+
+    def __init__(self, llm, prompt, show: bool) -> None:
+        from zili.reasoning import NONE, ReasoningParser
+
+        style = getattr(llm.engine, "reasoning_style", NONE)
+        tail = llm.tokenizer.decode(prompt[-8:], skip_special_tokens=False) if isinstance(prompt, list) else prompt
+        self.parser = ReasoningParser(style, tail) if style != NONE else None
+        self.show, self.answer, self.thought = show, "", 0
+
+    def write(self, piece: str, last: bool) -> None:
+        if self.parser is None:
+            sys.stdout.write(piece)
+        else:
+            parts = [self.parser.feed(piece)] + ([self.parser.finish()] if last else [])
+            for part in parts:
+                self._thinking(part.reasoning)
+                if part.content:
+                    if self.thought > 0 and not self.show:
+                        sys.stdout.write(f"\r{typer.style(f'(thought for {self.thought} characters)', dim=True)}\n")
+                        self.thought = -1
+                    sys.stdout.write(part.content)
+                    self.answer += part.content
+        sys.stdout.flush()
+
+    def _thinking(self, text: str) -> None:
+        if not text:
+            return
+        if self.show:
+            sys.stdout.write(typer.style(text, dim=True))
+        elif self.thought >= 0:
+            if self.thought == 0:
+                sys.stdout.write(typer.style("(thinking...)", dim=True))
+            self.thought += len(text)
 
 
 @app.command()

@@ -65,6 +65,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("load_format", str, "auto",
                  f"{' or '.join(LOAD_FORMATS)}: dummy fills seeded random weights on MODEL's architecture (a "
                  "directory with only config.json is enough), for load tests of shapes whose weights are not here."),
+    EngineOption("reasoning_parser", str, "auto", "How a reasoning model's thinking is delimited: auto (from the "
+                 "chat template), deepseek-r1, qwen3 or none."),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

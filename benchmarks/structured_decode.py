@@ -101,8 +101,10 @@ class _GrammarTimer:
 
     def __init__(self, engine) -> None:
         self.seconds = 0.0
-        backend = engine._grammar_backend
-        build, advance = backend.build_mask, engine._advance_grammar
+        from zili.engine.output_processor import SequenceOutputProcessor
+
+        backend = engine.inputs.grammar_backend
+        build, advance = backend.build_mask, SequenceOutputProcessor.advance_grammar
 
         def timed_build(seqs):
             start = time.perf_counter()
@@ -118,14 +120,18 @@ class _GrammarTimer:
             self.seconds += time.perf_counter() - start
             return mask
 
-        def timed_advance(seq, token_id):
+        def timed_advance(processor, token_id, delta):
             start = time.perf_counter()
-            done = advance(seq, token_id)
+            done = advance(processor, token_id, delta)
             self.seconds += time.perf_counter() - start
             return done
 
-        backend.build_mask, engine._advance_grammar = timed_build, timed_advance
-        self.restore = lambda: (delattr(backend, "build_mask"), delattr(engine, "_advance_grammar"))
+        backend.build_mask, SequenceOutputProcessor.advance_grammar = timed_build, timed_advance
+
+        def restore() -> None:
+            del backend.build_mask
+            SequenceOutputProcessor.advance_grammar = advance
+        self.restore = restore
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,9 +1,40 @@
-"""SamplingParams: the one place sampling defaults live. Validated on construction."""
+"""SamplingParams: the one place sampling defaults live. Validated on construction.
+
+Errors carry the field at fault as data: `InvalidRequestError(field, reason, code)` (a ValueError),
+and its subclass `SamplingParamsError` for a bad SamplingParams value. A server maps `.field` to
+its own parameter name (OpenAI's `param`) without parsing messages.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine can never run. `field`: what is at fault ("prompt", or a SamplingParams
+    field such as "max_tokens"); `reason`: a sentence for people; `code`: a machine-readable kind
+    (e.g. "context_length_exceeded") or None."""
+
+    def __init__(self, field: str, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+        self.code = code
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:  # pickles across processes (Ray replicas)
+        return type(self), (self.field, self.reason, self.code)
+
+
+class SamplingParamsError(InvalidRequestError):
+    """A SamplingParams value out of range or of the wrong type; str() is "SamplingParams.<field> <reason>"."""
+
+    def __init__(self, field: str, reason: str, code: str | None = None) -> None:
+        super().__init__(field, reason, code)
+        self.args = (f"SamplingParams.{field} {reason}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass
@@ -68,7 +99,7 @@ class SamplingParams:
             try:
                 self.structured = StructuredOutput.parse(self.structured)
             except ValueError as e:
-                raise ValueError(f"SamplingParams.structured: {e}") from None
+                raise SamplingParamsError("structured", str(e)) from None
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             for tok, bias in self.logit_bias.items():
@@ -86,4 +117,4 @@ class SamplingParams:
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name} {message}")
+        raise SamplingParamsError(name, message)

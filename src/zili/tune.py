@@ -257,7 +257,7 @@ def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], 
     ladder = batch_ladder(max_batch)
     blocks_per_seq = 2  # a short context: graphs matter most where kernels are small
     graphs = DecodeGraphs(runner.model, runner.kv_caches, platform, ladder, blocks_per_seq, runner.block_size,
-                          runner.device)
+                          runner.device, runner.attention)
     graphs.capture()
     kept, timings = [], {}
     previous = runner.decode_graphs
@@ -313,7 +313,7 @@ def tune_quant_rows(engine, repeats: int, max_rows: int) -> tuple[int, dict]:
 def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **overrides):
     """An engine on the already loaded model, tune cache off, sized for the measurements."""
     from zili.config import EngineConfig
-    from zili.engine.engine import Engine
+    from zili.engine.builder import build_engine
     from zili.engine.runner import kv_bytes_per_block
     from zili.kernels.backends import use_attention_backend
 
@@ -326,7 +326,7 @@ def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **o
     block = settings.get("block_size", EngineConfig.block_size)
     per_block = kv_bytes_per_block(loaded.config, block, loaded.dtype)
     blocks = max(-(-need // block) + 8, max(QUANT_ROW_CANDIDATES) + 8, 4 * max(options.decode_batches))
-    engine = Engine(EngineConfig(**settings, kv_cache_memory=blocks * per_block), loaded=loaded)
+    engine = build_engine(EngineConfig(**settings, kv_cache_memory=blocks * per_block), loaded=loaded)
     if kernel_config:  # the engine installed the backend with default launch settings
         use_attention_backend(engine.attention_backend, kernel_config)
     return engine

@@ -9,6 +9,7 @@ import pytest
 
 from tests.tiny_models import write_tiny_llama
 from zili import LLM, SamplingParams
+from zili.engine.request import OutputAccumulator
 from zili.engine.runner import kv_bytes_per_block
 
 
@@ -140,14 +141,17 @@ def test_n_greater_than_one_shares_prompt_blocks(tiny_dir):
     greedy = SamplingParams(temperature=0, max_tokens=10, n=3, ignore_eos=True)
     engine = llm.engine
     engine.add_request("fan", prompt, greedy)
+    acc = OutputAccumulator("fan", 3)  # step() returns deltas; fold them into the whole output
     while engine.scheduler.waiting:
-        engine.step()
+        for delta in engine.step():
+            acc.add(delta)
     tables = [engine.kv_cache.block_ids(f"fan#{i}") for i in range(3)]
     full_prompt_blocks = (len(engine.requests["fan"].prompt_token_ids) - 1) // 4
     assert tables[0][:full_prompt_blocks] == tables[1][:full_prompt_blocks] == tables[2][:full_prompt_blocks]
     while engine.has_unfinished_requests():
-        outs = engine.step()
-    (out,) = outs
+        for delta in engine.step():
+            acc.add(delta)
+    out = acc.result()
     single = greedy_tokens(make_llm(tiny_dir, enable_prefix_caching=False), [prompt], max_tokens=10)[0]
     assert [c.token_ids for c in out.outputs] == [single] * 3
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -248,3 +252,47 @@ def test_random_workload_keeps_invariants(tiny_dir):
     while engine.has_unfinished_requests():
         engine.step()
     assert_pool_free(llm)
+
+
+def test_two_engines_with_different_attention_backends_in_one_process(tiny_dir):
+    """Each runner owns its attention backend: two engines (sdpa, cpp) stepped in turn both stay
+    correct, and each step runs only its own engine's backend (nothing process-global)."""
+    import dataclasses
+
+    from zili.kernels import cpu_attention
+
+    if not cpu_attention.available():
+        pytest.skip("the cpp attention kernel does not build on this machine")
+    prompts = PROMPTS[:6]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = make_llm(tiny_dir, enable_prefix_caching=False, attention_backend="sdpa")
+    want = [alone.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    engines, calls = {}, {"sdpa": 0, "cpp": 0}
+    for name in ("sdpa", "cpp"):
+        engine = make_llm(tiny_dir, attention_backend=name, enforce_eager=True).engine
+        backend = engine.runner.attention
+        assert backend.name == name
+
+        def counted(*args, _fn=backend.paged_attention, _name=name):
+            calls[_name] += 1
+            return _fn(*args)
+        engine.runner.attention = dataclasses.replace(backend, paged_attention=counted)
+        engines[name] = engine
+    accumulated = {name: {} for name in engines}
+    for name, engine in engines.items():
+        for i, p in enumerate(prompts):
+            rid = engine.add_request(f"{name}-{i}", p, params)
+            accumulated[name][rid] = OutputAccumulator(rid, 1)
+    while any(e.has_unfinished_requests() for e in engines.values()):
+        for name, engine in engines.items():  # interleaved: sdpa step, cpp step, sdpa step...
+            before = dict(calls)
+            for delta in engine.step():
+                accumulated[name][delta.request_id].add(delta)
+            other = "cpp" if name == "sdpa" else "sdpa"
+            assert calls[other] == before[other]  # this engine's step never ran the other's backend
+    for name, engine in engines.items():
+        got = [accumulated[name][f"{name}-{i}"].result().outputs[0].token_ids for i in range(len(prompts))]
+        assert got == want, name
+        assert calls[name] > 0
+        kv = engine.kv_cache
+        assert kv.num_free_blocks == kv.num_blocks

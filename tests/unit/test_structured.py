@@ -57,7 +57,7 @@ def llm(tiny_dir):
 def assert_pool_free(llm: LLM) -> None:
     kv = llm.engine.kv_cache
     assert kv.num_free_blocks == kv.num_blocks and kv.tables == {}
-    assert not llm.engine._constrained
+    assert llm.engine.outputs.num_sequences == 0  # no per-sequence output state (matchers) left behind
 
 
 def finished_texts(outputs) -> list[str]:
@@ -121,7 +121,7 @@ def test_choice_literals_are_escaped(llm):
     options = ['say "hi"', "back\\slash", "two\nlines", "ünï", "{x}"]
     grammar = llm.engine.compile_structured(StructuredOutput.choice(options))
     for option in options:
-        matcher = llm.engine._grammar_backend.new_matcher(grammar)
+        matcher = llm.engine.inputs.new_matcher(grammar)
         assert matcher.accept_string(option) and matcher.is_completed(), (option, choice_ebnf(options))
 
 
@@ -197,7 +197,7 @@ def test_invalid_spec_rejected_before_generation(llm):
         with pytest.raises(ValueError, match="cannot be used"):
             engine.add_request("bad", "Hello", SamplingParams(structured=spec))
         assert "bad" not in engine.requests
-    assert not engine.scheduler.waiting and not engine._constrained
+    assert not engine.scheduler.waiting and engine.outputs.num_sequences == 0
 
 
 def test_compiled_grammars_are_cached(llm):
@@ -209,7 +209,7 @@ def test_compiled_grammars_are_cached(llm):
 def test_unconstrained_requests_never_build_the_backend(tiny_dir):
     fresh = make_llm(tiny_dir, num_blocks=64)
     fresh.generate(PROMPTS[:2], SamplingParams(max_tokens=4))
-    assert fresh.engine._grammar_backend is None
+    assert fresh.engine.inputs._grammar_backend is None
 
 
 def test_grammar_end_finishes_under_ignore_eos(llm):

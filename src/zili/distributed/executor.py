@@ -6,7 +6,8 @@
     logits = runner.execute(step)                   # broadcast the plan, run rank 0's forward
     executor.close()                                # STOP, join, leave the group
 
-Rank 0 runs the scheduler and the sampler; the workers only follow plans. Failures are bounded:
+It implements `zili.engine.executor.Executor` (as `ModelRunner` does), so the engine drives either
+without knowing which. Rank 0 runs the scheduler and the sampler; the workers only follow plans. Failures are bounded:
 a worker that dies fails the step in progress at once (its sockets close) and is also noticed
 while idle (a monitor thread waits on the worker processes); one that hangs fails the step after
 `distributed_timeout` seconds. Either way `execute` raises TensorParallelError from then on, and

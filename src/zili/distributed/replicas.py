@@ -9,7 +9,7 @@
 `ReplicaPool` offers what the server uses of an `AsyncEngine` (add_request -> RequestStream,
 abort, stats, health), so `zili serve --replicas N` changes nothing above it. Each request goes to
 the replica with the fewest requests in flight from this pool (ties: the one given fewest so far);
-its outputs come back as a Ray streaming generator, one RequestOutput per engine step. A client
+its outputs come back as a Ray streaming generator, one RequestDelta per engine step. A client
 that goes away cancels the generator, which aborts the request inside the replica.
 
 If a replica dies (its actor process ends), the pool fails the requests in flight, reports the
@@ -47,10 +47,10 @@ class EngineReplica:
 
     def __init__(self, config: EngineConfig) -> None:
         from zili.engine.async_engine import AsyncEngine
-        from zili.engine.engine import Engine
+        from zili.engine.builder import build_engine
 
         self.config = config
-        self.engine = AsyncEngine(lambda: Engine(config))
+        self.engine = AsyncEngine(lambda: build_engine(config))
         self.engine.on_fatal = self._engine_died
 
     @staticmethod
@@ -70,7 +70,7 @@ class EngineReplica:
         return {"pid": os.getpid(), "max_model_len": self.engine.engine.max_model_len}
 
     async def generate(self, request_id: str, prompt: str | list[int], params):
-        """Yields None once the engine accepted the request, then its cumulative RequestOutputs."""
+        """Yields None once the engine accepted the request, then its RequestDeltas (one per step)."""
         stream = await self.engine.add_request(request_id, prompt, params)
         try:
             yield None

@@ -71,16 +71,15 @@ def _start(spec: WorkerSpec, store):
     platform = current_platform()
     platform.set_num_threads(spec.threads)
     store.set(JOINED_KEY.format(rank=spec.rank), "ok")
-    if spec.attention_backend is not None:
-        from zili.kernels.backends import use_attention_backend
+    from zili.kernels.backends import use_attention_backend
 
-        use_attention_backend(spec.attention_backend)
+    attention = use_attention_backend(spec.attention_backend) if spec.attention_backend is not None else None
     tp, control = pg.init_group(store, spec.rank, spec.size, spec.backend, spec.timeout_s)
     device = pg.rank_device(platform, spec.rank)
     loaded, _ = load_shard(spec.config, tp, device)
     num_blocks, block_size = map(int, store.get(KV_POOL_KEY).split())  # rank 0 sizes the pool once loaded
     runner = ModelRunner(loaded.model, rank_cache_config(loaded.config, tp), num_blocks, block_size, loaded.dtype,
-                         device)
+                         device, attention)
     return runner, PlanChannel(control)
 
 

@@ -6,6 +6,11 @@ is none. Coroutines hand it requests and aborts through a lock-protected inbox; 
 its outputs back on its own asyncio.Queue, fed with `loop.call_soon_threadsafe` (one call per
 step for all requests). Aborts are applied before the next step, so a cancelled request stops
 using compute and gives back its KV blocks within one step.
+
+Requests are validated before they are queued: `add_request` runs `Engine.prepare` (thread-safe;
+a grammar compile goes to this AsyncEngine's own worker thread so neither the event loop nor the
+engine loop waits for it) and raises its InvalidRequestError to the caller. The streams carry the
+engine's deltas (`RequestDelta`) as they are: nothing is accumulated or diffed here.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from zili.engine.engine import Engine, EngineStats, RequestOutput
-    from zili.sampling import SamplingParams
+from zili.engine.engine import Engine, EngineStats
+from zili.engine.input_processor import PreparedRequest
+from zili.engine.request import RequestDelta
+from zili.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +54,14 @@ _ABORTED = object()  # last item of a stream aborted by the server
 @dataclass
 class _Add:
     request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
+    prepared: PreparedRequest
     stream: RequestStream
 
 
 class RequestStream:
     """The outputs of one request, in order: `async for output in stream`.
 
-    Each output is the request's cumulative RequestOutput; iteration ends after the one with
+    Each output is one engine step's RequestDelta (what is new); iteration ends after the one with
     `finished` set. `close()` aborts the request if it has not finished (safe to call twice), so
     wrap consumption in `try/finally: stream.close()` or `async with stream`.
     """
@@ -79,7 +85,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
@@ -161,6 +167,7 @@ class AsyncEngine(ServingLifecycle):
         self._streams: dict[str, RequestStream] = {}
         # Published by the loop thread (reference swaps only).
         self._stats: EngineStats | None = None
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="zili-prepare")  # grammar compiles
         self._init_lifecycle()
 
     # ----- lifecycle -----
@@ -192,6 +199,7 @@ class AsyncEngine(ServingLifecycle):
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # ----- requests -----
 
@@ -207,20 +215,33 @@ class AsyncEngine(ServingLifecycle):
         waiting = self._stats.num_waiting if self._stats is not None else 0
         return waiting + len(self._adds) + self._adds_not_in_stats
 
-    async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> RequestStream:
-        """Queue a request; returns its stream once the engine has accepted it.
+    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+        """Validate a request (Engine.prepare) without queueing it: InvalidRequestError naming the
+        field when it can never run; EngineUnavailableError while loading."""
+        engine = self.engine
+        if params.structured is None:
+            return engine.prepare(prompt, params)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, engine.prepare, prompt, params)
 
-        Raises EngineUnavailableError (loading / draining / dead), QueueFullError, or the
-        engine's ValueError when the request can never fit.
+    async def add_request(
+        self, request_id: str, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None
+    ) -> RequestStream:
+        """Validate (unless `prompt` is already a PreparedRequest) and queue a request; returns its
+        stream once the engine has accepted it.
+
+        Raises EngineUnavailableError (loading / draining / dead), QueueFullError, or
+        InvalidRequestError (a ValueError with `.field`) when the request can never run.
         """
         self._check_admission()
+        prepared = prompt if isinstance(prompt, PreparedRequest) else await self.prepare(prompt,
+                                                                                         params or SamplingParams())
+        self._check_admission()  # it may have started draining while a grammar compiled
         stream = RequestStream(request_id, self)
         with self._cond:
             if self.max_queue is not None and self._num_waiting_locked() >= self.max_queue:
                 raise QueueFullError(f"{self.max_queue} requests are already waiting")
-            self._adds.append(_Add(request_id, prompt, params, stream))
+            self._adds.append(_Add(request_id, prepared, stream))
             self._cond.notify()
         try:
             await stream._accepted
@@ -280,7 +301,7 @@ class AsyncEngine(ServingLifecycle):
         deliveries: list[tuple[RequestStream, Any]] = []
         for add in adds:  # adds before aborts: an abort may name a request added in this batch
             try:
-                engine.add_request(add.request_id, add.prompt, add.params)
+                engine.add_request(add.request_id, add.prepared)
             except Exception as exc:  # noqa: BLE001 - goes back to the caller (usually ValueError)
                 deliveries.append((add.stream, exc))
                 continue

@@ -29,6 +29,7 @@ from torch import nn
 
 from zili import envs
 from zili.kernels.attention import AttentionMetadata
+from zili.kernels.backends import AttentionBackend
 from zili.models.registry import capabilities_of
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ def use_zili_inductor_cache() -> None:
 class CompiledDecode:
     """Runs decode-only steps through the compiled graph; `__call__` returns float32 logits."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int) -> None:
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+                 attention: AttentionBackend | None = None) -> None:
         use_zili_inductor_cache()
         self.model = model
+        self.attention = attention  # the runner's attention backend (None: the torch reference)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.compile_seconds = 0.0
@@ -76,7 +79,7 @@ class CompiledDecode:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        meta = AttentionMetadata.decode(slot_mapping, block_tables, seq_lens, self.block_size)
+        meta = AttentionMetadata.decode(slot_mapping, block_tables, seq_lens, self.block_size, self.attention)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
@@ -99,7 +102,8 @@ class CompiledDecode:
         only into `scratch_block`, which must be free. Returns the seconds it took."""
         start = time.perf_counter()
         for b in batch_sizes:
-            meta = AttentionMetadata.build([1] * b, [1] * b, [[scratch_block]] * b, self.block_size)
+            meta = AttentionMetadata.build([1] * b, [1] * b, [[scratch_block]] * b, self.block_size,
+                                           backend=self.attention)
             meta.slot_mapping.fill_(scratch_block * self.block_size)
             self(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), meta)
         self.compile_seconds = time.perf_counter() - start

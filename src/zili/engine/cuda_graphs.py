@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zili.kernels.attention import AttentionMetadata
+from zili.kernels.backends import AttentionBackend
 from zili.layers import fused
 from zili.platforms.interface import Platform
 
@@ -88,20 +89,22 @@ class _StaticInputs:
         self._pad(b)
         self.buffer.copy_(self.host, non_blocking=True)  # the host mirror is rewritten only after a sync
 
-    def meta(self, block_size: int) -> AttentionMetadata:
+    def meta(self, block_size: int, attention: AttentionBackend | None = None) -> AttentionMetadata:
         # Host-side lists only tell the backend this is a decode step; the kernels read the tensors.
         return AttentionMetadata(self.slot_mapping, self.query_start_loc, self.seq_lens, self.block_tables, block_size,
-                                 [1] * self.size, [1] * self.size)
+                                 [1] * self.size, [1] * self.size, attention)
 
 
 class DecodeGraphs:
     """Captured decode forwards, one per ladder size; `run` replays the right one."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], platform: Platform, ladder: list[int],
-                 max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+                 max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 attention: AttentionBackend | None = None) -> None:
         if not platform.supports_graph_capture():
             raise ValueError(f"{platform.name} does not support graph capture")
         self.model, self.kv_caches, self.platform = model, kv_caches, platform
+        self.attention = attention  # the runner's backend (graph-safe), captured into every graph
         self.ladder = sorted(set(ladder))
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
@@ -120,7 +123,8 @@ class DecodeGraphs:
         with ops:
             for size in reversed(self.ladder):
                 inputs = self.inputs[size]
-                args = (inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta(self.block_size))
+                meta = inputs.meta(self.block_size, self.attention)
+                args = (inputs.input_ids, inputs.positions, self.kv_caches, meta)
                 for _ in range(warmup):  # compile kernels and settle the allocator outside the capture
                     self._step(args)
                 self.platform.synchronize()

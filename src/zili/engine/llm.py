@@ -7,8 +7,8 @@ import sys
 from typing import Any, Iterator, Sequence, Union
 
 from zili.config import EngineConfig
-from zili.engine.engine import Engine
-from zili.engine.request import RequestOutput
+from zili.engine.builder import build_engine
+from zili.engine.request import OutputAccumulator, RequestOutput
 from zili.sampling import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -18,8 +18,10 @@ PROGRESS_MIN_PROMPTS = 8  # show a progress bar for batches at least this long
 
 
 class LLM:
+    """The offline API: an engine built from `EngineConfig(model=model, **engine_options)`."""
+
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.engine = build_engine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -28,17 +30,19 @@ class LLM:
         """Run every prompt to completion; outputs come back in the order of the prompts."""
         prompts = _as_prompt_list(prompts)
         params_list = _as_params_list(params, len(prompts))
-        ids = [self._add(p, sp) for p, sp in zip(prompts, params_list)]
-        wanted = set(ids)
-        results: dict[str, RequestOutput] = {}
+        prepared = [self.engine.prepare(p, sp) for p, sp in zip(prompts, params_list)]  # all checked, then queued
+        ids = [self.engine.add_request(f"llm-{next(self._ids)}", r) for r in prepared]
+        results = {rid: OutputAccumulator(rid, sp.n) for rid, sp in zip(ids, params_list)}
         bar = _progress(len(ids)) if use_tqdm and len(ids) >= PROGRESS_MIN_PROMPTS else None
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:
-                        results[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+                for delta in self.engine.step():
+                    acc = results.get(delta.request_id)
+                    if acc is None:
+                        continue
+                    acc.add(delta)
+                    if delta.finished and bar is not None:
+                        bar.update(1)
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -47,7 +51,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [results[rid] for rid in ids]
+        return [results[rid].result() for rid in ids]
 
     def chat(self, messages: list[Message] | Sequence[list[Message]], params: SamplingParams | None = None,
              add_generation_prompt: bool = True, tools: list[dict] | None = None,
@@ -59,6 +63,7 @@ class LLM:
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
+        """The conversation as prompt token ids, through the model's chat template."""
         from zili.structured.tools import render_chat
 
         # Tools go through the model's template when it takes them, else a Hermes-style fallback.
@@ -67,18 +72,22 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's cumulative output after every step until it finishes.
+        """Yield the request's cumulative output (an independent snapshot) after every step that
+        changed it, until it finishes. For per-step deltas, use `Engine.step()` directly.
 
         Closing the iterator early (or an exception in the consumer) aborts the request.
         """
-        rid = self._add(prompt, params or SamplingParams())
+        params = params or SamplingParams()
+        rid = self._add(prompt, params)
+        acc = OutputAccumulator(rid, params.n)
         finished = False
         try:
             while not finished:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        finished = out.finished
-                        yield out
+                for delta in self.engine.step():
+                    if delta.request_id == rid:
+                        acc.add(delta)
+                        finished = delta.finished
+                        yield acc.snapshot()
         finally:
             if not finished:
                 self.engine.abort_request(rid)

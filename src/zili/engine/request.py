@@ -1,11 +1,16 @@
-"""Requests, their sequences, and what the engine returns for them."""
+"""Requests, their sequences, and what the engine returns for them.
+
+`Engine.step()` returns `RequestDelta`s: per touched request, only what is new since its last
+output (vLLM's DELTA output kind; mini-sglang's per-step replies). `OutputAccumulator` turns a
+request's deltas back into the cumulative `RequestOutput` that `LLM.generate` returns.
+"""
 
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 
@@ -25,6 +30,56 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the top alternatives, best first
 
 
+class GrammarMatcher(Protocol):
+    """One sequence's structured-output state (an `xgrammar.GrammarMatcher`, zili.structured)."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one sampled token; False if the grammar does not allow it (state unchanged)."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """True once the grammar has reached its end (no further token is allowed)."""
+        ...
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> object:
+        """Write row `index` of the int32 allowed-token bitmask [batch, ceil(vocab / 32)]."""
+        ...
+
+
+# ---- what the engine returns: deltas ---------------------------------------------------------
+
+
+@dataclass
+class CompletionDelta:
+    """What one sequence gained in one step."""
+
+    index: int  # which of the request's n sequences
+    text: str  # new text (text that could still begin a stop string is held back until decided)
+    token_ids: list[int]  # new token ids
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs is set
+    finish_reason: str | None = None  # set on the sequence's last delta: "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class RequestDelta:
+    """One request's news from one engine step: only the sequences that changed.
+
+    `prompt_token_ids` is set on the request's first delta only (None afterwards);
+    `num_cached_tokens` is the prompt tokens found in the prefix cache so far (a count, not a copy).
+    """
+
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int = 0
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+# ---- what callers that want whole texts get ---------------------------------------------------
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -33,6 +88,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[TokenLogprob] | None = None
+    reasoning_text: str | None = None  # a reasoning model's thinking, split off `text` by LLM.chat
 
 
 @dataclass
@@ -45,24 +101,75 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+class OutputAccumulator:
+    """Folds one request's `RequestDelta`s into its cumulative `RequestOutput`.
+
+    Token ids and logprobs are appended in place and text pieces joined only when asked for, so
+    accumulating costs O(new tokens) per delta; `snapshot()` (a copy) costs O(length)."""
+
+    def __init__(self, request_id: str, n: int) -> None:
+        self.request_id = request_id
+        self.prompt: str | None = None
+        self.prompt_token_ids: list[int] = []
+        self.finished = False
+        self.num_cached_tokens = 0
+        self._pieces: list[list[str]] = [[] for _ in range(n)]
+        self._outputs = [CompletionOutput(i, "", []) for i in range(n)]
+
+    def add(self, delta: RequestDelta) -> None:
+        """Fold in one delta of this request."""
+        if delta.prompt_token_ids is not None:
+            self.prompt, self.prompt_token_ids = delta.prompt, delta.prompt_token_ids
+        self.num_cached_tokens = delta.num_cached_tokens
+        self.finished = delta.finished
+        for d in delta.outputs:
+            out = self._outputs[d.index]
+            if d.text:
+                self._pieces[d.index].append(d.text)
+            out.token_ids.extend(d.token_ids)
+            if d.logprobs is not None:
+                if out.logprobs is None:
+                    out.logprobs = []
+                out.logprobs.extend(d.logprobs)
+            if d.finish_reason is not None:
+                out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
+
+    def result(self) -> RequestOutput:
+        """The request's output so far (its lists are this accumulator's own: no copy)."""
+        for out, pieces in zip(self._outputs, self._pieces):
+            if len(pieces) > 1:
+                pieces[:] = ["".join(pieces)]
+            out.text = pieces[0] if pieces else ""
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self._outputs, self.finished,
+                             self.num_cached_tokens)
+
+    def snapshot(self) -> RequestOutput:
+        """An independent copy of `result()`, for callers that keep each partial output."""
+        out = self.result()
+        return RequestOutput(out.request_id, out.prompt, list(out.prompt_token_ids), [
+            CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
+                             list(c.logprobs) if c.logprobs is not None else None) for c in out.outputs],
+            out.finished, out.num_cached_tokens)
+
+
+# ---- the engine's own bookkeeping ---------------------------------------------------------------
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generated continuation. A request with n > 1 has n sequences that share the prompt."""
 
     seq_id: str
-    request: "Request"
+    request: Request
     index: int
     token_ids: list[int]  # prompt + generated so far
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
-    detokenizer: Any = None
-    text: str = ""  # stable output text (held back stop-string prefix excluded while running)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: list[TokenLogprob] | None = None
     generator: torch.Generator | None = None  # per-sequence RNG, for seeded sampling
     num_cached_prompt_tokens: int = 0
-    grammar: Any = None  # structured output: this sequence's grammar matcher (zili.structured)
+    grammar: GrammarMatcher | None = None  # structured output: this sequence's matcher (zili.structured)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -70,6 +177,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """A copy of the generated ids (O(length): for the sampler's penalties, not per-step output)."""
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
@@ -84,10 +192,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def to_output(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.text, list(self.output_token_ids), self.finish_reason,
-                                self.stop_reason, list(self.logprobs) if self.logprobs is not None else None)
-
 
 @dataclass(eq=False)
 class Request:
@@ -99,6 +203,7 @@ class Request:
     stop_token_ids: frozenset[int]  # eos (unless ignore_eos) + params.stop_token_ids
     arrival_time: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
+    announced: bool = False  # its first delta (carrying the prompt) has been returned
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -108,7 +213,13 @@ class Request:
     def finished(self) -> bool:
         return all(s.is_finished for s in self.sequences)
 
-    def to_output(self) -> RequestOutput:
-        cached = max((s.num_cached_prompt_tokens for s in self.sequences), default=0)
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids),
-                             [s.to_output() for s in self.sequences], self.finished, cached)
+    @property
+    def num_cached_tokens(self) -> int:
+        return max((s.num_cached_prompt_tokens for s in self.sequences), default=0)
+
+    def delta(self, outputs: list[CompletionDelta]) -> RequestDelta:
+        """Wrap this step's sequence deltas; the first one of a request also carries its prompt."""
+        first = not self.announced
+        self.announced = True
+        return RequestDelta(self.request_id, outputs, self.finished, self.num_cached_tokens,
+                            self.prompt if first else None, self.prompt_token_ids if first else None)

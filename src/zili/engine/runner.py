@@ -1,20 +1,28 @@
-"""ModelRunner: owns the model and its paged KV cache, turns a step plan into logits.
+"""ModelRunner: owns the model, its paged KV cache and its attention backend; turns a step plan
+into logits.
 
 It knows nothing of requests or scheduling: it receives, per sequence, the new token ids, the
 position of the first of them, the sequence's block table, and whether the sequence samples
-this step (its last new token is the end of what it has).
+this step (its last new token is the end of what it has). It implements `Executor`
+(zili.engine.executor), as the tensor-parallel executor does.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
+from zili.kernels.backends import AttentionBackend
+
+if TYPE_CHECKING:
+    from zili.engine.compiled_decode import CompiledDecode
+    from zili.engine.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +41,23 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 
 
 class ModelRunner:
+    """One device's model and KV cache. `attention`: the backend every step of this runner uses
+    (None: the torch reference); it travels in each step's AttentionMetadata, never process-wide."""
+
     def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, attention: AttentionBackend | None = None) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
+        self.attention = attention
         shape = config.kv_cache_shape(num_blocks, block_size)
         # Zero-filled (not empty): masked-out slots are multiplied by zero weights in attention,
         # and uninitialised memory may hold NaNs.
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        # zili.engine.compiled_decode.CompiledDecode, when decode-only steps run compiled.
-        self.compiled_decode = None
-        # zili.engine.cuda_graphs.DecodeGraphs, when decode-only steps replay captured device graphs.
-        self.decode_graphs = None
+        # Set by the builder: decode-only steps run compiled (CPUs) or replay captured device graphs.
+        self.compiled_decode: CompiledDecode | None = None
+        self.decode_graphs: DecodeGraphs | None = None
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -60,7 +71,8 @@ class ModelRunner:
         seq_lens = [s + q for s, q in zip(step.start_positions, query_lens)]
         flat_ids = [t for chunk in step.token_ids for t in chunk]
         positions = [p for s, q in zip(step.start_positions, query_lens) for p in range(s, s + q)]
-        meta = AttentionMetadata.build(query_lens, seq_lens, step.block_tables, self.block_size, self.device)
+        meta = AttentionMetadata.build(query_lens, seq_lens, step.block_tables, self.block_size, self.device,
+                                       self.attention)
         input_ids = torch.tensor(flat_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.compiled_decode is not None and meta.is_decode_only and all(step.sample):
@@ -79,3 +91,6 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size)
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+    def close(self) -> None:
+        """Nothing to release in a single process (the Executor protocol's end of life)."""

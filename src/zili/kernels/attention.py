@@ -15,12 +15,15 @@ This works on any device torch supports; faster backends keep the same signature
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from zili.kernels.backends import active_attention_backend
 from zili.kernels.cpu_attention import paged_decode
+
+if TYPE_CHECKING:
+    from zili.kernels.backends import AttentionBackend
 
 
 @dataclass
@@ -35,6 +38,10 @@ class AttentionMetadata:
     # every block-table column scanned and masked by seq_lens.
     query_lens_cpu: list[int] | None
     seq_lens_cpu: list[int] | None
+    # The attention implementation this step runs (zili.kernels.backends), chosen by the runner that
+    # built the metadata, so engines with different backends can share a process; None: the torch
+    # reference.
+    backend: AttentionBackend | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -46,15 +53,17 @@ class AttentionMetadata:
 
     @classmethod
     def decode(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-               block_size: int) -> "AttentionMetadata":
+               block_size: int, backend: AttentionBackend | None = None) -> "AttentionMetadata":
         """Tensor-only metadata for a decode step (one new token per sequence)."""
-        return cls(slot_mapping, torch.empty(0, dtype=torch.long), seq_lens, block_tables, block_size, None, None)
+        return cls(slot_mapping, torch.empty(0, dtype=torch.long), seq_lens, block_tables, block_size, None, None,
+                   backend)
 
     @classmethod
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str | None = None) -> "AttentionMetadata":
+              block_size: int, device: torch.device | str | None = None,
+              backend: AttentionBackend | None = None) -> "AttentionMetadata":
         """Build metadata from host lists; slot mapping follows from the block tables. `device`
-        None: torch's default device."""
+        None: torch's default device; `backend` None: the torch reference."""
         slots: list[int] = []
         for qlen, slen, table in zip(query_lens, seq_lens, block_tables):
             for pos in range(slen - qlen, slen):
@@ -73,6 +82,7 @@ class AttentionMetadata:
             block_size=block_size,
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
+            backend=backend,
         )
 
 
@@ -95,12 +105,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """Causal attention of new tokens over their cached context.
 
     q: [T, n_heads, d]; k, v: [T, n_kv, d] (new tokens, written into the cache first).
-    Returns [T, n_heads, d_v]. Runs the backend the engine chose for this process
-    (`zili.kernels.backends`); the torch reference below when none was chosen.
+    Returns [T, n_heads, d_v]. Runs the backend named by `meta.backend` (the runner's choice,
+    `zili.kernels.backends`); the torch reference below when there is none.
     """
-    backend = active_attention_backend()
-    if backend is not None:
-        return backend.paged_attention(q, k, v, kv_cache, meta, scale)
+    if meta.backend is not None:
+        return meta.backend.paged_attention(q, k, v, kv_cache, meta, scale)
     return sdpa_paged_attention(q, k, v, kv_cache, meta, scale)
 
 

@@ -7,9 +7,9 @@
           paged cache in place; prefill and MLA as sdpa. CPUs with a compiler.
 
 The platform names the default (`Platform.attention_backend()`), `zili tune` may measure a better
-one, and `EngineConfig.attention_backend` overrides both. The engine installs the choice once per
-process with `use_attention_backend`: the attention backend is a property of the process's device,
-like torch's default device, so the model code keeps calling `paged_attention` unchanged.
+one, and `EngineConfig.attention_backend` overrides both. Nothing here is process-global: the
+engine's runner holds its `AttentionBackend` and names it in each step's `AttentionMetadata`, so the
+model code keeps calling `paged_attention` unchanged and two engines in one process may differ.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ def _triton() -> AttentionBackend:
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton, "cpp": _cpp}
 _REQUIRES: dict[str, str] = {"triton": "triton"}  # backend -> the module it needs installed
-_active: list[AttentionBackend] = []  # the process's choice; empty: the torch reference
 
 
 def register_attention_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
@@ -86,17 +85,13 @@ def get_attention_backend(name: str) -> AttentionBackend:
 
 
 def use_attention_backend(name: str, kernel_config: dict | None = None) -> AttentionBackend:
-    """Make `name` the backend behind `zili.kernels.attention.paged_attention` for this process,
-    with tuned launch settings (`kernel_config`) when there are any."""
+    """The backend `name`, with tuned launch settings (`kernel_config`) installed when it takes any.
+    ValueError if it is unknown or cannot run here. Selects nothing: the caller hands the result to
+    its runner."""
     backend = get_attention_backend(name)
     if backend.configure is not None:
         backend.configure(kernel_config)
-    _active[:] = [backend]
     return backend
-
-
-def active_attention_backend() -> AttentionBackend | None:
-    return _active[0] if _active else None
 
 
 def choose_attention_backend(requested: str, platform, tuned: str | None = None) -> str:

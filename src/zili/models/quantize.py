@@ -8,20 +8,80 @@ Modes:
   none  dense only (the previous path, kept for debugging and for the tuner).
 The LM head is never made int4: requantizing it to 4 bits costs too much accuracy (top-1
 agreement fell to 84% on SmolLM2); it gets int8 whenever the others are quantized.
+
+`quantize_and_calibrate` is the one path from a loaded model to its serving weights, used by the
+single-process engine's builder and by every tensor-parallel shard (zili.distributed.weights):
+quantize, pre-pack the dense rest for oneDNN, then calibrate (or apply the tuned) row limit.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zili.config import QUANTIZATION_MODES
+from zili.layers import onednn
 from zili.layers.linear import Linear
 from zili.layers.quant import (DEFAULT_MAX_ROWS, INT4_GGUF_TYPES, GroupQuant, Int4Weight, Int8Weight,
                                concat_group_quants, float_group_quant, gguf_group_quant)
 
 LM_HEAD = "lm_head"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_and_calibrate` did: layers per form ("int4", "int8", "dense"), dense
+    projections pre-packed for oneDNN, and the row limit up to which quantized kernels run
+    (with how it was chosen: "measured", "tuned", or None when nothing was quantized)."""
+
+    counts: dict[str, int]
+    packed_dense: int = 0
+    max_rows: int | None = None
+    how: str | None = None
+
+
+def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
+                           open_checkpoint: Callable[[], Any] | None = None,
+                           max_rows: int | None = None) -> QuantizeReport:
+    """Turn a loaded model's projections into their serving form, in place.
+
+    `mode`: a QUANTIZATION_MODES entry; `matmul_backend`: the platform's (`Platform.matmul_backend()`;
+    only "cpu-packed" has int4/int8 kernels, elsewhere the weights stay dense); `open_checkpoint`:
+    opens the raw (GGUF) checkpoint whose 4-bit blocks are kept as they are, None for float
+    checkpoints (a tensor-parallel rank passes its sharded view); `max_rows`: a tuned row limit,
+    None to measure it here (`calibrate_max_rows`). ValueError for an unknown mode."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
+    if matmul_backend != "cpu-packed":
+        if mode != "none":
+            logger.info("weights: dense (no packed int4/int8 matmul on this device)")
+        return QuantizeReport({})
+    checkpoint = open_checkpoint() if mode != "none" and open_checkpoint is not None else None
+    report = QuantizeReport(dict(quantize_model(model, mode, checkpoint)))
+    # Dense weights pre-packed for oneDNN after quantizing (which reads them) and before calibrating
+    # (which races the packed path against the quantized one).
+    if onednn.available(dtype):
+        report.packed_dense = onednn.pack_dense_weights(model)
+        logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
+    if report.counts.keys() - {"dense"}:
+        if max_rows is None:
+            report.max_rows, report.how = calibrate_max_rows(model), "measured"
+        else:
+            set_quant_max_rows(model, max_rows)
+            report.max_rows, report.how = max_rows, "tuned"
+        logger.info("weights: %s; quantized kernels used up to %d rows per step (%s)",
+                    ", ".join(f"{n} {form}" for form, n in report.counts.items()), report.max_rows, report.how)
+    return report
 
 
 def quantize_model(model: nn.Module, mode: str, checkpoint=None, max_rows: int = DEFAULT_MAX_ROWS) -> Counter:
@@ -107,11 +167,6 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
     rows; with AVX512 alone the quantized GEMV wins up to ~16-32. Timed on the largest
     quantized projection, best of `repeats`; applied to every layer. Returns the chosen limit.
     """
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
     layers = [m for _, m in _linears(model) if m.quant is not None]
     if not layers:
         return 0

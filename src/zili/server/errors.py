@@ -55,16 +55,6 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def sampling_error(exc: ValueError, rename: dict[str, str] | None = None) -> APIError:
-    """SamplingParams raises ValueError("SamplingParams.<field> <reason>"): 400 naming the field."""
-    text = str(exc)
-    if not text.startswith("SamplingParams."):
-        return bad_request(text)
-    field, _, reason = text.removeprefix("SamplingParams.").partition(" ")
-    param = (rename or {}).get(field, field)
-    return bad_request(f"{param} {reason}", param=param)
-
-
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):

@@ -1,8 +1,10 @@
 """A Generation: the engine requests behind one HTTP request, as per-choice deltas.
 
 There is one engine request per prompt (the legacy endpoint takes a batch), each carrying n
-choices. The engine reports cumulative text and token ids; a Generation turns them into what each
-choice gained since the last output, counts usage, and feeds the latency metrics.
+choices. The engine already reports what each choice gained in a step (`RequestDelta`); a
+Generation numbers the choices across prompts, counts usage, and feeds the latency metrics.
+Requests are validated by the engine (`AsyncEngine.add_request` -> `Engine.prepare`); its errors
+name their field as data, which `param_names` maps to the request's own parameter names.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from zili.engine.async_engine import EngineStepError, EngineUnavailableError, QueueFullError, RequestStream
-from zili.sampling import SamplingParams
+from zili.engine.request import CompletionDelta, RequestDelta, TokenLogprob
+from zili.sampling import InvalidRequestError, SamplingParams, SamplingParamsError
 from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
 
@@ -29,16 +32,9 @@ class ChoiceDelta:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[Any] | None
+    logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-
-
-@dataclass
-class _ChoiceProgress:
-    text_len: int = 0
-    num_tokens: int = 0
-    finished: bool = False
 
 
 @dataclass
@@ -49,10 +45,12 @@ class Generation:
     request_id: str
     prompts: list[list[int]]
     params: SamplingParams
+    # engine field -> this request's parameter, for errors (e.g. "prompt" -> "messages")
+    param_names: dict[str, str] = field(default_factory=dict)
     streams: list[RequestStream] = field(default_factory=list)
     completion_tokens: int = 0
     _cached: dict[int, int] = field(default_factory=dict)  # prompt index -> prompt tokens from the prefix cache
-    _progress: dict[int, _ChoiceProgress] = field(default_factory=dict)
+    _finished: set[int] = field(default_factory=set)  # choice indices that have ended
     _started: float = field(default_factory=time.perf_counter)
     _last_token_at: float | None = None
 
@@ -97,21 +95,32 @@ class Generation:
                            headers={"Retry-After": str(self.state.settings.retry_after)})
         if isinstance(error, EngineUnavailableError):
             raise APIError(503, str(error).capitalize(), code="unavailable", headers={"Retry-After": "5"})
-        if isinstance(error, ValueError):
-            raise bad_request(str(error), param="messages" if self.request_id.startswith("chatcmpl") else "prompt")
+        if isinstance(error, InvalidRequestError):
+            raise self.request_error(error) from error
         raise error
+
+    def request_error(self, error: InvalidRequestError) -> APIError:
+        """The 400 for an engine refusal, naming this request's parameter (`param_names`)."""
+        param = self.param_names.get(error.field, error.field)
+        if error.field == "structured":
+            message = f"{param}: {error.reason}"
+        elif isinstance(error, SamplingParamsError):
+            message = f"{param} {error.reason}"
+        else:
+            message = error.reason
+        return bad_request(message, param=param, code=error.code)
 
     def close(self) -> None:
         for stream in self.streams:
             stream.close()
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
-        """Per engine output, what each of its choices gained; ends when all have finished."""
+        """Per engine step, what each touched choice gained; ends when all have finished."""
         hooks, status = self.state.request_hooks, "aborted"
         try:
             async for prompt_index, output in _merge(self.streams):
-                self._cached[prompt_index] = output.num_cached_tokens or 0
-                deltas = [self._delta(prompt_index, c) for c in output.outputs]
+                self._cached[prompt_index] = output.num_cached_tokens
+                deltas = [self._choice(prompt_index, c) for c in output.outputs]
                 deltas = [d for d in deltas if d is not None]
                 if hooks is not None:
                     deltas = hooks.on_deltas(self, deltas)
@@ -134,24 +143,22 @@ class Generation:
         engine requests and returns the closing delta of each such choice."""
         ends = []
         for index in self.unfinished_choices():
-            self._progress.setdefault(index, _ChoiceProgress()).finished = True
+            self._finished.add(index)
             ends.append(ChoiceDelta(index, "", [], None, finish_reason))
         self.close()
         return ends
 
-    def _delta(self, prompt_index: int, out: Any) -> ChoiceDelta | None:
+    def _choice(self, prompt_index: int, out: CompletionDelta) -> ChoiceDelta | None:
+        """The engine's delta for one sequence as a delta of choice `prompt_index * n + out.index`."""
         index = prompt_index * self.n + out.index
-        progress = self._progress.setdefault(index, _ChoiceProgress())
-        if progress.finished:
+        if index in self._finished:
             return None
-        text, ids = out.text[progress.text_len:], list(out.token_ids[progress.num_tokens:])
-        logprobs = list(out.logprobs[progress.num_tokens:]) if out.logprobs is not None else None
-        progress.text_len, progress.num_tokens = len(out.text), len(out.token_ids)
-        progress.finished = out.finish_reason is not None
-        if not (text or ids or progress.finished):
+        if out.finish_reason is not None:
+            self._finished.add(index)
+        if not (out.text or out.token_ids or out.finish_reason is not None):
             return None
-        self.completion_tokens += len(ids)
-        return ChoiceDelta(index, text, ids, logprobs, out.finish_reason, out.stop_reason)
+        self.completion_tokens += len(out.token_ids)
+        return ChoiceDelta(index, out.text, out.token_ids, out.logprobs, out.finish_reason, out.stop_reason)
 
     def _observe(self, deltas: list[ChoiceDelta]) -> None:
         metrics, now = self.state.metrics, time.perf_counter()
@@ -164,11 +171,11 @@ class Generation:
         for d in deltas:
             if d.finish_reason is not None:
                 metrics.finished.labels(finish_reason=d.finish_reason).inc()
-        if all(pr.finished for pr in self._progress.values()) and len(self._progress) == self.num_choices:
+        if any(d.finish_reason is not None for d in deltas) and len(self._finished) == self.num_choices:
             metrics.e2e.observe(now - self._started)
 
     def unfinished_choices(self) -> list[int]:
-        return [i for i in range(self.num_choices) if not self._progress.get(i, _ChoiceProgress()).finished]
+        return [i for i in range(self.num_choices) if i not in self._finished]
 
     def usage(self) -> p.Usage:
         return p.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
@@ -176,13 +183,13 @@ class Generation:
                        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=sum(self._cached.values())))
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestDelta]]:
     """Outputs of several streams as (stream index, output), in arrival order."""
     if len(streams) == 1:
         async for output in streams[0]:
             yield 0, output
         return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, RequestDelta | Exception | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: RequestStream) -> None:
         try:

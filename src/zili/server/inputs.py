@@ -1,15 +1,18 @@
 """From an OpenAI request to an engine request: prompt token ids and SamplingParams.
 
-Everything a client can get wrong is caught here and becomes a 400 that names the parameter.
+What only the HTTP layer knows is checked here (message shapes, server caps, parameter pairs, the
+chat template); what the engine knows (context length, vocabulary, grammars) is checked once by
+`Engine.prepare` when the request is queued (zili.server.generation maps its errors). Either way a
+client's mistake becomes a 400 that names the parameter.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zili.sampling import SamplingParams
+from zili.sampling import SamplingParams, SamplingParamsError
 from zili.server import protocol as p
-from zili.server.errors import APIError, bad_request, sampling_error
+from zili.server.errors import bad_request
 
 if TYPE_CHECKING:
     from zili.server.app import ServerState
@@ -21,8 +24,8 @@ LEGACY_DEFAULT_MAX_TOKENS = SamplingParams.__dataclass_fields__["max_tokens"].de
 
 
 # Template variables the server sets itself: chat_template_kwargs may not replace them.
-_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "documents", "add_generation_prompt",
-                                          "bos_token", "eos_token", "unk_token", "pad_token"})
+_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "documents", "add_generation_prompt", "bos_token",
+                                          "eos_token", "unk_token", "pad_token"})
 
 
 def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
@@ -80,17 +83,11 @@ def completion_prompts(state: ServerState, prompt: Any) -> list[list[int]]:
         raise bad_request("prompt must not be empty", param="prompt")
     if all(isinstance(x, int) for x in prompt):
         prompt = [prompt]
-    prompts = []
-    for item in prompt:
-        ids = encode(state, item, "prompt") if isinstance(item, str) else list(item)
-        if not ids:
-            raise bad_request("prompt must not be empty", param="prompt")
-        check_token_ids(state, ids, "prompt")
-        prompts.append(ids)
-    return prompts
+    return [encode(state, item, "prompt") if isinstance(item, str) else list(item) for item in prompt]
 
 
 def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    """400 naming `param` unless every id is in the vocabulary (for /detokenize: no engine request)."""
     vocab = state.vocab_size
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
@@ -101,27 +98,21 @@ def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
 
 
 def resolve_max_tokens(state: ServerState, requested: int | None, prompt_len: int, default: int | None,
-                       param: str, prompt_param: str) -> int | None:
-    """The max_tokens to run with; 400 (naming the lengths) when the request cannot fit."""
-    limit = state.max_model_len
-    if prompt_len >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has "
-                            f"{prompt_len} tokens. Please shorten the prompt.", param=prompt_param,
-                       code="context_length_exceeded")
+                       param: str) -> int | None:
+    """The max_tokens to run with: the request's (within --max-tokens-cap), else the smallest of the
+    endpoint's default, the cap and the room the context leaves (None: let the engine fill the
+    context). Whether the prompt fits is the engine's check (`Engine.prepare`)."""
     cap = state.settings.max_tokens_cap
     if requested is None:
-        room = limit - prompt_len
+        room = state.max_model_len - prompt_len
+        if room < 1:
+            return None  # the prompt alone is too long: the engine says so, naming the prompt
         return min(x for x in (default, room, cap) if x is not None)
     if not isinstance(requested, int) or requested < 1:
         raise bad_request(f"{param} must be an integer >= 1, got {requested!r}", param=param)
     if cap is not None and requested > cap:
         raise bad_request(f"{param} ({requested}) exceeds this server's cap of {cap} (--max-tokens-cap)",
                           param=param)
-    if prompt_len + requested > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
-                            f"completion). Please reduce the prompt or {param}.", param=param,
-                       code="context_length_exceeded")
     return requested
 
 
@@ -146,27 +137,26 @@ def sampling_params(state: ServerState, req: p._SamplingFields, *, max_tokens: i
     if isinstance(top_k, int) and top_k >= state.vocab_size:
         kwargs["top_k"] = -1  # keeping the whole vocabulary is no top-k at all
     if req.logit_bias:
-        kwargs["logit_bias"] = _logit_bias(state, req.logit_bias)
+        kwargs["logit_bias"] = _logit_bias(req.logit_bias)
     if req.stop_token_ids:
-        check_token_ids(state, req.stop_token_ids, "stop_token_ids")
         kwargs["stop_token_ids"] = list(req.stop_token_ids)
     try:
         return SamplingParams(**kwargs)
-    except ValueError as exc:
-        raise sampling_error(exc, rename) from exc
-    except TypeError as exc:
+    except SamplingParamsError as exc:
+        param = (rename or {}).get(exc.field, exc.field)
+        raise bad_request(f"{param} {exc.reason}", param=param) from exc
+    except (TypeError, ValueError) as exc:
         raise bad_request(str(exc)) from exc
 
 
-def _logit_bias(state: ServerState, bias: dict[str, float]) -> dict[int, float]:
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's string keys as token ids (their range is the engine's check)."""
     out = {}
     for key, value in bias.items():
         try:
-            token = int(key)
+            out[int(key)] = value
         except ValueError:
             raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-        check_token_ids(state, [token], "logit_bias")
-        out[token] = value
     return out
 
 
@@ -222,17 +212,5 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
             given = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
             return StructuredOutput.parse(given), param
         return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), param
-    except ValueError as exc:
-        raise bad_request(f"{param}: {exc}", param=param) from exc
-
-
-async def compile_structured(state: ServerState, structured: Any, param: str | None) -> None:
-    """Compile the grammar off the event loop (the engine then finds it cached); 400 naming the problem."""
-    if structured is None:
-        return
-    import asyncio
-
-    try:
-        await asyncio.to_thread(state.ready_engine().compile_structured, structured)
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param=param) from exc

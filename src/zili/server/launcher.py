@@ -179,9 +179,9 @@ def serve(
         raise typer.Exit(2) from None
 
     def load_engine():  # runs on the engine thread, so /health answers while the model loads
-        from zili.engine.engine import Engine
+        from zili.engine.builder import build_engine
 
-        loaded = Engine(config)
+        loaded = build_engine(config)
         if loaded.tp_executor is not None:  # a worker lost while idle: unhealthy at once, then exit non-zero
             loaded.tp_executor.add_failure_listener(lambda exc: _engine_lost(engine, server, exc))
         return loaded

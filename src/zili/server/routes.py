@@ -18,7 +18,6 @@ from zili.server.inputs import (
     LEGACY_DEFAULT_MAX_TOKENS,
     chat_tools,
     check_token_ids,
-    compile_structured,
     completion_prompts,
     encode,
     render_chat,
@@ -99,15 +98,16 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(state, requested, len(prompt), None, param, "messages")
+    max_tokens = resolve_max_tokens(state, requested, len(prompt), None, param)
     structured, structured_param = structured_output(body, tools, tool_choice, style or "hermes",
                                                      body.parallel_tool_calls)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=top_logprobs,
                              rename={"logprobs": "top_logprobs", "max_tokens": param}, structured=structured)
     if reasoning_budget is not None:
         params = dataclasses.replace(params, max_reasoning_tokens=reasoning_budget)
-    await compile_structured(state, structured, structured_param)
-    gen = Generation(state, new_request_id("chatcmpl"), [prompt], params)
+    names = {"prompt": "messages", "max_tokens": param, "logprobs": "top_logprobs",
+             "structured": structured_param or "structured"}
+    gen = Generation(state, new_request_id("chatcmpl"), [prompt], params, param_names=names)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     fmt = ChatFormat(state, gen, top_logprobs, tool_style=style, reasoning=reasoning)
     return await respond(request, gen, fmt, stream=body.stream, include_usage=include_usage, model=model)
@@ -156,14 +156,13 @@ async def completions(body: p.CompletionRequest, request: Request) -> Response:
         raise bad_request("echo together with logprobs is not supported", param="echo")
     prompts = completion_prompts(state, body.prompt)
     longest = max(len(ids) for ids in prompts)
-    max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens",
-                                    "prompt")
+    max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens")
     structured, structured_param = structured_output(body)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, structured=structured)
-    await compile_structured(state, structured, structured_param)
     if len(prompts) * params.n > state.settings.max_n * 8:
         raise bad_request(f"too many choices ({len(prompts)} prompts x n={params.n})", param="prompt")
-    gen = Generation(state, new_request_id("cmpl"), prompts, params)
+    gen = Generation(state, new_request_id("cmpl"), prompts, params,
+                     param_names={"structured": structured_param or "structured"})
     echo = [state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts] if body.echo else None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(request, gen, CompletionFormat(state, gen, body.logprobs, echo), stream=body.stream,

@@ -1,0 +1,237 @@
+"""Building an engine: everything that happens once, before the first step.
+
+`build_engine(config)` sets host threads and the allocator, reads the tune cache, picks the
+attention backend, starts tensor-parallel workers, loads (or adopts) the model, quantizes and
+calibrates it, sizes the KV pool, creates the runner (which owns its attention backend), and
+compiles or captures the decode step. What it built goes to `Engine(parts)`, which only runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zili.config import EngineConfig, ModelConfig
+from zili.distributed.executor import TensorParallelExecutor
+from zili.engine.compiled_decode import CompiledDecode, eager_by_default, unsupported_reason
+from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
+from zili.engine.engine import Engine
+from zili.engine.executor import Executor
+from zili.engine.runner import ModelRunner, kv_bytes_per_block
+from zili.kernels.backends import AttentionBackend, choose_attention_backend, use_attention_backend
+from zili.layers import fused
+from zili.models.loader import LoadedModel, load_model, open_checkpoint
+from zili.models.quantize import quantize_and_calibrate
+from zili.models.registry import capabilities_of
+from zili.platforms import current_platform
+from zili.platforms.interface import Platform
+from zili.platforms.tuning import TunedSettings, load_tuning, model_key
+from zili.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    """What `Engine` runs with; made by `build_engine_parts`."""
+
+    config: EngineConfig  # with the tune cache's block size applied
+    platform: Platform
+    model_config: ModelConfig
+    cache_config: ModelConfig  # what this rank's KV cache holds (its own KV heads under tensor parallelism)
+    tokenizer: Tokenizer
+    dtype: torch.dtype
+    executor: Executor  # the ModelRunner, or the TensorParallelExecutor driving it and the workers
+    tp_executor: TensorParallelExecutor | None
+    num_kv_blocks: int
+    max_model_len: int
+    attention_backend: str
+    quantized: dict[str, int]  # layers per weight form ("int4", "int8", "dense")
+    compile_seconds: float | None = None  # the decode step compiled (CPUs), or None: eager
+    graph_batch_sizes: list[int] | None = None  # captured decode graphs (GPUs), or None
+    fused_elementwise: bool = False
+
+
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Engine:
+    """A ready engine for `config` (on `loaded` when given: a model already in memory, one device).
+    ValueError for settings that cannot work here; TensorParallelError when a worker fails to start."""
+    return Engine(build_engine_parts(config, loaded))
+
+
+def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineParts:
+    """Everything `build_engine` does except constructing the Engine."""
+    platform = current_platform()
+    tuning = load_tuning(platform) if config.use_tune_cache else None
+    platform.set_num_threads(config.threads or _tuned(tuning, "threads"))
+    platform.prepare_host_allocator()
+    name = choose_attention_backend(config.attention_backend, platform, _tuned(tuning, "attention_backend"))
+    attention = use_attention_backend(name, _tuned(tuning, "triton"))
+    tp_executor = None
+    if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
+        if loaded is not None:
+            raise ValueError("a preloaded model runs on one device: tensor_parallel_size must be 1")
+        tp_executor = TensorParallelExecutor(config, attention.name)  # workers load meanwhile
+        loaded, quantized = tp_executor.load_shard()
+        config = _apply_model_tuning(config, tuning, loaded)
+    elif loaded is None:
+        loaded = load_model(config.model, dtype=config.dtype, device=platform.device,
+                            load_format=config.load_format, seed=config.seed)
+        config = _apply_model_tuning(config, tuning, loaded)
+        source = loaded.source
+        report = quantize_and_calibrate(loaded.model, config.quantization, loaded.dtype, platform.matmul_backend(),
+                                        (lambda: open_checkpoint(source)) if source.format == "gguf" else None,
+                                        _tuned(tuning, "quant_max_rows"))
+        quantized = report.counts
+    else:
+        config, quantized = _apply_model_tuning(config, tuning, loaded), {}
+    mc = loaded.config
+    cache_config = tp_executor.cache_config(mc) if tp_executor is not None else mc
+    try:
+        max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
+        num_blocks = num_kv_blocks(config, platform, cache_config, loaded.dtype, max_model_len)
+        runner = ModelRunner(loaded.model, cache_config, num_blocks, config.block_size, loaded.dtype,
+                             tp_executor.device if tp_executor is not None else platform.device, attention)
+        executor: Executor = tp_executor.attach(runner, num_blocks) if tp_executor is not None else runner
+    except BaseException:
+        if tp_executor is not None:
+            tp_executor.abort()
+        raise
+    parts = EngineParts(config, platform, mc, cache_config, loaded.tokenizer, loaded.dtype, executor, tp_executor,
+                        num_blocks, max_model_len, attention.name, quantized)
+    # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled step
+    # (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
+    eager = tp_executor is not None or (config.enforce_eager if config.enforce_eager is not None
+                                        else eager_by_default())
+    if not eager:
+        parts.fused_elementwise = _fuse_elementwise(platform)
+        parts.compile_seconds = _compile_decode(runner, platform, attention, config)
+        parts.graph_batch_sizes = _capture_decode_graphs(runner, platform, attention, config, max_model_len,
+                                                         _tuned(tuning, "graph_batch_sizes"), parts.fused_elementwise)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                num_blocks * kv_bytes_per_block(cache_config, config.block_size, loaded.dtype) / 2**20)
+    return parts
+
+
+# ---- tuning (zili tune; zili.platforms.tuning): tuned values fill what the config leaves default ----
+
+
+def _tuned(tuning: TunedSettings | None, key: str):  # noqa: ANN202 - the cache holds JSON values
+    return tuning.get(key) if tuning is not None else None
+
+
+def _apply_model_tuning(config: EngineConfig, tuning: TunedSettings | None, loaded: LoadedModel) -> EngineConfig:
+    """Select this model's tuned entry, apply its block size when the config left the default, log."""
+    if tuning is None:
+        return config
+    key = model_key(loaded.config, loaded.dtype, config.quantization)
+    tuning.select_model(key)
+    block_size = tuning.get("block_size")
+    if block_size and config.block_size == EngineConfig.block_size:  # left at its default
+        config = dataclasses.replace(config, block_size=block_size)
+    logger.info("tune cache %s: %s (model %s%s)", tuning.path, tuning.describe(), key,
+                "" if tuning.model else ": not tuned, device settings only")
+    return config
+
+
+# ---- sizes -------------------------------------------------------------------------------------
+
+
+def resolve_max_model_len(requested: int | None, model_len: int) -> int:
+    """The context length to serve: the model's, or a smaller requested one. ValueError if larger."""
+    if requested is None:
+        return model_len
+    if requested > model_len:
+        raise ValueError(f"max_model_len={requested} exceeds the model's context length ({model_len})")
+    return requested
+
+
+def num_kv_blocks(config: EngineConfig, platform: Platform, cache_config: ModelConfig, dtype: torch.dtype,
+                  max_model_len: int) -> int:
+    """KV blocks the pool gets: `kv_cache_memory` bytes (an int), or that fraction of free memory
+    (a float; default: the platform's share), never more than every sequence at full length needs.
+    ValueError when not even one block fits."""
+    per_block = kv_bytes_per_block(cache_config, config.block_size, dtype)
+    mem = config.kv_cache_memory
+    if mem is None or isinstance(mem, float):
+        budget = int((mem or platform.default_kv_cache_fraction()) * platform.free_memory())
+    else:
+        budget = mem
+    ceiling = config.max_num_seqs * -(-max_model_len // config.block_size)
+    num_blocks = min(budget // per_block, ceiling)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory={mem!r} holds no KV block; one block needs {per_block} bytes")
+    return num_blocks
+
+
+# ---- decode-step speed-ups -----------------------------------------------------------------------
+
+
+def _fuse_elementwise(platform: Platform) -> bool:
+    """Compiled elementwise chains (zili.layers.fused) in captured decode graphs, where the platform
+    wants them."""
+    if not platform.fuses_elementwise() or not platform.supports_graph_capture():
+        return False
+    fused.enable_fusion()
+    return True
+
+
+def _compile_decode(runner: ModelRunner, platform: Platform, attention: AttentionBackend,
+                    config: EngineConfig) -> float | None:
+    """Compile the decode step unless unsupported here (zili.engine.compiled_decode); the seconds it took."""
+    model = runner.model
+    reason = unsupported_reason(model, platform, attention.name, False)
+    if reason is not None:
+        logger.info("decode step stays eager: %s", reason)
+        return None
+    compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
+    # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
+    limits = {m.quant.max_rows for m in model.modules() if getattr(m, "quant", None) is not None}
+    sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
+    logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
+                "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
+    try:
+        seconds = compiled.warm_up(sizes, scratch_block=0)
+    except Exception as exc:  # a torch/compiler limitation must not stop the engine
+        logger.warning("decode step stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)
+        return None
+    runner.compiled_decode = compiled
+    logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
+    return seconds
+
+
+def _capture_decode_graphs(runner: ModelRunner, platform: Platform, attention: AttentionBackend,
+                           config: EngineConfig, max_model_len: int, tuned: list[int] | None,
+                           fused_ops: bool) -> list[int] | None:
+    """Capture the decode forward as device graphs for a ladder of batch sizes where the platform
+    can (zili.engine.cuda_graphs); the captured sizes, or None when decode steps stay eager."""
+    model: nn.Module = runner.model
+    if not platform.supports_graph_capture():
+        return None
+    if not attention.graph_safe_decode:
+        logger.info("decode graphs: off (attention backend %r reads host-side lengths)", attention.name)
+        return None
+    if not capabilities_of(model).graph_safe_decode:
+        logger.info("decode graphs: off (the %s family is not graph-safe: it routes on data)",
+                    getattr(getattr(model, "config", None), "architecture", type(model).__name__))
+        return None
+    ladder = [s for s in tuned if s <= config.max_num_seqs] if tuned else batch_ladder(config.max_num_seqs)
+    if not ladder:
+        return None
+    max_blocks = -(-max_model_len // config.block_size)
+    start = time.perf_counter()
+    try:
+        graphs = DecodeGraphs(model, runner.kv_caches, platform, ladder, max_blocks, config.block_size,
+                              platform.device, attention)
+        graphs.capture(fused_ops=fused_ops)
+    except Exception as exc:  # a capture the driver refuses must not stop the engine
+        logger.warning("decode graphs: off, capture failed (%s: %s)", type(exc).__name__, exc)
+        return None
+    runner.decode_graphs = graphs
+    logger.info("decode graphs: captured batch sizes %s%s in %.1f s", graphs.ladder,
+                " (tuned)" if tuned else "", time.perf_counter() - start)
+    return graphs.ladder

@@ -34,6 +34,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """Continuous batching over one KVCacheManager: the waiting queue, the running list, preemption."""
+
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
@@ -49,6 +51,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        """Choose what runs in the next step and reserve its KV blocks.
+
+        Running sequences come first, in admission order: each gets its remaining tokens (one for a
+        decode, the next chunk of a long prompt) within `max_num_batched_tokens`; when the pool
+        cannot hold them, the most recently admitted running sequences are preempted (blocks freed,
+        back to the front of the waiting queue, recomputed later). Then, unless this step
+        preempted, waiting sequences are admitted in order while the token budget, `max_num_seqs`
+        and the pool allow, reusing prefix-cached blocks (or a sibling's prompt blocks, for n > 1).
+        Returns the batch: each sequence with its number of new tokens (possibly empty). Call
+        `on_step_done(batch)` after the forward pass.
+        """
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ class TensorParallel:
 
     rank: int
     size: int
-    group: object = None
+    group: dist.ProcessGroup | None = None
 
     def split(self, n: int) -> ShardRange:
         """An even split of n rows (padded so that every rank has the same local size)."""
@@ -61,7 +62,7 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
 
-def active(tp: TensorParallel | None) -> bool:
+def active(tp: TensorParallel | None) -> TypeGuard[TensorParallel]:
     return tp is not None and tp.size > 1
 
 
@@ -132,10 +133,10 @@ def split_heads(num_heads: int, num_kv_heads: int, tp: TensorParallel | None) ->
         if group % replicas:
             raise ValueError(f"tensor parallel size {tp.size} does not divide the {num_heads} attention heads "
                              f"({num_kv_heads} KV heads, replicated {replicas} times)")
-        kv = tp.rank // replicas
+        kv_head = tp.rank // replicas
         q_local = num_heads // tp.size
         return HeadSplit(ShardRange(tp.rank * q_local, (tp.rank + 1) * q_local, q_local, num_heads),
-                         ShardRange(kv, kv + 1, 1, num_kv_heads))
+                         ShardRange(kv_head, kv_head + 1, 1, num_kv_heads))
     kv = tp.split(num_kv_heads)
     return HeadSplit(ShardRange(kv.start * group, kv.stop * group, kv.size * group, num_heads), kv)
 
@@ -196,7 +197,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         super().__init__(self.rows.size, hidden_size)
         self.tp = tp
         # The models' generic parameter loader defers to this (see `param_loader`).
-        self.weight.load_from_checkpoint = lambda t: self.rows.copy_into(self.weight, t, 0)
+        setattr(self.weight, "load_from_checkpoint", lambda t: self.rows.copy_into(self.weight, t, 0))  # noqa: B010
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.rows.start

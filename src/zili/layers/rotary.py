@@ -114,6 +114,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin: torch.Tensor  # [max_position, head_dim] float32: cos then sin of every position's angles
+
     def __init__(self, head_dim: int, max_position: int, theta: float = 10000.0,
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -132,4 +134,5 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, d/2] in `dtype`."""
         cos_sin = self.cos_sin[positions].to(dtype)
-        return cos_sin.chunk(2, dim=-1)
+        cos, sin = cos_sin.chunk(2, dim=-1)
+        return cos, sin

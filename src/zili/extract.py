@@ -3,7 +3,8 @@
 The output is decoded under the schema's grammar, so it parses and validates every time; a form
 the model could not finish within --max-tokens is an error, never half a JSON.
 The same prompt is built by `extraction_messages`, so the HTTP API gives the same answer (see
-examples/README.md).
+examples/README.md). With a reasoning model (zili.reasoning) the model thinks first, in free text
+(bounded by --max-reasoning-tokens), and the grammar holds from the end of its thinking.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import typer
 
 from zili.cli_options import engine_options
 from zili.engine.llm import LLM
+from zili.engine.thinking import split_output_reasoning
 from zili.sampling import SamplingParams
 from zili.structured.spec import StructuredOutput
 
@@ -35,15 +37,17 @@ def extraction_messages(schema: dict[str, Any], document: str, instructions: str
 
 
 def extraction_request(llm: Any, schema: dict[str, Any], document: str, *, max_tokens: int = 1024,
-                       temperature: float = 0.0, seed: int | None = None,
-                       instructions: str | None = None) -> tuple[list[int], Any]:
+                       temperature: float = 0.0, seed: int | None = None, instructions: str | None = None,
+                       max_reasoning_tokens: int | None = None) -> tuple[list[int], Any]:
     """The prompt (token ids) and SamplingParams that fill `schema` from `document` with a `zili.LLM`."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured={"json": schema})
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, structured={"json": schema},
+                            max_reasoning_tokens=max_reasoning_tokens)
     return llm.render_chat(extraction_messages(schema, document, instructions)), params
 
 
 def filled_form(output: Any, schema: dict[str, Any]) -> Any:
-    """The JSON value of a finished extraction (a CompletionOutput); ValueError if it ran out of tokens."""
+    """The JSON value of a finished extraction (a CompletionOutput whose text is the answer, a reasoning
+    model's thinking split off); ValueError if it ran out of tokens."""
     if output.finish_reason != "stop":
         raise ValueError(f"the form was not finished within the token limit (finish reason: {output.finish_reason})"
                          f"; raise --max-tokens")
@@ -53,9 +57,11 @@ def filled_form(output: Any, schema: dict[str, Any]) -> Any:
 
 
 def extract_json(llm: Any, schema: dict[str, Any], document: str, **options: Any) -> Any:
-    """Fill the form with an already loaded `zili.LLM` (options: max_tokens, temperature, seed, instructions)."""
+    """Fill the form with an already loaded `zili.LLM` (options: max_tokens, temperature, seed, instructions,
+    max_reasoning_tokens)."""
     prompt, params = extraction_request(llm, schema, document, **options)
-    return filled_form(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0], schema)
+    output = llm.generate([prompt], params, use_tqdm=False)[0]
+    return filled_form(split_output_reasoning(output, llm.engine.reasoning_style, llm.tokenizer).outputs[0], schema)
 
 
 def _validate(value: Any, schema: dict[str, Any]) -> None:
@@ -100,7 +106,7 @@ def _read_document(document: str) -> str:
 
 
 @engine_options("dtype", "max_model_len", "kv_cache_memory", "quantization", "threads", "attention_backend",
-                "use_tune_cache", "enforce_eager", "load_format", defaults={"enforce_eager": True})
+                "use_tune_cache", "enforce_eager", "load_format", "reasoning_parser", defaults={"enforce_eager": True})
 def extract(
     document: str = typer.Argument(..., help="The document to read: a UTF-8 text file, or - for stdin."),
     schema: Path = typer.Option(..., "--schema", "-s", help="The form: a JSON schema file."),
@@ -111,6 +117,8 @@ def extract(
     seed: Optional[int] = typer.Option(None, "--seed"),
     instructions: Optional[str] = typer.Option(None, "--instructions", help="Extra guidance for the model."),
     compact: bool = typer.Option(False, "--compact", help="Print the JSON on one line."),
+    max_reasoning_tokens: Optional[int] = typer.Option(
+        None, "--max-reasoning-tokens", min=1, help="A reasoning model's thinking budget before it fills the form."),
     engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Fill a JSON form from a document; prints JSON that is valid against the schema."""
@@ -119,7 +127,7 @@ def extract(
     try:
         llm = LLM(model, **(engine_args or {}))
         value = extract_json(llm, form, text, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                             instructions=instructions)
+                             instructions=instructions, max_reasoning_tokens=max_reasoning_tokens)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(json.dumps(value, ensure_ascii=False, indent=None if compact else 2))

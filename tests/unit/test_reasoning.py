@@ -112,8 +112,10 @@ def test_real_r1_token_stream_splits_and_counts_reasoning_tokens(tok, style, ope
 
 def test_closing_tag_spelled_by_several_tokens(tok):
     """The model writes '</' 'think' '>' as ordinary tokens instead of the tag token."""
-    ids = (tok.encode("<think>" + THOUGHT + "</", add_special_tokens=False) + tok.encode("think", add_special_tokens=False)
-           + tok.encode(">" + ANSWER, add_special_tokens=False))
+    def enc(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    ids = enc("<think>" + THOUGHT + "</") + enc("think") + enc(">" + ANSWER)
     assert tok.encode("</think>", add_special_tokens=False)[0] not in ids
     (reasoning, answer), parser = _token_stream(tok, ids, DEEPSEEK_R1)
     assert (reasoning, answer) == (THOUGHT, ANSWER)

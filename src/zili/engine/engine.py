@@ -21,6 +21,8 @@ from zili.engine.request import Request, RequestDelta, Sequence
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
+from zili.engine.thinking import ThinkingOutputs
+from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -62,7 +64,10 @@ class Engine:
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,
                                      parts.num_kv_blocks, config.block_size)
-        self.outputs = OutputProcessor(parts.tokenizer, parts.max_model_len)
+        # Reasoning models: thinking budgets and grammars that start after the thinking (zili.engine.thinking).
+        self.reasoning_style = resolve_reasoning_parser(config.reasoning_parser, parts.tokenizer.chat_template)
+        self.outputs = OutputProcessor(parts.tokenizer, parts.max_model_len,
+                                       sequence_processor=ThinkingOutputs(parts.tokenizer, self.reasoning_style))
         self.requests: dict[str, Request] = {}
         self._aborted: list[RequestDelta] = []  # final deltas of requests aborted between steps
         self._ids = itertools.count()

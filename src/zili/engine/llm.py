@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence, Union
 from zili.config import EngineConfig
 from zili.engine.builder import build_engine
 from zili.engine.request import OutputAccumulator, RequestOutput
+from zili.engine.thinking import split_output_reasoning
 from zili.sampling import SamplingParams
 
 Prompt = Union[str, list[int]]
@@ -55,19 +56,24 @@ class LLM:
 
     def chat(self, messages: list[Message] | Sequence[list[Message]], params: SamplingParams | None = None,
              add_generation_prompt: bool = True, tools: list[dict] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Answer one conversation (a list of messages) or a list of conversations."""
+             use_tqdm: bool = True, chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or a list of conversations.
+
+        For a reasoning model (EngineConfig.reasoning_parser) each output's `text` is the answer and
+        `reasoning_text` the thinking (zili.reasoning); `token_ids` are all the generated tokens."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.render_chat(c, add_generation_prompt, tools) for c in conversations]
-        return self.generate(prompts, params, use_tqdm=use_tqdm)
+        prompts = [self.render_chat(c, add_generation_prompt, tools, chat_template_kwargs) for c in conversations]
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        return [split_output_reasoning(out, self.engine.reasoning_style, self.tokenizer) for out in outputs]
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """The conversation as prompt token ids, through the model's chat template."""
         from zili.structured.tools import render_chat
 
         # Tools go through the model's template when it takes them, else a Hermes-style fallback.
-        text = render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        text = render_chat(self.tokenizer, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           **(chat_template_kwargs or {}))
         # The template already carries any BOS it wants.
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from zili.reasoning import ReasoningDelta, ReasoningParser
 from zili.server import protocol as p
 from zili.server.generation import ChoiceDelta, Generation
-from zili.structured.tools import ToolCallStream, parse_tool_calls
+from zili.structured.tools import HERMES, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
     from zili.server.app import ServerState
@@ -96,16 +96,18 @@ class ChatFormat:
         for i in range(self.gen.num_choices):
             reason, stop_reason = self.finish.get(i, (None, None))
             logprobs = p.ChatLogprobs(content=self.logprobs.get(i, [])) if self.top_logprobs is not None else None
-            content: str | None = "".join(self.texts.get(i, []))
-            reasoning = None
+            text = "".join(self.texts.get(i, []))
+            parts: tuple[str | None, str | None] = (None, text)
             if i in self.parsers:
-                reasoning, content = self.parsers[i].result("".join(self.reasoning_texts.get(i, [])), content)
+                parts = self.parsers[i].result("".join(self.reasoning_texts.get(i, [])), text)
+            reasoning, content = parts
             message = p.ChatResponseMessage(content=content, reasoning_content=reasoning)
             if self.tool_style is not None and content:
                 parsed = parse_tool_calls(content, self.tool_style)
                 if parsed.tool_calls:
                     message = p.ChatResponseMessage(content=parsed.content, reasoning_content=reasoning,
-                                                    tool_calls=[c.to_openai() for c in parsed.tool_calls])
+                                                    tool_calls=[p.ResponseToolCall.model_validate(c.to_openai())
+                                                                for c in parsed.tool_calls])
                     reason = "tool_calls" if reason == "stop" else reason
             choices.append(p.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason,
                                         stop_reason=stop_reason))
@@ -139,7 +141,7 @@ class ChatFormat:
 
     def _tool_delta(self, delta: ChoiceDelta, text: str) -> tuple[dict[str, Any], str | None]:
         """The answer text split into content and `tool_calls` deltas, as the whole-response parse splits it."""
-        stream = self.tool_streams.setdefault(delta.index, ToolCallStream(self.tool_style))
+        stream = self.tool_streams.setdefault(delta.index, ToolCallStream(self.tool_style or HERMES))
         content, calls = stream.feed(text)
         reason = delta.finish_reason
         if reason is not None:

@@ -49,3 +49,10 @@ def test_extract_fills_the_form_after_thinking(model, tmp_path):
                                       "-m", model, *ENGINE, "--max-reasoning-tokens", "6", "-n", "40", "--compact"])
     assert result.exit_code == 0, result.output
     jsonschema.validate(json.loads(result.output), schema)
+
+
+@pytest.mark.parametrize("args,message", [(["--reasoning-parser", "r1"], "deepseek-r1"),
+                                          (["--reasoning-budgets", "low=lots"], "low=N")])
+def test_serve_refuses_bad_reasoning_options_before_loading(model, args, message):
+    result = CliRunner().invoke(app, ["serve", model, "--load-format", "dummy", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

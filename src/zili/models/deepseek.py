@@ -12,11 +12,19 @@ halves (`rope_interleave`), and routes with sigmoid + noaux_tc and a score-corre
 Checkpoint names are HF's, with routed experts one tensor per expert
 (`mlp.experts.{e}.gate_proj.weight`, ...), as DeepSeek ships them and transformers saves them.
 Layers past num_hidden_layers (V3's multi-token-prediction module) are skipped.
+
+GGUF files (llama.cpp's "deepseek2" architecture, both V2 and V3) are read through
+`DEEPSEEK2_GGUF_LAYOUT`: llama.cpp's names map to HF's, two of its layouts are undone at loading
+(`DeepseekForCausalLM.load_weights`): routed experts stacked in one tensor per projection
+(`ffn_{gate,up,down}_exps`, [E, out, in]), and `kv_b_proj` split into a transposed key half
+`attn_k_b` [H, kv_lora_rank, qk_nope_head_dim] and a value half `attn_v_b` [H, v_head_dim,
+kv_lora_rank] (what its absorbed MLA wants; older files keep the merged `attn_kv_b`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,11 +38,17 @@ from zili.layers.norm import RMSNorm
 from zili.layers.parallel import TensorParallel, lm_head, vocab_embedding
 from zili.layers.rotary import RotaryEmbedding
 from zili.models.base import CausalLM, Loader
+from zili.weights.errors import UnsupportedModelError
+from zili.weights.gguf import GGUFCheckpoint, GGUFLayout
 
 # Fused module name -> the HF projection names it concatenates, in row order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj"), **MLA_FUSED_PROJECTIONS}
 _EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+# Names the GGUF layout gives llama.cpp's stacked experts and split kv_b (not HF names: the model's
+# load_weights turns them into HF's per-expert tensors and merged kv_b_proj).
+_STACKED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
+_SPLIT_KV_B = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(k_b_proj|v_b_proj)\.weight$")
 
 # Family defaults for fields a config.json may leave out (DeepSeek's own configs, then HF's classes).
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -131,6 +145,35 @@ class DeepseekForCausalLM(CausalLM):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """HF-named tensors in, as `CausalLM.load_weights`; llama.cpp's stacked experts and split
+        kv_b (see the module docstring) are accepted too and converted on the way."""
+        super().load_weights(self._hf_layout(weights))
+
+    def _hf_layout(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stacked experts [E, out, in] -> one tensor per expert; k_b [H, r, d_nope] + v_b [H, d_v, r]
+        -> kv_b_proj [H * (d_nope + d_v), r] (per head: the key rows, then the value rows, as HF)."""
+        halves: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in weights:
+            stacked = _STACKED_EXPERTS.match(name)
+            if stacked is not None:
+                prefix, leaf = stacked.groups()
+                for expert, weight in enumerate(tensor.unbind(0)):
+                    yield f"{prefix}.{expert}.{leaf}.weight", weight
+                continue
+            split = _SPLIT_KV_B.match(name)
+            if split is None:
+                yield name, tensor
+                continue
+            prefix, leaf = split.groups()
+            pair = halves.setdefault(prefix, {})
+            pair[leaf] = tensor
+            if len(pair) == 2:
+                yield f"{prefix}.kv_b_proj.weight", merge_kv_b(pair.pop("k_b_proj"), pair.pop("v_b_proj"))
+                del halves[prefix]
+        if halves:
+            raise ValueError(f"checkpoint has only one half of kv_b (attn_k_b / attn_v_b) in {sorted(halves)}")
+
     def _skipped(self, name: str) -> bool:
         layer = _LAYER_INDEX.match(name)
         if layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers:
@@ -147,3 +190,116 @@ class DeepseekForCausalLM(CausalLM):
 def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Loader:
     # Experts outside the module's expert_range (another expert-parallel rank's) are skipped.
     return lambda t: module.load_expert(expert, hf_leaf, t)
+
+
+def merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's split kv_b back into HF's kv_b_proj weight.
+
+    k_b [H, kv_lora_rank, qk_nope_head_dim] (the key half, transposed), v_b [H, v_head_dim,
+    kv_lora_rank] -> [H * (qk_nope_head_dim + v_head_dim), kv_lora_rank]. ValueError on shapes that
+    do not pair up."""
+    if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise ValueError(f"attn_k_b {list(k_b.shape)} and attn_v_b {list(v_b.shape)} are not the two halves "
+                         "of one kv_b ([H, r, d_nope] and [H, d_v, r])")
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, k_b.shape[1]).contiguous()
+
+
+# llama.cpp's tensor names for DeepSeek V2/V3 blocks (gguf-py MODEL_ARCH.DEEPSEEK2) -> HF names.
+# The stacked experts and the split kv_b halves get names load_weights converts (see above).
+DEEPSEEK2_BLOCK_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.k_b_proj",
+    "attn_v_b": "self_attn.v_b_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+# llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE values (`deepseek2.expert_gating_func`); files written
+# before the key existed are V2 files, which route with softmax.
+_GATING_FUNCS = {1: "softmax", 2: "sigmoid"}
+
+
+def deepseek2_gguf_fields(checkpoint: GGUFCheckpoint) -> dict[str, Any]:
+    """ModelConfig fields of a llama.cpp "deepseek2" GGUF, over the Llama-shaped ones.
+
+    Metadata read (keys under `deepseek2.`): attention.head_count, attention.kv_lora_rank,
+    attention.q_lora_rank (absent: q is one projection), rope.dimension_count (qk_rope_head_dim),
+    attention.key_length_mla / value_length_mla (qk head dim, v head dim; files written before those
+    keys carry them in key_length / value_length, and head_count_kv = head_count rather than 1),
+    expert_count, expert_used_count, expert_shared_count, expert_feed_forward_length,
+    leading_dense_block_count, expert_gating_func, expert_weights_norm, expert_weights_scale,
+    expert_group_count / expert_group_used_count, and rope.scaling.yarn_log_multiplier
+    (0.1 * mscale_all_dim; llama.cpp keeps no separate mscale, so mscale = mscale_all_dim, which is
+    what DeepSeek's own V2/V3 configs have). An exp_probs_b tensor means noaux_tc routing (V3)."""
+    meta, tensors = checkpoint.meta, checkpoint.header.tensors
+    heads = int(meta("attention.head_count"))
+    rope_dim = int(meta("rope.dimension_count"))
+    mla_keys = meta("attention.key_length_mla") is not None
+    qk_dim = int(meta("attention.key_length_mla") if mla_keys else meta("attention.key_length"))
+    v_dim = int(meta("attention.value_length_mla") if mla_keys else meta("attention.value_length"))
+    kv_lora = meta("attention.kv_lora_rank")
+    if kv_lora is None or qk_dim <= rope_dim:
+        raise UnsupportedModelError(
+            f"{checkpoint.path}: a deepseek2 file needs attention.kv_lora_rank and a key length above "
+            f"rope.dimension_count (got kv_lora_rank {kv_lora}, key length {qk_dim}, rope {rope_dim}).")
+    q_lora = meta("attention.q_lora_rank")
+    gating = int(meta("expert_gating_func", 1))
+    if gating not in _GATING_FUNCS:
+        raise UnsupportedModelError(f"{checkpoint.path}: deepseek2.expert_gating_func {gating} is not supported; "
+                                    f"supported: {', '.join(f'{k} ({v})' for k, v in _GATING_FUNCS.items())}.")
+    bias = any(name.endswith(".exp_probs_b.bias") for name in tensors)
+    n_group = int(meta("expert_group_count", 1) or 1)
+    v3 = bias or gating == 2
+    fields: dict[str, Any] = dict(
+        num_key_value_heads=heads,  # keys and values are per head, expanded from the shared latent
+        head_dim=qk_dim,
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(kv_lora),
+        qk_nope_head_dim=qk_dim - rope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=v_dim,
+        rope_interleave=True,  # llama.cpp keeps DeepSeek's interleaved rotary pairs (its NORM rope)
+        n_routed_experts=int(meta("expert_count", 0) or 0),
+        n_shared_experts=int(meta("expert_shared_count", 0) or 0),
+        num_experts_per_tok=int(meta("expert_used_count", 0) or 0),
+        moe_intermediate_size=int(meta("expert_feed_forward_length", 0) or 0),
+        first_k_dense_replace=int(meta("leading_dense_block_count", 0) or 0),
+        scoring_func=_GATING_FUNCS[gating],
+        topk_method="noaux_tc" if bias else "group_limited_greedy" if n_group > 1 else "greedy",
+        n_group=n_group,
+        topk_group=int(meta("expert_group_used_count", 1) or 1),
+        norm_topk_prob=bool(meta("expert_weights_norm", False)),
+        routed_scaling_factor=float(meta("expert_weights_scale", 1.0) or 1.0),
+        attention_bias="blk.0.attn_kv_a_mqa.bias" in tensors,
+        o_proj_bias="blk.0.attn_output.bias" in tensors,
+        architecture="deepseek_v3" if v3 else "deepseek_v2",
+        hf_architecture="DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM",
+    )
+    log_mul = meta("rope.scaling.yarn_log_multiplier")
+    scaling = checkpoint.rope_scaling(rope_dim)
+    if scaling is not None and scaling.get("rope_type") == "yarn" and log_mul:
+        mscale_all_dim = float(log_mul) / 0.1
+        scaling = {**scaling, "mscale": mscale_all_dim, "mscale_all_dim": mscale_all_dim}
+    fields["rope_scaling"] = scaling
+    return fields
+
+
+DEEPSEEK2_GGUF_LAYOUT = GGUFLayout("deepseek2", "deepseek_v2", "DeepseekV2ForCausalLM",
+                                   block_names=DEEPSEEK2_BLOCK_NAMES, config_fields=deepseek2_gguf_fields)

@@ -21,7 +21,8 @@ from torch import nn
 
 from zili.config import ModelConfig, parse_dtype
 from zili.models.base import CausalLM
-from zili.models.deepseek import DeepseekForCausalLM, deepseek_v2_hf_fields, deepseek_v3_hf_fields
+from zili.models.deepseek import (DEEPSEEK2_GGUF_LAYOUT, DeepseekForCausalLM, deepseek_v2_hf_fields,
+                                  deepseek_v3_hf_fields)
 from zili.models.llama import LLAMA_GGUF_LAYOUT, QWEN2_GGUF_LAYOUT, QWEN3_GGUF_LAYOUT, LlamaForCausalLM
 from zili.weights.errors import UnsupportedModelError
 from zili.weights.gguf import GGUFLayout
@@ -93,7 +94,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # llama.cpp writes both DeepSeek generations as "deepseek2"; its layout tells V3 apart.
     ModelFamily("deepseek_v2", DeepseekForCausalLM,
                 (HFArchitecture("DeepseekV2ForCausalLM", "deepseek_v2", 2048),),
-                capabilities=_MLA_MOE, hf_fields=deepseek_v2_hf_fields),
+                gguf=DEEPSEEK2_GGUF_LAYOUT, capabilities=_MLA_MOE, hf_fields=deepseek_v2_hf_fields),
     ModelFamily("deepseek_v3", DeepseekForCausalLM,
                 (HFArchitecture("DeepseekV3ForCausalLM", "deepseek_v3", 4096),),
                 capabilities=_MLA_MOE, hf_fields=deepseek_v3_hf_fields),

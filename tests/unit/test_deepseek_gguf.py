@@ -29,7 +29,6 @@ from safetensors.torch import load_file  # noqa: E402
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from tests.unit.test_deepseek import PagedRunner, _count_calls  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402
-from zili.kernels import mla_attention as mla_kernels  # noqa: E402
 from zili.models.deepseek import merge_kv_b  # noqa: E402
 from zili.models.loader import load_model, open_checkpoint, resolve_model  # noqa: E402
 from zili.weights.errors import UnsupportedModelError  # noqa: E402
@@ -211,10 +210,10 @@ def test_weights_equal_the_hf_checkpoint(pair: Pair) -> None:
     w_kv_b = layer.self_attn.kv_b_proj.weight
     assert torch.equal(w_kv_b, sd["model.layers.1.self_attn.kv_b_proj.weight"])
     experts = layer.mlp.experts
-    I = experts.intermediate_size
+    inter = experts.intermediate_size
     for e in (0, experts.num_experts - 1):
-        assert torch.equal(experts.w13[e, :I], sd[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"])
-        assert torch.equal(experts.w13[e, I:], sd[f"model.layers.1.mlp.experts.{e}.up_proj.weight"])
+        assert torch.equal(experts.w13[e, :inter], sd[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"])
+        assert torch.equal(experts.w13[e, inter:], sd[f"model.layers.1.mlp.experts.{e}.up_proj.weight"])
         assert torch.equal(experts.w2[e], sd[f"model.layers.1.mlp.experts.{e}.down_proj.weight"])
     bias = layer.mlp.gate.e_score_correction_bias
     if bias is not None:

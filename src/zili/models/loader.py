@@ -18,6 +18,7 @@ from rich.console import Console
 from zili.config import LOAD_FORMATS, ModelConfig, check_load_format, normalize_dtype, parse_dtype
 from zili.layers.norm import RMSNorm
 from zili.layers.parallel import TensorParallel, active
+from zili.models.base import CausalLM
 from zili.models.hf_config import model_config_from_hf
 from zili.models.registry import SUPPORTED, build_model, default_dtype, gguf_family, hf_family, model_class
 from zili.models.sharding import shard_specs, sharded_tensors
@@ -168,7 +169,7 @@ def _placeholder_tokenizer_if_missing(checkpoint: Checkpoint, config: ModelConfi
 
 
 def _build_shard(config: ModelConfig, dtype: torch.dtype, device: str | torch.device, tp: TensorParallel
-                 ) -> torch.nn.Module:
+                 ) -> CausalLM:
     """Like `registry.build_model`, for one tensor-parallel rank."""
     with torch.device(device), default_dtype(dtype):
         model = model_class(config)(config, tp)

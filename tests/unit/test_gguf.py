@@ -424,7 +424,8 @@ def test_llama3_rope_freqs_become_llama3_scaling(tmp_path) -> None:
 def test_unsupported_architecture_and_quant_type(tmp_path) -> None:
     gpt2 = tmp_path / "gpt2.gguf"
     write_tiny_gguf(gpt2, "gpt2")
-    with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2'.*supported: LlamaForCausalLM.*\(HF config\.json\); llama, qwen2, qwen3.*\(GGUF\)"):
+    supported = r"supported: LlamaForCausalLM.*\(HF config\.json\); llama, qwen2, qwen3.*\(GGUF\)"
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2'.*" + supported):
         open_gguf(gpt2)
     q5 = tmp_path / "q5_0.gguf"
     write_tiny_gguf(q5, tensor_types={"blk.0.ffn_up.weight": Q.Q5_0})

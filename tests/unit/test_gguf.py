@@ -175,9 +175,9 @@ def test_simple_quants_round_trip_within_one_step(qtype: Q) -> None:
 
 
 def test_unsupported_quant_type_is_refused() -> None:
-    rows = np.zeros((1, gguf.GGML_QUANT_SIZES[Q.Q5_0][1]), np.uint8)
-    with pytest.raises(UnsupportedModelError, match=r"Q5_0.*supported quant types: F32, F16, BF16, Q8_0"):
-        dequantize_rows(rows, Q.Q5_0, (1, 32))
+    rows = np.zeros((1, gguf.GGML_QUANT_SIZES[Q.Q5_1][1]), np.uint8)
+    with pytest.raises(UnsupportedModelError, match=r"Q5_1.*supported quant types: F32, F16, BF16, Q8_0"):
+        dequantize_rows(rows, Q.Q5_1, (1, 32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +427,9 @@ def test_unsupported_architecture_and_quant_type(tmp_path) -> None:
     supported = r"supported: LlamaForCausalLM.*\(HF config\.json\); llama, qwen2, qwen3.*\(GGUF\)"
     with pytest.raises(UnsupportedModelError, match=r"architecture 'gpt2'.*" + supported):
         open_gguf(gpt2)
-    q5 = tmp_path / "q5_0.gguf"
-    write_tiny_gguf(q5, tensor_types={"blk.0.ffn_up.weight": Q.Q5_0})
-    with pytest.raises(UnsupportedModelError, match=r"Q5_0.*blk\.0\.ffn_up\.weight.*supported quant types: .*Q6_K"):
+    q5 = tmp_path / "q5_1.gguf"
+    write_tiny_gguf(q5, tensor_types={"blk.0.ffn_up.weight": Q.Q5_1})
+    with pytest.raises(UnsupportedModelError, match=r"Q5_1.*blk\.0\.ffn_up\.weight.*supported quant types: .*Q6_K"):
         open_gguf(q5)
 
 

@@ -128,7 +128,7 @@ def test_gguf_with_unsupported_quant_type(tmp_path: Path) -> None:
         resolve_model(str(path))
     msg = str(e.value)
     assert "IQ4_NL" in msg and "token_embd.weight" in msg
-    assert "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K" in msg
+    assert "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K" in msg
 
 
 def test_file_that_is_not_gguf(tmp_path: Path) -> None:

@@ -102,6 +102,27 @@ def test_decode_matches_reference(kernels, dtype, splits):
     torch.testing.assert_close(got.float(), expected.float(), **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 7, 20])
+def test_sliding_window_prefill_and_decode_match_reference(kernels, dtype, window):
+    """A sliding layer's window (shorter than the contexts, not a multiple of the tile or page) in
+    prefill chunks over a cached prefix, in decode with and without context splits; the torch
+    reference applies the same window (tests/unit/test_sliding_window.py checks it against a mask)."""
+    ta, _ = kernels
+    meta, cache, q, k, v = make_batch([5, 1, 20], [5, 41, 50], head_dim=24, page=8, num_blocks=28, dtype=dtype)
+    c_ref, c_tri = cache.clone(), cache.clone()
+    expected = sdpa_paged_attention(q, k, v, c_ref, meta, 0.3, window=window)
+    got = ta.paged_attention(q, k, v, c_tri, meta, 0.3, window=window)
+    torch.testing.assert_close(got.float(), expected.float(), **tol(dtype))
+    dmeta, dcache, dq, dk, dv = make_batch([1, 1, 1], [3, 70, 17], heads=8, kv_heads=2, dtype=dtype, num_blocks=12)
+    expected = sdpa_paged_attention(dq, dk, dv, dcache.clone(), dmeta, 0.125, window=window)
+    ta.write_kv_cache(dk, dv, dcache, dmeta.slot_mapping)
+    for splits in (1, 4):
+        got = ta.paged_decode(dq, dcache, dmeta.block_tables, dmeta.seq_lens, 0.125, splits=splits, block_n=16,
+                              window=window)
+        torch.testing.assert_close(got.float(), expected.float(), **tol(dtype))
+
+
 def test_decode_padded_row_gives_zeros(kernels):
     """A captured graph pads the batch with rows of context length 0: finite zeros, not NaN."""
     ta, _ = kernels

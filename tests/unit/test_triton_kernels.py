@@ -53,10 +53,11 @@ COMPILE_SCRIPT = textwrap.dedent('''
     idx = {"tables_ptr": "*i64", "seq_lens_ptr": "*i64", "qsl_ptr": "*i64", "slot_ptr": "*i64",
            "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32"}
     compile_for(ta._write_kv_kernel, dict(PAGE=16, D=128, BLOCK_D=128), idx)
-    compile_for(ta._prefill_kernel, dict(PAGE=16, GROUP=4, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64,
-                                         PRECISE=False), idx)
-    compile_for(ta._decode_kernel, dict(PAGE=16, GROUP=4, BLOCK_G=16, D=128, BLOCK_D=128, BLOCK_N=64, SPLITS=4,
-                                        PRECISE=False), idx)
+    for window in (0, 512):  # full attention, and a Gemma 3 local layer's sliding window
+        compile_for(ta._prefill_kernel, dict(PAGE=16, GROUP=4, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64,
+                                             PRECISE=False, WINDOW=window), idx)
+        compile_for(ta._decode_kernel, dict(PAGE=16, GROUP=4, BLOCK_G=16, D=128, BLOCK_D=128, BLOCK_N=64, SPLITS=4,
+                                            PRECISE=False, WINDOW=window), idx)
     compile_for(ta._combine_kernel, dict(D=128, BLOCK_D=128, SPLITS=4), idx)
     k = compile_for(tm._mla_decode_kernel, dict(PAGE=64, R=512, BLOCK_R=512, DR=64, BLOCK_DR=64, BLOCK_H=16,
                                                  BLOCK_N=32, SPLITS=1, PRECISE=False), idx)

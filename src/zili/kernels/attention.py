@@ -9,11 +9,17 @@ One flat batch holds T tokens from B sequences. Sequence i owns query tokens
 [query_start_loc[i], query_start_loc[i+1]) and, after this step, has seq_lens[i] tokens of
 context (cached prefix + the new tokens), the new ones being the last.
 
+Sliding-window attention (Mistral; Gemma's local layers): with `window` = W, the query at
+absolute position p sees only keys at positions p - W < j <= p (HF's `sliding_window_overlay`).
+The cache still holds the whole context (global layers of the same sequence read it), so a window
+changes which positions are read, never which blocks are allocated.
+
 This works on any device torch supports; faster backends keep the same signature.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,40 +107,50 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens over their cached context.
 
     q: [T, n_heads, d]; k, v: [T, n_kv, d] (new tokens, written into the cache first).
-    Returns [T, n_heads, d_v]. Runs the backend named by `meta.backend` (the runner's choice,
-    `zili.kernels.backends`); the torch reference below when there is none.
+    `window`: a sliding layer's window W (each query sees its last W positions, itself included);
+    None for full attention. Returns [T, n_heads, d_v]. Runs the backend named by `meta.backend`
+    (the runner's choice, `zili.kernels.backends`); the torch reference below when there is none.
     """
     if meta.backend is not None:
+        # Plugin backends written before windows existed keep their six-argument call.
+        if window:
+            return meta.backend.paged_attention(q, k, v, kv_cache, meta, scale, window=window)
         return meta.backend.paged_attention(q, k, v, kv_cache, meta, scale)
-    return sdpa_paged_attention(q, k, v, kv_cache, meta, scale)
+    return sdpa_paged_attention(q, k, v, kv_cache, meta, scale, window)
 
 
 def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                         meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """The torch reference (the "sdpa" backend): the cache write, then torch SDPA."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    decode = functools.partial(_decode_attention, window=window)
     if meta.is_decode_only:
-        return _decode_attention(q, kv_cache, meta, scale)
-    return _mixed_attention(q, kv_cache, meta, scale, _decode_attention)
+        return decode(q, kv_cache, meta, scale)
+    return _mixed_attention(q, kv_cache, meta, scale, decode, window)
 
 
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The "cpp" backend: decode rows through zili's C++ kernel (reads the paged cache in place),
-    multi-token chunks as the torch reference."""
+                        meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+    """The "cpp" backend: decode rows through zili's C++ kernel (reads the paged cache in place,
+    applying the sliding window itself), multi-token chunks as the torch reference."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+
+    def decode(q, cache, m, s):
+        if window:
+            return paged_decode(q, cache, m.block_tables, m.seq_lens, s, window)
+        return paged_decode(q, cache, m.block_tables, m.seq_lens, s)
+
     if meta.is_decode_only:
-        return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
-    return _mixed_attention(q, kv_cache, meta, scale,
-                            lambda q, cache, m, s: paged_decode(q, cache, m.block_tables, m.seq_lens, s))
+        return decode(q, kv_cache, meta, scale)
+    return _mixed_attention(q, kv_cache, meta, scale, decode, window)
 
 
 def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                     decode) -> torch.Tensor:
+                     decode, window: int | None = None) -> torch.Tensor:
     """A step mixing decodes and prefill chunks: the one-token rows in one batched `decode` call,
     each multi-token chunk on its own (a loop over every sequence costs a call per sequence and layer)."""
     out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
@@ -158,15 +174,19 @@ def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if i not in done:
             start = starts[i]
-            out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale)
+            out[start:start + qlen] = _prefill_one(q[start:start + qlen], kv_cache, meta.block_tables[i], slen, scale,
+                                                   window)
     return out
 
 
-def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                    first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [S', n_kv, d] of positions first_block * block_size .. seq_len - 1."""
     block_size = kv_cache.shape[2]
     nblocks = (seq_len + block_size - 1) // block_size
-    ctx = gather_blocks(kv_cache, block_table[:nblocks])  # [2, nb, bs, n_kv, d]
-    ctx = ctx.reshape(2, nblocks * block_size, *kv_cache.shape[3:])[:, :seq_len]
+    ctx = gather_blocks(kv_cache, block_table[first_block:nblocks])  # [2, nb, bs, n_kv, d]
+    ctx = ctx.reshape(2, (nblocks - first_block) * block_size, *kv_cache.shape[3:])
+    ctx = ctx[:, :seq_len - first_block * block_size]
     return ctx[0], ctx[1]
 
 
@@ -184,45 +204,59 @@ def gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tens
 
 
 def _prefill_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
-                 scale: float) -> torch.Tensor:
+                 scale: float, window: int | None = None) -> torch.Tensor:
     qlen, n_heads, _ = q.shape
-    k, v = _gather_context(kv_cache, block_table, seq_len)  # [S, n_kv, d]
+    block_size = kv_cache.shape[2]
+    # A window hides every position before the first query's window: those blocks are not read.
+    first_block = max(0, seq_len - qlen - window + 1) // block_size if window else 0
+    k, v = _gather_context(kv_cache, block_table, seq_len, first_block)  # [S', n_kv, d]
     n_kv = k.shape[1]
     # 4-D inputs: SDPA only takes its fused (flash) CPU kernel with a batch dimension; with 3-D
     # ones it falls back to the unfused math path, ~8x slower at 512 tokens.
     q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k.to(q.dtype), v.to(q.dtype)))
-    if qlen == seq_len:  # no cached prefix: plain causal attention
+    if qlen == seq_len and (not window or window >= seq_len):  # no cached prefix, nothing slides out
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
     else:
-        # Query i sits at absolute position seq_len - qlen + i and sees keys 0..that position.
+        # Query i sits at absolute position seq_len - qlen + i and sees keys 0..that position
+        # (only the last `window` of them on a sliding layer).
         q_pos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [qlen, S]
+        k_pos = torch.arange(first_block * block_size, seq_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [qlen, S']
+        if window:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale, enable_gqa=n_kv != n_heads)
     return out[0].transpose(0, 1)
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      window: int | None = None) -> torch.Tensor:
     """One query token per sequence, all sequences at once: gather each context, pad to the
-    longest, and let SDPA's fused CPU/GPU kernel do the rest (2-3x faster than explicit einsums)."""
+    longest, and let SDPA's fused CPU/GPU kernel do the rest (2-3x faster than explicit einsums).
+    On a sliding layer the blocks before every sequence's window are not gathered."""
     B, n_heads, d = q.shape
     block_size, n_kv = kv_cache.shape[2], kv_cache.shape[3]
     if meta.seq_lens_cpu is None:  # tensor-only (compiled) step: the whole, padded, block table
-        return _decode_attention_in_place(q, kv_cache, meta, scale)
+        return _decode_attention_in_place(q, kv_cache, meta, scale, window)
     nblocks = (max(meta.seq_lens_cpu) + block_size - 1) // block_size
-    ctx = gather_blocks(kv_cache, meta.block_tables[:, :nblocks])  # [2, B, nb, bs, n_kv, d]
-    ctx = ctx.view(2, B, nblocks * block_size, n_kv, -1).to(q.dtype)
+    first = max(0, min(meta.seq_lens_cpu) - window) // block_size if window else 0
+    ctx = gather_blocks(kv_cache, meta.block_tables[:, first:nblocks])  # [2, B, nb, bs, n_kv, d]
+    ctx = ctx.view(2, B, (nblocks - first) * block_size, n_kv, -1).to(q.dtype)
     k, v = ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)  # [B, n_kv, S, d]
     mask = None
-    if min(meta.seq_lens_cpu) < nblocks * block_size:
-        positions = torch.arange(nblocks * block_size, device=q.device)
-        mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    slides = bool(window) and max(meta.seq_lens_cpu) - window > first * block_size
+    if min(meta.seq_lens_cpu) < nblocks * block_size or slides:
+        positions = torch.arange(first * block_size, nblocks * block_size, device=q.device)
+        visible = positions[None, :] < meta.seq_lens[:, None]
+        if window:
+            visible &= positions[None, :] >= meta.seq_lens[:, None] - window
+        mask = visible[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(q.view(B, n_heads, 1, d), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=n_kv != n_heads)
     return out.view(B, n_heads, -1)
 
 
 def _decode_attention_in_place(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                               scale: float) -> torch.Tensor:
+                               scale: float, window: int | None = None) -> torch.Tensor:
     """Decode attention written as indexed loads and reductions, for torch.compile: Inductor fuses
     the block-table lookup into the score and output loops, so the context is read straight from
     the paged cache instead of being gathered into a copy first (and SDPA's per-call cost goes).
@@ -237,7 +271,10 @@ def _decode_attention_in_place(q: torch.Tensor, kv_cache: torch.Tensor, meta: At
     v = kv_cache[1][blocks, offsets].float()
     qg = q.view(B, 1, n_kv, group, d).float()
     scores = (qg * k[:, :, :, None, :]).sum(-1) * scale  # [B, S, n_kv, group]
-    visible = (pos[None, :] < meta.seq_lens[:, None])[:, :, None, None]
+    visible = pos[None, :] < meta.seq_lens[:, None]
+    if window:  # a constant of the layer, baked into the compiled graph
+        visible = visible & (pos[None, :] >= meta.seq_lens[:, None] - window)
+    visible = visible[:, :, None, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=1)
     out = (probs[..., None] * v[:, :, :, None, :]).sum(1)  # [B, n_kv, group, d]
     return out.reshape(B, n_heads, d).to(q.dtype)

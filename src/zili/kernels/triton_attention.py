@@ -16,6 +16,10 @@ Three kernels:
                    kernel combines the partial softmaxes. Nothing here reads host-side lengths, so a
                    decode step is safe to capture in a device graph.
 
+A sliding-window layer passes WINDOW > 0 (a compile-time constant per layer): a query at position p
+sees keys p - WINDOW < j <= p, and the loops start at the first tile any query of the program can
+see, so the keys that slid out are never read.
+
 Keys are visited in tiles of BLOCK_N tokens gathered through the block table, so the page size
 need not match the tile. Softmax runs in base 2 (exp2) on fp32 accumulators.
 
@@ -110,7 +114,7 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
                     PAGE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, WINDOW: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -132,7 +136,10 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = prefix + tl.minimum((tile + 1) * BLOCK_M, qlen)  # the last query of the tile sees keys < hi
-    for start in range(0, hi, BLOCK_N):
+    lo = 0
+    if WINDOW > 0:  # the tile's first query sees nothing before its window
+        lo = tl.maximum(prefix + tile * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
         blk = tl.load(tables_ptr + seq * stride_tb + n // PAGE, mask=n_mask, other=0)
@@ -142,6 +149,8 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
         v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype)), PRECISE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if WINDOW > 0:
+            visible = visible & (n[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows see nothing
@@ -157,8 +166,9 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                   block_tables: torch.Tensor, max_query_len: int, scale: float,
-                  block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
-    """q [T, H, d] of B variable-length chunks; returns [T, H, d]. The cache already holds them."""
+                  block_m: int | None = None, block_n: int | None = None, window: int | None = None) -> torch.Tensor:
+    """q [T, H, d] of B variable-length chunks; returns [T, H, d]. The cache already holds them.
+    `window`: sliding-window size (None or 0: full causal attention)."""
     T, H, d = q.shape
     n_kv = kv_cache.shape[3]
     q = _last_contiguous(q)
@@ -171,7 +181,8 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         PAGE=kv_cache.shape[2], GROUP=H // n_kv, D=d, BLOCK_D=_pow2(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISE=_precise(q.dtype), num_warps=CONFIG["prefill_warps"], num_stages=CONFIG["prefill_stages"])
+        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), num_warps=CONFIG["prefill_warps"],
+        num_stages=CONFIG["prefill_stages"])
     return out
 
 
@@ -182,13 +193,17 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_acc
                    stride_qb, stride_qh, stride_ob, stride_oh,
                    stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
                    PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISE: tl.constexpr):
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISE: tl.constexpr,
+                   WINDOW: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(seq_lens_ptr + seq)
-    per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), SPLITS) * BLOCK_N
-    lo = split * per_split
+    first = 0
+    if WINDOW > 0:  # only the last WINDOW positions, split among the programs
+        first = tl.maximum(ctx - WINDOW, 0)
+    per_split = tl.cdiv(tl.cdiv(ctx - first, BLOCK_N), SPLITS) * BLOCK_N
+    lo = first + split * per_split
     hi = tl.minimum(lo + per_split, ctx)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -291,9 +306,10 @@ def _split_buffers(B: int, H: int, splits: int, block_d: int, device: torch.devi
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                 scale: float, splits: int | None = None, block_n: int | None = None,
+                 window: int | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, H, d] -> [B, H, d]. A sequence of length 0 (a padded
-    graph row) gets zeros."""
+    graph row) gets zeros. `window`: sliding-window size (None or 0: the whole context)."""
     B, H, d = q.shape
     page, n_kv = kv_cache.shape[2], kv_cache.shape[3]
     group = H // n_kv
@@ -302,14 +318,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     block_n = block_n or CONFIG["decode_block_n"]
     block_d = _pow2(d)
     if splits is None:
-        splits = num_splits(B * n_kv, block_tables.shape[1] * page, block_n, CONFIG["decode_max_splits"])
+        longest = block_tables.shape[1] * page
+        splits = num_splits(B * n_kv, min(longest, window) if window else longest, block_n,
+                            CONFIG["decode_max_splits"])
     part_acc, part_ml = _split_buffers(B, H, splits, block_d, q.device)
     _decode_kernel[(B, n_kv, splits)](
         q, kv_cache, block_tables, seq_lens, out, part_acc, part_ml, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         PAGE=page, GROUP=group, BLOCK_G=_pow2(group), D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        PRECISE=_precise(q.dtype), num_warps=CONFIG["decode_warps"])
+        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), num_warps=CONFIG["decode_warps"])
     if splits > 1:
         _combine_kernel[(B * H,)](part_acc, part_ml, out, H, out.stride(0), out.stride(1),
                                   D=d, BLOCK_D=block_d, SPLITS=splits)
@@ -319,10 +337,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 # ---- the backend entry point -------------------------------------------------------------------
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta,
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int | None = None) -> torch.Tensor:
     """Same contract as `zili.kernels.attention.paged_attention`: q [T, H, d], k/v [T, n_kv, d]."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
     if meta.is_decode_only:
-        return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+        return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale, window=window)
     return paged_prefill(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                         max(meta.query_lens_cpu), scale)
+                         max(meta.query_lens_cpu), scale, window=window)

@@ -95,9 +95,13 @@ def _rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, dict[str, Any
     if params and all(isinstance(v, dict) for v in params.values()):
         # Per-layer-type parameters (transformers 5): fine when every layer type agrees.
         distinct = {tuple(sorted(v.items())) for v in params.values()}
-        if len(distinct) != 1:
+        if len(distinct) == 1:
+            params = dict(next(iter(params.values())))
+        elif "full_attention" in params and cfg.get("layer_types"):
+            # Gemma 3: the global layers' rope here; the family's hf_fields reads the local layers'.
+            params = dict(params["full_attention"])
+        else:
             raise ValueError(f"per-layer rope parameters are not supported: {params}")
-        params = dict(next(iter(params.values())))
     merged = {**(cfg.get("rope_scaling") or {}), **params}
     theta = float(merged.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
     rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"

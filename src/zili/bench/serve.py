@@ -188,14 +188,15 @@ class LoadSpec:
 
 async def run_load(url: str, model: str, requests: Sequence[RequestSpec], load: LoadSpec, endpoint: str = "completions",
                    extra: dict[str, Any] | None = None, timeout_s: float = 600.0, seed: int = 0,
-                   keep_requests: bool = False) -> dict[str, Any]:
-    """Send every request under `load`; return the aggregate figures (and per-request rows if asked)."""
+                   keep_requests: bool = False, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Send every request under `load`; return the aggregate figures (and per-request rows if asked).
+    `headers` go with every request (e.g. Authorization for a server that needs a key)."""
     limit = load.concurrency or len(requests)
     limits = httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit + 4)
     timeout = httpx.Timeout(timeout_s, connect=30.0)
     results: list[RequestResult | None] = [None] * len(requests)
     load_before = load_average()
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         t0 = time.perf_counter()
         if load.request_rate is None:
             queue = iter(enumerate(requests))
@@ -229,13 +230,13 @@ async def run_load(url: str, model: str, requests: Sequence[RequestSpec], load: 
 
 
 async def warm_up(url: str, model: str, requests: Sequence[RequestSpec], endpoint: str = "completions",
-                  extra: dict[str, Any] | None = None, timeout_s: float = 600.0, busy_wait_s: float = 300.0
-                  ) -> list[str]:
+                  extra: dict[str, Any] | None = None, timeout_s: float = 600.0, busy_wait_s: float = 300.0,
+                  headers: dict[str, str] | None = None) -> list[str]:
     """Send a few requests one by one, unrecorded; return their errors (empty when all went well).
     A 503 (still loading) is retried for up to `busy_wait_s`."""
     errors = []
     deadline = time.monotonic() + busy_wait_s
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), headers=headers) as client:
         for spec in requests:
             while True:
                 r = await send_request(client, url, model, spec, endpoint, extra)

@@ -67,9 +67,11 @@ def open_database(url: str | None = None, *, migrate: bool = True) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        # NullPool: a connection per use, so no connection is shared across threads (the ledger
-        # writer, the admin routes' worker threads); opening a SQLite file costs microseconds.
-        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+        # A pool of connections that any thread may check out (SQLAlchemy's default for a file), so
+        # the ledger writer reuses one connection instead of opening the file for every batch.
+        memory = parsed.database in (None, "", ":memory:")
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({"poolclass": NullPool} if memory else {}))
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)

@@ -1,11 +1,11 @@
 """The usage ledger: one row per request, written off the hot path by a batching thread.
 
 The event loop only appends to a queue; a writer thread inserts whatever has queued up (at most
-`max_batch` rows per transaction) every `interval` seconds. `close()` (the server's shutdown, after
-SIGTERM's drain) writes everything still queued before it returns, so nothing the server answered
-is lost on a clean stop; after a `kill -9` the rows of the last `interval` may be missing, never
-more than the database had not committed. Audit rows for rejected requests and logged content
-take the same path.
+`max_batch` rows per transaction) every `interval` seconds (0.5 by default). `close()` (the
+server's shutdown, after SIGTERM's drain) writes everything still queued before it returns, so
+nothing the server answered is lost on a clean stop; after a `kill -9` the rows of the last
+`interval` may be missing, never more than the database had not committed. Audit rows for
+rejected requests and logged content take the same path.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _Flush:
 class LedgerWriter:
     """Batches inserts into the usage, audit_log and request_content tables on its own thread."""
 
-    def __init__(self, engine: Engine, *, interval: float = 0.2, max_batch: int = 1000) -> None:
+    def __init__(self, engine: Engine, *, interval: float = 0.5, max_batch: int = 2000) -> None:
         self.engine = engine
         self.interval = interval
         self.max_batch = max_batch

@@ -322,6 +322,10 @@ class Governance:
             self._day_loads[key.id] = pending
         try:
             await asyncio.shield(pending)
+        except Exception as exc:  # the database is unreachable: refuse rather than admit past the quota
+            logger.error("governance: reading today's usage of key %s failed: %s", key.name, exc)
+            raise APIError(503, "The usage database is unavailable; retry shortly.", code="governance_unavailable",
+                           headers={"Retry-After": "5"}) from None
         finally:
             if pending.done():
                 self._day_loads.pop(key.id, None)
@@ -335,6 +339,11 @@ class Governance:
     def on_deltas(self, gen: Generation, deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
         ticket = self._tickets.get(gen.request_id)
         if ticket is None:
+            return deltas
+        if ticket.scanner is None and ticket.texts is None:  # the common case, once per step per request
+            for delta in deltas:
+                if delta.finish_reason is not None:
+                    ticket.finish_reasons[delta.index] = delta.finish_reason
             return deltas
         for i, delta in enumerate(deltas):
             if delta.finish_reason is not None:

@@ -17,8 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import zili
 from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
 from zili.reasoning import DEFAULT_REASONING_BUDGETS
-from zili.server.errors import APIError, error_body, install_error_handlers
+from zili.server.errors import APIError, error_body, install_error_handlers, quote
 from zili.server.metrics import ServerMetrics
+from zili.server.request_id import RequestIdMiddleware
+from zili.server.tokenizer_info import router as tokenizer_info_router
 from zili.server.web_ui import mount_web_ui
 
 if TYPE_CHECKING:
@@ -37,9 +39,9 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout: float = 30.0
     retry_after: int = 1  # seconds, sent with 429
+    web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
     reasoning_parser: str = "auto"  # zili.reasoning: auto, deepseek-r1, qwen3 or none
     reasoning_budgets: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
-    web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
 
 
 class ServerState:
@@ -81,7 +83,7 @@ class ServerState:
     def check_model(self, name: str | None) -> str:
         served = self.settings.served_model_name
         if name is not None and name != served:
-            raise APIError(404, f"The model '{name}' does not exist. This server serves '{served}'.",
+            raise APIError(404, f"The model {quote(name)} does not exist. This server serves {quote(served)}.",
                            param="model", code="model_not_found")
         return served
 
@@ -161,6 +163,7 @@ async def _no_receive() -> Message:
 
 def build_app(settings: ServerSettings, engine: AsyncEngine, governance: Governance | None = None) -> FastAPI:
     """The app for `engine` (not started yet: the lifespan starts it on the server's loop)."""
+    from zili.server.anthropic import router as anthropic_router
     from zili.server.routes import router
 
     state = ServerState(settings, engine)
@@ -192,6 +195,8 @@ def build_app(settings: ServerSettings, engine: AsyncEngine, governance: Governa
     app.state.zili = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenizer_info_router)
+    app.include_router(anthropic_router)  # POST /v1/messages
     if governance is not None:
         from zili.governance.admin import admin_router
 
@@ -199,4 +204,5 @@ def build_app(settings: ServerSettings, engine: AsyncEngine, governance: Governa
     if settings.web_ui:
         mount_web_ui(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: the 413s above get an id too
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -43,7 +44,24 @@ def _default_type(status: int) -> str:
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error object. Client text echoed in it may hold lone surrogates (a JSON "\\ud800"),
+    which UTF-8 cannot encode: they are written as visible \\uXXXX escapes, so the error itself never
+    fails to render."""
+    return {"error": {"message": escape_unencodable(message), "type": type,
+                      "param": None if param is None else escape_unencodable(param),
+                      "code": None if code is None else escape_unencodable(code)}}
+
+
+def escape_unencodable(text: str) -> str:
+    """`text` with every character UTF-8 cannot encode (lone surrogates) as a \\uXXXX escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def quote(text: str, limit: int = 200) -> str:
+    """A client string as an error message quotes it: JSON-quoted (control characters, quotes and lone
+    surrogates escaped), cut to `limit` characters so a huge value does not make a huge error."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return escape_unencodable(json.dumps(cut, ensure_ascii=False))
 
 
 def error_response(exc: APIError) -> JSONResponse:

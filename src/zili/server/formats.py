@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from zili.reasoning import ReasoningDelta, ReasoningParser
 from zili.server import protocol as p
 from zili.server.generation import ChoiceDelta, Generation
+from zili.server.token_bytes import CharOffsets, token_bytes
 from zili.structured.tools import HERMES, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
@@ -56,10 +57,15 @@ class ChatFormat:
         out = []
         for lp in delta.logprobs:
             tok = token_str(lp.token_id)
-            top = [p.TopLogprob(token=token_str(t), logprob=v, bytes=list(token_str(t).encode()))
+            # bytes from the vocabulary: a token holding part of a character has no UTF-8 of its own
+            top = [p.TopLogprob(token=token_str(t), logprob=v, bytes=list(self._bytes(t)))
                    for t, v in list(lp.top)[: self.top_logprobs]]
-            out.append(p.ChatTokenLogprob(token=tok, logprob=lp.logprob, bytes=list(tok.encode()), top_logprobs=top))
+            out.append(p.ChatTokenLogprob(token=tok, logprob=lp.logprob, bytes=list(self._bytes(lp.token_id)),
+                                          top_logprobs=top))
         return out
+
+    def _bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.state.tokenizer, token_id)
 
     def _split(self, delta: ChoiceDelta) -> ReasoningDelta:
         """The delta's text as (reasoning, answer); at the choice's end, with what the parser held."""
@@ -103,11 +109,11 @@ class ChatFormat:
             reasoning, content = parts
             message = p.ChatResponseMessage(content=content, reasoning_content=reasoning)
             if self.tool_style is not None and content:
-                parsed = parse_tool_calls(content, self.tool_style)
-                if parsed.tool_calls:
+                parsed = parse_tool_calls(content, self.tool_style, truncated=reason == "length")
+                if parsed.tool_calls or parsed.content != content:
                     message = p.ChatResponseMessage(content=parsed.content, reasoning_content=reasoning,
                                                     tool_calls=[p.ResponseToolCall.model_validate(c.to_openai())
-                                                                for c in parsed.tool_calls])
+                                                                for c in parsed.tool_calls] or None)
                     reason = "tool_calls" if reason == "stop" else reason
             choices.append(p.ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason,
                                         stop_reason=stop_reason))
@@ -145,7 +151,7 @@ class ChatFormat:
         content, calls = stream.feed(text)
         reason = delta.finish_reason
         if reason is not None:
-            rest, more = stream.finish()
+            rest, more = stream.finish(truncated=reason == "length")
             content, calls = content + rest, calls + more
             if stream.calls_sent and reason == "stop":
                 reason = "tool_calls"
@@ -163,7 +169,7 @@ class CompletionFormat:
         self.state, self.gen, self.k, self.echo = state, gen, logprobs, echo
         self.texts: dict[int, list[str]] = {}
         self.logprobs: dict[int, p.CompletionLogprobs] = {}
-        self.offsets: dict[int, int] = {}
+        self.offsets: dict[int, CharOffsets] = {}  # per choice: where its next token starts in its text
         self.finish: dict[int, tuple[str | None, Any]] = {}
 
     def _prefix(self, index: int) -> str:
@@ -174,7 +180,7 @@ class CompletionFormat:
             return None
         token_str = self.state.token_str
         out = p.CompletionLogprobs()
-        offset = self.offsets.get(delta.index, len(self._prefix(delta.index)))
+        offsets = self.offsets.setdefault(delta.index, CharOffsets(len(self._prefix(delta.index))))
         for lp in delta.logprobs:
             tok = token_str(lp.token_id)
             top = {token_str(t): v for t, v in list(lp.top)[: self.k]}
@@ -182,9 +188,7 @@ class CompletionFormat:
             out.tokens.append(tok)
             out.token_logprobs.append(lp.logprob)
             out.top_logprobs.append(top)
-            out.text_offset.append(offset)
-            offset += len(tok)
-        self.offsets[delta.index] = offset
+            out.text_offset.append(offsets.advance(token_bytes(self.state.tokenizer, lp.token_id)))
         return out
 
     def add(self, delta: ChoiceDelta) -> None:

@@ -8,10 +8,12 @@ client's mistake becomes a 400 that names the parameter.
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from zili.sampling import SamplingParams, SamplingParamsError
 from zili.server import protocol as p
+from zili.server.client_text import require_valid_unicode
 from zili.server.errors import bad_request
 
 if TYPE_CHECKING:
@@ -30,11 +32,15 @@ _RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "doc
 
 def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool = True,
                 tools: list[dict[str, Any]] | None = None,
-                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                chat_template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False) -> str:
     """The prompt text: messages (an assistant turn's reasoning_content handed to the template, which
-    decides whether to show it) and chat_template_kwargs (e.g. enable_thinking) through the template."""
+    decides whether to show it) and chat_template_kwargs (e.g. enable_thinking) through the template.
+    continue_final_message (assistant prefill, vLLM's and transformers' flag): the text ends where the
+    final assistant message's content ends, so the model continues it."""
     from zili.structured.tools import render_chat as render_with_tools
 
+    if continue_final_message:
+        _check_continuable(messages, add_generation_prompt)
     reserved = sorted(_RESERVED_TEMPLATE_VARIABLES & set(chat_template_kwargs or {}))
     if reserved:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
@@ -61,11 +67,32 @@ def render_chat(state: ServerState, messages: list[p.ChatMessage], add_generatio
         if message.reasoning_content is not None and message.role == "assistant":
             entry["reasoning_content"] = message.reasoning_content
         conversation.append(entry)
+    # Prefill: mark where the final message's text ends, render, and cut there (what follows is the
+    # template's end-of-turn). A random marker cannot collide with the client's own text.
+    marker = f"<zili-continue-{uuid.uuid4().hex}>" if continue_final_message else ""
+    if marker:
+        conversation[-1]["content"] += marker
     try:
-        return render_with_tools(state.tokenizer, conversation, tools, add_generation_prompt=add_generation_prompt,
+        text = render_with_tools(state.tokenizer, conversation, tools, add_generation_prompt=add_generation_prompt,
                                  **(chat_template_kwargs or {}))
     except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja2 errors, raise_exception)
         raise bad_request(f"the model's chat template rejected these messages: {exc}", param="messages") from exc
+    if marker:
+        if marker not in text:
+            raise bad_request("continue_final_message: the model's chat template does not render the final "
+                              "message's content, so it cannot be continued", param="continue_final_message")
+        text = text[:text.rindex(marker)]
+    return text
+
+
+def _check_continuable(messages: list[p.ChatMessage], add_generation_prompt: bool) -> None:
+    if add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true: set "
+                          "add_generation_prompt to false to continue the final message",
+                          param="continue_final_message")
+    if messages[-1].role != "assistant":
+        raise bad_request(f"continue_final_message needs the final message to be an assistant message, "
+                          f"not {messages[-1].role!r}", param="continue_final_message")
 
 
 def encode(state: ServerState, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
@@ -167,8 +194,10 @@ def chat_tools(req: p.ChatCompletionRequest) -> tuple[list[dict[str, Any]], str]
     """The request's tools (checked) and its tool_choice: "none", "auto", "required" or a function name."""
     from zili.structured.tools import normalize_tool_choice, normalize_tools
 
+    given = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    require_valid_unicode(given, "tools")
     try:
-        tools = normalize_tools([t.model_dump(exclude_none=True) for t in req.tools or []])
+        tools = normalize_tools(given)
     except ValueError as exc:
         raise bad_request(str(exc), param="tools") from exc
     choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, p.NamedToolChoice) else req.tool_choice
@@ -190,6 +219,8 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
     sources = []
     fmt = req.response_format
     if fmt is not None and fmt.type != "text":
+        if tools and tool_choice != "none":  # OpenAI takes both: the format binds the final text answer
+            return _tools_with_response_format(fmt, tools, tool_choice, tool_style, parallel_tool_calls)
         sources.append("response_format")
     if req.structured_outputs is not None:
         sources.append("structured_outputs")
@@ -201,16 +232,45 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
     if not sources:
         return None, None
     param = sources[0]
+    if param != "tool_choice":
+        require_valid_unicode(getattr(req, param).model_dump(by_alias=True, exclude_none=True), param)
     try:
         if param == "response_format":
             if fmt.type == "json_object":
                 return StructuredOutput.json_object(), param
-            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise ValueError("a json_schema response_format needs json_schema.schema")
-            return StructuredOutput.json(fmt.json_schema.schema_), param
+            return StructuredOutput.json(_answer_schema(fmt)), param
         if param == "structured_outputs":
             given = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
             return StructuredOutput.parse(given), param
         return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), param
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param=param) from exc
+
+
+def _answer_schema(fmt: p.ResponseFormat) -> dict[str, Any]:
+    """The JSON schema a json_object / json_schema response_format asks the answer to match."""
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ValueError("a json_schema response_format needs json_schema.schema")
+    return fmt.json_schema.schema_
+
+
+def _tools_with_response_format(fmt: p.ResponseFormat, tools: list[dict[str, Any]], tool_choice: str,
+                                tool_style: str, parallel_tool_calls: bool) -> tuple[Any, str]:
+    """tools and a response_format together: with tool_choice "auto" the output is tool calls or an
+    answer matching the format; "required" or a named function forces calls in this turn (the format
+    binds the answer the model gives after the tool results)."""
+    from zili.structured.tools import tool_call_constraint, tool_call_or_answer
+
+    require_valid_unicode(fmt.model_dump(by_alias=True, exclude_none=True), "response_format")
+    try:
+        schema = _answer_schema(fmt)
+        if tool_choice == "auto":
+            return tool_call_or_answer(tools, schema, parallel_tool_calls, tool_style), "response_format"
+        from zili.structured.spec import check_json_schema
+
+        check_json_schema(schema)  # refused now, not only in the turn that needs it
+    except ValueError as exc:
+        raise bad_request(f"response_format: {exc}", param="response_format") from exc
+    return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), "tool_choice"

@@ -149,6 +149,11 @@ class ChatCompletionRequest(_SamplingFields):
                           "are spent the engine ends the thinking and the model answers.")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="Extra variables for the chat template, e.g. {\"enable_thinking\": false}.")
+    add_generation_prompt: bool = Field(
+        True, description="Extension (vLLM's): open a new assistant turn after the messages.")
+    continue_final_message: bool = Field(
+        False, description="Extension (vLLM's): continue the final assistant message instead of opening a new "
+                           "turn (assistant prefill); needs add_generation_prompt false.")
 
 
 class CompletionRequest(_SamplingFields):
@@ -301,6 +306,7 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool | None = Field(
         None, description="Default: true for a prompt, false for messages (the template adds them).")
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 

@@ -89,7 +89,9 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     tools, tool_choice = chat_tools(body)
     offered = tools if tool_choice != "none" else None  # tool_choice "none": the model is not shown the tools
     style = tool_style(state.tokenizer) if offered else None
-    prompt_text = render_chat(state, body.messages, tools=offered, chat_template_kwargs=body.chat_template_kwargs)
+    prompt_text = render_chat(state, body.messages, body.add_generation_prompt, tools=offered,
+                              chat_template_kwargs=body.chat_template_kwargs,
+                              continue_final_message=body.continue_final_message)
     prompt = encode(state, prompt_text, "messages", add_special_tokens=False)
     reasoning = _reasoning_setup(state, prompt_text)
     reasoning_budget = _reasoning_budget(state, body, reasoning)
@@ -140,7 +142,6 @@ def _reasoning_budget(state: ServerState, body: p.ChatCompletionRequest,
     return state.settings.reasoning_budgets[body.reasoning_effort]
 
 
-
 @guarded.post("/v1/completions", response_model=p.CompletionResponse,
               responses={200: {"content": {"text/event-stream": {}}}})
 async def completions(body: p.CompletionRequest, request: Request) -> Response:
@@ -178,7 +179,8 @@ async def tokenize(body: p.TokenizeRequest, request: Request) -> p.TokenizeRespo
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.messages is not None:
-        text = render_chat(state, body.messages, add_generation_prompt=body.add_generation_prompt)
+        text = render_chat(state, body.messages, add_generation_prompt=body.add_generation_prompt,
+                           continue_final_message=body.continue_final_message)
         add_special = bool(body.add_special_tokens)
     else:
         text = body.prompt

@@ -139,6 +139,18 @@ def tool_call_constraint(tools: list[dict[str, Any]], tool_choice: str, parallel
     return StructuredOutput.structural_tag({"type": "structural_tag", "format": fmt})
 
 
+def tool_call_or_answer(tools: list[dict[str, Any]], answer_schema: dict[str, Any], parallel_tool_calls: bool = True,
+                        style: str = HERMES) -> StructuredOutput:
+    """tool_choice "auto" with a response_format: the output is either well-formed tool calls (as for
+    "required") or a final answer matching `answer_schema` (OpenAI applies the response format to
+    the model's text answer, not to its calls). An xgrammar structural tag "or" of the two."""
+    calls = tool_call_constraint(tools, "required", parallel_tool_calls, style)
+    answer = {"type": "json_schema", "json_schema": answer_schema}
+    check_json_schema(answer_schema)
+    fmt = {"type": "or", "elements": [json.loads(calls.spec)["format"], answer]}
+    return StructuredOutput.structural_tag({"type": "structural_tag", "format": fmt})
+
+
 # ---- prompts ------------------------------------------------------------------------------------
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
@@ -222,11 +234,73 @@ def _plain(value: Any) -> Any:
 
 # ---- parsing ------------------------------------------------------------------------------------
 
-def parse_tool_calls(text: str, style: str = HERMES) -> ParsedToolOutput:
+def parse_tool_calls(text: str, style: str = HERMES, truncated: bool = False) -> ParsedToolOutput:
     """Split a finished output into its text content and its tool calls. Text without a single
-    well-formed call is returned as content, untouched; Hermes blocks that do not parse (e.g. cut
-    off by max_tokens) are dropped while the well-formed ones stand."""
-    return _parse_llama3(text) if style == LLAMA3 else _parse_hermes(text)
+    well-formed call is returned as content, untouched; Hermes blocks that do not parse are dropped
+    while the well-formed ones stand.
+
+    truncated: the output was cut off (finish_reason "length"). A call it ends inside is returned
+    too, as OpenAI returns one: its name and the `arguments` text written so far (not valid JSON),
+    and the markup is never returned as content."""
+    parse = _parse_llama3 if style == LLAMA3 else _parse_hermes
+    cut = _unfinished_call(text, style) if truncated else None
+    if cut is None:
+        return parse(text)
+    start, call = cut
+    before = parse(text[:start])  # the calls completed before the cut one, and the content before them
+    calls = [*before.tool_calls, *([call] if call is not None else [])]
+    if before.tool_calls:
+        return ParsedToolOutput(before.content, calls)
+    content = text[:start].rstrip()
+    return ParsedToolOutput(content if content.strip() not in ("", _PYTHON_TAG) else None, calls)
+
+
+# The start of a call object, possibly cut anywhere after its name began: {"name": "f", "arguments": ...
+_CALL_PREFIX = re.compile(r'\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*\\?)'
+                          r'(?:"\s*(?:,\s*(?:"(?:arguments|parameters)"\s*:\s*(?P<args>.*)|.*))?)?\Z', re.DOTALL)
+
+
+def _unfinished_call(text: str, style: str) -> tuple[int, ToolCall | None] | None:
+    """(where the call starts in `text`, the call) for a call the text ends inside, else None. The
+    call is None when the text ends before the function's name began (nothing to return but its start)."""
+    if style == LLAMA3:
+        body = text.lstrip()
+        if body.startswith(_PYTHON_TAG):
+            body = body[len(_PYTHON_TAG):].lstrip()
+        if not body.startswith("{"):
+            return None
+        decoder, pos = json.JSONDecoder(), 0
+        while pos < len(body):
+            try:
+                _, pos = decoder.raw_decode(body, pos)
+            except json.JSONDecodeError:
+                break
+            while pos < len(body) and body[pos] in "; \n\t\r":
+                pos += 1
+        else:
+            return None  # every object is complete
+        start, rest = len(text) - len(body) + pos, body[pos:]
+    else:
+        start = text.rfind(_TOOL_CALL_OPEN)
+        if start == -1 or text.find(_TOOL_CALL_CLOSE, start) != -1:
+            return None
+        rest = text[start + len(_TOOL_CALL_OPEN):].strip()
+        try:
+            json.loads(rest)
+            return None  # a whole object, only its closing tag missing: a complete call
+        except json.JSONDecodeError:
+            pass
+    rest = rest.lstrip()
+    match = _CALL_PREFIX.match(rest)
+    if match is None:
+        opening = re.sub(r"\s+", "", rest)
+        return (start, None) if '{"name":"'.startswith(opening) else None
+    name = match.group("name")
+    try:
+        name = json.loads(f'"{name}"')
+    except json.JSONDecodeError:  # cut inside an escape: keep the raw characters
+        pass
+    return start, ToolCall(name, match.group("args") or "")
 
 
 def _call_from_object(obj: Any) -> ToolCall | None:
@@ -318,11 +392,12 @@ class ToolCallStream:
         safe = len(self.text) - _partial_suffix(self.text, _TOOL_CALL_OPEN)
         return self._release(len(self.text[:safe].rstrip())), []
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """At the end of the output: whatever is left, decided on the whole text."""
-        parsed = parse_tool_calls(self.text, self.style)
-        if not parsed.tool_calls:
-            return self._release(len(self.text)), []
+    def finish(self, truncated: bool = False) -> tuple[str, list[dict[str, Any]]]:
+        """At the end of the output: whatever is left, decided on the whole text (`truncated`: cut
+        off by max_tokens, so a call it ends inside counts, as in `parse_tool_calls`)."""
+        parsed = parse_tool_calls(self.text, self.style, truncated)
+        if not parsed.tool_calls:  # all content; less when a cut-off call's markup was dropped (a prefix)
+            return self._release(len(self.text) if parsed.content == self.text else len(parsed.content or "")), []
         return "", self._deltas(parsed.tool_calls)
 
     def _deltas(self, calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -1,0 +1,48 @@
+"""Checks on text a client sends inside free-form JSON (tool definitions, JSON schemas, grammars).
+
+JSON can carry a lone UTF-16 surrogate ("\\ud800"), which Python keeps in a str but UTF-8 (the
+tokenizer, the grammar compiler, the response encoder) cannot encode. Pydantic refuses it in typed
+string fields; free-form objects (`parameters`, `schema`) are checked here, so the client gets a
+400 that names the exact place instead of a failure deep inside a library.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zili.server.errors import bad_request, quote
+
+
+def unencodable_path(value: Any, path: str = "") -> str | None:
+    """The JSON path ("a.b[2]" or "a.b{key}") of the first string or object key in `value` that
+    UTF-8 cannot encode, or None when all of it can be."""
+    if isinstance(value, str):
+        return None if _encodable(value) else (path or "$")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and not _encodable(key):
+                return f"{path} key {quote(key, 40)}"
+            found = unencodable_path(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = unencodable_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def require_valid_unicode(value: Any, param: str) -> None:
+    """400 naming `param` and the place inside it when some text in `value` is not valid Unicode."""
+    where = unencodable_path(value, param)
+    if where is not None:
+        raise bad_request(f"{where} is not valid Unicode text (it holds a lone UTF-16 surrogate)", param=param)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +26,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from tests.unit.test_deepseek import PagedRunner, _count_calls  # noqa: E402
@@ -43,14 +45,17 @@ VARIANTS = {
     "v3-merged": ("v3", False, dict(rope_parameters=V3_YARN)),
     "v2-split": ("v2", True, dict(attention_bias=False)),  # llama.cpp's deepseek2 has no attention biases
 }
+Q8 = gguf.GGMLQuantizationType.Q8_0
 _EXPERT_LEAVES = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 _ATTN = {"q_proj": "attn_q", "q_a_proj": "attn_q_a", "q_a_layernorm": "attn_q_a_norm", "q_b_proj": "attn_q_b",
          "kv_a_proj_with_mqa": "attn_kv_a_mqa", "kv_a_layernorm": "attn_kv_a_norm", "o_proj": "attn_output"}
 
 
-def write_deepseek2_gguf(hf_dir: Path, path: Path, split_kv_b: bool, gating: int | None = None) -> None:
-    """An HF DeepSeek V2/V3 checkpoint -> a llama.cpp "deepseek2" GGUF (all tensors F32). `gating`
-    overrides the expert_gating_func value written (for the error test)."""
+def write_deepseek2_gguf(hf_dir: Path, path: Path, split_kv_b: bool, gating: int | None = None,
+                         q8: bool = False) -> None:
+    """An HF DeepSeek V2/V3 checkpoint -> a llama.cpp "deepseek2" GGUF (F32 tensors). `gating`
+    overrides the expert_gating_func value written (for the error test); `q8` stores every matrix
+    whose rows are whole 32-value blocks as Q8_0 (stacked experts and k_b / v_b included)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     sd = load_file(str(hf_dir / "model.safetensors"))
     H, r = cfg["num_attention_heads"], cfg["kv_lora_rank"]
@@ -113,7 +118,11 @@ def write_deepseek2_gguf(hf_dir: Path, path: Path, split_kv_b: bool, gating: int
     w.add_eos_token_id(cfg["eos_token_id"])
 
     def add(name: str, t: torch.Tensor) -> None:
-        w.add_tensor(name, t.float().contiguous().numpy().astype(np.float32))
+        values = t.float().contiguous().numpy().astype(np.float32)
+        if q8 and values.ndim >= 2 and values.shape[-1] % 32 == 0 and "norm" not in name:
+            w.add_tensor(name, gguf.quants.quantize(values, Q8), raw_dtype=Q8)
+        else:
+            w.add_tensor(name, values)
 
     add("token_embd.weight", sd["model.embed_tokens.weight"])
     add("output_norm.weight", sd["model.norm.weight"])
@@ -286,3 +295,48 @@ def test_deepseek2_errors_name_what_is_missing(tmp_path: Path) -> None:
     write_deepseek2_gguf(hf_dir, bad, split_kv_b=True, gating=7)  # not softmax (1) or sigmoid (2)
     with pytest.raises(UnsupportedModelError, match=r"expert_gating_func 7 is not supported; supported: 1 \(softmax\)"):
         open_checkpoint(resolve_model(str(bad))).config()
+
+
+def test_q8_0_file_loads_blocks_exactly_and_matches_hf_on_the_same_values(tmp_path: Path) -> None:
+    """A quantized file (Q8_0 matrices, 3-D stacked experts and k_b / v_b included): zili's weights
+    are exactly the dequantized blocks, and its fp32 logits equal transformers' run on those same
+    dequantized values (the HF model's kv_b and experts overwritten with them)."""
+    hf_dir = write_tiny_deepseek(tmp_path / "hf", "v3", rope_parameters=V3_YARN)
+    path = tmp_path / "q8.gguf"
+    write_deepseek2_gguf(hf_dir, path, split_kv_b=True, q8=True)
+    ck = open_checkpoint(resolve_model(str(path)))
+    stored = {info.name: info.type_name for info in ck.header.tensors.values()}
+    assert stored["blk.1.ffn_gate_exps.weight"] == "Q8_0" and stored["blk.1.attn_k_b.weight"] == "Q8_0"
+    loaded = load_model(str(path), dtype="float32", device="cpu")
+    # The HF checkpoint again, every tensor replaced by the value the GGUF file holds for it.
+    # Values decoded by gguf-py's own reader and dequantizer, independent of zili's.
+    assert ck.layout is not None
+    got = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        got[ck.layout.hf_name(t.name)] = torch.from_numpy(np.array(values, dtype=np.float32))
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    for name, tensor in got.items():
+        stacked = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if stacked is not None:  # [E, out, in]
+            for e in range(tensor.shape[0]):
+                sd[f"{stacked.group(1)}.{e}.{stacked.group(2)}.weight"] = tensor[e].clone()
+        elif not name.endswith(("k_b_proj.weight", "v_b_proj.weight")):
+            sd[name] = tensor
+    for i in range(loaded.config.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        sd[p + "kv_b_proj.weight"] = merge_kv_b(got[p + "k_b_proj.weight"], got[p + "v_b_proj.weight"])
+    q_dir = tmp_path / "hf-q8-values"
+    shutil.copytree(hf_dir, q_dir)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(q_dir / "model.safetensors"))
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(q_dir, attn_implementation="eager").eval()
+    hf_sd = sd
+    kv_b = loaded.model.model.layers[1].self_attn.kv_b_proj.weight
+    assert torch.equal(kv_b, hf_sd["model.layers.1.self_attn.kv_b_proj.weight"])
+    original = load_file(str(hf_dir / "model.safetensors"))["model.layers.1.self_attn.kv_b_proj.weight"]
+    assert not torch.equal(kv_b, original)  # the blocks are lossy: the test would notice a float copy
+    ids = torch.randint(0, loaded.config.vocab_size, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].float()
+    got_logits = PagedRunner(loaded.model).step({"a": ids})["a"]
+    assert (got_logits - want).abs().max().item() <= ATOL

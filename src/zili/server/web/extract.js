@@ -13,6 +13,7 @@ let config = { system_prompt: "", forms: [] };
 let batch = []; // [{name, text}] from the file picker
 let results = []; // [{name, value} | {name, error}]
 let controller = null;
+let openedName = null; // the file shown in the document box, until the text there is edited
 
 /** The messages `zili extract` sends (zili.extract.extraction_messages). */
 function extractionMessages(schema, documentText) {
@@ -56,6 +57,7 @@ async function onFiles(event) {
     const docs = await readFiles([...event.target.files]);
     if (docs.length === 1) {
       $("document-input").value = docs[0].text;
+      openedName = docs[0].name;
       batch = [];
     } else {
       batch = docs;
@@ -106,7 +108,7 @@ async function run() {
     return;
   }
   const pasted = $("document-input").value;
-  const docs = batch.length ? batch : [{ name: t("extract.pastedName"), text: pasted }];
+  const docs = batch.length ? batch : [{ name: openedName ?? t("extract.pastedName"), text: pasted }];
   if (!docs.some((d) => d.text.trim())) {
     setStatus(t("extract.noDocument"), true);
     return;
@@ -313,6 +315,7 @@ export function refreshExtract() {
 export async function initExtract() {
   $("form-select").addEventListener("change", () => { $("schema-box").hidden = $("form-select").value !== CUSTOM; });
   $("document-files").addEventListener("change", onFiles);
+  $("document-input").addEventListener("input", () => { openedName = null; });
   $("extract-run").addEventListener("click", run);
   $("extract-stop").addEventListener("click", () => controller?.abort());
   $("download-jsonl").addEventListener("click", () => download("forms.jsonl", toJsonLines(results), "application/x-ndjson"));

@@ -100,18 +100,6 @@ class _ModelFacts:
 
     def __init__(self, tokenizer, model_config, max_model_len: int) -> None:
         self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
-        self._grammar_backend = None
-        self._lock = threading.Lock()
-
-    def compile_structured(self, structured):
-        """Validate (and cache) a structured-output spec as Engine.compile_structured does; each
-        replica compiles it again for its own matcher."""
-        with self._lock:
-            if self._grammar_backend is None:
-                from zili.structured.backend import GrammarBackend
-
-                self._grammar_backend = GrammarBackend(self.tokenizer, self.model_config.vocab_size)
-        return self._grammar_backend.compile(structured)
 
 
 class ReplicaPool(ServingLifecycle):

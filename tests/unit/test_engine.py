@@ -19,9 +19,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def make_llm(tiny_dir, num_blocks=256, block_size=4, **kw) -> LLM:
-    from zili.models.hf_config import model_config_from_hf
     import json
+
     import torch
+
+    from zili.models.hf_config import model_config_from_hf
 
     cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
     kw.setdefault("max_num_seqs", 32)
@@ -193,7 +195,8 @@ def test_max_tokens_min_tokens_and_stop_token(tiny_dir):
     bias = {eos: 100.0}
     out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=7, logit_bias=bias))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids == [eos] and out.stop_reason is None
-    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=7, logit_bias=bias, min_tokens=3))[0].outputs[0]
+    held = SamplingParams(temperature=0, max_tokens=7, logit_bias=bias, min_tokens=3)
+    out = llm.generate("Hello", held)[0].outputs[0]
     assert len(out.token_ids) == 4 and out.token_ids[-1] == eos and eos not in out.token_ids[:3]
     tok = out.token_ids[0]
     out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[tok]))[0].outputs[0]
@@ -259,7 +262,11 @@ def test_two_engines_with_different_attention_backends_in_one_process(tiny_dir):
     correct, and each step runs only its own engine's backend (nothing process-global)."""
     import dataclasses
 
+    from zili.distributed.executor import TensorParallelExecutor
+    from zili.engine.executor import Executor
     from zili.kernels import cpu_attention
+
+    assert issubclass(TensorParallelExecutor, Executor)  # the protocol both executors implement
 
     if not cpu_attention.available():
         pytest.skip("the cpp attention kernel does not build on this machine")
@@ -270,6 +277,7 @@ def test_two_engines_with_different_attention_backends_in_one_process(tiny_dir):
     engines, calls = {}, {"sdpa": 0, "cpp": 0}
     for name in ("sdpa", "cpp"):
         engine = make_llm(tiny_dir, attention_backend=name, enforce_eager=True).engine
+        assert isinstance(engine.runner, Executor)
         backend = engine.runner.attention
         assert backend.name == name
 

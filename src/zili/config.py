@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from zili.reasoning import REASONING_PARSERS
-
+# Reasoning parsers (zili.reasoning): how a reasoning model's thinking is delimited in its output.
+REASONING_PARSERS = ("auto", "deepseek-r1", "qwen3", "none")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 # MLP activations: SwiGLU's silu (Llama, Qwen, DeepSeek) and GeGLU's tanh-approximated gelu (Gemma).
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")

@@ -28,7 +28,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-REASONING_PARSERS = ("auto", "deepseek-r1", "qwen3", "none")
+from zili.config import REASONING_PARSERS
+
 DEEPSEEK_R1, QWEN3, NONE = "deepseek-r1", "qwen3", "none"
 THINK_START, THINK_END = "<think>", "</think>"
 # What the engine writes to end the thinking when a budget is spent: the form R1 and Qwen3 write.

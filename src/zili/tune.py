@@ -8,6 +8,9 @@ What is measured (each only where the platform says it matters):
   graph_batch_sizes  the decode-graph ladder: batch sizes where a replayed graph beats eager (GPUs)
   quant_max_rows     up to how many rows the packed int4/int8 matmuls beat dense, timed on the
                      whole forward (CPU packed kernels)
+  quant kernels      per quantized layer shape and row count, zili's kernel on every instruction-set
+                     level the CPU executes (zili.kernels.cpu_isa) against torch's own int4/int8
+                     kernel and the dense matmul (recorded; the engine runs the CPU's own level)
 Winners go to the tune cache (`zili.platforms.tuning`), keyed by the device fingerprint; the engine
 reads it at start (`EngineConfig.use_tune_cache`, `--no-tune-cache`). With --compare (the default) the
 same decode workload runs with defaults and with the winners, interleaved, and the speed-up is
@@ -308,6 +311,35 @@ def tune_quant_rows(engine, repeats: int, max_rows: int) -> tuple[int, dict]:
     return chosen, timings
 
 
+def tune_quant_kernels(model, repeats: int, rows_list: tuple[int, ...] = (1, 4, 16)) -> dict[str, Any]:
+    """Microseconds per call of each packed-matmul candidate at each quantized layer shape of `model`
+    (random codes of the same shape: the time does not depend on the values) and row count, with
+    the winner per shape and row count. Candidates: zili's kernel on each level this CPU executes,
+    torch's own kernel ("torch"), the dense matmul in the model's dtype ("dense")."""
+    import torch
+
+    from zili.kernels import cpu_isa
+    from zili.layers.quant import Int4Weight, Int8Weight, float_group_quant
+
+    shapes = sorted({(type(m.quant).__name__, m.out_features, m.in_features, m.weight.dtype)
+                     for m in model.modules() if getattr(m, "quant", None) is not None}, key=str)
+    levels = cpu_isa.executable_levels() if cpu_isa.enabled() else []
+    out: dict[str, Any] = {}
+    for form, n, k, dtype in shapes:
+        w = torch.randn(n, k) * 0.05
+        kernels = {}
+        for level in [*levels, "torch"]:
+            kernels[level] = (Int4Weight(float_group_quant(w), isa=level) if form == "Int4Weight"
+                              else Int8Weight(w, isa=level)).matmul
+        dense = w.to(dtype)
+        kernels["dense"] = lambda x: torch.nn.functional.linear(x, dense)
+        for rows in rows_list:
+            x = torch.randn(rows, k, dtype=dtype)
+            us = {name: round(1e6 * best_time(lambda: fn(x), repeats, lambda: None), 1) for name, fn in kernels.items()}
+            out[f"{form}:{n}x{k}:rows{rows}"] = {"us": us, "winner": min(us, key=us.__getitem__)}
+    return out
+
+
 # ---- the whole run -----------------------------------------------------------------------------
 
 def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **overrides):
@@ -393,6 +425,10 @@ def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> Tune
 
     engine = _engine(loaded, options, report.device.get("triton"), block_size=winner["block_size"],
                      attention_backend=winner["attention_backend"], threads=report.device.get("threads"))
+    if quantized and platform.matmul_backend() == "cpu-packed":
+        m["quant_kernels_us"] = tune_quant_kernels(loaded.model, options.repeats)
+        wins = [v["winner"] for v in m["quant_kernels_us"].values()]
+        say(f"packed matmul kernels (winner per layer shape and rows): {wins}")
     if quantized:
         report.model["quant_max_rows"], m["quant_rows_ms"] = tune_quant_rows(engine, options.repeats,
                                                                              options.max_num_seqs)

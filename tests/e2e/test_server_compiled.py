@@ -1,9 +1,11 @@
 """`zili serve --compile`: the compiled decode step behind the HTTP server (its engine thread, its
-batches): graphs built at start, batched answers equal to answers alone, every block returned."""
+batches). The server answers at once, eagerly, while the graphs build in the background; once they
+are built, batched answers equal answers alone and equal the eager answers, every block returned."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
 
@@ -30,9 +32,24 @@ def _complete(server, prompt: str) -> list[str]:
     return reply.choices[0].logprobs.tokens
 
 
+def _wait_for_log(server, text: str, timeout: float = 600.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while text not in server.log_tail(50000):
+        if time.monotonic() > deadline or server.proc.poll() is not None:
+            return False
+        time.sleep(1.0)
+    return True
+
+
 def test_compiled_server_batches_like_alone(compiled_server):
-    assert "compiled the decode step for batch sizes [1, 2]" in compiled_server.log_tail(20000)
+    log = compiled_server.log_tail(50000)
+    assert "serving eagerly while the decode step compiles in the background for batch sizes [1, 2]" in log
+    eager = _complete(compiled_server, PROMPTS[0])  # healthy and answering before any graph is needed
+    assert eager[0] == " Paris"
+    assert _wait_for_log(compiled_server, "compiled the decode step for batch sizes [1, 2]"), \
+        compiled_server.log_tail(4000)
     alone = [_complete(compiled_server, p) for p in PROMPTS]  # the batch-1 graph
+    assert alone[0] == eager
     assert alone[0][0] == " Paris"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # two at a time (the batch-2 graph), two queued
         batched = list(pool.map(lambda p: _complete(compiled_server, p), PROMPTS))

@@ -37,12 +37,12 @@ def test_gguf_blocks_decode_exactly(qtype):
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
-def test_int4_packing_keeps_every_code(qtype):
+def test_torch_int4_packing_keeps_every_code(qtype):
     """Multiplying by the identity reads the packed weight back: the codes are untouched and
     only the per-group scale and zero are rounded to bf16 (the kernel's scale type)."""
     rows = gguf_rows(qtype, n=32, k=256)
     gq = gguf_group_quant(rows, qtype, (32, 256))
-    packed = Int4Weight(gq)
+    packed = Int4Weight(gq, isa="torch")
     read_back = packed.matmul(torch.eye(256, dtype=torch.bfloat16)).t().float()
     sz = packed.scales_zeros.float()  # [K/G, N, 2]
     expected = ((gq.codes.float() - 8).reshape(32, -1, GROUP) * sz[..., 0].t()[..., None]
@@ -51,6 +51,37 @@ def test_int4_packing_keeps_every_code(qtype):
     # And against the GGUF's own dequantization, the only difference is that bf16 rounding.
     ref = torch.from_numpy(dequantize(rows, qtype))
     assert (read_back - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q4_K])
+def test_zili_int4_packing_keeps_every_code(qtype):
+    """zili's kernel format holds the codes as they are and the scales as float16: the GGUF's own
+    type for Q4_0/Q4_1 (exact), a rounding of Q4_K's scale products."""
+    from zili.kernels.cpu_quant import dequantize_q4, pack_q4
+
+    rows = gguf_rows(qtype, n=32, k=256)
+    gq = gguf_group_quant(rows, qtype, (32, 256))
+    back = dequantize_q4(pack_q4(gq.codes, gq.scale, gq.minimum))
+    ref = torch.from_numpy(dequantize(rows, qtype))
+    if qtype == QT.Q4_K:
+        assert (back - ref).abs().max() <= 2e-3 * ref.abs().max()
+    else:
+        assert torch.equal(back, ref)
+
+
+def test_int4_layer_uses_the_selected_kernel_level(monkeypatch):
+    from zili.kernels import cpu_isa
+
+    gq = float_group_quant(torch.randn(48, 96))
+    x = torch.randn(2, 96)
+    ref = x @ dequantize_group(gq).t()
+    for isa in cpu_isa.executable_levels():
+        monkeypatch.setenv("ZILI_CPU_ISA", isa)
+        layer = Int4Weight(gq)
+        assert layer.isa == isa
+        assert (layer.matmul(x) - ref).abs().max() < 0.03 * ref.abs().max()
+    monkeypatch.setenv("ZILI_CPU_KERNELS", "0")
+    assert Int4Weight(gq).isa is None  # torch's kernel
 
 
 def test_float_weights_quantize_within_a_step():
@@ -129,15 +160,20 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at",
            "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n"]
 
 
-def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
-    ref, quant, counts = smollm_pair
-    # The GGUF's 4-bit projections stay 4-bit; the tied Q8_0 head becomes int8, never int4.
-    assert counts == {"int4": 30 * 4, "int8": 1}
-    assert type(quant.model.lm_head.quant).__name__ == "Int8Weight"
-    pairs, margins = [], []
-    for p in PROMPTS:  # the fp32 model's own greedy continuation, teacher-forced through the quantized one
+@pytest.fixture(scope="module")
+def fp32_greedy(smollm_pair):
+    """The fp32 model's own greedy continuation of each prompt: (prompt, sequence, argmaxes, top-2 gaps)."""
+    ref = smollm_pair[0]
+    runs = []
+    for p in PROMPTS:
         prompt = ref.tokenizer.encode(p)
-        seq, want, gaps = _decode_argmax(ref, prompt, None, 32)
+        runs.append((prompt, *_decode_argmax(ref, prompt, None, 32)))
+    return runs
+
+
+def _assert_agrees(quant, fp32_greedy) -> None:
+    pairs, margins = [], []
+    for prompt, seq, want, gaps in fp32_greedy:  # teacher-forced through the quantized model
         _, got, _ = _decode_argmax(quant, prompt, seq[len(prompt):], 32)
         pairs += list(zip(want, got))
         margins += gaps
@@ -150,6 +186,38 @@ def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair):
     clear = [(w, g) for (w, g), m in zip(pairs, margins) if m >= 0.5]
     assert len(clear) >= 0.6 * len(pairs)  # 73% of these 256 positions
     assert all(w == g for w, g in clear), [m for (w, g), m in zip(pairs, margins) if w != g]
+
+
+def test_smollm2_quantized_agrees_with_fp32_reference(smollm_pair, fp32_greedy):
+    _, quant, counts = smollm_pair
+    # The GGUF's 4-bit projections stay 4-bit; the tied Q8_0 head becomes int8, never int4.
+    assert counts == {"int4": 30 * 4, "int8": 1}
+    assert type(quant.model.lm_head.quant).__name__ == "Int8Weight"
+    _assert_agrees(quant, fp32_greedy)
+
+
+def _kernel_levels() -> list[str]:
+    from zili.kernels import cpu_isa
+
+    return cpu_isa.executable_levels()
+
+
+@pytest.mark.parametrize("isa", _kernel_levels())
+def test_smollm2_agrees_on_every_kernel_level(isa, fp32_greedy, monkeypatch):
+    """Each CPU kernel level (forced with ZILI_CPU_ISA) at the dtype the platform picks for it
+    (bf16 with AVX-512, fp32 below: no emulated bf16), int8 activations in the packed matmuls."""
+    from zili.models.loader import load_model, open_checkpoint
+    from zili.models.quantize import quantize_model
+    from zili.platforms.cpu import CpuPlatform
+
+    monkeypatch.setenv("ZILI_CPU_ISA", isa)
+    dtype = CpuPlatform().default_dtype()
+    assert (dtype == torch.bfloat16) == (isa == "avx512")
+    quant = load_model(None, dtype=str(dtype).removeprefix("torch."))
+    quantize_model(quant.model, "auto", open_checkpoint(quant.source))
+    levels = {m.quant.isa for m in quant.model.modules() if getattr(m, "quant", None) is not None}
+    assert levels == {isa}
+    _assert_agrees(quant, fp32_greedy)
 
 
 def test_refined_logits_match_fp32_at_the_top():

@@ -101,6 +101,15 @@ def test_tune_command_end_to_end(tiny_dir, cache_path):
     assert full["comparison"]["b2"]["default_tok_s"] > 0 and full["comparison"]["b2"]["speedup"] > 0
     timings = full["measurements"]["attention_ms_per_layer"]
     assert set(timings) == {"sdpa/bs16", "sdpa/bs32", "cpp/bs16", "cpp/bs32"}
+    # Every packed-matmul candidate timed per layer shape and row count: each kernel level this CPU
+    # executes, torch's kernel and dense.
+    from zili.kernels import cpu_isa
+
+    kernels = full["measurements"]["quant_kernels_us"]
+    assert kernels and all(k.startswith("Int4Weight:") or k.startswith("Int8Weight:") for k in kernels)
+    for entry in kernels.values():
+        assert set(entry["us"]) == {*cpu_isa.executable_levels(), "torch", "dense"}
+        assert entry["winner"] in entry["us"] and all(t > 0 for t in entry["us"].values())
     engine = Engine(EngineConfig(model=str(tiny_dir), dtype="float32", quantization="int4", kv_cache_memory=2**20))
     assert engine.tuning.model["block_size"] == full["model"]["block_size"] == engine.config.block_size
     rows = {m.quant.max_rows for m in engine.runner.model.modules() if getattr(m, "quant", None) is not None}

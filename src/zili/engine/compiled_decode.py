@@ -13,6 +13,11 @@ the rest, so a model gets at most three graphs, all built by `warm_up` before th
 Prefill and mixed steps stay eager. Inductor's on-disk cache (under zili's cache folder unless
 TORCHINDUCTOR_CACHE_DIR says otherwise) makes later starts take seconds instead of a minute.
 
+A first start compiles for a minute or more (2-3 on 2 cores): too long to keep a server's /health
+waiting. With ZILI_BACKGROUND_COMPILE=1 (`zili serve` sets it) `start_in_background` builds the graphs
+on a thread against a few scratch KV blocks of their own while the engine serves every step eagerly;
+when they are ready the runner switches to them (one attribute assignment, between two steps).
+
 The eager path stays one switch away: EngineConfig.enforce_eager (`--enforce-eager`), or the
 environment variable ZILI_ENFORCE_EAGER=1, which the test suite sets so that only the tests about
 compilation pay for it.
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,6 +46,10 @@ ENFORCE_EAGER_ENV = envs.ZILI_ENFORCE_EAGER.name
 
 def eager_by_default() -> bool:
     return envs.enforce_eager()
+
+
+def compiles_in_background() -> bool:
+    return os.environ.get(BACKGROUND_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def unsupported_reason(model: nn.Module, platform, attention_backend: str, tensor_parallel: bool) -> str | None:
@@ -108,3 +119,31 @@ class CompiledDecode:
             self(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), meta)
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
+
+    def start_in_background(self, batch_sizes: list[int], on_ready: Callable[[CompiledDecode], None]) -> threading.Thread:
+        """Build the graphs for these batch sizes on a daemon thread, against scratch KV caches of
+        SCRATCH_BLOCKS blocks per layer (the pool's block count is symbolic in the graphs, so the
+        same graphs then serve the real caches), and call `on_ready(self)` once they are built.
+        The engine keeps stepping eagerly meanwhile; a failure is logged and leaves it eager."""
+        real = self.kv_caches
+        scratch = [torch.zeros((c.shape[0], SCRATCH_BLOCKS, *c.shape[2:]), dtype=c.dtype, device=c.device)
+                   for c in real]
+        for cache in scratch:
+            torch._dynamo.mark_dynamic(cache, 1)
+
+        def run() -> None:
+            self.kv_caches = scratch
+            try:
+                seconds = self.warm_up(batch_sizes, scratch_block=0)
+            except Exception as exc:  # a torch/compiler limitation must not stop the engine
+                logger.warning("decode step stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)
+                return
+            finally:
+                self.kv_caches = real
+            logger.info("compiled the decode step for batch sizes %s in %.1f s (in the background); "
+                        "decode steps run compiled from now on", batch_sizes, seconds)
+            on_ready(self)
+
+        thread = threading.Thread(target=run, name="zili-compile-decode", daemon=True)
+        thread.start()
+        return thread

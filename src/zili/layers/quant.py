@@ -1,18 +1,23 @@
 """Weights kept quantized in memory, and the matmuls that consume them.
 
-Two packed forms, both fed bf16 activations (the CPU kernels fall onto a path 10-80x slower
-with fp32 input):
-  int4: 4-bit codes with a (scale, zero) pair per group of 32 input features,
-        w = (q - 8) * scale + zero, consumed by `aten._weight_int4pack_mm_for_cpu`.
-  int8: 8-bit codes with one scale per output row, w = q * scale, consumed by `_weight_int8pack_mm`.
+Two packed forms:
+  int4: 4-bit codes with a (scale, min) pair per group of 32 input features, w = q * scale + min.
+  int8: 8-bit codes, w = q * scale (one scale per block of 32 on zili's kernels, per row otherwise).
+
+On CPUs where zili's ISA-dispatched kernels build (`zili.kernels.cpu_isa`: avx512 / avx2 /
+portable, chosen from the CPU at load time) both run there: activations quantized to int8 per
+32-block inside the kernel and integer dot products (llama.cpp's Q8 activation scheme), fp32 or
+bf16 activations in and out; no emulated bf16 on CPUs without it. Elsewhere (no compiler,
+ZILI_CPU_KERNELS=0) torch's own kernels run: `aten._weight_int4pack_mm_for_cpu` and
+`_weight_int8pack_mm`, fed bf16 activations (with fp32 input they fall onto a path 10-80x slower).
 
 GGUF Q4_0, Q4_1 and Q4_K blocks map onto int4 without touching the codes: each 32-element group
-has w = q * d + m, so scale = d and zero = m + 8 * d (the scales are rounded to bf16, the kernels'
-scale type). Q8_0, Q5_K and Q6_K, whose codes do not fit in 4 bits, become int8 per row.
-Float checkpoints can be quantized on load to either form.
+has w = q * d + m (float16 scales on zili's kernels: exact for Q4_0/Q4_1; bf16 on torch's).
+Q8_0, Q5_K and Q6_K, whose codes do not fit in 4 bits, become int8. Float checkpoints can be
+quantized on load to either form.
 
 Quantized kernels win at small row counts (decode); at larger ones (prefill, big batches) the
-dense bf16 matmul is faster on CPUs, so a layer keeps its dense weight and switches by row count.
+dense matmul is faster, so a layer keeps its dense weight and switches by row count.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+
+from zili.kernels import cpu_isa
+from zili.kernels.cpu_quant import pack_q4, pack_q8
 
 GROUP = 32
 # Row counts up to which the quantized kernel beats dense bf16 (measured on AVX512 CPUs; the
@@ -38,36 +46,77 @@ class GroupQuant:
     minimum: torch.Tensor
 
 
+def _kernel_level(isa: str | None) -> str | None:
+    """The zili kernel level to pack for (`isa`, else the selected one), or None for torch's kernels
+    (isa="torch", ZILI_CPU_KERNELS=0, or no build)."""
+    if isa == "torch" or not cpu_isa.enabled():
+        return None
+    level = isa or cpu_isa.selected()
+    return level if cpu_isa.load(level) else None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+
+
 class Int4Weight:
-    def __init__(self, gq: GroupQuant, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    """A [N, K] weight as 4-bit codes per group of 32 (`GroupQuant`); `matmul(x)` = x @ W^T for
+    x [..., K] float32/bfloat16, in x's dtype. `isa` picks a kernel level (default: the CPU's;
+    "torch": torch's int4 kernel)."""
+
+    def __init__(self, gq: GroupQuant, max_rows: int = DEFAULT_MAX_ROWS, isa: str | None = None) -> None:
         self.out_features, self.in_features = gq.codes.shape
+        self.max_rows = max_rows
+        self.isa = _kernel_level(isa)
+        if self.isa is not None:
+            self.q4 = pack_q4(gq.codes, gq.scale, gq.minimum)
+            self._gemm = cpu_isa.ops(self.isa).q4_gemm
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(gq.codes.to(torch.int32), 2)
         zero = gq.minimum + 8 * gq.scale
         # [K/GROUP, N, 2] bf16, the layout the kernel reads.
         self.scales_zeros = torch.stack([gq.scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        self.max_rows = max_rows
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.isa is not None:
+            y = self._gemm(_rows(x), self.q4.qs, self.q4.dm, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
         return y.to(x.dtype)
 
     def nbytes(self) -> int:
+        if self.isa is not None:
+            return self.q4.nbytes()
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
 
 
 class Int8Weight:
-    def __init__(self, weight: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    """A [N, K] float weight as 8-bit codes: per block of 32 with a float16 scale on zili's kernels
+    (GGUF Q8_0's layout, so a dequantized Q8_0 tensor keeps its codes), per row on torch's."""
+
+    def __init__(self, weight: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS, isa: str | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.max_rows = max_rows
+        self.isa = _kernel_level(isa)
+        if self.isa is not None:
+            self.q8 = pack_q8(weight.detach())
+            self._gemm = cpu_isa.ops(self.isa).q8_gemm
+            return
         w = weight.float()
-        self.out_features, self.in_features = w.shape
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.scales = scale.to(torch.bfloat16)
-        self.max_rows = max_rows
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.isa is not None:
+            y = self._gemm(_rows(x), self.q8.qs, self.q8.d, self.out_features)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
 
     def nbytes(self) -> int:
+        if self.isa is not None:
+            return self.q8.nbytes()
         return self.qweight.numel() + self.scales.numel() * 2
 
 

@@ -179,7 +179,7 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
     if layer.packed is not None:  # the dense path this layer really takes (zili.layers.onednn)
         dense_matmul = layer.packed.matmul
     else:
-        weight = layer.weight.detach().to(torch.bfloat16)
+        weight = layer.weight.detach()
 
         def dense_matmul(x):
             return F.linear(x, weight)
@@ -196,7 +196,8 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
     chosen = 0
     with torch.inference_mode():
         for rows in candidates:
-            x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
+            # the model's activation dtype: fp32 where the CPU has no native bf16
+            x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
             if best(lambda: layer.quant.matmul(x)) >= best(lambda: dense_matmul(x)):
                 break
             chosen = rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -14,6 +15,16 @@ from zili.platforms.interface import Platform
 SIMD_FLAG_PREFIXES = ("avx", "amx", "sse", "ssse", "asimd", "sve", "sme2")
 SIMD_FLAGS = {"fma", "f16c", "neon", "sve", "sme", "bf16", "i8mm"}
 
+
+# zili's CPU kernel levels (zili.kernels.cpu_isa), lowest first, and the CPU flags each needs. The
+# AVX-512 level takes VNNI (vpdpbusd) and BF16 (vdpbf16ps) with it: Zen 4, Sapphire Rapids, Cooper
+# Lake. AVX-512 CPUs without them (Skylake-X, Ice Lake lacks BF16) run the AVX2 level.
+CPU_ISA_LEVELS: dict[str, tuple[str, ...]] = {
+    "portable": (),
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
+}
+CPU_ISA_ENV = envs.ZILI_CPU_ISA.name
 
 # mallopt parameters (glibc malloc.h) and whether this process has set them.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -41,9 +52,12 @@ class CpuPlatform(Platform):
 
     def default_dtype(self) -> torch.dtype:
         # bf16 matmuls run about twice as fast as fp32 on CPUs with AVX512-BF16/AMX; fp16 has no
-        # fast path on CPUs at all. Elsewhere fp32 is the safe choice.
+        # fast path on CPUs at all. Elsewhere (AVX2 and below, or ZILI_CPU_ISA forcing such a
+        # level) bf16 would be emulated: activations stay fp32, and the quantized kernels take
+        # them to int8 per block themselves.
         flags = _cpu_flags()
-        return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+        native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+        return torch.bfloat16 if native_bf16 and cpu_isa() == "avx512" else torch.float32
 
     def set_num_threads(self, threads: int | None) -> None:
         # One thread per physical core: SMT siblings share the FMA units and only add
@@ -107,8 +121,34 @@ class CpuPlatform(Platform):
 
     def fingerprint(self) -> dict[str, Any]:
         flags = sorted(f for f in _cpu_flags() if f in SIMD_FLAGS or f.startswith(SIMD_FLAG_PREFIXES))
+        # The kernel level is part of the key: a forced lower level (ZILI_CPU_ISA) is another
+        # machine as far as the winners go.
         return {**super().fingerprint(), "physical_cores": physical_cores(),
-                "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags}
+                "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags, "kernel_isa": cpu_isa()}
+
+
+def native_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
+    """The highest of `CPU_ISA_LEVELS` this CPU (or the given /proc/cpuinfo flags) can execute."""
+    flags = _cpu_flags() if flags is None else flags
+    return [level for level, need in CPU_ISA_LEVELS.items() if all(f in flags for f in need)][-1]
+
+
+def cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
+    """The kernel level to run: the CPU's own (`native_cpu_isa`), or a lower one forced by
+    ZILI_CPU_ISA={avx512,avx2,portable} (how one machine tests every path). ValueError for an
+    unknown name or a level above what the CPU can execute (its code would die on SIGILL)."""
+    native = native_cpu_isa(flags)
+    forced = envs.cpu_isa() or ""
+    if not forced or forced in ("auto", "native"):
+        return native
+    levels = list(CPU_ISA_LEVELS)
+    if forced not in CPU_ISA_LEVELS:
+        raise ValueError(f"{CPU_ISA_ENV} must be one of {', '.join(levels)} (or auto), got {forced!r}")
+    if levels.index(forced) > levels.index(native):
+        missing = [f for f in CPU_ISA_LEVELS[forced] if f not in (_cpu_flags() if flags is None else flags)]
+        raise ValueError(f"{CPU_ISA_ENV}={forced} is above this CPU's level {native!r} "
+                         f"(missing flags: {', '.join(missing)})")
+    return forced
 
 
 def _cpuinfo_field(key: str) -> str | None:
@@ -123,15 +163,16 @@ def _cpuinfo_field(key: str) -> str | None:
     return None
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):  # x86, arm
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def physical_cores() -> int:

@@ -83,8 +83,9 @@ def load_tuning(platform: Platform, path: Path | None = None) -> TunedSettings |
     cache = TuneCache(path)
     tuned = cache.lookup(platform)
     if tuned is None:
-        logger.info("tune cache %s: no entry for this device (%s); using defaults. `zili tune` measures them.",
-                    cache.path, platform.device_name())
+        logger.info("tune cache %s: no entry for this device (%s): threads and attention backend from the "
+                    "platform, the packed/dense matmul switch calibrated now (a second or two); `zili tune` "
+                    "measures everything and keeps it", cache.path, platform.device_name())
     return tuned
 
 

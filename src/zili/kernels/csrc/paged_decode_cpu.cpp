@@ -420,9 +420,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const a
 
 }  // namespace
 
-TORCH_LIBRARY(zili_cpu, m) {
+// One library per instruction-set level (zili.kernels.cpu_isa): ZILI_OPS_NS names its namespace.
+#ifndef ZILI_OPS_NS
+#error "ZILI_OPS_NS (the operator namespace of this build) must be defined"
+#endif
+#define ZILI_ATTN_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define ZILI_ATTN_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+ZILI_ATTN_FRAGMENT(ZILI_OPS_NS, m) {
   m.def("paged_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
         "int window=0) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(zili_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+ZILI_ATTN_IMPL(ZILI_OPS_NS, CPU, m) { m.impl("paged_decode", &paged_decode); }

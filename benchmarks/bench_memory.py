@@ -1,0 +1,82 @@
+"""Where a `zili serve` process's memory goes, stage by stage, at the default model and the KV
+capacity `python -m benchmarks compare` gives both engines (32 slots x 512 tokens).
+
+    python benchmarks/bench_memory.py [--compile] [--kv-tokens 16384]
+
+Prints resident memory (VmRSS) after each stage of building a server's engine in this process and
+the bytes each kind of tensor holds, so that each ~50 MB has a name. Set ZILI_CPU_ISA to see another
+kernel level (its dtype: fp32 below AVX-512, so dense weights and the KV pool double).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true", help="compile the decode step (as zili serve does)")
+    ap.add_argument("--kv-tokens", type=int, default=32 * 512)
+    args = ap.parse_args()
+    rows: list[tuple[str, float]] = [("python", rss_mib())]
+    import torch
+
+    rows.append(("import torch", rss_mib()))
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    import zili.server.app  # noqa: F401  the HTTP stack a server imports
+
+    rows.append(("import the server stack (fastapi, uvicorn, zili.server)", rss_mib()))
+    from zili.config import EngineConfig
+    from zili.engine.builder import build_engine
+    from zili.engine.runner import kv_bytes_per_block
+    from zili.layers.onednn import packed_only_bytes
+    from zili.models.loader import load_model
+    from zili.models.quantize import quantized_bytes
+
+    loaded = load_model(None)
+    rows.append((f"load the model ({loaded.dtype})", rss_mib()))
+    per_block = kv_bytes_per_block(loaded.config, 16, loaded.dtype)
+    blocks = -(-args.kv_tokens // 16)
+    config = EngineConfig(max_num_seqs=32, kv_cache_memory=blocks * per_block, enforce_eager=not args.compile,
+                          use_tune_cache=False)
+    engine = build_engine(config, loaded=loaded)
+    gc.collect()
+    rows.append(("quantize, pack, KV pool" + (", compile the decode step" if args.compile else ""), rss_mib()))
+    model = loaded.model
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = sum(c.numel() * c.element_size() for c in engine.runner.kv_caches) if hasattr(engine, "runner") else 0
+    print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
+    prev = 0.0
+    for name, mib in rows:
+        print(f"{mib:8.1f} MiB  (+{mib - prev:7.1f})  {name}")
+        prev = mib
+    print(f"peak (VmHWM) {hwm_mib():.1f} MiB")
+    print(f"tensors: dense parameters {dense / 2**20:.1f} MiB (embedding, norms, and dense weights kept), "
+          f"packed int4/int8 {quantized_bytes(model) / 2**20:.1f} MiB, "
+          f"oneDNN-packed only {packed_only_bytes(model) / 2**20:.1f} MiB, KV pool {kv / 2**20:.1f} MiB")
+    print(f"modules loaded: torch._inductor {'torch._inductor' in sys.modules}, "
+          f"torch._dynamo {'torch._dynamo' in sys.modules}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""zili's C++ CPU kernels, one library per instruction-set level, chosen at load time.
+
+The sources in kernels/csrc (paged decode attention, packed 4/8-bit matmuls) are compiled once per
+level, each with its own flags, never `-march=native`:
+
+  avx512    -mavx512f/bw/vl/dq -mavx512vnni -mavx512bf16 (+ AVX2, FMA, F16C): vpdpbusd integer dot
+            products, vdpbf16ps attention scores
+  avx2      -mavx2 -mfma -mf16c: vpmaddubsw/vpmaddwd integer dot products, fp32 FMAs
+  portable  no ISA flags (the compiler's baseline): plain C++ loops it vectorises as it can
+
+Each build registers its operators under its own namespace (`torch.ops.zili_cpu_avx2.q4_gemm`, ...)
+so all three can live in one process: the tests run every level the machine can execute. Which one
+the engine uses comes from the CPU's flags (`zili.platforms.cpu.cpu_isa`: /proc/cpuinfo, read at
+run time), lowered by ZILI_CPU_ISA={avx512,avx2,portable}; asking for a level above the CPU's is a
+ValueError. Built with torch.utils.cpp_extension on first use (about a minute per level on 2 cores),
+then loaded from ~/.cache/zili/torch_extensions. ZILI_CPU_KERNELS=0 turns all of them off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from zili import envs
+from zili.platforms.cpu import CPU_ISA_LEVELS, cpu_isa, native_cpu_isa
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "paged_decode_cpu.cpp", _CSRC / "quant_gemm_cpu.cpp")
+ISA_FLAGS: dict[str, list[str]] = {
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+               "-mavx512vnni", "-mavx512bf16", "-DZILI_ISA_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DZILI_ISA_AVX2"],
+    "portable": [],
+}
+ISA_LEVEL_NUMBER = {"portable": 0, "avx2": 1, "avx512": 2}  # what each build's isa_level() returns
+
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+
+
+def enabled() -> bool:
+    return envs.cpu_kernels_enabled()
+
+
+def namespace(isa: str) -> str:
+    """The torch.ops namespace of the `isa` build."""
+    return f"zili_cpu_{isa}"
+
+
+def ops(isa: str | None = None):
+    """`torch.ops.<namespace>` of the given level's build (default: `selected()`); loads it."""
+    isa = isa or selected()
+    if not (_loaded.get(isa) or load(isa)):
+        raise RuntimeError(f"zili's {isa} CPU kernels could not be built here (see the log)")
+    return getattr(torch.ops, namespace(isa))
+
+
+def selected() -> str:
+    """The level this process runs (the CPU's, or lower under ZILI_CPU_ISA)."""
+    return cpu_isa()
+
+
+def executable_levels() -> list[str]:
+    """Every level this CPU can execute, lowest first (all three on an AVX-512 machine)."""
+    levels = list(CPU_ISA_LEVELS)
+    return levels[: levels.index(native_cpu_isa()) + 1]
+
+
+def load(isa: str | None = None) -> bool:
+    """Build (once per machine and source version) and load one level; False, with the reason
+    logged, where it cannot be built (no compiler, not an x86 CPU for avx2/avx512)."""
+    isa = isa or selected()
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown CPU kernel level {isa!r}; one of {', '.join(ISA_FLAGS)}")
+    if not enabled():
+        return False
+    with _lock:
+        if isa not in _loaded:
+            _loaded[isa] = _build_and_load(isa)
+    return _loaded[isa]
+
+
+def _source_digest() -> str:
+    h = hashlib.sha1()
+    for path in SOURCES:  # the path too: another checkout's build would otherwise rebuild this one's
+        h.update(str(path.resolve()).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _build_and_load(isa: str) -> bool:
+    if isa != "portable" and native_cpu_isa() == "portable":
+        logger.warning("CPU kernels: level %s cannot run on this CPU", isa)
+        return False
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    build_dir = base / "zili" / "torch_extensions" / f"cpu_kernels_{isa}_{_source_digest()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=f"zili_cpu_kernels_{isa}", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
+             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", f"-DZILI_OPS_NS={namespace(isa)}",
+                           *ISA_FLAGS[isa]],
+             extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
+    except Exception as exc:  # no compiler, no ninja, an unsupported platform: the torch paths stay
+        logger.warning("zili's %s CPU kernels unavailable, using the torch paths (%s: %s)", isa,
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
+    _register_fakes(namespace(isa))
+    built = int(getattr(torch.ops, namespace(isa)).isa_level())
+    if built != ISA_LEVEL_NUMBER[isa]:  # the flags did not reach the compiler: refuse, do not guess
+        logger.warning("CPU kernels: the %s build reports level %d; not used", isa, built)
+        return False
+    logger.info("zili CPU kernels: %s level loaded (%s)", isa, " ".join(ISA_FLAGS[isa]) or "no ISA flags")
+    return True
+
+
+def _register_fakes(ns: str) -> None:
+    """Shape functions so that torch.compile can put the operators inside a graph."""
+
+    @torch.library.register_fake(f"{ns}::paged_decode")
+    def _(q, kv_cache, block_tables, seq_lens, scale, window=0):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake(f"{ns}::q4_gemm")
+    def _(x, qs, dm, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake(f"{ns}::q8_gemm")
+    def _(x, qs, d, n_out):
+        return x.new_empty(x.shape[0], n_out)

@@ -1,0 +1,115 @@
+"""Packed 4-bit / 8-bit weight matmuls on zili's ISA-dispatched CPU kernels (csrc/quant_gemm_cpu.cpp).
+
+Weights are packed once (`pack_q4`, `pack_q8`) into the blocks the kernels read; activations are
+quantized to int8 per 32-block inside the kernel and the products run as integer dot products
+(llama.cpp's Q8 activation scheme), on every level (avx512, avx2, portable: `zili.kernels.cpu_isa`).
+The level is chosen from the CPU at load time; `isa=` picks one explicitly (tests).
+
+Formats (rows in interleaved groups of R = 16, N padded to a multiple of 16, K to KB = ceil(K/32)
+blocks of 32; see the header of quant_gemm_cpu.cpp):
+  Q4Packed: qs uint8 [NG, KB, 4, 16, 4] (octet o, row, byte t = code 8o+t | code 8o+4+t << 4),
+            dm float16 [NG, KB, 2, 16] = scales then mins per block: w = scale * code + min.
+  Q8Packed: qs uint8 [NG, KB, 8, 16, 4] = code + 128 (quad j: codes 4j..4j+3), d float16 [NG, KB, 16]:
+            w = d * code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zili.kernels import cpu_isa
+
+GROUP = 32
+
+
+@dataclass
+class Q4Packed:
+    qs: torch.Tensor
+    dm: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def nbytes(self) -> int:
+        return self.qs.numel() + self.dm.numel() * 2
+
+
+@dataclass
+class Q8Packed:
+    qs: torch.Tensor
+    d: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def nbytes(self) -> int:
+        return self.qs.numel() + self.d.numel() * 2
+
+
+ROWS = 16  # interleaved output rows
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int, value: float = 0) -> torch.Tensor:
+    """Pad a 2-D tensor at the end of both dimensions up to [rows, cols]."""
+    if tuple(t.shape) == (rows, cols):
+        return t
+    return torch.nn.functional.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]), value=value)
+
+
+def pack_q4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Q4Packed:
+    """codes [N, K] (integers 0..15), scale and minimum [N, ceil(K/32)] (w = code * scale + minimum
+    per group of 32 input features) -> the kernel's blocks. Scales are stored as float16 (GGUF's own
+    type for Q4_0/Q4_1/Q4_K scales: exact for those). ValueError on codes outside 0..15 or shapes
+    that do not agree."""
+    n, k = codes.shape
+    kb, ng = -(-k // GROUP), -(-n // ROWS)
+    if scale.shape != (n, kb) or minimum.shape != (n, kb):
+        raise ValueError(f"scale and minimum must be [{n}, {kb}], got {list(scale.shape)} and {list(minimum.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("4-bit codes must lie in 0..15")
+    c = _pad(codes.to(torch.uint8), ng * ROWS, kb * GROUP).reshape(ng, ROWS, kb, 4, 8).permute(0, 2, 3, 1, 4)
+    qs = (c[..., :4] | (c[..., 4:] << 4)).contiguous()  # [NG, KB, 4, 16, 4]
+    parts = [_pad(t.float(), ng * ROWS, kb).reshape(ng, ROWS, kb).permute(0, 2, 1) for t in (scale, minimum)]
+    dm = torch.stack(parts, dim=2).to(torch.float16).contiguous()  # [NG, KB, 2, 16]
+    return Q4Packed(qs, dm, n, k)
+
+
+def pack_q8(weight: torch.Tensor) -> Q8Packed:
+    """A float weight [N, K] -> int8 codes with one float16 scale per row and block of 32
+    (symmetric, d = max|w| / 127: GGUF Q8_0's rule, so a dequantized Q8_0 tensor gets its own codes
+    back)."""
+    n, k = weight.shape
+    kb, ng = -(-k // GROUP), -(-n // ROWS)
+    w = _pad(weight.float(), ng * ROWS, kb * GROUP).reshape(ng * ROWS, kb, GROUP)
+    d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
+    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+    codes = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int16) + 128
+    qs = codes.to(torch.uint8).reshape(ng, ROWS, kb, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    return Q8Packed(qs, d.reshape(ng, ROWS, kb).permute(0, 2, 1).contiguous(), n, k)
+
+
+def dequantize_q4(p: Q4Packed) -> torch.Tensor:
+    """The float32 weight [N, K] the kernel multiplies by (for references and tests)."""
+    ng, kb = p.qs.shape[:2]
+    c = torch.cat([p.qs & 0x0F, p.qs >> 4], dim=-1)  # [NG, KB, 4, 16, 8]
+    codes = c.permute(0, 3, 1, 2, 4).reshape(ng * ROWS, kb, GROUP).float()
+    dm = p.dm.float().permute(0, 3, 1, 2).reshape(ng * ROWS, kb, 2)
+    w = codes * dm[..., 0:1] + dm[..., 1:2]
+    return w.reshape(ng * ROWS, kb * GROUP)[: p.out_features, : p.in_features]
+
+
+def dequantize_q8(p: Q8Packed) -> torch.Tensor:
+    ng, kb = p.qs.shape[:2]
+    codes = p.qs.permute(0, 3, 1, 2, 4).reshape(ng * ROWS, kb, GROUP).float() - 128
+    w = codes * p.d.float().permute(0, 2, 1).reshape(ng * ROWS, kb, 1)
+    return w.reshape(ng * ROWS, kb * GROUP)[: p.out_features, : p.in_features]
+
+
+def q4_matmul(x: torch.Tensor, w: Q4Packed, isa: str | None = None) -> torch.Tensor:
+    """x [M, K] float32/bfloat16 -> x @ W^T [M, N] in x's dtype, on the given (default: selected) level."""
+    return cpu_isa.ops(isa).q4_gemm(x, w.qs, w.dm, w.out_features)
+
+
+def q8_matmul(x: torch.Tensor, w: Q8Packed, isa: str | None = None) -> torch.Tensor:
+    """x [M, K] float32/bfloat16 -> x @ W^T [M, N] in x's dtype, on the given (default: selected) level."""
+    return cpu_isa.ops(isa).q8_gemm(x, w.qs, w.d, w.out_features)

@@ -1,0 +1,338 @@
+// Packed 4-bit and 8-bit weight x activation products for CPU decode (a few rows at a time).
+//
+// The same source is compiled once per instruction-set level, each as its own library with its own
+// compiler flags (zili.kernels.cpu_isa): ZILI_ISA_AVX512 (AVX512F/BW/VL/DQ + VNNI + BF16), ZILI_ISA_AVX2
+// (AVX2 + FMA + F16C) or neither (portable C++). ZILI_OPS_NS names the operator namespace of the
+// build, so all three can be loaded side by side (the tests run every path on one machine).
+//
+// Weights are packed in groups of R = 16 output rows interleaved (N padded to a multiple of 16, K to
+// KB = ceil(K/32) blocks of 32), so that one vector holds the same input features of 16 rows: a
+// broadcast activation quad times it gives 16 row sums at once, and no horizontal reduction is
+// needed (the idea of llama.cpp's repacked Q4_0x8 kernels; our own layout):
+//   q4: qs uint8 [NG, KB, 4, R, 4]: octet o of a block, row r, byte t = code[8o+t] | code[8o+4+t] << 4
+//       (codes 0..15); dm float16 [NG, KB, 2, R] = scales then mins: w = d * code + m
+//       (Q4_0: m = -8d; Q4_1: its own min; Q4_K: sub-block scale and min).
+//   q8: qs uint8 [NG, KB, 8, R, 4] = code + 128 (codes -127..127, quad j = elements 4j..4j+3);
+//       d float16 [NG, KB, R]: w = d * code (GGUF Q8_0's per-block scale).
+//
+// Activations are quantized per 32-block to int8 with one fp32 scale (llama.cpp's Q8_1 scheme), and
+// the products run as integer dot products:
+//   sum_i w_i x_i = d * xd * sum_i code_i xq_i  (+ m * xd * sum_i xq_i for q4).
+// AVX-512: vpdpbusd (VNNI; u8 x s8 -> s32; q8 codes carry +128, taken off with 128 * sum xq);
+// AVX2: vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd; q8 moves the weight's sign onto the activation
+// so that the unsigned operand is |code| (vpmaddubsw would saturate on code + 128).
+//
+//   x [M, K] float32 or bfloat16 -> y [M, N] in x's dtype. Work is split over row groups.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(ZILI_ISA_AVX512) || defined(ZILI_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#ifndef ZILI_OPS_NS
+#error "ZILI_OPS_NS (the operator namespace of this build) must be defined"
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;        // elements per block
+constexpr int64_t R = 16;         // interleaved output rows
+constexpr int64_t kRowTile = 4;   // activation rows whose accumulators stay in registers together
+
+#if defined(ZILI_ISA_AVX512)
+constexpr int64_t kIsaLevel = 2;
+#elif defined(ZILI_ISA_AVX2)
+constexpr int64_t kIsaLevel = 1;
+#else
+constexpr int64_t kIsaLevel = 0;
+#endif
+
+inline float half_to_float(uint16_t h) {
+#if defined(ZILI_ISA_AVX512) || defined(ZILI_ISA_AVX2)
+  return _cvtsh_ss(h);
+#else
+  c10::Half v;
+  std::memcpy(&v, &h, sizeof(h));
+  return static_cast<float>(v);
+#endif
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// Activations quantized per block: q [M, KB*32] int8, d [M, KB] scale, s [M, KB] = d * sum(q),
+// isum [M, KB] = sum(q).
+struct QuantizedActs {
+  int64_t M = 0, KB = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> isum;
+};
+
+template <typename T>
+QuantizedActs quantize_acts(const T* x, int64_t M, int64_t K) {
+  QuantizedActs a;
+  a.M = M;
+  a.KB = (K + QK - 1) / QK;
+  a.q.assign(M * a.KB * QK, 0);
+  a.d.assign(M * a.KB, 0.0f);
+  a.s.assign(M * a.KB, 0.0f);
+  a.isum.assign(M * a.KB, 0);
+  float buf[QK];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < a.KB; ++b) {
+      const int64_t k0 = b * QK, n = std::min<int64_t>(QK, K - k0);
+      float amax = 0.0f;
+      for (int64_t i = 0; i < QK; ++i) {
+        buf[i] = i < n ? to_float(x[m * K + k0 + i]) : 0.0f;
+        amax = std::max(amax, std::fabs(buf[i]));
+      }
+      const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* q = a.q.data() + (m * a.KB + b) * QK;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < QK; ++i) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(buf[i] * id));
+        q[i] = static_cast<int8_t>(std::max(-127, std::min(127, v)));
+        sum += q[i];
+      }
+      a.d[m * a.KB + b] = d;
+      a.s[m * a.KB + b] = d * static_cast<float>(sum);
+      a.isum[m * a.KB + b] = sum;
+    }
+  }
+  return a;
+}
+
+inline int32_t load_quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// One group of R rows against activation rows [m0, m0 + mt): out[r * R + i] = row i's result.
+// Q4: the q4 format, else q8. wq/wd: this group's codes and scales.
+template <bool Q4>
+void group_dot(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, int64_t m0, int64_t mt, float* out) {
+  const int64_t KB = a.KB;
+  constexpr int64_t block_bytes = Q4 ? 4 * R * 4 : 8 * R * 4;  // 256 / 512
+  constexpr int64_t block_scales = Q4 ? 2 * R : R;
+#if defined(ZILI_ISA_AVX512)
+  __m512 acc[kRowTile];
+  for (int64_t r = 0; r < mt; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wq + b * block_bytes;
+    const uint16_t* sb = wd + b * block_scales;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+    if constexpr (Q4) {
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + R)));
+      __m512i lo[4], hi[4];
+      for (int o = 0; o < 4; ++o) {
+        const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(wb + o * R * 4));
+        lo[o] = _mm512_and_si512(v, low4);
+        hi[o] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      }
+      for (int64_t r = 0; r < mt; ++r) {
+        const int64_t row = m0 + r;
+        const int8_t* xq = a.q.data() + (row * KB + b) * QK;
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int o = 0; o < 4; ++o) {
+          s0 = _mm512_dpbusd_epi32(s0, lo[o], _mm512_set1_epi32(load_quad(xq + 8 * o)));
+          s1 = _mm512_dpbusd_epi32(s1, hi[o], _mm512_set1_epi32(load_quad(xq + 8 * o + 4)));
+        }
+        const __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+        acc[r] = _mm512_fmadd_ps(p, _mm512_mul_ps(dv, _mm512_set1_ps(a.d[row * KB + b])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.s[row * KB + b]), acc[r]);
+      }
+    } else {
+      __m512i w[8];
+      for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(reinterpret_cast<const void*>(wb + j * R * 4));
+      for (int64_t r = 0; r < mt; ++r) {
+        const int64_t row = m0 + r;
+        const int8_t* xq = a.q.data() + (row * KB + b) * QK;
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j += 2) {
+          s0 = _mm512_dpbusd_epi32(s0, w[j], _mm512_set1_epi32(load_quad(xq + 4 * j)));
+          s1 = _mm512_dpbusd_epi32(s1, w[j + 1], _mm512_set1_epi32(load_quad(xq + 4 * j + 4)));
+        }
+        // codes carry +128: take 128 * sum(xq) off
+        const __m512i isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * a.isum[row * KB + b]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, _mm512_set1_ps(a.d[row * KB + b])), acc[r]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < mt; ++r) _mm512_storeu_ps(out + r * R, acc[r]);
+#elif defined(ZILI_ISA_AVX2)
+  // Two halves of 8 rows (one 256-bit register each).
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[kRowTile];
+    for (int64_t r = 0; r < mt; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < KB; ++b) {
+      const uint8_t* wb = wq + b * block_bytes + half * 32;
+      const uint16_t* sb = wd + b * block_scales + half * 8;
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+      if constexpr (Q4) {
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R)));
+        __m256i lo[4], hi[4];
+        for (int o = 0; o < 4; ++o) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
+          lo[o] = _mm256_and_si256(v, low4);
+          hi[o] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        }
+        for (int64_t r = 0; r < mt; ++r) {
+          const int64_t row = m0 + r;
+          const int8_t* xq = a.q.data() + (row * KB + b) * QK;
+          // 8 products of <= 2 * 15 * 127 each fit in int16: one vpmaddwd per block.
+          __m256i s16 = _mm256_setzero_si256();
+          for (int o = 0; o < 4; ++o) {
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[o], _mm256_set1_epi32(load_quad(xq + 8 * o))));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[o], _mm256_set1_epi32(load_quad(xq + 8 * o + 4))));
+          }
+          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+          acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(dv, _mm256_set1_ps(a.d[row * KB + b])), acc[r]);
+          acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s[row * KB + b]), acc[r]);
+        }
+      } else {
+        __m256i aw[8], sg[8];
+        for (int j = 0; j < 8; ++j) {
+          sg[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
+          aw[j] = _mm256_sign_epi8(sg[j], sg[j]);  // |code|
+        }
+        for (int64_t r = 0; r < mt; ++r) {
+          const int64_t row = m0 + r;
+          const int8_t* xq = a.q.data() + (row * KB + b) * QK;
+          __m256i s32 = _mm256_setzero_si256();
+          for (int j = 0; j < 8; ++j) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_quad(xq + 4 * j)), sg[j]);
+            s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], xs), ones));
+          }
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dv, _mm256_set1_ps(a.d[row * KB + b])),
+                                   acc[r]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < mt; ++r) _mm256_storeu_ps(out + r * R + half * 8, acc[r]);
+  }
+#else
+  // Portable: integer dot per block and row (loops the compiler vectorises), fp32 across blocks.
+  for (int64_t r = 0; r < mt; ++r)
+    for (int64_t i = 0; i < R; ++i) out[r * R + i] = 0.0f;
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wq + b * block_bytes;
+    const uint16_t* sb = wd + b * block_scales;
+    float dv[R], mv[R];
+    for (int64_t i = 0; i < R; ++i) {
+      dv[i] = half_to_float(sb[i]);
+      mv[i] = Q4 ? half_to_float(sb[R + i]) : 0.0f;
+    }
+    for (int64_t r = 0; r < mt; ++r) {
+      const int64_t row = m0 + r;
+      const int8_t* xq = a.q.data() + (row * KB + b) * QK;
+      int32_t isum[R] = {0};
+      if constexpr (Q4) {
+        for (int64_t o = 0; o < 4; ++o)
+          for (int64_t i = 0; i < R; ++i)
+            for (int64_t t = 0; t < 4; ++t) {
+              const uint8_t byte = wb[(o * R + i) * 4 + t];
+              isum[i] += (byte & 0x0F) * xq[8 * o + t] + (byte >> 4) * xq[8 * o + 4 + t];
+            }
+      } else {
+        for (int64_t j = 0; j < 8; ++j)
+          for (int64_t i = 0; i < R; ++i)
+            for (int64_t t = 0; t < 4; ++t) isum[i] += (static_cast<int32_t>(wb[(j * R + i) * 4 + t]) - 128) * xq[4 * j + t];
+      }
+      const float xd = a.d[row * KB + b], xs = a.s[row * KB + b];
+      for (int64_t i = 0; i < R; ++i) out[r * R + i] += dv[i] * xd * static_cast<float>(isum[i]) + mv[i] * xs;
+    }
+  }
+#endif
+}
+
+template <bool Q4, typename T>
+void gemm(const T* x, const uint8_t* wq, const uint16_t* wd, T* y, int64_t M, int64_t K, int64_t N) {
+  const QuantizedActs a = quantize_acts(x, M, K);
+  const int64_t KB = a.KB, NG = (N + R - 1) / R;
+  const int64_t group_bytes = KB * (Q4 ? 4 * R * 4 : 8 * R * 4);
+  const int64_t group_scales = KB * (Q4 ? 2 * R : R);
+  // About 16 KB of weights per task: small enough to balance 2-64 threads on the smallest layers.
+  const int64_t grain = std::max<int64_t>(1, 16384 / group_bytes);
+  at::parallel_for(0, NG, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float out[kRowTile * R];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t rows = std::min(R, N - g * R);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t mt = std::min(kRowTile, M - m0);
+        group_dot<Q4>(wq + g * group_bytes, wd + g * group_scales, a, m0, mt, out);
+        for (int64_t r = 0; r < mt; ++r)
+          for (int64_t i = 0; i < rows; ++i) y[(m0 + r) * N + g * R + i] = T(out[r * R + i]);
+      }
+    }
+  });
+}
+
+at::Tensor run(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t n_out, bool q4) {
+  TORCH_CHECK(x.dim() == 2, "quant gemm: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "quant gemm: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), KB = (K + QK - 1) / QK;
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "quant gemm: scales must be float16");
+  const int64_t NG = (n_out + R - 1) / R;
+  const int64_t per_block = q4 ? 4 * R * 4 : 8 * R * 4;
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.numel() == NG * KB * per_block,
+              q4 ? "q4_gemm" : "q8_gemm", ": qs must be uint8 holding ceil(N/16) * ceil(K/32) * ", per_block,
+              " bytes (N = ", n_out, ", K = ", K, "), got ", qs.scalar_type(), " ", qs.sizes());
+  TORCH_CHECK(scales.numel() == NG * KB * (q4 ? 2 : 1) * R, q4 ? "q4_gemm" : "q8_gemm",
+              ": scales must hold ceil(N/16) * ceil(K/32) * ", (q4 ? 2 : 1) * R, " float16 values");
+  auto xc = x.contiguous();
+  auto qc = qs.contiguous();
+  auto sc = scales.contiguous();
+  auto y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  const auto* wq = reinterpret_cast<const uint8_t*>(qc.data_ptr());
+  const auto* wd = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  if (x.scalar_type() == at::kFloat) {
+    if (q4) gemm<true>(xc.data_ptr<float>(), wq, wd, y.data_ptr<float>(), M, K, n_out);
+    else gemm<false>(xc.data_ptr<float>(), wq, wd, y.data_ptr<float>(), M, K, n_out);
+  } else {
+    using B = c10::BFloat16;
+    if (q4) gemm<true>(xc.data_ptr<B>(), wq, wd, y.data_ptr<B>(), M, K, n_out);
+    else gemm<false>(xc.data_ptr<B>(), wq, wd, y.data_ptr<B>(), M, K, n_out);
+  }
+  return y;
+}
+
+at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& dm, int64_t n_out) {
+  return run(x, qs, dm, n_out, true);
+}
+
+at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t n_out) {
+  return run(x, qs, d, n_out, false);
+}
+
+int64_t isa_level() { return kIsaLevel; }
+
+}  // namespace
+
+#define ZILI_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define ZILI_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
+ZILI_FRAGMENT(ZILI_OPS_NS, m) {
+  m.def("q4_gemm(Tensor x, Tensor qs, Tensor dm, int n_out) -> Tensor");
+  m.def("q8_gemm(Tensor x, Tensor qs, Tensor d, int n_out) -> Tensor");
+  m.def("isa_level() -> int", &isa_level);
+}
+
+ZILI_IMPL(ZILI_OPS_NS, CPU, m) {
+  m.impl("q4_gemm", &q4_gemm);
+  m.impl("q8_gemm", &q8_gemm);
+}

@@ -1,0 +1,189 @@
+"""zili's ISA-dispatched CPU kernels (zili.kernels.cpu_isa): the level chosen from the CPU's flags
+and lowered by ZILI_CPU_ISA, and every level this machine can execute (all three on an AVX-512 CPU)
+checked against float64 references: packed 4-bit and 8-bit matmuls (odd shapes, 1..33 rows) and
+the paged decode attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zili.kernels import cpu_attention, cpu_isa
+from zili.kernels.cpu_quant import dequantize_q4, dequantize_q8, pack_q4, pack_q8, q4_matmul, q8_matmul
+from zili.platforms.cpu import CPU_ISA_LEVELS, cpu_isa as selected_level, native_cpu_isa
+
+LEVELS = cpu_isa.executable_levels()
+AVX2_FLAGS = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})
+AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+
+
+def test_level_comes_from_the_flags():
+    assert native_cpu_isa(frozenset({"sse2"})) == "portable"
+    assert native_cpu_isa(AVX2_FLAGS) == "avx2"
+    assert native_cpu_isa(AVX2_FLAGS | {"avx512f", "avx512bw"}) == "avx2"  # no VNNI/BF16: Skylake-X
+    assert native_cpu_isa(AVX512_FLAGS) == "avx512"
+    assert LEVELS == list(CPU_ISA_LEVELS)[: list(CPU_ISA_LEVELS).index(native_cpu_isa()) + 1]
+
+
+def test_env_forces_a_lower_level_and_refuses_a_higher_one(monkeypatch):
+    monkeypatch.setenv("ZILI_CPU_ISA", "portable")
+    assert selected_level(AVX512_FLAGS) == "portable"
+    monkeypatch.setenv("ZILI_CPU_ISA", "AVX2")
+    assert selected_level(AVX512_FLAGS) == "avx2"
+    monkeypatch.setenv("ZILI_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="above this CPU's level 'avx2'.*avx512_vnni"):
+        selected_level(AVX2_FLAGS)
+    monkeypatch.setenv("ZILI_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="ZILI_CPU_ISA must be one of portable, avx2, avx512"):
+        selected_level(AVX2_FLAGS)
+    monkeypatch.delenv("ZILI_CPU_ISA")
+    assert selected_level(AVX2_FLAGS) == "avx2"
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_each_level_builds_with_its_own_flags(isa):
+    assert cpu_isa.load(isa)  # gcc and ninja are part of the set-up
+    assert int(cpu_isa.ops(isa).isa_level()) == cpu_isa.ISA_LEVEL_NUMBER[isa]
+
+
+def _quantize_rows_like_the_kernel(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> the float64 values the kernel multiplies by: int8 per block of 32 with
+    d = max|x| / 127 (K zero-padded to a multiple of 32), the same fp32 arithmetic."""
+    m, k = x.shape
+    kb = -(-k // 32)
+    xb = torch.nn.functional.pad(x.float(), (0, kb * 32 - k)).reshape(m, kb, 32)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q.double() * (amax / 127.0).double()).reshape(m, kb * 32)[:, :k]
+
+
+SHAPES = [(1, 1, 32), (1, 7, 64), (2, 33, 96), (3, 64, 1000), (4, 5, 576), (5, 577, 256), (7, 32, 1536),
+          (16, 9, 300), (33, 17, 160)]  # K not a multiple of 32 or 256, N odd, 1..33 rows
+
+
+def _half_steps(x: torch.Tensor) -> torch.Tensor:
+    """Per element, half the int8 step of its block of 32: the most its rounding can move it."""
+    m, k = x.shape
+    kb = -(-k // 32)
+    amax = torch.nn.functional.pad(x.double().abs(), (0, kb * 32 - k)).reshape(m, kb, 32).amax(dim=-1)
+    return (amax / 254.0).repeat_interleave(32, dim=1)[:, :k]
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Tight against the exact product with the kernel's own int8 activations (only fp32
+    accumulation differs); against the unquantized activations, within the int8 rounding's bound
+    (sum over i of |w_i| times half a step of x_i's block)."""
+    exact_q = _quantize_rows_like_the_kernel(x) @ w.double().t()
+    exact = x.double() @ w.double().t()
+    scale = exact.abs().max().clamp(min=1e-6)
+    assert (got.double() - exact_q).abs().max() <= 1e-4 * scale
+    bound = _half_steps(x) @ w.double().abs().t()
+    assert ((got.double() - exact).abs() <= 1.01 * bound + 1e-4 * scale).all()
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_q4_matmul_matches_float64(isa, m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    kb = -(-k // 32)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, kb, generator=gen) * 0.05
+    minimum = torch.randn(n, kb, generator=gen) * 0.2  # asymmetric, like Q4_1 / Q4_K
+    packed = pack_q4(codes, scale, minimum)
+    w = dequantize_q4(packed)
+    x = torch.randn(m, k, generator=gen)
+    got = q4_matmul(x, packed, isa)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    _check(got, x, w)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_q8_matmul_matches_float64(isa, m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k + 1)
+    weight = torch.randn(n, k, generator=gen)
+    weight[0, :7] = -3.0  # negative codes at -127 and a repeated extreme
+    packed = pack_q8(weight)
+    w = dequantize_q8(packed)
+    assert (w - weight).abs().max() <= weight.abs().max() / 127  # half a step of the largest block scale, and then some
+    x = torch.randn(m, k, generator=gen)
+    got = q8_matmul(x, packed, isa)
+    assert got.shape == (m, n)
+    _check(got, x, w)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_bf16_activations_in_and_out(isa):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 200, generator=gen)
+    x = torch.randn(3, 200, generator=gen).bfloat16()
+    packed = pack_q8(w)
+    got = q8_matmul(x, packed, isa)
+    assert got.dtype == torch.bfloat16
+    ref = x.double() @ dequantize_q8(packed).double().t()
+    assert (got.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+
+
+def test_levels_agree_with_each_other():
+    """Every level computes the same integer dot products: their results differ only by the order
+    of fp32 additions."""
+    gen = torch.Generator().manual_seed(11)
+    packed = pack_q4(torch.randint(0, 16, (65, 576), generator=gen), torch.rand(65, 18, generator=gen) * 0.1,
+                     torch.randn(65, 18, generator=gen) * 0.1)
+    x = torch.randn(6, 576, generator=gen)
+    outs = [q4_matmul(x, packed, isa) for isa in LEVELS]
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_clear_errors():
+    packed = pack_q8(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="q8_gemm: qs must be uint8"):
+        q8_matmul(torch.randn(2, 96), packed)
+    with pytest.raises(ValueError, match="0..15"):
+        pack_q4(torch.full((2, 32), 16), torch.ones(2, 1), torch.zeros(2, 1))
+
+
+def test_zero_rows_and_zero_activations():
+    packed = pack_q4(torch.randint(0, 16, (9, 64)), torch.rand(9, 2), torch.randn(9, 2))
+    assert q4_matmul(torch.zeros(0, 64), packed).shape == (0, 9)
+    assert torch.equal(q4_matmul(torch.zeros(2, 64), packed), torch.zeros(2, 9))
+
+
+def _attention_reference(q, cache, tables, lens, scale):
+    out = []
+    bs = cache.shape[2]
+    flat = cache.double().flatten(1, 2)
+    for b, n in enumerate(lens):
+        slots = torch.tensor([tables[b][s // bs] * bs + s % bs for s in range(n)])
+        k, v = flat[0, slots], flat[1, slots]
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[b].double() * scale, k), dim=-1)
+        out.append(torch.einsum("hn,nhd->hd", w, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("dtype,d,block_size", [(torch.float32, 64, 16), (torch.float32, 24, 4),
+                                                (torch.bfloat16, 64, 16), (torch.bfloat16, 128, 8)])
+def test_paged_decode_matches_float64_on_every_level(isa, dtype, d, block_size):
+    gen = torch.Generator().manual_seed(d + block_size)
+    n_kv, group, num_blocks = 3, 3, 96
+    lens = [1, 7, 8, 9, 33, 130]
+    order, tables = torch.randperm(num_blocks, generator=gen).tolist(), []
+    for n in lens:
+        tables.append(order[: -(-n // block_size)])
+        order = order[len(tables[-1]):]
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    cache = (torch.randn(2, num_blocks, block_size, n_kv, d, generator=gen) * 2).to(dtype)
+    q = (torch.randn(len(lens), n_kv * group, d, generator=gen) * 2).to(dtype)
+    scale = d ** -0.5
+    want = _attention_reference(q, cache, tables, lens, scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (slice(None), slice(5, 6)):  # work split by sequence, and by KV head
+        got = cpu_attention.paged_decode(q[rows], cache, table_t[rows], torch.tensor(lens)[rows], scale, isa=isa)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want[rows], atol=tol, rtol=tol)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -180,6 +181,10 @@ def serve(
 
     def load_engine():  # runs on the engine thread, so /health answers while the model loads
         from zili.engine.builder import build_engine
+        from zili.engine.compiled_decode import BACKGROUND_ENV
+
+        # A server answers at once: the decode step compiles in the background (zili.engine.compiled_decode).
+        os.environ.setdefault(BACKGROUND_ENV, "1")
 
         loaded = build_engine(config)
         if loaded.tp_executor is not None:  # a worker lost while idle: unhealthy at once, then exit non-zero

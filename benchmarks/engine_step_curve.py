@@ -1,6 +1,7 @@
 """Engine step time against position: does a step's host work grow with the tokens generated?
 
-A tiny random-weight Llama (1 layer, hidden 64) keeps the model's own cost small, 32 streams each
+A tiny random-weight Llama (1 layer, hidden 64, the torch "sdpa" attention so that no C++ kernel
+build differs between the commits compared) keeps the model's own cost small, 32 streams each
 generate `--tokens` tokens greedily, and every decode step is timed twice: the whole
 `Engine.step()` and, inside it, the executor's forward (`runner.execute`). Their difference is the
 engine's host-side work (scheduling, sampling, output processing). The steps are grouped by
@@ -35,7 +36,7 @@ def build(model_dir: Path, streams: int, tokens: int) -> Any:
     from zili.config import EngineConfig
 
     config = EngineConfig(model=str(model_dir), dtype="float32", max_num_seqs=streams, max_model_len=tokens + 64,
-                          enforce_eager=True, use_tune_cache=False, threads=1,
+                          enforce_eager=True, use_tune_cache=False, threads=1, attention_backend="sdpa",
                           kv_cache_memory=streams * (tokens + 64) * 2 * 2 * 16 * 4 + 2**20)
     try:
         from zili.engine.builder import build_engine

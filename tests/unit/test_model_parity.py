@@ -50,8 +50,9 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         SMALL, vocab_size=320, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0,
         rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128))),
+    # Mistral with a sliding window shorter than the test sequences (every layer slides).
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
-        SMALL, vocab_size=256, sliding_window=None, tie_word_embeddings=False)),
+        SMALL, vocab_size=256, sliding_window=24, tie_word_embeddings=False)),
 }
 
 
@@ -283,12 +284,16 @@ def test_hf_config_fields() -> None:
     assert qwen3.hf_architecture == "Qwen3ForCausalLM"
 
 
-def test_hf_config_sliding_window_caps_context() -> None:
+def test_hf_config_sliding_window_layers() -> None:
+    """The window is applied per layer (no cap on the context): Mistral slides every layer, Qwen2/3
+    the layers from max_window_layers on when use_sliding_window is set."""
     mistral = model_config_from_hf(dict(BASE, architectures=["MistralForCausalLM"], sliding_window=1024))
-    assert mistral.architecture == "llama" and mistral.max_position_embeddings == 1024
+    assert mistral.architecture == "llama" and mistral.max_position_embeddings == BASE["max_position_embeddings"]
+    assert mistral.layer_window(0) == mistral.layer_window(BASE["num_hidden_layers"] - 1) == 1024
     qwen = dict(BASE, architectures=["Qwen2ForCausalLM"], sliding_window=1024, max_window_layers=1)
-    assert model_config_from_hf(qwen).max_position_embeddings == 4096  # use_sliding_window false
-    assert model_config_from_hf(dict(qwen, use_sliding_window=True)).max_position_embeddings == 1024
+    assert model_config_from_hf(qwen).layer_window(1) is None  # use_sliding_window false
+    sliding = model_config_from_hf(dict(qwen, use_sliding_window=True))
+    assert sliding.layer_window(0) is None and sliding.layer_window(1) == 1024
 
 
 def test_hf_config_rejects_unsupported() -> None:

@@ -22,10 +22,6 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     trained_positions = int(cfg.get("max_position_embeddings") or hf_arch.default_max_positions)
     max_positions = trained_positions
     window = _sliding_window(cfg)
-    if window is not None:
-        # Sliding-window attention equals full attention over sequences no longer than the window,
-        # so the model is exact up to that length.
-        max_positions = min(max_positions, window)
     rope_theta, rope_scaling = _rope(cfg, trained_positions)
     eos = cfg.get("eos_token_id")
     attention_bias = bool(cfg.get("attention_bias", False))
@@ -51,6 +47,8 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         pad_token_id=cfg.get("pad_token_id"),
         hf_architecture=hf_arch.name,
+        sliding_window=window,
+        layer_types=_layer_types(cfg, window),
     )
     fields.update(entry.hf_overrides)
     if entry.hf_fields is not None:
@@ -86,6 +84,19 @@ def _sliding_window(cfg: dict[str, Any]) -> int | None:
             return int(window)
         return None
     return int(window)
+
+
+def _layer_types(cfg: dict[str, Any], window: int | None) -> list[str]:
+    """Which layers slide: config.json's `layer_types`; Qwen2/3's layers from `max_window_layers` on
+    (transformers' rule); [] (every layer) for a Mistral-style config or when nothing slides."""
+    if window is None:
+        return []
+    if cfg.get("layer_types") is not None:
+        return list(cfg["layer_types"])
+    if "max_window_layers" in cfg:
+        first = int(cfg["max_window_layers"])
+        return ["sliding_attention" if i >= first else "full_attention" for i in range(int(cfg["num_hidden_layers"]))]
+    return []
 
 
 def _rope(cfg: dict[str, Any], max_positions: int) -> tuple[float, dict[str, Any] | None]:

@@ -39,8 +39,9 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None, layer_idx: int = 0) -> None:
         super().__init__()
+        self.window = config.layer_window(layer_idx)  # Mistral / Qwen sliding layers; None: full
         heads = split_heads(config.num_attention_heads, config.num_key_value_heads, tp)  # this rank's
         self.num_heads = heads.q.size
         self.num_kv_heads = heads.kv.size
@@ -69,7 +70,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = fused.rotary_qk(q, k, cos, sin)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)  # [T, n_heads, d]
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale, window=self.window)  # [T, n_heads, d]
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -86,9 +87,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, tp)
+        self.self_attn = LlamaAttention(config, tp, layer_idx)
         self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -104,7 +105,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                           config.rope_theta, config.rope_scaling)

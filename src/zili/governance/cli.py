@@ -217,11 +217,11 @@ def usage(
         typer.echo(json.dumps({"by": by, "since": iso(since_t), "data": rows}, indent=2))
         return
     header = (f"{by:20} {'requests':>8} {'ok':>6} {'rejected':>8} {'aborted':>7} {'error':>5} {'prompt':>9} "
-              f"{'cached':>8} {'completion':>10} {'cost $':>10}")
+              f"{'cached':>8} {'completion':>10} {'cost $':>12}")
     typer.echo(header)
     for r in rows:
         typer.echo(f"{str(r[by])[:20]:20} {r['requests']:8} {r['ok']:6} {r['rejected']:8} {r['aborted']:7} "
                    f"{r['error']:5} {r['prompt_tokens']:9} {r['cached_tokens']:8} {r['completion_tokens']:10} "
-                   f"{r['cost_usd']:10.6f}")
+                   f"{r['cost_usd']:12.8f}")
     if not rows:
         typer.echo("(no requests recorded)")

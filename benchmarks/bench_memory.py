@@ -53,18 +53,25 @@ def main() -> None:
     from zili.models.loader import load_model
     from zili.models.quantize import quantized_bytes
 
-    loaded = load_model(None)
-    rows.append((f"load the model ({loaded.dtype})", rss_mib()))
-    per_block = kv_bytes_per_block(loaded.config, 16, loaded.dtype)
+    from zili.platforms import current_platform
+
+    dtype = current_platform().default_dtype()
+
+    probe = load_model(None, dtype=dtype)
+    per_block = kv_bytes_per_block(probe.config, 16, probe.dtype)
+    del probe
+    gc.collect()
+    rows.append(("(model loaded once to size the KV pool, then dropped)", rss_mib()))
     blocks = -(-args.kv_tokens // 16)
     config = EngineConfig(max_num_seqs=32, kv_cache_memory=blocks * per_block, enforce_eager=not args.compile,
                           use_tune_cache=False)
-    engine = build_engine(config, loaded=loaded)
+    engine = build_engine(config)
     gc.collect()
-    rows.append(("quantize, pack, KV pool" + (", compile the decode step" if args.compile else ""), rss_mib()))
-    model = loaded.model
+    rows.append(("engine: load, quantize, pack, KV pool" + (", compile the decode step" if args.compile else ""),
+                 rss_mib()))
+    model = engine.runner.model
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = sum(c.numel() * c.element_size() for c in engine.runner.kv_caches) if hasattr(engine, "runner") else 0
+    kv = sum(c.numel() * c.element_size() for c in engine.runner.kv_caches)
     print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
     prev = 0.0
     for name, mib in rows:

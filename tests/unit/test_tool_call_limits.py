@@ -49,7 +49,8 @@ def test_a_bad_answer_schema_is_refused():
 
 # text cut off by max_tokens -> (content, [(name, arguments so far)])
 CUT = [
-    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', None, [("get_weather", '{"city": "Par')]),
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', None,
+     [("get_weather", '{"city": "Par')]),
     (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": ', None, [("get_weather", "")]),
     (HERMES, '<tool_call>\n{"name": "get_wea', None, [("get_wea", "")]),
     (HERMES, "<tool_call>\n{", None, []),  # not even the name: no call, and no markup as content

@@ -310,9 +310,9 @@ def _event(kind: str, data: dict[str, Any]) -> str:
 
 async def _events(gen: Generation, fmt: ChatFormat, model: str) -> AsyncIterator[str]:
     """The Messages event stream: one text block per run of text, one tool_use block per call."""
-    start = {"id": gen.request_id, "type": "message", "role": "assistant", "model": model, "content": [],
-             "stop_reason": None, "stop_sequence": None,
-             "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": 0}}
+    start: dict[str, Any] = {"id": gen.request_id, "type": "message", "role": "assistant", "model": model,
+                             "content": [], "stop_reason": None, "stop_sequence": None,
+                             "usage": {"input_tokens": gen.prompt_tokens, "output_tokens": 0}}
     blocks = _BlockWriter()
     finish: tuple[str | None, int | str | None] = (None, None)
     try:

@@ -42,6 +42,9 @@ from zili.models.registry import capabilities_of
 logger = logging.getLogger(__name__)
 
 ENFORCE_EAGER_ENV = envs.ZILI_ENFORCE_EAGER.name
+# Blocks per layer of the scratch KV caches a background compile writes into (any count above 1:
+# the pool's block count is a symbolic dimension of the graphs).
+SCRATCH_BLOCKS = 4
 
 
 def eager_by_default() -> bool:
@@ -49,7 +52,7 @@ def eager_by_default() -> bool:
 
 
 def compiles_in_background() -> bool:
-    return os.environ.get(BACKGROUND_ENV, "").strip().lower() in ("1", "true", "yes")
+    return envs.background_compile()
 
 
 def unsupported_reason(model: nn.Module, platform, attention_backend: str, tensor_parallel: bool) -> str | None:
@@ -120,7 +123,8 @@ class CompiledDecode:
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
 
-    def start_in_background(self, batch_sizes: list[int], on_ready: Callable[[CompiledDecode], None]) -> threading.Thread:
+    def start_in_background(self, batch_sizes: list[int],
+                            on_ready: Callable[[CompiledDecode], None]) -> threading.Thread:
         """Build the graphs for these batch sizes on a daemon thread, against scratch KV caches of
         SCRATCH_BLOCKS blocks per layer (the pool's block count is symbolic in the graphs, so the
         same graphs then serve the real caches), and call `on_ready(self)` once they are built.

@@ -20,11 +20,12 @@ from typing import Annotated
 
 import typer
 import uvicorn
-
 from sqlalchemy.exc import SQLAlchemyError
 
-from zili.governance.service import GovernanceConfig, build_governance
+from zili import envs
 from zili.config import parse_memory_size
+from zili.governance.service import GovernanceConfig, build_governance
+from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
 from zili.server.app import ServerSettings, ServerState, build_app
 
 logger = logging.getLogger("zili.server")
@@ -132,6 +133,11 @@ def serve(
     load_format: Annotated[str, typer.Option(
         help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
         "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
+    reasoning_parser: Annotated[str, typer.Option(
+        help="Split a reasoning model's thinking into reasoning_content: auto (from the chat template), "
+        "deepseek-r1, qwen3 or none.")] = "auto",
+    reasoning_budgets: Annotated[str | None, typer.Option(
+        help="Thinking budgets (tokens) for reasoning_effort, e.g. low=1024,medium=4096,high=16384.")] = None,
     admin_key: Annotated[str | None, typer.Option(
         "--admin-key", envvar="ZILI_ADMIN_KEY", help="Turn on the admin API (/admin/v1: keys, usage, audit, "
         "pause) for this bearer key; also turns on database keys, quotas and the usage ledger.")] = None,
@@ -156,35 +162,36 @@ def serve(
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
     from zili.engine.async_engine import AsyncEngine
-    from zili.server.auth import read_api_keys
     from zili.models.loader import resolve_model
+    from zili.server.auth import read_api_keys
 
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resolve_model(model, weights_required=load_format != "dummy")  # fail now, with the resolver's message, rather than after binding the port
+        resolve_model(model, weights_required=load_format != "dummy")  # fail before binding the port
         options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
                    "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
                    "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
                    "attention_backend": attention_backend, "use_tune_cache": tune_cache,
-                   "enforce_eager": enforce_eager, "load_format": load_format}
+                   "enforce_eager": enforce_eager, "load_format": load_format,
+                   "reasoning_parser": reasoning_parser}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
         governance = build_governance(GovernanceConfig(
             database_url=database_url, admin_key=admin_key, content_policy=content_policy, log_content=log_content,
             log_retention_days=log_retention_days, prices=prices, metrics_keys=list(metrics_key_label or [])))
+        resolve_reasoning_parser(reasoning_parser, None)  # the name is checked now; "auto" is decided at load
+        budgets = parse_reasoning_budgets(reasoning_budgets or "")
     except (ValueError, OSError, SQLAlchemyError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
 
     def load_engine():  # runs on the engine thread, so /health answers while the model loads
         from zili.engine.builder import build_engine
-        from zili.engine.compiled_decode import BACKGROUND_ENV
-
         # A server answers at once: the decode step compiles in the background (zili.engine.compiled_decode).
-        os.environ.setdefault(BACKGROUND_ENV, "1")
+        os.environ.setdefault(envs.ZILI_BACKGROUND_COMPILE.name, "1")
 
         loaded = build_engine(config)
         if loaded.tp_executor is not None:  # a worker lost while idle: unhealthy at once, then exit non-zero
@@ -194,7 +201,7 @@ def serve(
     settings = ServerSettings(
         served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
         max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
-        web_ui=web_ui)
+        web_ui=web_ui, reasoning_parser=reasoning_parser, reasoning_budgets=budgets)
     if replicas > 1 or ray_address is not None:
         from zili.distributed.replicas import ReplicaPool
 

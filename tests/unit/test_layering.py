@@ -77,7 +77,7 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 
 def test_no_module_cycles_in_the_package():
-    graph = grimp.build_graph("zili", include_external_packages=False, exclude_type_checking_imports=True)
+    graph = grimp.build_graph("zili", include_external_packages=False, exclude_type_checking_imports=True, cache_dir=None)
     assert strongly_connected_components(graph) == []
 
 

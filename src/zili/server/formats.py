@@ -20,7 +20,7 @@ from zili.server.token_bytes import CharOffsets, token_bytes
 from zili.structured.tools import HERMES, ToolCallStream, parse_tool_calls
 
 if TYPE_CHECKING:
-    from zili.server.app import ServerState
+    from zili.server.state import ServerState
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
 
 if TYPE_CHECKING:
-    from zili.server.app import ServerState
+    from zili.server.state import ServerState
 
 
 @dataclass

@@ -17,7 +17,7 @@ from zili.server.client_text import require_valid_unicode
 from zili.server.errors import bad_request
 
 if TYPE_CHECKING:
-    from zili.server.app import ServerState
+    from zili.server.state import ServerState
 
 
 # Below this a temperature is treated as greedy: dividing logits by it would overflow.
@@ -26,7 +26,8 @@ LEGACY_DEFAULT_MAX_TOKENS = SamplingParams.__dataclass_fields__["max_tokens"].de
 
 
 # Template variables the server sets itself: chat_template_kwargs may not replace them.
-_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "documents", "add_generation_prompt", "bos_token",
+_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tokenizer", "tools", "documents", "add_generation_prompt",
+                                          "bos_token",
                                           "eos_token", "unk_token", "pad_token"})
 
 

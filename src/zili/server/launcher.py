@@ -26,7 +26,8 @@ from zili import envs
 from zili.config import parse_memory_size
 from zili.governance.service import GovernanceConfig, build_governance
 from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
-from zili.server.app import ServerSettings, ServerState, build_app
+from zili.server.app import build_app
+from zili.server.state import ServerSettings, ServerState
 
 logger = logging.getLogger("zili.server")
 

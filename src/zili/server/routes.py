@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse, Response
 
 from zili.reasoning import NONE, THINK_END, resolve_reasoning_parser
 from zili.server import protocol as p
-from zili.server.app import ServerState
 from zili.server.auth import require_api_key
 from zili.server.errors import bad_request
 from zili.server.formats import ChatFormat, CompletionFormat, ReasoningSetup
@@ -26,6 +25,7 @@ from zili.server.inputs import (
     structured_output,
 )
 from zili.server.serving import new_request_id, respond
+from zili.server.state import ServerState
 from zili.structured.tools import tool_style
 
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}

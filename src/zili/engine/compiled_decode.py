@@ -26,7 +26,6 @@ compilation pay for it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -69,17 +68,12 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
     return None
 
 
-def use_zili_inductor_cache() -> None:
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(envs.user_cache_dir() / "inductor")
-
-
 class CompiledDecode:
     """Runs decode-only steps through the compiled graph; `__call__` returns float32 logits."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  attention: AttentionBackend | None = None) -> None:
-        use_zili_inductor_cache()
+        envs.use_zili_inductor_cache()
         self.model = model
         self.attention = attention  # the runner's attention backend (None: the torch reference)
         self.kv_caches = kv_caches

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from zili import envs
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,9 +93,7 @@ def enable_fusion() -> None:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    from zili.engine.compiled_decode import use_zili_inductor_cache
-
-    use_zili_inductor_cache()
+    envs.use_zili_inductor_cache()
     # Round where the reference rounds (the bf16 cast before the norm's weight multiply): the fused
     # kernels then give the eager results bit for bit on the CPU, to the last bit or so on GPUs.
     inductor_config.emulate_precision_casts = True

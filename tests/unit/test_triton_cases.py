@@ -186,7 +186,6 @@ def test_tiny_llama_same_greedy_tokens_through_triton(kernels, tmp_path, monkeyp
     """The model calls paged_attention unchanged; the chosen backend runs underneath."""
     from tests.tiny_models import write_tiny_llama
     from zili import LLM, SamplingParams
-    from zili.kernels import backends
     from zili.platforms.cpu import CpuPlatform
 
     tiny = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=1)
@@ -196,11 +195,8 @@ def test_tiny_llama_same_greedy_tokens_through_triton(kernels, tmp_path, monkeyp
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     prompts = ["Hello there", "abc"]
     outs = {}
-    try:
-        for name in ("sdpa", "triton"):
-            llm = LLM(str(tiny), dtype="float32", attention_backend=name, kv_cache_memory=2**20, threads=1)
-            assert backends.active_attention_backend().name == name
-            outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    finally:
-        backends.use_attention_backend("sdpa")
+    for name in ("sdpa", "triton"):
+        llm = LLM(str(tiny), dtype="float32", attention_backend=name, kv_cache_memory=2**20, threads=1)
+        assert llm.engine.runner.attention.name == name  # the runner owns its backend: no process-wide one
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs["triton"] == outs["sdpa"]

@@ -95,12 +95,18 @@ def use_attention_backend(name: str, kernel_config: dict | None = None) -> Atten
 
 
 def choose_attention_backend(requested: str, platform, tuned: str | None = None) -> str:
-    """"auto" takes the tuned winner when it still runs here, else the platform's default."""
+    """"auto" takes the tuned winner when it still runs here, else the platform's default when it
+    is installed (the C++ kernel builds, Triton imports), else the first of the platform's
+    candidates that is. An explicit name must be one of the platform's candidates (ValueError)."""
+    candidates = platform.attention_backends()
     if requested != "auto":
-        if requested not in platform.attention_backends():
+        if requested not in candidates:
             raise ValueError(f"attention backend {requested!r} does not run on {platform.name}; "
-                             f"available: {', '.join(platform.attention_backends())}")
+                             f"available: {', '.join(candidates)}")
         return requested
-    if tuned and tuned in platform.attention_backends() and is_installed(tuned):
+    if tuned and tuned in candidates and is_installed(tuned):
         return tuned
-    return platform.attention_backend()
+    preferred = platform.attention_backend()
+    if is_installed(preferred):
+        return preferred
+    return next((name for name in candidates if is_installed(name)), "sdpa")

@@ -21,7 +21,12 @@ from torch import nn
 
 from zili.config import ModelConfig, parse_dtype
 from zili.models.base import CausalLM
-from zili.models.deepseek import DeepseekForCausalLM, deepseek_v2_hf_fields, deepseek_v3_hf_fields
+from zili.models.deepseek import (
+    DEEPSEEK2_GGUF_LAYOUT,
+    DeepseekForCausalLM,
+    deepseek_v2_hf_fields,
+    deepseek_v3_hf_fields,
+)
 from zili.models.gemma3 import GEMMA3_GGUF_LAYOUT, Gemma3ForCausalLM, gemma3_hf_fields
 from zili.models.llama import LLAMA_GGUF_LAYOUT, QWEN2_GGUF_LAYOUT, QWEN3_GGUF_LAYOUT, LlamaForCausalLM
 from zili.weights.errors import UnsupportedModelError
@@ -94,7 +99,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     # llama.cpp writes both DeepSeek generations as "deepseek2"; its layout tells V3 apart.
     ModelFamily("deepseek_v2", DeepseekForCausalLM,
                 (HFArchitecture("DeepseekV2ForCausalLM", "deepseek_v2", 2048),),
-                capabilities=_MLA_MOE, hf_fields=deepseek_v2_hf_fields),
+                gguf=DEEPSEEK2_GGUF_LAYOUT, capabilities=_MLA_MOE, hf_fields=deepseek_v2_hf_fields),
     ModelFamily("deepseek_v3", DeepseekForCausalLM,
                 (HFArchitecture("DeepseekV3ForCausalLM", "deepseek_v3", 4096),),
                 capabilities=_MLA_MOE, hf_fields=deepseek_v3_hf_fields),
@@ -157,17 +162,17 @@ def gguf_family(architecture: object, tokenizer_kind: object = None, source: str
 
 def capabilities_of(model: nn.Module) -> Capabilities:
     """The capabilities of a model built from this table; none at all for any other module."""
-    config = getattr(model, "config", None)
-    entry = _BY_NAME.get(getattr(config, "architecture", None)) if config is not None else None
+    architecture = getattr(getattr(model, "config", None), "architecture", None)
+    entry = _BY_NAME.get(architecture) if isinstance(architecture, str) else None
     return entry.capabilities if entry is not None else Capabilities()
 
 
-def model_class(config: ModelConfig) -> type[nn.Module]:
+def model_class(config: ModelConfig) -> type[CausalLM]:
     """The nn.Module class for `config.architecture`; ValueError naming the supported ones."""
     return family(config.architecture).model_class
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype | str, device: torch.device | str | None = None) -> nn.Module:
+def build_model(config: ModelConfig, dtype: torch.dtype | str, device: torch.device | str | None = None) -> CausalLM:
     """An inference-only model with uninitialised weights (fill them with `load_weights`)."""
     dtype = parse_dtype(dtype, "dtype") if isinstance(dtype, str) else dtype
     cls = model_class(config)

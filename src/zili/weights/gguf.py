@@ -363,6 +363,11 @@ class GGUFCheckpoint:
             fields.update(layout.config_fields(self))
         return ModelConfig(**fields)
 
+    def rope_scaling(self, rotary_dim: int) -> dict[str, Any] | None:
+        """The HF-style rope scaling dict the metadata describes for `rotary_dim` rotated dimensions
+        (None: plain RoPE); UnsupportedModelError for a kind zili does not run."""
+        return self._rope_scaling(rotary_dim, float(self._meta("rope.freq_base", 10000.0)))
+
     def meta(self, key: str, default: Any = None) -> Any:
         """The metadata value `<architecture>.<key>` (e.g. "attention.kv_lora_rank"), or `default`."""
         return self._meta(key, default)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zili-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-gpu clean postgres chromium
+.PHONY: setup run test test-gpu clean postgres lint chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,7 +35,12 @@ postgres:
 chromium:
 	sh webui/ensure_chromium.sh
 
-test: setup postgres chromium
+# Lint and import order (ruff); the layering contract and the no-cycle rule run inside pytest
+# (tests/unit/test_layering.py).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup postgres chromium lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU (and a CUDA build of torch): the Triton kernels compiled for the

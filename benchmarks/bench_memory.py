@@ -52,7 +52,6 @@ def main() -> None:
     from zili.layers.onednn import packed_only_bytes
     from zili.models.loader import load_model
     from zili.models.quantize import quantized_bytes
-
     from zili.platforms import current_platform
 
     dtype = current_platform().default_dtype()

@@ -271,9 +271,9 @@ def tune_graph_ladder(engine, max_batch: int, repeats: int) -> tuple[list[int], 
         step = StepInput([[0]] * size, [runner.block_size] * size, tables, [True] * size)
         try:
             runner.decode_graphs = None
-            eager = best_time(lambda: runner.execute(step), repeats, platform.synchronize)
+            eager = best_time(lambda: runner.execute(step), repeats, platform.synchronize)  # noqa: B023 (called at once)
             runner.decode_graphs = graphs
-            replay = best_time(lambda: runner.execute(step), repeats, platform.synchronize)
+            replay = best_time(lambda: runner.execute(step), repeats, platform.synchronize)  # noqa: B023 (called at once)
         finally:
             runner.decode_graphs = previous
         timings[size] = {"eager_ms": round(1e3 * eager, 4), "graph_ms": round(1e3 * replay, 4)}
@@ -300,9 +300,9 @@ def tune_quant_rows(engine, repeats: int, max_rows: int) -> tuple[int, dict]:
             break
         step = StepInput([[1]] * rows, [ctx - 1] * rows, [[i] for i in range(rows)], [True] * rows)
         set_quant_max_rows(model, 1 << 30)
-        quant = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)
+        quant = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)  # noqa: B023 (called at once)
         set_quant_max_rows(model, 0)
-        dense = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)
+        dense = best_time(lambda: runner.execute(step), repeats, engine.platform.synchronize)  # noqa: B023 (called at once)
         timings[rows] = {"quantized_ms": round(1e3 * quant, 3), "dense_ms": round(1e3 * dense, 3)}
         if quant >= dense:
             break
@@ -332,10 +332,10 @@ def tune_quant_kernels(model, repeats: int, rows_list: tuple[int, ...] = (1, 4, 
             kernels[level] = (Int4Weight(float_group_quant(w), isa=level) if form == "Int4Weight"
                               else Int8Weight(w, isa=level)).matmul
         dense = w.to(dtype)
-        kernels["dense"] = lambda x: torch.nn.functional.linear(x, dense)
+        kernels["dense"] = lambda x: torch.nn.functional.linear(x, dense)  # noqa: B023 (called at once)
         for rows in rows_list:
             x = torch.randn(rows, k, dtype=dtype)
-            us = {name: round(1e6 * best_time(lambda: fn(x), repeats, lambda: None), 1) for name, fn in kernels.items()}
+            us = {name: round(1e6 * best_time(lambda: fn(x), repeats, lambda: None), 1) for name, fn in kernels.items()}  # noqa: B023 (called at once)
             out[f"{form}:{n}x{k}:rows{rows}"] = {"us": us, "winner": min(us, key=us.__getitem__)}
     return out
 
@@ -365,9 +365,8 @@ def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **o
 
 
 def _load(options: TuneOptions, platform):
-    from zili.models.loader import load_model
+    from zili.models.loader import load_model, open_checkpoint
     from zili.models.quantize import quantize_model
-    from zili.models.loader import open_checkpoint
 
     loaded = load_model(options.model, dtype=options.dtype, device=platform.device, load_format=options.load_format)
     counts: dict[str, int] = {}

@@ -8,13 +8,12 @@ import json
 import re
 
 import httpx
+import jsonschema  # noqa: E402
 import openai
 import pytest
+import xgrammar  # noqa: E402,F401
 
 from tests.e2e.server_process import MODEL
-
-import jsonschema  # noqa: E402
-import xgrammar  # noqa: E402,F401
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},

@@ -15,10 +15,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pytest  # noqa: E402
 
-import ray  # noqa: E402
 import httpx  # noqa: E402
+import ray  # noqa: E402
 import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402

@@ -16,10 +16,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-import ray  # noqa: E402,F401
 import httpx  # noqa: E402
+import pytest
+import ray  # noqa: E402,F401
 import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402

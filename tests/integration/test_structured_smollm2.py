@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
-import xgrammar  # noqa: E402,F401
 import jsonschema  # noqa: E402
+import pytest
+import xgrammar  # noqa: E402,F401
 
 from zili.weights.resolve import ALIASES, alias_path  # noqa: E402
 
@@ -160,7 +159,7 @@ def results():
 def test_at_least_thirty_schemas_all_finished_outputs_validate(results):
     assert len(SCHEMAS) >= 30
     finished = total = 0
-    for (what, schema), out in zip(SCHEMAS, results["json"]):
+    for (_what, schema), out in zip(SCHEMAS, results["json"]):
         for c in out.outputs:
             total += 1
             if c.finish_reason != "stop":

@@ -10,9 +10,9 @@ import torch
 
 from tests.tiny_models import write_tiny_llama
 from zili import LLM, SamplingParams
+from zili.engine.runner import kv_bytes_per_block
 from zili.kernels import cpu_attention
 from zili.kernels.attention import AttentionMetadata, sdpa_paged_attention
-from zili.engine.runner import kv_bytes_per_block
 
 
 def test_kernel_builds_here():
@@ -123,9 +123,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("eager", [True, False])
 def test_engine_batched_equals_alone_and_sdpa(tiny_dir, eager):
-    from zili.models.hf_config import model_config_from_hf
-
     from zili.kernels.backends import use_attention_backend
+    from zili.models.hf_config import model_config_from_hf
 
     cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
     prompts = ["Hello there", "The capital of France is", "def fib(n):", "你好，世界", "a b c d e f g h i j k"]

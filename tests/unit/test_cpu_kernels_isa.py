@@ -10,7 +10,8 @@ import torch
 
 from zili.kernels import cpu_attention, cpu_isa
 from zili.kernels.cpu_quant import dequantize_q4, dequantize_q8, pack_q4, pack_q8, q4_matmul, q8_matmul
-from zili.platforms.cpu import CPU_ISA_LEVELS, cpu_isa as selected_level, native_cpu_isa
+from zili.platforms.cpu import CPU_ISA_LEVELS, native_cpu_isa
+from zili.platforms.cpu import cpu_isa as selected_level
 
 LEVELS = cpu_isa.executable_levels()
 AVX2_FLAGS = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})

@@ -16,14 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 import transformers  # noqa: E402
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from zili.config import ModelConfig  # noqa: E402
 from zili.kernels import mla_attention as mla_kernels  # noqa: E402
 from zili.kernels.attention import AttentionMetadata  # noqa: E402
-from zili.layers.moe import FusedExperts, GatedMLP, DeepseekMoE, select_experts  # noqa: E402
+from zili.layers.moe import DeepseekMoE, FusedExperts, GatedMLP, select_experts  # noqa: E402
 from zili.models.hf_config import model_config_from_hf  # noqa: E402
 from zili.models.registry import build_model  # noqa: E402
 
@@ -256,10 +255,10 @@ def _experts(num_experts: int = 8, hidden: int = 16, inter: int = 12, expert_ran
 
 def _dense_loop(experts: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(x)
-    I = experts.intermediate_size
+    inter = experts.intermediate_size
     for e in range(experts.num_experts):
         h = x @ experts.w13[e].T
-        y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ experts.w2[e].T
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ experts.w2[e].T
         out += y * (weights * (ids == e)).sum(-1, keepdim=True)
     return out
 

@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 import transformers  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402

@@ -12,9 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 import transformers  # noqa: E402,F401
+from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import write_tiny_deepseek  # noqa: E402
 from zili.kernels.attention import AttentionMetadata  # noqa: E402

@@ -22,7 +22,7 @@ from zili.weights.gguf import (
     llama3_rope_factors,
     read_gguf_header,
 )
-from zili.weights.resolve import alias_path, ALIASES
+from zili.weights.resolve import ALIASES, alias_path
 
 RNG = np.random.default_rng(0)
 

@@ -16,7 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-
 import transformers  # noqa: E402
 
 from tests.tiny_models import write_byte_tokenizer  # noqa: E402

@@ -10,8 +10,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from zili.layers.linear import Linear
-from zili.layers.quant import (GROUP, Int4Weight, Int8Weight, dequantize_group, float_group_quant,
-                               gguf_group_quant)
+from zili.layers.quant import GROUP, Int4Weight, Int8Weight, dequantize_group, float_group_quant, gguf_group_quant
 
 RNG = np.random.default_rng(0)
 
@@ -116,9 +115,8 @@ def test_linear_switches_to_dense_above_max_rows():
 
 @pytest.fixture(scope="module")
 def smollm_pair():
-    from zili.models.loader import load_model
+    from zili.models.loader import load_model, open_checkpoint
     from zili.models.quantize import quantize_model
-    from zili.models.loader import open_checkpoint
 
     ref = load_model(None, dtype="float32")
     quant = load_model(None, dtype="bfloat16")

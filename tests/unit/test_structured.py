@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
-import xgrammar  # noqa: E402,F401
 import jsonschema  # noqa: E402
+import pytest
+import xgrammar  # noqa: E402,F401
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402
@@ -40,8 +39,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def make_llm(tiny_dir, num_blocks=512, block_size=4, **kw) -> LLM:
-    from zili.models.hf_config import model_config_from_hf
     import torch
+
+    from zili.models.hf_config import model_config_from_hf
 
     cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
     kw.setdefault("max_num_seqs", 32)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
+import jsonschema  # noqa: E402
 import pytest
 import typer
-from typer.testing import CliRunner
-
 import xgrammar  # noqa: E402,F401
-import jsonschema  # noqa: E402
+from typer.testing import CliRunner
 
 from zili.extract import extract, extraction_messages  # noqa: E402
 

@@ -6,15 +6,22 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
-
-import xgrammar  # noqa: E402,F401
 import jsonschema  # noqa: E402
+import pytest
+import xgrammar  # noqa: E402,F401
 
 from zili import SamplingParams  # noqa: E402
-from zili.structured.tools import (HERMES, LLAMA3, ToolCallStream, normalize_tool_choice,  # noqa: E402
-                                   normalize_tools, parse_tool_calls, render_chat, tool_call_constraint,
-                                   tool_style)
+from zili.structured.tools import (  # noqa: E402
+    HERMES,
+    LLAMA3,
+    ToolCallStream,
+    normalize_tool_choice,
+    normalize_tools,
+    parse_tool_calls,
+    render_chat,
+    tool_call_constraint,
+    tool_style,
+)
 from zili.tokenizer import Tokenizer  # noqa: E402
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -47,7 +54,8 @@ CONVERSATION = [
 
 
 def tokenizer_with(template: str) -> Tokenizer:
-    from tokenizers import Tokenizer as Backend, models
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
 
     return Tokenizer(Backend(models.BPE(vocab={"a": 0}, merges=[])), chat_template=template)
 

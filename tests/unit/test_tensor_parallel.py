@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 import transformers  # noqa: E402,F401  (tests/tiny_models writes checkpoints with it)
 
 from tests.tiny_models import write_tiny_deepseek, write_tiny_llama  # noqa: E402

@@ -14,7 +14,6 @@ import time
 
 import pytest
 import torch
-
 import transformers  # noqa: E402,F401  (tests/tiny_models writes checkpoints with it)
 
 from tests.tiny_models import write_tiny_llama  # noqa: E402

@@ -15,6 +15,7 @@ import transformers  # noqa: F401  (tests/tiny_models writes checkpoints with it
 
 from tests.tiny_models import write_tiny_llama
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 import triton  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[2]

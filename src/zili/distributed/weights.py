@@ -3,6 +3,8 @@ single-process engine's (the slicing itself is `zili.models.sharding`)."""
 
 from __future__ import annotations
 
+import torch
+
 from zili.models.loader import load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
 from zili.models.sharding import ShardedRawCheckpoint, shard_specs

@@ -18,7 +18,7 @@ from torch import nn
 
 from zili.config import EngineConfig, ModelConfig
 from zili.distributed.executor import TensorParallelExecutor
-from zili.engine.compiled_decode import CompiledDecode, eager_by_default, unsupported_reason
+from zili.engine.compiled_decode import CompiledDecode, compiles_in_background, eager_by_default, unsupported_reason
 from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
 from zili.engine.engine import Engine
 from zili.engine.executor import Executor
@@ -192,6 +192,10 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
     # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
     limits = {m.quant.max_rows for m in model.modules() if getattr(m, "quant", None) is not None}
     sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
+    if compiles_in_background():  # serve eagerly now, switch when the graphs are built
+        logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
+        compiled.start_in_background(sizes, lambda ready: setattr(runner, "compiled_decode", ready))
+        return None
     logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
                 "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
     try:

@@ -18,7 +18,6 @@ import torch
 
 from zili.engine.request import Sequence, TokenLogprob
 
-
 _MASK64 = (1 << 64) - 1
 
 

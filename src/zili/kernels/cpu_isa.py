@@ -62,6 +62,9 @@ def ops(isa: str | None = None):
     return getattr(torch.ops, namespace(isa))
 
 
+# A constant for torch.compile: the compiled decode step calls the kernels through `ops()`, and
+# dynamo must not trace the /proc/cpuinfo read behind this (it cannot trace `open`).
+@torch.compiler.assume_constant_result
 def selected() -> str:
     """The level this process runs (the CPU's, or lower under ZILI_CPU_ISA)."""
     return cpu_isa()

@@ -16,8 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from zili.kernels.triton_attention import (_LOG2E, CONFIG, _combine_kernel, _dot, _finish_split, _pow2, _precise,
-                                           _split_buffers, num_splits)
+from zili.kernels.triton_attention import (
+    _LOG2E,
+    CONFIG,
+    _combine_kernel,
+    _dot,
+    _finish_split,
+    _pow2,
+    _precise,
+    _split_buffers,
+    num_splits,
+)
 
 
 @triton.jit

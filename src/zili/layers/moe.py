@@ -99,10 +99,10 @@ class FusedExperts(nn.Module):
                  expert_range: range | None = None) -> None:
         super().__init__()
         self.expert_range = expert_range if expert_range is not None else range(num_experts)
-        n, I = len(self.expert_range), intermediate_size
+        n, inter = len(self.expert_range), intermediate_size
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(n, 2 * I, hidden_size))  # gate rows, then up rows
-        self.w2 = nn.Parameter(torch.empty(n, hidden_size, I))
+        self.w13 = nn.Parameter(torch.empty(n, 2 * inter, hidden_size))  # gate rows, then up rows
+        self.w2 = nn.Parameter(torch.empty(n, hidden_size, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, ids [T, k] -> sum_k weights * expert_ids(x) [T, H]."""
@@ -131,8 +131,8 @@ class FusedExperts(nn.Module):
         """Copy one expert's gate_proj / up_proj / down_proj weight; False if the expert is not held here."""
         if expert not in self.expert_range:
             return False
-        e, I = expert - self.expert_range.start, self.intermediate_size
-        target = {"gate_proj": self.w13[e, :I], "up_proj": self.w13[e, I:], "down_proj": self.w2[e]}[hf_leaf]
+        e, inter = expert - self.expert_range.start, self.intermediate_size
+        target = {"gate_proj": self.w13[e, :inter], "up_proj": self.w13[e, inter:], "down_proj": self.w2[e]}[hf_leaf]
         if tensor.shape != target.shape:
             raise ValueError(f"expected shape {list(target.shape)}, got {list(tensor.shape)}")
         with torch.no_grad():

@@ -24,8 +24,7 @@ from zili.kernels.attention import AttentionMetadata, paged_attention
 from zili.layers import fused
 from zili.layers.activation import act_and_mul
 from zili.layers.norm import RMSNorm
-from zili.layers.parallel import (TensorParallel, column_linear, lm_head, row_linear,
-                                  split_heads, vocab_embedding)
+from zili.layers.parallel import TensorParallel, column_linear, lm_head, row_linear, split_heads, vocab_embedding
 from zili.layers.rotary import RotaryEmbedding
 from zili.models.base import CausalLM
 from zili.weights.errors import UnsupportedModelError

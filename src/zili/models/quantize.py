@@ -30,8 +30,16 @@ from torch import nn
 from zili.config import QUANTIZATION_MODES
 from zili.layers import onednn
 from zili.layers.linear import Linear
-from zili.layers.quant import (DEFAULT_MAX_ROWS, INT4_GGUF_TYPES, GroupQuant, Int4Weight, Int8Weight,
-                               concat_group_quants, float_group_quant, gguf_group_quant)
+from zili.layers.quant import (
+    DEFAULT_MAX_ROWS,
+    INT4_GGUF_TYPES,
+    GroupQuant,
+    Int4Weight,
+    Int8Weight,
+    concat_group_quants,
+    float_group_quant,
+    gguf_group_quant,
+)
 
 LM_HEAD = "lm_head"
 
@@ -198,7 +206,7 @@ def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), re
         for rows in candidates:
             # the model's activation dtype: fp32 where the CPU has no native bf16
             x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
-            if best(lambda: layer.quant.matmul(x)) >= best(lambda: dense_matmul(x)):
+            if best(lambda: layer.quant.matmul(x)) >= best(lambda: dense_matmul(x)):  # noqa: B023 (called at once)
                 break
             chosen = rows
     set_quant_max_rows(model, chosen)

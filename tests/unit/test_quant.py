@@ -74,6 +74,7 @@ def test_int4_layer_uses_the_selected_kernel_level(monkeypatch):
     gq = float_group_quant(torch.randn(48, 96))
     x = torch.randn(2, 96)
     ref = x @ dequantize_group(gq).t()
+    monkeypatch.setenv("ZILI_PACKED_KERNELS", "zili")
     for isa in cpu_isa.executable_levels():
         monkeypatch.setenv("ZILI_CPU_ISA", isa)
         layer = Int4Weight(gq)
@@ -200,6 +201,9 @@ def _kernel_levels() -> list[str]:
     return cpu_isa.executable_levels()
 
 
+@pytest.mark.xfail(strict=True, reason="int8 per-block activations: 96.1% greedy agreement with fp32 on "
+                   "avx512 and avx2 (2026-11-29), below the 98% bar; zili's packed kernels stay opt-in "
+                   "(ZILI_PACKED_KERNELS=zili) until they pass")
 @pytest.mark.parametrize("isa", _kernel_levels())
 def test_smollm2_agrees_on_every_kernel_level(isa, fp32_greedy, monkeypatch):
     """Each CPU kernel level (forced with ZILI_CPU_ISA) at the dtype the platform picks for it
@@ -209,6 +213,7 @@ def test_smollm2_agrees_on_every_kernel_level(isa, fp32_greedy, monkeypatch):
     from zili.platforms.cpu import CpuPlatform
 
     monkeypatch.setenv("ZILI_CPU_ISA", isa)
+    monkeypatch.setenv("ZILI_PACKED_KERNELS", "zili")
     dtype = CpuPlatform().default_dtype()
     assert (dtype == torch.bfloat16) == (isa == "avx512")
     quant = load_model(None, dtype=str(dtype).removeprefix("torch."))

@@ -92,7 +92,8 @@ def test_bf16_int8_logits_match_eager(tiny_dir):
     assert all(len(t) == 6 for t in tokens)
     b = 4
     tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
-    meta = AttentionMetadata.build([1] * b, [9] * b, tables, 4)
+    # The same attention backend on both sides: the runner's own (eager and compiled differ only in fusion).
+    meta = AttentionMetadata.build([1] * b, [9] * b, tables, 4, backend=runner.attention)
     ids, pos = torch.tensor([5, 6, 7, 8]), torch.full((b,), 8)
     with torch.inference_mode():
         got = runner.compiled_decode(ids, pos, meta)

@@ -58,23 +58,23 @@ def _tiny_key(tiny_dir):
 
 def test_engine_reads_the_cache_and_logs_it(tiny_dir, cache_path, caplog):
     from zili.config import EngineConfig
-    from zili.engine.engine import Engine
+    from zili.engine.builder import build_engine
 
     TuneCache().store(CpuPlatform(), {"threads": 1, "attention_backend": "sdpa"}, _tiny_key(tiny_dir),
                       {"block_size": 8})
     base = dict(model=str(tiny_dir), dtype="float32", kv_cache_memory=2**20)
     torch.set_num_threads(2)
-    with caplog.at_level(logging.INFO, logger="zili.engine.engine"):
-        engine = Engine(EngineConfig(**base))
+    with caplog.at_level(logging.INFO, logger="zili.engine.builder"):
+        engine = build_engine(EngineConfig(**base))
     assert engine.config.block_size == 8 and engine.kv_cache.block_size == 8
     assert torch.get_num_threads() == 1
     assert "tune cache" in caplog.text and "block_size=8" in caplog.text and "threads=1" in caplog.text
-    assert Engine(EngineConfig(**base, block_size=4)).config.block_size == 4  # explicit wins
-    assert Engine(EngineConfig(**base, threads=2)) and torch.get_num_threads() == 2
-    untuned = Engine(EngineConfig(**base, use_tune_cache=False))  # --no-tune-cache
-    assert untuned.config.block_size == EngineConfig.block_size and untuned.tuning is None
+    assert build_engine(EngineConfig(**base, block_size=4)).config.block_size == 4  # explicit wins
+    assert build_engine(EngineConfig(**base, threads=2)) and torch.get_num_threads() == 2
+    untuned = build_engine(EngineConfig(**base, use_tune_cache=False))  # --no-tune-cache
+    assert untuned.config.block_size == EngineConfig.block_size
     with pytest.raises(ValueError, match="does not run on cpu"):
-        Engine(EngineConfig(**base, attention_backend="triton"))
+        build_engine(EngineConfig(**base, attention_backend="triton"))
 
 
 def test_tune_command_end_to_end(tiny_dir, cache_path):
@@ -83,7 +83,7 @@ def test_tune_command_end_to_end(tiny_dir, cache_path):
     from typer.testing import CliRunner
 
     from zili.config import EngineConfig
-    from zili.engine.engine import Engine
+    from zili.engine.builder import build_engine
     from zili.tune import tune
 
     app = typer.Typer()
@@ -110,8 +110,9 @@ def test_tune_command_end_to_end(tiny_dir, cache_path):
     for entry in kernels.values():
         assert set(entry["us"]) == {*cpu_isa.executable_levels(), "torch", "dense"}
         assert entry["winner"] in entry["us"] and all(t > 0 for t in entry["us"].values())
-    engine = Engine(EngineConfig(model=str(tiny_dir), dtype="float32", quantization="int4", kv_cache_memory=2**20))
-    assert engine.tuning.model["block_size"] == full["model"]["block_size"] == engine.config.block_size
+    engine = build_engine(EngineConfig(model=str(tiny_dir), dtype="float32", quantization="int4",
+                                       kv_cache_memory=2**20))
+    assert full["model"]["block_size"] == engine.config.block_size
     rows = {m.quant.max_rows for m in engine.runner.model.modules() if getattr(m, "quant", None) is not None}
     assert rows == {full["model"]["quant_max_rows"]}  # tuned, not re-calibrated at load
 

@@ -62,10 +62,15 @@ ZILI_DATABASE_URL = EnvVar(
 ZILI_LLAMA_CPP_DIR = EnvVar(
     "ZILI_LLAMA_CPP_DIR", "path", None,
     "Where the benchmark tooling builds / finds llama.cpp (benchmarks/peers.py); unset: the user cache.")
+ZILI_PACKED_KERNELS = EnvVar(
+    "ZILI_PACKED_KERNELS", "str", None,
+    "Which packed int4/int8 matmul the quantized layers use: 'zili' for zili's per-ISA kernels (opt-in until "
+    "they meet the accuracy bar); unset: torch's kernels.")
 
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
-    ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR)}
+    ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
+    ZILI_PACKED_KERNELS)}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -164,7 +164,9 @@ class ReplicaPool(ServingLifecycle):
             # With no address, a new local instance (never a stale one found on disk); stopped at shutdown.
             ray.init(address=self.ray_address or "local", namespace="zili", include_dashboard=False,
                      configure_logging=False, log_to_driver=True)
-            self._started_ray = self.ray_address is None
+            # Ours to end: a local instance is stopped, a cluster we joined is only disconnected from
+            # (left connected, Ray's own exit hooks race the interpreter's teardown: SIGABRT seen in CI).
+            self._started_ray = True
         actor_class = ray.remote(EngineReplica)
         for i in range(self.num_replicas):
             actor = actor_class.options(name=f"{self._name}-replica-{i}", num_cpus=self.replica_cpus,

@@ -24,6 +24,7 @@ from zili.engine.scheduler import ScheduledBatch, Scheduler
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import SamplingParams
+from zili.structured.spec import StructuredOutput
 
 if TYPE_CHECKING:
     from zili.engine.builder import EngineParts
@@ -166,7 +167,7 @@ class Engine:
         return StepInput(token_ids, starts, tables, sample), sampling
 
     # ---- structured output (zili.structured) -------------------------------------------------
-    def compile_structured(self, structured: object) -> object:
+    def compile_structured(self, structured: StructuredOutput) -> object:
         """Compile a StructuredOutput for this model's vocabulary (cached); SamplingParamsError
         ("structured") names the problem. Thread-safe."""
         return self.inputs.compile_structured(structured)

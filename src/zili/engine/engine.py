@@ -141,7 +141,7 @@ class Engine:
         step_input, sampling = self._build_step(batch)
         logits = self.runner.execute(step_input)
         if step_input.wants_extras:
-            self._take_extras(batch, step_input, self.runner.step_extras)
+            self._take_extras(batch, step_input, self.runner.step_extras())
         self.scheduler.on_step_done(batch)
         if sampling:
             sampled = self.sampler(logits, sampling, self.inputs.grammar_mask(sampling))

@@ -25,7 +25,6 @@ class Executor(Protocol):
         once any rank has failed (and on every later call)."""
         ...
 
-    @property
     def step_extras(self) -> StepExtras | None:
         """The prompt logprobs and pooled states the last `execute` computed (when its step asked for
         them: `StepInput.prompt_scoring` / `pooling`), else None."""

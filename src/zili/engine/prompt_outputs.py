@@ -11,7 +11,7 @@ Pooling (PoolingParams, llama.cpp's `--embeddings --pooling`): the model's final
 chunk so that chunked prefill can add the pieces up: the sum of the rows ("mean"), the first row
 ("cls") or the last one ("last").
 
-The runner (zili.engine.runner) calls `step_extras` inside its forward pass, on every tensor-parallel
+The runner (zili.engine.runner) calls `compute_step_extras` inside its forward pass, on every tensor-parallel
 rank alike, so the LM head's collectives stay in step.
 """
 
@@ -51,7 +51,7 @@ class StepExtras:
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # [hidden] float32 on the host
 
 
-def step_extras(model: nn.Module, hidden: torch.Tensor, query_lens: list[int],
+def compute_step_extras(model: nn.Module, hidden: torch.Tensor, query_lens: list[int],
                 scoring: list[PromptScoring | None] | None, pooling: list[str | None] | None) -> StepExtras:
     """Prompt logprobs and pooled states for the sequences of one step that asked for them.
 

@@ -165,6 +165,10 @@ class TensorParallelExecutor:
                 self._last_send = time.monotonic()
             return logits
 
+    def step_extras(self):
+        """Rank 0's prompt logprobs / pooled states of the last step (zili.engine.executor.Executor)."""
+        return self.runner.step_extras() if self.runner is not None else None
+
     def add_failure_listener(self, listener: Callable[[TensorParallelError], None]) -> None:
         """`listener(error)` is called (from a background thread, at most once) when the group fails."""
         self._listeners.append(listener)

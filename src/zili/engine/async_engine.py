@@ -27,7 +27,7 @@ from zili.config import ModelConfig
 from zili.engine.engine import Engine, EngineStats
 from zili.engine.input_processor import PreparedRequest
 from zili.engine.request import RequestDelta
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -259,17 +259,18 @@ class AsyncEngine(ServingLifecycle):
         waiting = self._stats.num_waiting if self._stats is not None else 0
         return waiting + len(self._adds) + self._adds_not_in_stats
 
-    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+    async def prepare(self, prompt: str | list[int], params: SamplingParams | PoolingParams) -> PreparedRequest:
         """Validate a request (Engine.prepare) without queueing it: InvalidRequestError naming the
         field when it can never run; EngineUnavailableError while loading."""
         engine = self.engine
-        if params.structured is None:
+        if getattr(params, "structured", None) is None:  # PoolingParams have no grammar
             return engine.prepare(prompt, params)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prepare_pool, engine.prepare, prompt, params)
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None
+        self, request_id: str, prompt: str | list[int] | PreparedRequest,
+        params: SamplingParams | PoolingParams | None = None
     ) -> RequestStream:
         """Validate (unless `prompt` is already a PreparedRequest) and queue a request; returns its
         stream once the engine has accepted it.

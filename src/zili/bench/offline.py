@@ -79,14 +79,30 @@ def zili_throughput(llm, requests: Sequence[RequestSpec]) -> dict[str, Any]:
     prompts = [r.prompt for r in requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in requests]
     load_before = load_average()
+    before = llm.engine.stats()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     duration = time.perf_counter() - t0
     n_in = sum(len(o.prompt_token_ids) for o in outputs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return _throughput_row(len(requests), n_in, n_out, duration, load_before,
-                           short_outputs=sum(1 for o, r in zip(outputs, requests)
-                                             if len(o.outputs[0].token_ids) != r.output_len))
+    row = _throughput_row(len(requests), n_in, n_out, duration, load_before,
+                          short_outputs=sum(1 for o, r in zip(outputs, requests)
+                                            if len(o.outputs[0].token_ids) != r.output_len))
+    if getattr(llm.engine, "speculator", None) is not None:
+        row["spec_decode"] = spec_decode_row(before, llm.engine.stats())
+    return row
+
+
+def spec_decode_row(before: Any, after: Any) -> dict[str, Any]:
+    """Speculative decoding between two EngineStats snapshots: drafts (verify steps with drafts),
+    draft tokens proposed, accepted, the acceptance rate and the mean accepted length (1 + accepted
+    drafts per verify step), as vLLM reports them."""
+    drafts = after.spec_decode_num_drafts - before.spec_decode_num_drafts
+    proposed = after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens
+    accepted = after.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+    return {"num_drafts": drafts, "num_draft_tokens": proposed, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
 
 
 def _tps_row(samples: list[float]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from zili.engine.request import Request, RequestDelta, Sequence, TokenLogprob
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
-from zili.engine.spec_decode import NgramSpeculator, SpecDecodeStats, VerifiedStep, expand_rows
+from zili.engine.spec_decode import NgramSpeculator, SpecDecodeStats, VerifiedStep, expand_rows, grammar_rows
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import PoolingParams, SamplingParams
@@ -194,9 +194,17 @@ class Engine:
         (zili.engine.spec_decode). Returns the tokens to append and, per batch entry, its rejected
         draft tokens (None when the step had no drafts)."""
         rows = NgramSpeculator.rows_of(sampling) if self.speculator is not None else sampling
-        sampled = self.sampler(logits, rows, self.inputs.grammar_mask(rows))
-        if self.speculator is None or len(rows) == len(sampling):
+        if len(rows) == len(sampling):
+            sampled = self.sampler(logits, rows, self.inputs.grammar_mask(rows))
             return VerifiedStep(sampling, sampled.token_ids, sampled.logprobs), None
+        assert self.speculator is not None
+        masked, views = grammar_rows(sampling)  # constrained verify rows see the grammar after their drafts
+        try:
+            mask = self.inputs.grammar_mask(masked)  # type: ignore[arg-type]
+        finally:
+            for view in views:
+                view.close()
+        sampled = self.sampler(logits, rows, mask)
         verified, rejected = self.speculator.verify(sampled.token_ids, sampled.logprobs, sampling)
         by_seq = dict(zip(sampling, rejected))
         return verified, [by_seq.get(seq, 0) for seq in batch.seqs]

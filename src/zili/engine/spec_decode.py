@@ -32,18 +32,29 @@ x != d, renormalised. So the output distribution equals plain decoding's, and gr
 identical token for token (tests/unit/test_spec_decode.py checks both).
 
 Rejected drafts' K/V slots are rolled back by the scheduler (`Scheduler.on_step_done(num_rejected)`,
-`KVCacheManager.trim`). Sequences that do not speculate: those with structured output (a grammar
-would have to accept and roll back each draft), repetition / presence / frequency penalties or a
-pending min_tokens (both change with every position of the draft), or a thinking budget (the engine
-may replace a token mid-step); they decode one token a step beside the others.
+`KVCacheManager.trim`).
+
+Structured output: drafts go through the sequence's grammar matcher. A proposal is cut before the
+first token the grammar refuses (or that would end it), then the matcher is rolled back; at
+verification row j is masked with the grammar's state after d1..dj (`DraftGrammarRows` accepts the
+drafts one by one while the rows' bitmasks are filled, then rolls them back), so each row's draw is
+what plain constrained decoding would draw after the same tokens, and the output processor advances
+the matcher over the accepted tokens as it does over sampled ones.
+
+Sequences that do not speculate: those with repetition / presence / frequency penalties or a pending
+min_tokens (both change with every position of the draft), a thinking budget (the engine may replace
+a token mid-step), or a grammar still held back while a reasoning model thinks; they decode one token
+a step beside the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from zili.config import SpeculativeConfig
-from zili.engine.request import Sequence, SequenceStatus, TokenLogprob
+from zili.engine.request import GrammarMatcher, Sequence, SequenceStatus, TokenLogprob
 
 MAX_PAUSE_STEPS = 32  # the longest pause in proposals after repeated misses
 
@@ -136,6 +147,8 @@ class NgramSpeculator:
     def propose(self, running: list[Sequence]) -> None:
         """Set `draft_token_ids` on the running sequences that decode next and have a proposal (the
         scheduler may shorten or drop it to fit the step's budget and the KV pool)."""
+        for seq in running:  # last step's proposals are spent or stale
+            seq.draft_token_ids = []
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) >= limit:
             return
@@ -154,15 +167,18 @@ class NgramSpeculator:
             room = min(req.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             k = min(state.draft_len, room)
             if k > 0:
-                seq.draft_token_ids = state.index.propose(seq.token_ids, k)
+                drafts = state.index.propose(seq.token_ids, k)
+                seq.draft_token_ids = grammar_prefix(seq.grammar, drafts) if drafts and seq.grammar else drafts
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
         """Whether this sequence may carry drafts into its next step (see the module docstring)."""
         p = seq.request.params
+        # A grammar must be attached and able to roll back (not held back behind a reasoning model's thinking).
+        grammar_ok = p.structured is None or hasattr(seq.grammar, "rollback")
         return (seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens - 1
-                and p.structured is None and seq.grammar is None and not p.needs_penalties
-                and seq.num_output_tokens >= p.min_tokens and p.max_reasoning_tokens is None)
+                and grammar_ok and not p.needs_penalties and seq.num_output_tokens >= p.min_tokens
+                and p.max_reasoning_tokens is None)
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence."""
@@ -219,6 +235,82 @@ class NgramSpeculator:
             state.pause = min(MAX_PAUSE_STEPS, 2 ** (state.misses - 1))
         else:
             state.misses = 0
+
+
+def grammar_prefix(grammar: GrammarMatcher, drafts: list[int]) -> list[int]:
+    """The longest prefix of `drafts` the grammar accepts without ending; the matcher is left as it was."""
+    accepted = 0
+    for token_id in drafts:
+        if not grammar.accept_token(token_id):
+            break
+        accepted += 1
+        if grammar.is_terminated():  # no row may be masked by a finished grammar
+            break
+    if accepted and grammar.is_terminated():
+        grammar.rollback(1)
+        accepted -= 1
+    if accepted:
+        grammar.rollback(accepted)
+    return drafts[:accepted]
+
+
+class DraftGrammarRows:
+    """The grammar seen by a sequence's verify rows: row j's bitmask is filled in the matcher's state
+    after the first j drafts. Rows must be filled in order (GrammarBackend.build_mask does); `close()`
+    rolls the matcher back to where it was."""
+
+    def __init__(self, grammar: GrammarMatcher, drafts: list[int]) -> None:
+        self.grammar, self.drafts = grammar, drafts
+        self.advanced = 0  # drafts the matcher has accepted
+
+    def row(self, j: int) -> _DraftRowGrammar:
+        return _DraftRowGrammar(self, j)
+
+    def fill(self, j: int, bitmask: torch.Tensor, index: int) -> None:
+        while self.advanced < j:
+            if not self.grammar.accept_token(self.drafts[self.advanced]):  # proposals were checked: cannot happen
+                raise RuntimeError(f"draft token {self.drafts[self.advanced]} left the grammar")
+            self.advanced += 1
+        if self.advanced > j:
+            self.grammar.rollback(self.advanced - j)
+            self.advanced = j
+        self.grammar.fill_next_token_bitmask(bitmask, index)
+
+    def close(self) -> None:
+        if self.advanced:
+            self.grammar.rollback(self.advanced)
+            self.advanced = 0
+
+
+@dataclass
+class _DraftRowGrammar:
+    """One verify row's view of the grammar, for GrammarBackend.build_mask (which reads `.grammar`)."""
+
+    rows: DraftGrammarRows
+    j: int
+
+    @property
+    def grammar(self) -> _DraftRowGrammar:
+        return self
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        self.rows.fill(self.j, bitmask, index)
+
+
+def grammar_rows(sampling: list[Sequence]) -> tuple[list[object], list[DraftGrammarRows]]:
+    """Per logits row, what the grammar mask builder reads (`.grammar`): the sequence itself, or for
+    a constrained sequence's verify rows, a view in the state after that row's drafts. Also the
+    views to `close()` once the mask is built."""
+    out: list[object] = []
+    opened: list[DraftGrammarRows] = []
+    for seq in sampling:
+        if seq.grammar is None or not seq.draft_token_ids:
+            out += [seq] * (1 + len(seq.draft_token_ids))
+            continue
+        rows = DraftGrammarRows(seq.grammar, seq.draft_token_ids)
+        opened.append(rows)
+        out += [rows.row(j) for j in range(1 + len(seq.draft_token_ids))]
+    return out, opened
 
 
 def expand_rows(token_ids: list[int], start: int, table: list[int]) -> tuple[list[list[int]], list[int],

@@ -86,7 +86,9 @@ def engine_options(*names: str, defaults: dict[str, Any] | None = None) -> Calla
     overrides = defaults or {}
 
     def decorate(func: F) -> F:
-        signature = inspect.signature(func)
+        # Resolved annotations: typer reads Annotated[..., typer.Argument(...)] from this signature, and a
+        # module with `from __future__ import annotations` would hand it strings.
+        signature = inspect.signature(func, eval_str=True)
         if "engine_args" not in signature.parameters:
             raise ValueError(f"{func.__name__} must take an engine_args parameter to use engine_options")
         params = [p for p in signature.parameters.values() if p.name != "engine_args"]

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from zili.cli_options import engine_options
+
 if TYPE_CHECKING:  # torch is imported where it is used: `zili --help` should not pay for it
     import torch
 
@@ -498,11 +500,10 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+@engine_options("dtype", "quantization", "load_format")  # as the engine will run the model
 def tune(
     model: Annotated[Optional[str], typer.Argument(help="Path to a .gguf file, an HF checkpoint directory, or an "
                                                     "alias (see `zili models`). Default: smollm2-135m.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16 (as the engine will run it).")] = "auto",
-    quantization: Annotated[str, typer.Option(help="auto, none, int8 or int4 (as the engine will run it).")] = "auto",
     block_sizes: Annotated[str, typer.Option(help="KV block sizes to measure, comma-separated.")] = "16,32,64,128",
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per candidate (best of).")] = 5,
     decode_tokens: Annotated[int, typer.Option(min=4, help="Tokens generated per decode measurement.")] = 32,
@@ -512,19 +513,18 @@ def tune(
     cache: Annotated[Optional[Path], typer.Option(help="Tune cache file (default: $ZILI_TUNE_CACHE or "
                                                   "~/.cache/zili/tune.json).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report; leave the cache alone.")] = False,
-    load_format: Annotated[str, typer.Option(help="auto, or dummy: seeded random weights on the model's "
-                                             "architecture (timings depend on shapes only).")] = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report here.")] = None,
+    engine_args: dict[str, Any] | None = None,  # dtype, quantization, load_format (zili.cli_options)
 ) -> None:
     """Measure kernels and settings on this device at the model's shapes; save the winners for `zili serve`."""
     from zili.config import QUANTIZATION_MODES
 
-    if quantization not in QUANTIZATION_MODES:
+    engine_args = engine_args or {}  # TuneOptions fields, like EngineConfig's
+    if engine_args.get("quantization", TuneOptions.quantization) not in QUANTIZATION_MODES:
         raise typer.BadParameter(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}")
-    options = TuneOptions(model=model, dtype=dtype, quantization=quantization,
-                          block_sizes=_ints(block_sizes, "--block-sizes"), repeats=repeats, compare=compare,
+    options = TuneOptions(model=model, block_sizes=_ints(block_sizes, "--block-sizes"), repeats=repeats, compare=compare,
                           decode_tokens=decode_tokens, decode_batches=_ints(batches, "--batches"), cache=cache,
-                          write_cache=not dry_run, load_format=load_format)
+                          write_cache=not dry_run, **engine_args)
     try:
         report = run_tuning(options, say=lambda line: typer.echo(line, err=True))
     except (ValueError, FileNotFoundError) as e:

@@ -16,14 +16,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 
 from zili import envs
-from zili.config import parse_memory_size
+from zili.cli_options import engine_options
+from zili.engine.async_engine import AsyncEngine, ServingEngine
 from zili.governance.service import GovernanceConfig, build_governance
 from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
 from zili.sampling import POOLING_TYPES
@@ -33,15 +34,6 @@ from zili.server.state import ServerSettings, ServerState
 logger = logging.getLogger("zili.server")
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def parse_memory(text: str) -> int | float:
-    """'512MiB', '2G', '1073741824' -> bytes (int); '0.25' -> a fraction of free memory (float).
-    zili.config.parse_memory_size does the parsing; its ValueError becomes a usage error."""
-    try:
-        return parse_memory_size(text, "--kv-cache-memory")
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
 
 
 class _DrainingServer(uvicorn.Server):
@@ -88,6 +80,13 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+# The engine settings `zili serve` takes: every one of zili.cli_options.ENGINE_OPTIONS, with its defaults.
+SERVE_ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "threads",
+                        "attention_backend", "use_tune_cache", "enforce_eager", "load_format", "reasoning_parser",
+                        "tensor_parallel_size", "speculative_config")
+
+
+@engine_options(*SERVE_ENGINE_OPTIONS)
 def serve(
     model: Annotated[str, typer.Argument(
         help="A .gguf file, an HF checkpoint directory, or an alias.")] = DEFAULT_MODEL,
@@ -99,13 +98,8 @@ def serve(
     api_key_file: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False, help="File with one API key per line (# comments allowed).")] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Most requests waiting to run; past it, 429.")] = 256,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
     max_tokens_cap: Annotated[int | None, typer.Option(
         min=1, help="Largest max_tokens a request may ask for (default: no cap but the context).")] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(min=1, help="Most sequences in one batch.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    kv_cache_memory: Annotated[str | None, typer.Option(
-        help="KV pool size: bytes (512MiB, 2GiB) or a fraction of free memory (0.2).")] = None,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0, help="On SIGTERM, seconds running requests get to finish before they are aborted.")] = 30.0,
     served_model_name: Annotated[str | None, typer.Option(
@@ -113,40 +107,17 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted; past it, 413.")]
         = 4 * 1024 * 1024,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    tensor_parallel_size: Annotated[int, typer.Option(
-        "--tensor-parallel-size", "-tp", min=1, help="Split the model across this many ranks (processes, one "
-        "device each) with torch.distributed.")] = 1,
     replicas: Annotated[int, typer.Option(
         min=1, help="Run this many engine replicas as Ray actors behind this server (least-loaded routing).")] = 1,
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster for the replicas (e.g. HEAD_IP:6379); default: start a local Ray.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: physical cores, or tuned).")]
-        = None,
-    quantization: Annotated[str, typer.Option(
-        help="Weights kept quantized in memory: auto (follow the GGUF), none, int8 or int4.")] = "auto",
-    attention_backend: Annotated[str, typer.Option(help="auto, sdpa, cpp (C++ CPU kernel) or triton.")] = "auto",
-    tune_cache: Annotated[bool, typer.Option(
-        "--tune-cache/--no-tune-cache", help="Use the settings `zili tune` measured on this device.")] = True,
-    enforce_eager: Annotated[bool | None, typer.Option(
-        "--enforce-eager/--compile", help="Run every step eagerly, or compile the decode step at start (the default "
-        "on CPUs unless ZILI_ENFORCE_EAGER=1).", show_default=False)] = None,
     web_ui: Annotated[bool, typer.Option(
         "--web-ui/--no-web-ui", help="Serve the web console (chat, form extraction, usage) at /.")] = True,
-    load_format: Annotated[str, typer.Option(
-        help="auto, or dummy: seeded random weights on MODEL's architecture (a directory with only config.json "
-        "is enough), for load tests of model shapes whose weights are not here.")] = "auto",
-    reasoning_parser: Annotated[str, typer.Option(
-        help="Split a reasoning model's thinking into reasoning_content: auto (from the chat template), "
-        "deepseek-r1, qwen3 or none.")] = "auto",
     reasoning_budgets: Annotated[str | None, typer.Option(
         help="Thinking budgets (tokens) for reasoning_effort, e.g. low=1024,medium=4096,high=16384.")] = None,
     pooling: Annotated[str, typer.Option(
         help="/v1/embeddings: pool the final hidden states by mean, last or cls (first token), as llama.cpp's "
         "--pooling; vectors have unit L2 norm.")] = "mean",
-    speculative_config: Annotated[str | None, typer.Option(
-        help="Speculative decoding as a JSON object, as vLLM takes it: '{\"method\": \"ngram\", "
-        "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (draftless n-gram "
-        "proposals from each request's own prompt and output). Default: off.")] = None,
     admin_key: Annotated[str | None, typer.Option(
         "--admin-key", envvar="ZILI_ADMIN_KEY", help="Turn on the admin API (/admin/v1: keys, usage, audit, "
         "pause) for this bearer key; also turns on database keys, quotas and the usage ledger.")] = None,
@@ -167,10 +138,10 @@ def serve(
     metrics_key_label: Annotated[list[str] | None, typer.Option(
         "--metrics-key-label", help="Key names exported with their own label in /metrics (repeatable); all "
         "other keys are summed as 'other'.")] = None,
+    engine_args: dict[str, Any] | None = None,  # SERVE_ENGINE_OPTIONS, filled in by @engine_options
 ) -> None:
     """Start the OpenAI-compatible HTTP server."""
     from zili.config import EngineConfig
-    from zili.engine.async_engine import AsyncEngine
     from zili.models.loader import resolve_model
     from zili.server.auth import read_api_keys
 
@@ -178,15 +149,11 @@ def serve(
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        resolve_model(model, weights_required=load_format != "dummy")  # fail before binding the port
-        options = {"model": model, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
-                   "kv_cache_memory": parse_memory(kv_cache_memory) if kv_cache_memory else None,
-                   "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
-                   "attention_backend": attention_backend, "use_tune_cache": tune_cache,
-                   "enforce_eager": enforce_eager, "load_format": load_format,
-                   "reasoning_parser": reasoning_parser, "speculative_config": speculative_config}
-        config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
+    engine_args = engine_args or {}
+    reasoning_parser = engine_args.get("reasoning_parser", "auto")
+    try:  # every check fails before the port is bound
+        resolve_model(model, weights_required=engine_args.get("load_format", "auto") != "dummy")
+        config = EngineConfig(model=model, **engine_args)
         keys = read_api_keys(api_key, api_key_file)
         governance = build_governance(GovernanceConfig(
             database_url=database_url, admin_key=admin_key, content_policy=content_policy, log_content=log_content,
@@ -213,6 +180,7 @@ def serve(
         served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
         max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
         web_ui=web_ui, reasoning_parser=reasoning_parser, reasoning_budgets=budgets, pooling=pooling)
+    engine: ServingEngine
     if replicas > 1 or ray_address is not None:
         from zili.distributed.replicas import ReplicaPool
 
@@ -235,7 +203,7 @@ def serve(
         raise typer.Exit(server.exit_code)
 
 
-def _engine_lost(engine, server: _DrainingServer, exc: BaseException) -> None:
+def _engine_lost(engine: ServingEngine, server: _DrainingServer, exc: BaseException) -> None:
     """From any thread: the engine cannot run any more (a tensor-parallel rank died)."""
     engine.dead_error = exc
     if server.loop is not None:

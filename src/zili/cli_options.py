@@ -67,6 +67,9 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "directory with only config.json is enough), for load tests of shapes whose weights are not here."),
     EngineOption("reasoning_parser", str, "auto", "How a reasoning model's thinking is delimited: auto (from the "
                  "chat template), deepseek-r1, qwen3 or none."),
+    EngineOption("speculative_config", str | None, None, "Speculative decoding as a JSON object, as vLLM takes it: "
+                 '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+                 "(draftless n-gram proposals from the request's own prompt and output). Default: off."),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

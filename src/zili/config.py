@@ -6,6 +6,7 @@ metadata (GGUF key/values or HF config.json) and every module reads its shapes f
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -247,6 +248,71 @@ def check_load_format(value: object, field: str = "load_format") -> str:
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
+# Speculative decoding (zili.engine.spec_decode): the proposal methods zili runs.
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding settings, named as vLLM's `speculative_config` names them.
+
+    method "ngram": draftless prompt lookup (Saxena 2023, "Prompt Lookup Decoding"): the last n tokens
+    of a sequence (n from prompt_lookup_max down to prompt_lookup_min) are looked up earlier in its own
+    prompt and output, and the tokens that followed there are proposed, at most num_speculative_tokens
+    a step. disable_by_batch_size: no proposals in steps where at least this many sequences run
+    (None: always propose). Build it with `parse_speculative_config`, which names a bad field."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    disable_by_batch_size: int | None = None
+
+
+def parse_speculative_config(value: object, field: str = "speculative_config") -> SpeculativeConfig | None:
+    """A SpeculativeConfig from a dict, a JSON object string, a SpeculativeConfig or None (off).
+
+    Follows vLLM: `num_speculative_tokens` is required; of prompt_lookup_min / max, one given sets
+    the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type
+    or an out-of-range value."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{field} must be a JSON object, e.g. '{{\"method\": \"ngram\", "
+                             f"\"num_speculative_tokens\": 5}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
+    unknown = sorted(str(k) for k in value if k not in known)
+    if unknown:
+        raise ValueError(f"{field}.{unknown[0]} is not a known setting; known: {', '.join(sorted(known))}")
+    method = value.get("method", "ngram")
+    if method == "[ngram]":  # vLLM's older spelling
+        method = "ngram"
+    if method not in SPECULATIVE_METHODS:
+        raise ValueError(f"{field}.method {method!r} is not supported; supported: {', '.join(SPECULATIVE_METHODS)}")
+
+    def positive(key: str, default: int | None, limit: int = 64) -> int | None:
+        v = value.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise ValueError(f"{field}.{key} must be an integer in [1, {limit}], got {v!r}")
+        return v
+
+    if "num_speculative_tokens" not in value:
+        raise ValueError(f"{field}.num_speculative_tokens is required (the most tokens proposed a step)")
+    k = positive("num_speculative_tokens", None, 32)
+    lo, hi = positive("prompt_lookup_min", None), positive("prompt_lookup_max", None)
+    lo, hi = (lo or hi or 5), (hi or lo or 5)
+    if lo > hi:
+        raise ValueError(f"{field}.prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
+    batch = positive("disable_by_batch_size", None, 1 << 20)
+    return SpeculativeConfig(method, k, hi, lo, batch)  # type: ignore[arg-type]
+
 
 @dataclass
 class EngineConfig:
@@ -287,6 +353,10 @@ class EngineConfig:
     # Reasoning models (zili.reasoning): how the output's thinking is delimited, for thinking budgets
     # and for grammars that start after the thinking. "auto" decides from the chat template.
     reasoning_parser: str = "auto"
+    # Speculative decoding (zili.engine.spec_decode), vLLM's `speculative_config`: a dict, a JSON object
+    # string or a SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 5,
+    # "prompt_lookup_max": 4, "prompt_lookup_min": 2}. None: off.
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -316,3 +386,4 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
+        self.speculative_config = parse_speculative_config(self.speculative_config, "EngineConfig.speculative_config")

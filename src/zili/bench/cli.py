@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -36,7 +36,7 @@ NoteOpt = typer.Option(None, "--note", help="Free text kept in the record, e.g. 
 SeedOpt = typer.Option(0, "--seed", help="Seed of the workload (prompts and lengths).")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -162,7 +162,9 @@ def serve(
     if errors:
         _fail(f"warm-up requests failed: {errors[0]}")
     for i, load in enumerate(loads):
-        n = num_prompts or (default_num_prompts(load.concurrency) if load.request_rate is None else 32)
+        n = num_prompts
+        if not n:  # closed loop: waves of the concurrency; Poisson arrivals (LoadSpec has one or both): 32
+            n = default_num_prompts(load.concurrency) if load.request_rate is None and load.concurrency is not None else 32
         reqs = make_requests(n, in_len, out_len, prompt_source, vocab, seed + i, prompt_file)
         row = asyncio.run(run_load(url, model, reqs, load, endpoint, extra, timeout, seed, keep_requests,
                                    headers=headers))
@@ -200,6 +202,12 @@ def _server_vocab(url: str) -> int | None:
     return meta.get("n_vocab")
 
 
+def spec_decode_line(spec: dict) -> str:
+    """One line of speculative-decoding figures (zili.bench.offline.spec_decode_row)."""
+    return (f"proposed {spec['num_draft_tokens']}  accepted {spec['num_accepted_tokens']}  acceptance rate "
+            f"{spec['acceptance_rate']:.1%}  mean accepted length {spec['mean_accepted_length']:.2f}")
+
+
 def _serve_line(row: dict) -> str:
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     return (f"{row['load']:>12s}  out {f(row['output_throughput'])} tok/s  total {f(row['total_token_throughput'])} "
@@ -212,7 +220,8 @@ def _serve_line(row: dict) -> str:
 
 @bench_app.command()
 @engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "attention_backend",
-                "use_tune_cache", "enforce_eager", "load_format", defaults={"enforce_eager": False})
+                "use_tune_cache", "enforce_eager", "load_format", "speculative_config",
+                defaults={"enforce_eager": False})
 def offline(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
                                         "alias (default smollm2-135m)."),
@@ -288,6 +297,8 @@ def offline(
         runs.append(row)
         typer.echo(f"{engine:22s} throughput  out {row['output_throughput']:.1f} tok/s  total "
                    f"{row['total_token_throughput']:.1f} tok/s  {row['request_throughput']:.2f} req/s", err=True)
+        if "spec_decode" in row:
+            typer.echo(f"{'':22s} speculation {spec_decode_line(row['spec_decode'])}", err=True)
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
     opts: dict[str, Any] = dict(engine_args)
@@ -328,6 +339,77 @@ def offline(
             del hf
             gc.collect()
             _empty_device_cache()
+    _save(record, output, label)
+
+
+# --- extract -------------------------------------------------------------------------------------
+
+NGRAM_DEFAULT = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+
+
+@bench_app.command()
+@engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "attention_backend",
+                "use_tune_cache", "enforce_eager", "speculative_config", defaults={"enforce_eager": False})
+def extract(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
+                                        "alias (default smollm2-135m)."),
+    num_docs: int = typer.Option(10, "--num-docs", "-n", help="Generated documents (with true values)."),
+    examples: Optional[Path] = typer.Option(Path("examples"), "--examples", help="A folder of */form.json + "
+                                            "*.txt documents (speed only; skipped when absent)."),
+    streams: str = typer.Option("1", "--streams", "-c", help="Comma-separated: requests at a time, e.g. 1,8."),
+    repetitions: int = typer.Option(1, "--repetitions", "-r", help="Runs of the workload per engine."),
+    max_tokens: int = typer.Option(384, "--max-tokens"),
+    compare: bool = typer.Option(True, "--compare-speculation/--no-compare-speculation",
+                                 help="Also run an engine without speculation, interleaved with the speculating one."),
+    seed: int = SeedOpt,
+    price_per_hour: float = PriceOpt,
+    watts: Optional[float] = WattsOpt,
+    output: Optional[Path] = OutputOpt,
+    label: Optional[str] = LabelOpt,
+    note: Optional[str] = NoteOpt,
+    engine_args: dict[str, Any] | None = None,
+) -> None:
+    """The extraction workload: documents + forms as schema-constrained chat requests (temperature 0);
+    output tokens/s, requests/s, field accuracy against the true values, and speculative decoding's
+    figures. The speculating engine uses --speculative-config (default: n-gram, 5 tokens, n 2-4)."""
+    from zili.bench import extract as ex
+    from zili.bench.results import new_record, with_cost
+    from zili.bench.stats import median
+
+    engine_args = dict(engine_args or {})
+    engine_args.setdefault("speculative_config", NGRAM_DEFAULT)
+    model = model or DEFAULT_MODEL
+    path = _resolve_path(model)
+    levels = _ints(streams, "--streams")
+    cases = ex.generated_cases(num_docs, seed) + (ex.example_cases(examples) if examples and examples.is_dir() else [])
+    basis = _basis(price_per_hour, watts)
+    config = {"model": model, "model_path": str(path), "num_docs": num_docs, "num_cases": len(cases),
+              "examples": str(examples) if examples else None, "streams": levels, "repetitions": repetitions,
+              "max_tokens": max_tokens, "seed": seed, "engine_args": engine_args, "compare_speculation": compare}
+    record = new_record("extract", config, basis)
+    record["note"] = note
+    engines = {"zili+spec": _zili_llm(model, engine_args)}
+    if compare:
+        engines["zili"] = _zili_llm(model, {k: v for k, v in engine_args.items() if k != "speculative_config"})
+    for level in levels:
+        for rep in range(repetitions):
+            for name, llm in engines.items():  # interleaved: the machine's state is shared alike
+                row = with_cost({"engine": name, "test": f"extract-c{level}", "repetition": rep,
+                                 **ex.run_workload(llm, cases, level, max_tokens)}, basis)
+                record["runs"].append(row)
+                acc = "n/a" if row["field_accuracy"] is None else f"{row['field_accuracy']:.1%}"
+                typer.echo(f"{name:10s} c={level:<3d} out {row['output_throughput']:.1f} tok/s  "
+                           f"{row['request_throughput']:.3f} req/s  field accuracy {acc}", err=True)
+                if "spec_decode" in row:
+                    typer.echo(f"{'':10s} speculation {spec_decode_line(row['spec_decode'])}", err=True)
+    for llm in engines.values():
+        llm.engine.close()
+    record["summary"]["speculation_speedup"] = speedups = {}
+    for level in levels if compare else []:
+        tps = {name: median([r["output_throughput"] for r in record["runs"]
+                             if r["engine"] == name and r["test"] == f"extract-c{level}"]) for name in engines}
+        speedups[f"c{level}"] = ratio = tps["zili+spec"] / tps["zili"]
+        typer.echo(f"c={level}: speculation on / off = {ratio:.2f}x output tokens/s (median of {repetitions})", err=True)
     _save(record, output, label)
 
 

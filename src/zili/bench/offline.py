@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,13 +49,14 @@ def zili_decode_tps(llm, n_gen: int, rng: random.Random) -> float:
 
     params = SamplingParams(max_tokens=n_gen + 1, ignore_eos=True, temperature=0)
     prompt = random_token_ids(rng, 1, zili_vocab_size(llm))
-    first = last = None  # (time, tokens so far) at the first output and at the last
+    first: tuple[float, int] | None = None  # (time, tokens so far) at the first output
+    last: tuple[float, int] | None = None  # ... and at the last
     for out in llm.stream(prompt, params):
         n = len(out.outputs[0].token_ids)
         if n:
             last = (time.perf_counter(), n)
             first = first or last
-    if first is None or last[1] == first[1]:
+    if first is None or last is None or last[1] == first[1]:
         raise RuntimeError("zili produced fewer than two tokens in the decode test")
     return (last[1] - first[1]) / (last[0] - first[0])
 
@@ -77,14 +79,30 @@ def zili_throughput(llm, requests: Sequence[RequestSpec]) -> dict[str, Any]:
     prompts = [r.prompt for r in requests]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0) for r in requests]
     load_before = load_average()
+    before = llm.engine.stats()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     duration = time.perf_counter() - t0
     n_in = sum(len(o.prompt_token_ids) for o in outputs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return _throughput_row(len(requests), n_in, n_out, duration, load_before,
-                           short_outputs=sum(1 for o, r in zip(outputs, requests)
-                                             if len(o.outputs[0].token_ids) != r.output_len))
+    row = _throughput_row(len(requests), n_in, n_out, duration, load_before,
+                          short_outputs=sum(1 for o, r in zip(outputs, requests)
+                                            if len(o.outputs[0].token_ids) != r.output_len))
+    if getattr(llm.engine, "speculator", None) is not None:
+        row["spec_decode"] = spec_decode_row(before, llm.engine.stats())
+    return row
+
+
+def spec_decode_row(before: Any, after: Any) -> dict[str, Any]:
+    """Speculative decoding between two EngineStats snapshots: drafts (verify steps with drafts),
+    draft tokens proposed, accepted, the acceptance rate and the mean accepted length (1 + accepted
+    drafts per verify step), as vLLM reports them."""
+    drafts = after.spec_decode_num_drafts - before.spec_decode_num_drafts
+    proposed = after.spec_decode_num_draft_tokens - before.spec_decode_num_draft_tokens
+    accepted = after.spec_decode_num_accepted_tokens - before.spec_decode_num_accepted_tokens
+    return {"num_drafts": drafts, "num_draft_tokens": proposed, "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
 
 
 def _tps_row(samples: list[float]) -> dict[str, Any]:
@@ -231,7 +249,7 @@ def measure_copy_bandwidth(device: Any = None, nbytes: int = 256 << 20, repetiti
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"bytes": nbytes, "best_s": best, "bandwidth_gb_s": 2 * nbytes / best / 1e9,
-            "median_bandwidth_gb_s": 2 * nbytes / median(times) / 1e9}
+            "median_bandwidth_gb_s": 2 * nbytes / statistics.median(times) / 1e9}
 
 
 def decode_roofline(weight_bytes: int, kv_bytes_per_tok: int, context_len: int, batch: int,

@@ -25,6 +25,7 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -62,7 +63,7 @@ class TensorParallelExecutor:
         self._listeners: list[Callable[[TensorParallelError], None]] = []
         self._last_send = time.monotonic()
         self.runner: ModelRunner | None = None
-        self.workers: list[multiprocessing.Process] = []
+        self.workers: list[BaseProcess] = []  # spawn-context processes
         self.store = pg.create_store(HOST, self.size)
         try:
             self._spawn_workers()
@@ -153,6 +154,8 @@ class TensorParallelExecutor:
                 raise failure
             if self._closed.is_set():
                 raise TensorParallelError("the tensor-parallel workers were stopped (Engine.close())")
+            if self.runner is None:  # checked before the plan goes out, so the ranks stay in step
+                raise TensorParallelError("the tensor-parallel executor has no runner yet (attach() first)")
             try:
                 self.channel.send(OP_STEP, step)
                 logits = self.runner.execute(step)

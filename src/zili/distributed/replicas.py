@@ -151,6 +151,7 @@ class ReplicaPool(ServingLifecycle):
             self._call_fatal(self.dead_error)
         else:
             self._ready.set()
+            assert self._loop is not None  # start() set it before this thread began
             asyncio.run_coroutine_threadsafe(self._start_poller(), self._loop)
         self._stop.wait()
         self._teardown()
@@ -233,7 +234,10 @@ class ReplicaPool(ServingLifecycle):
         total = sum(s.num_total_blocks for s in parts)
         free = sum(s.num_free_blocks for s in parts)
         summed = {f: sum(getattr(s, f) for s in parts) for f in ("num_running", "num_waiting", "prompt_tokens_total",
-                                                                  "generation_tokens_total", "num_preemptions")}
+                                                                  "generation_tokens_total", "num_preemptions",
+                                                                  "spec_decode_num_drafts",
+                                                                  "spec_decode_num_draft_tokens",
+                                                                  "spec_decode_num_accepted_tokens")}
         return EngineStats(kv_cache_usage=1 - free / total if total else 0.0, num_free_blocks=free,
                            num_total_blocks=total,
                            prefix_cache_hit_rate=sum(s.prefix_cache_hit_rate for s in parts) / len(parts), **summed)

@@ -22,9 +22,11 @@ from zili.engine.request import Request, RequestDelta, Sequence, TokenLogprob
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
+from zili.engine.spec_decode import NgramSpeculator, SpecDecodeStats, VerifiedStep, expand_rows, grammar_rows
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import PoolingParams, SamplingParams
+from zili.structured.spec import StructuredOutput
 
 if TYPE_CHECKING:
     from zili.engine.builder import EngineParts
@@ -43,6 +45,22 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    # Speculative decoding (zili.engine.spec_decode), vLLM's spec_decode_* counters; 0 when it is off.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float:
+        """Accepted draft tokens / proposed draft tokens (0 before any proposal)."""
+        n = self.spec_decode_num_draft_tokens
+        return self.spec_decode_num_accepted_tokens / n if n else 0.0
+
+    @property
+    def spec_decode_mean_accepted_length(self) -> float:
+        """Tokens a verify step yielded on average: 1 + accepted drafts per step with drafts."""
+        n = self.spec_decode_num_drafts
+        return 1.0 + self.spec_decode_num_accepted_tokens / n if n else 0.0
 
 
 class Engine:
@@ -69,6 +87,9 @@ class Engine:
         self.reasoning_style = resolve_reasoning_parser(config.reasoning_parser, parts.tokenizer.chat_template)
         self.outputs = OutputProcessor(parts.tokenizer, parts.max_model_len,
                                        sequence_processor=ThinkingOutputs(parts.tokenizer, self.reasoning_style))
+        # Speculative decoding (EngineConfig.speculative_config): n-gram drafts verified in the step.
+        spec = config.speculative_config
+        self.speculator = NgramSpeculator(spec, parts.max_model_len) if spec is not None else None  # type: ignore[arg-type]
         self.requests: dict[str, Request] = {}
         self._aborted: list[RequestDelta] = []  # final deltas of requests aborted between steps
         self._ids = itertools.count()
@@ -114,6 +135,8 @@ class Engine:
         unfinished = [s for s in req.sequences if not s.is_finished]
         for seq in unfinished:
             self.scheduler.finish(seq)
+            if self.speculator is not None:
+                self.speculator.release(seq)
         self._aborted.append(req.delta(self.outputs.abort(unfinished)))
 
     def close(self) -> None:
@@ -135,6 +158,8 @@ class Engine:
         only advanced a prefill chunk are absent. Raises whatever the executor raises.
         """
         outputs, self._aborted = self._aborted, []
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -142,21 +167,47 @@ class Engine:
         logits = self.runner.execute(step_input)
         if step_input.wants_extras:
             self._take_extras(batch, step_input, self.runner.step_extras())
-        self.scheduler.on_step_done(batch)
+        num_rejected: list[int] | None = None
+        finished: list[Sequence] = []
         if sampling:
-            sampled = self.sampler(logits, sampling, self.inputs.grammar_mask(sampling))
-            deltas, finished = self.outputs.process(sampling, sampled.token_ids, sampled.logprobs)
-            self.generation_tokens_total += len(sampling)
-            for seq in finished:
-                self.scheduler.finish(seq)
+            verified, num_rejected = self._sample(logits, sampling, batch)
+            deltas, finished = self.outputs.process(verified.seqs, verified.token_ids, verified.logprobs)
+            self.generation_tokens_total += sum(len(c.token_ids) for d in deltas for c in d.outputs)
             for delta in deltas:
                 if delta.finished:
                     del self.requests[delta.request_id]
             outputs += deltas
+        # After the new tokens are appended (the prefix cache hashes them), before finished ones free blocks.
+        self.scheduler.on_step_done(batch, num_rejected)
+        for seq in finished:
+            self.scheduler.finish(seq)
+            if self.speculator is not None:
+                self.speculator.release(seq)
         ended = [s for s in batch.seqs if s.request.prefill_only and s.num_computed_tokens == s.num_tokens]
         if ended:
             outputs += self._end_prefill_only(ended)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
+                batch: ScheduledBatch) -> tuple[VerifiedStep, list[int] | None]:
+        """Draw every logits row; with drafts in the step, accept them against those draws
+        (zili.engine.spec_decode). Returns the tokens to append and, per batch entry, its rejected
+        draft tokens (None when the step had no drafts)."""
+        rows = NgramSpeculator.rows_of(sampling) if self.speculator is not None else sampling
+        if len(rows) == len(sampling):
+            sampled = self.sampler(logits, rows, self.inputs.grammar_mask(rows))
+            return VerifiedStep(sampling, sampled.token_ids, sampled.logprobs), None
+        assert self.speculator is not None
+        masked, views = grammar_rows(sampling)  # constrained verify rows see the grammar after their drafts
+        try:
+            mask = self.inputs.grammar_mask(masked)  # type: ignore[arg-type]
+        finally:
+            for view in views:
+                view.close()
+        sampled = self.sampler(logits, rows, mask)
+        verified, rejected = self.speculator.verify(sampled.token_ids, sampled.logprobs, sampling)
+        by_seq = dict(zip(sampling, rejected))
+        return verified, [by_seq.get(seq, 0) for seq in batch.seqs]
 
     def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
         token_ids, starts, tables, sample = [], [], [], []
@@ -165,6 +216,17 @@ class Engine:
         pools: list[str | None] = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
+            if seq.draft_token_ids:  # verify: the last token and the drafts, one decode row each
+                ids, rows_start, rows_table = expand_rows([seq.token_ids[start], *seq.draft_token_ids], start,
+                                                          self.kv_cache.block_ids(seq.seq_id))
+                token_ids += ids
+                starts += rows_start
+                tables += rows_table
+                sample += [True] * len(ids)
+                sampling.append(seq)
+                scoring += [None] * len(ids)  # drafts come only after the prompt: nothing to score or pool
+                pools += [None] * len(ids)
+                continue
             token_ids.append(seq.token_ids[start:start + num_new])
             starts.append(start)
             tables.append(self.kv_cache.block_ids(seq.seq_id))
@@ -182,15 +244,17 @@ class Engine:
     def _take_extras(self, batch: ScheduledBatch, step: StepInput, extras: StepExtras | None) -> None:
         """Fold a step's prompt logprobs and pooled states into their requests."""
         assert extras is not None, "the executor computed no prompt logprobs / pooled states"
+        # Step entries are per sequence, except that a sequence verifying drafts has one entry per row.
+        entry_seqs = [seq for seq in batch.seqs for _ in range(1 + len(seq.draft_token_ids or ()))]
         for i, rows in extras.prompt_logprobs.items():
-            req = batch.seqs[i].request
+            req = entry_seqs[i].request
             scoring = step.prompt_scoring[i] if step.prompt_scoring is not None else None
             assert req.prompt_logprobs is not None and scoring is not None
             req.prompt_logprobs.extend(
                 TokenLogprob(t, chosen, list(zip(ids, vals))) for t, chosen, ids, vals in
                 zip(scoring.target_ids, rows.logprobs.tolist(), rows.top_ids.tolist(), rows.top_logprobs.tolist()))
         for i, vector in extras.pooled.items():
-            req, start = batch.seqs[i].request, step.start_positions[i]
+            req, start = entry_seqs[i].request, step.start_positions[i]
             kind = req.pooling.pooling if req.pooling is not None else None
             if kind == "mean":  # a sum over chunks; a (re)computation from position 0 starts it afresh
                 req.pooled = vector if start == 0 or req.pooled is None else req.pooled + vector
@@ -208,7 +272,7 @@ class Engine:
         return deltas
 
     # ---- structured output (zili.structured) -------------------------------------------------
-    def compile_structured(self, structured: object) -> object:
+    def compile_structured(self, structured: StructuredOutput) -> object:
         """Compile a StructuredOutput for this model's vocabulary (cached); SamplingParamsError
         ("structured") names the problem. Thread-safe."""
         return self.inputs.compile_structured(structured)
@@ -222,8 +286,13 @@ class Engine:
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.num_blocks,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
+            **self._spec_stats(),
         )
 
+    def _spec_stats(self) -> dict[str, int]:
+        s = self.speculator.stats if self.speculator is not None else SpecDecodeStats()
+        return {"spec_decode_num_drafts": s.num_drafts, "spec_decode_num_draft_tokens": s.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": s.num_accepted_tokens}
 
 def _prompt_scoring(seq: Sequence, start: int, num_new: int) -> PromptScoring | None:
     """The prompt logprobs a sequence's chunk [start, start + num_new) should compute: rows whose next

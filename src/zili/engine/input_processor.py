@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from zili.engine.request import GrammarMatcher, Sequence
 from zili.sampling import InvalidRequestError, PoolingParams, SamplingParams, SamplingParamsError
 from zili.structured.backend import GrammarBackend, GrammarMask
+from zili.structured.spec import StructuredOutput
 from zili.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class InputProcessor:
                 self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size)
             return self._grammar_backend
 
-    def compile_structured(self, structured: object) -> xgr.CompiledGrammar:
+    def compile_structured(self, structured: StructuredOutput) -> xgr.CompiledGrammar:
         """Compile a StructuredOutput for this vocabulary (cached). SamplingParamsError("structured")."""
         try:
             return self.grammar_backend.compile(structured)

@@ -160,6 +160,20 @@ class KVCacheManager:
             table.num_cached_blocks += 1
             table.last_hash = h
 
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Give back the sequence's trailing blocks beyond those `num_tokens` tokens need (speculative
+        decoding's rollback of rejected draft slots). Such blocks were never registered in the prefix
+        cache (only computed tokens are), so they go back to the free queue first in line for reuse."""
+        table = self.tables[seq_id]
+        keep = self.blocks_needed(num_tokens)
+        while len(table.block_ids) > keep:
+            block_id = table.block_ids.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
+
     def free(self, seq_id: str) -> None:
         """Release every block the sequence holds. Unknown ids are ignored (idempotent)."""
         table = self.tables.pop(seq_id, None)

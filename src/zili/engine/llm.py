@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union, cast
 
 from zili.config import EngineConfig
 from zili.engine.builder import build_engine
@@ -72,7 +72,10 @@ class LLM:
 
         For a reasoning model (EngineConfig.reasoning_parser) each output's `text` is the answer and
         `reasoning_text` the thinking (zili.reasoning); `token_ids` are all the generated tokens."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if messages and isinstance(messages[0], dict):  # one conversation
+            conversations = [cast(list[Message], messages)]
+        else:
+            conversations = list(cast(Sequence[list[Message]], messages))
         prompts = [self.render_chat(c, add_generation_prompt, tools, chat_template_kwargs) for c in conversations]
         outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
         return [split_output_reasoning(out, self.engine.reasoning_style, self.tokenizer) for out in outputs]
@@ -117,13 +120,13 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # a single prompt given as token ids
-    for i, p in enumerate(prompts):
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [cast(list[int], items)]  # a single prompt given as token ids
+    for i, p in enumerate(items):
         if not isinstance(p, (str, list)):
             raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
-    return prompts
+    return cast(list[Prompt], items)  # each checked just above
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

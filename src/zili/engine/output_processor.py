@@ -177,19 +177,28 @@ class OutputProcessor:
 
     def process(self, seqs: list[Sequence], token_ids: list[int],
                 logprobs: Iterable[TokenLogprob | None]) -> tuple[list[RequestDelta], list[Sequence]]:
-        """Apply one step's sampled tokens (one per sequence, in order).
+        """Apply one step's sampled tokens (one per entry of `seqs`, in order).
 
-        Returns the deltas of every touched request (sequences of one request grouped, in order)
-        and the sequences that finished in this step (the caller frees their KV blocks)."""
+        A sequence may appear several times in a row (speculative decoding accepts several tokens
+        a step): its tokens are applied in order into one delta, and those after its finish are
+        dropped. Returns the deltas of every touched request (sequences of one request grouped, in
+        order) and the sequences that finished in this step (the caller frees their KV blocks)."""
         by_request: dict[str, list[CompletionDelta]] = {}
         requests = {}
         finished: list[Sequence] = []
+        last: tuple[Sequence, CompletionDelta] | None = None
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            if seq.status == SequenceStatus.FINISHED:  # tokens after a finish in the same step
+                continue
             delta = self._sequences[seq].accept(token_id, logprob)
             if delta.finish_reason is not None:
                 finished.append(seq)
                 seq.status = SequenceStatus.FINISHED
                 self.release(seq)
+            if last is not None and last[0] is seq:
+                _merge(last[1], delta)
+                continue
+            last = (seq, delta)
             rid = seq.request.request_id
             by_request.setdefault(rid, []).append(delta)
             requests[rid] = seq.request
@@ -208,3 +217,12 @@ class OutputProcessor:
             self.release(seq)
             out.append(CompletionDelta(seq.index, "", [], None, finish_reason, None))
         return out
+
+
+def _merge(into: CompletionDelta, delta: CompletionDelta) -> None:
+    """Append a later token's delta of the same sequence to the step's delta."""
+    into.text += delta.text
+    into.token_ids += delta.token_ids
+    if delta.logprobs is not None:
+        into.logprobs = (into.logprobs or []) + delta.logprobs
+    into.finish_reason, into.stop_reason = delta.finish_reason, delta.stop_reason

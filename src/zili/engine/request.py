@@ -182,6 +182,9 @@ class Sequence:
     generator: torch.Generator | None = None  # per-sequence RNG, for seeded sampling
     num_cached_prompt_tokens: int = 0
     grammar: GrammarMatcher | None = None  # structured output: this sequence's matcher (zili.structured)
+    # Speculative decoding (zili.engine.spec_decode): tokens proposed to follow token_ids, verified in
+    # the next step; the scheduler may shorten the list and clears it when the sequence cannot verify.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from zili.config import ModelConfig
 from zili.engine.prompt_outputs import PromptScoring, StepExtras, compute_step_extras
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
+from zili.models.base import CausalLM
 
 if TYPE_CHECKING:
     from zili.engine.compiled_decode import CompiledDecode
@@ -53,7 +53,7 @@ class ModelRunner:
     """One device's model and KV cache. `attention`: the backend every step of this runner uses
     (None: the torch reference); it travels in each step's AttentionMetadata, never process-wide."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+    def __init__(self, model: CausalLM, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, attention: AttentionBackend | None = None) -> None:
         self.model = model
         self.config = config

@@ -71,7 +71,12 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new += self._fit_drafts(seq, num_new, budget)
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+                if seq.draft_token_ids:  # drop the proposal before preempting anyone for it
+                    num_new -= len(seq.draft_token_ids)
+                    seq.draft_token_ids = []
+                    continue
                 preempted = True
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -84,10 +89,23 @@ class Scheduler:
             self._admit_waiting(batch, budget)
         return batch
 
+    @staticmethod
+    def _fit_drafts(seq: Sequence, num_new: int, budget: int) -> int:
+        """How many of the sequence's draft tokens (zili.engine.spec_decode) run this step: they follow
+        a decode's one new token, within the token budget; none while its prompt is still prefilling."""
+        if not seq.draft_token_ids:
+            return 0
+        if num_new != 1 or seq.num_tokens - seq.num_computed_tokens != 1 or budget < 2:
+            seq.draft_token_ids = []
+            return 0
+        del seq.draft_token_ids[budget - 1:]
+        return len(seq.draft_token_ids)
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
+            seq.draft_token_ids = []
             parent = seq.request.sequences[0]
             if seq is not parent and not self._fork_ready(seq, parent):
                 deferred.append(seq)
@@ -124,6 +142,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -137,8 +156,19 @@ class Scheduler:
         self.kv.free(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
 
-    def on_step_done(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and register newly full blocks in the prefix cache."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += num_new
+    def on_step_done(self, batch: ScheduledBatch, num_rejected: list[int] | None = None) -> None:
+        """Advance computed counts and register newly full blocks in the prefix cache.
+
+        Call it after the step's tokens were appended and before finished sequences are freed.
+        `num_rejected[i]` (speculative decoding): how many of sequence i's new tokens were drafts
+        that verification rejected; their K/V slots are rolled back (blocks no longer needed are
+        returned to the pool). A sequence never counts more tokens computed than it holds."""
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            rejected = num_rejected[i] if num_rejected is not None else 0
+            seq.num_computed_tokens = min(seq.num_computed_tokens + num_new - rejected, seq.num_tokens)
+            seq.draft_token_ids = []
+            if seq.seq_id not in self.kv.tables:  # aborted during the step
+                continue
+            if rejected:
+                self.kv.trim(seq.seq_id, seq.num_computed_tokens)
             self.kv.register_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)

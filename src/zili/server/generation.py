@@ -22,6 +22,7 @@ from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
 
 if TYPE_CHECKING:
+    from zili.server.hooks import RequestStatus
     from zili.server.state import ServerState
 
 
@@ -121,7 +122,8 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """Per engine step, what each touched choice gained; ends when all have finished."""
-        hooks, status = self.state.request_hooks, "aborted"
+        hooks = self.state.request_hooks
+        status: RequestStatus = "aborted"
         try:
             async for prompt_index, output in _merge(self.streams):
                 self._cached[prompt_index] = output.num_cached_tokens

@@ -143,6 +143,10 @@ def serve(
     pooling: Annotated[str, typer.Option(
         help="/v1/embeddings: pool the final hidden states by mean, last or cls (first token), as llama.cpp's "
         "--pooling; vectors have unit L2 norm.")] = "mean",
+    speculative_config: Annotated[str | None, typer.Option(
+        help="Speculative decoding as a JSON object, as vLLM takes it: '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (draftless n-gram "
+        "proposals from each request's own prompt and output). Default: off.")] = None,
     admin_key: Annotated[str | None, typer.Option(
         "--admin-key", envvar="ZILI_ADMIN_KEY", help="Turn on the admin API (/admin/v1: keys, usage, audit, "
         "pause) for this bearer key; also turns on database keys, quotas and the usage ledger.")] = None,
@@ -181,7 +185,7 @@ def serve(
                    "tensor_parallel_size": tensor_parallel_size, "threads": threads, "quantization": quantization,
                    "attention_backend": attention_backend, "use_tune_cache": tune_cache,
                    "enforce_eager": enforce_eager, "load_format": load_format,
-                   "reasoning_parser": reasoning_parser}
+                   "reasoning_parser": reasoning_parser, "speculative_config": speculative_config}
         config = EngineConfig(**{k: v for k, v in options.items() if v is not None})
         keys = read_api_keys(api_key, api_key_file)
         governance = build_governance(GovernanceConfig(

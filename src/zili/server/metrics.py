@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from zili.engine.async_engine import AsyncEngine
+from zili.engine.async_engine import ServingEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -21,7 +21,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: ServingEngine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
@@ -47,17 +47,35 @@ class _EngineStatsCollector(Collector):
             ("zili_generation_tokens", "Tokens generated.", stats.generation_tokens_total),
             ("zili_num_preemptions", "Sequences preempted (KV pool full) and recomputed later.",
              getattr(stats, "num_preemptions", 0)),
+            # Speculative decoding (zili.engine.spec_decode), named as vLLM's spec_decode_* metrics.
+            ("zili_spec_decode_num_drafts", "Verify steps of a sequence that carried draft tokens.",
+             getattr(stats, "spec_decode_num_drafts", 0)),
+            ("zili_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+             getattr(stats, "spec_decode_num_draft_tokens", 0)),
+            ("zili_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+             getattr(stats, "spec_decode_num_accepted_tokens", 0)),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], float(value))
             yield counter
+        rates = [
+            ("zili_spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start (0-1).",
+             getattr(stats, "spec_decode_acceptance_rate", 0.0)),
+            ("zili_spec_decode_mean_accepted_length", "Tokens a verify step yielded on average since start "
+             "(1 + accepted drafts per step with drafts; 0 before any).",
+             getattr(stats, "spec_decode_mean_accepted_length", 0.0)),
+        ]
+        for name, doc, value in rates:
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric([self.model_name], float(value))
+            yield gauge
 
 
 class ServerMetrics:
     """One registry per app, so several servers can live in one process (tests)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: ServingEngine, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(engine, model_name))
         self.ttft = Histogram("zili_time_to_first_token_seconds", "Time from request arrival to its first token.",

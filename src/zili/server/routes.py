@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,7 +30,8 @@ from zili.server.serving import ClientDisconnected, new_request_id, respond
 from zili.server.state import ServerState
 from zili.structured.tools import tool_style
 
-_ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": p.ErrorResponse}
+                                            for status in (400, 401, 404, 413, 422, 429, 503)}
 
 router = APIRouter()
 guarded = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
@@ -140,6 +142,7 @@ def _reasoning_budget(state: ServerState, body: p.ChatCompletionRequest,
             raise bad_request(f"max_reasoning_tokens must be an integer >= 1, got {body.max_reasoning_tokens}",
                               param="max_reasoning_tokens")
         return body.max_reasoning_tokens
+    assert body.reasoning_effort is not None  # one of the two is set (checked above)
     return state.settings.reasoning_budgets[body.reasoning_effort]
 
 
@@ -203,6 +206,7 @@ async def tokenize(body: p.TokenizeRequest, request: Request) -> p.TokenizeRespo
                            continue_final_message=body.continue_final_message)
         add_special = bool(body.add_special_tokens)
     else:
+        assert body.prompt is not None  # exactly one of them is given (checked above)
         text = body.prompt
         add_special = body.add_special_tokens is not False
     tokens = encode(state, text, "messages" if body.messages is not None else "prompt", add_special)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
+from zili.engine.async_engine import EngineUnavailableError, ServingEngine
 from zili.reasoning import DEFAULT_REASONING_BUDGETS
 from zili.server.errors import APIError, quote
 from zili.server.metrics import ServerMetrics
@@ -40,7 +40,7 @@ class ServerSettings:
 class ServerState:
     """What every route needs: settings, the engine, metrics, and facts about the model."""
 
-    def __init__(self, settings: ServerSettings, engine: AsyncEngine) -> None:
+    def __init__(self, settings: ServerSettings, engine: ServingEngine) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = ServerMetrics(engine, settings.served_model_name)

@@ -1,0 +1,320 @@
+"""Speculative decoding with draftless n-gram proposals (prompt lookup), verified in the batch's step.
+
+Proposals. A sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked
+up earlier in its own prompt and output; the tokens that followed the most recent earlier occurrence
+are proposed as drafts, at most num_speculative_tokens of them (Saxena 2023, "Prompt Lookup
+Decoding"; vLLM's `ngram` method, llama.cpp's `--spec-type ngram-*`). Input-grounded work (filling a
+form from a document, quoting a contract) copies long runs from the prompt, so many drafts hit.
+
+Adaptive, per sequence: the draft length follows transformers' "heuristic" schedule for assisted
+generation (+2 after a step that accepted every draft, -1 otherwise), and a step whose drafts all
+missed pauses proposals for 1, 2, 4 ... 32 steps, so a request whose text does not repeat costs no
+more than a few wasted verify rows. `disable_by_batch_size` stops proposals in large batches, where
+a step is no longer bound by reading the weights and verify rows cost nearly as much as new tokens.
+
+Verification (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
+Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling"). A decode
+sequence with k drafts d1..dk sends k + 1 tokens (its last token and the drafts) through the same
+forward pass as the other sequences' decodes and prefill chunks. The engine gives each of those
+tokens its own decode row (same block table, one more context position per row), so every attention
+backend's batched decode path, the compiled decode graph and captured device graphs verify drafts
+without a multi-token query path of their own, and the rows' logits come back in order. Row j's
+logits give the target distribution p_j of the token after d1..dj. The sampler draws t_j ~ p_j for
+every row (the argmax for greedy requests, with the request's own processing and seed); drafts are
+accepted while t_j == d_{j+1}, and the first t_j that differs, or t_k after all k were accepted (the
+bonus token), ends the step's output.
+
+For a draftless proposer the draft distribution is a point mass on d, and this is exactly the
+speculative rejection rule: accept d with probability min(1, p(d) / 1) = p(d); on rejection draw from
+the residual max(0, p - q), renormalised, which is p with d removed. Drawing t ~ p and accepting when
+t == d does both at once: P(accept) = p(d), and given t != d, t is distributed as p restricted to
+x != d, renormalised. So the output distribution equals plain decoding's, and greedy output is
+identical token for token (tests/unit/test_spec_decode.py checks both).
+
+Rejected drafts' K/V slots are rolled back by the scheduler (`Scheduler.on_step_done(num_rejected)`,
+`KVCacheManager.trim`).
+
+Structured output: drafts go through the sequence's grammar matcher. A proposal is cut before the
+first token the grammar refuses (or that would end it), then the matcher is rolled back; at
+verification row j is masked with the grammar's state after d1..dj (`DraftGrammarRows` accepts the
+drafts one by one while the rows' bitmasks are filled, then rolls them back), so each row's draw is
+what plain constrained decoding would draw after the same tokens, and the output processor advances
+the matcher over the accepted tokens as it does over sampled ones.
+
+Sequences that do not speculate: those with repetition / presence / frequency penalties or a pending
+min_tokens (both change with every position of the draft), a thinking budget (the engine may replace
+a token mid-step), or a grammar still held back while a reasoning model thinks; they decode one token
+a step beside the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zili.config import SpeculativeConfig
+from zili.engine.request import GrammarMatcher, Sequence, SequenceStatus, TokenLogprob
+
+MAX_PAUSE_STEPS = 32  # the longest pause in proposals after repeated misses
+
+
+class NgramIndex:
+    """Where each n-gram (n in [min_n, max_n]) of one sequence's tokens last occurred, kept up to date
+    as tokens are appended (token lists only grow, also across preemption), so a lookup costs
+    O(new tokens * number of n) instead of a scan of the whole context."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.sizes = list(range(max_n, min_n - 1, -1))  # longest first
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.indexed = 0  # n-grams ending (exclusive) before this position are in `ends`
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to `k` tokens that followed the most recent earlier occurrence of the longest suffix of
+        `tokens` found (none when no suffix of at least min_n tokens occurred before). A match that
+        runs into the end of `tokens` continues periodically (the repeat continues the repeat)."""
+        length = len(tokens)
+        # Index occurrences whose continuation starts inside `tokens` (end <= length - 1); the
+        # suffix itself (end == length) is not an earlier occurrence.
+        for end in range(max(self.indexed, 1), length):
+            for n in self.sizes:
+                if end >= n:
+                    self.ends[n][tuple(tokens[end - n:end])] = end
+        self.indexed = max(self.indexed, length)
+        for n in self.sizes:
+            if length <= n:
+                continue
+            end = self.ends[n].get(tuple(tokens[length - n:]))
+            if end is None:
+                continue
+            draft: list[int] = []
+            for i in range(k):
+                j = end + i
+                draft.append(tokens[j] if j < length else draft[j - length])
+            return draft
+        return []
+
+
+@dataclass
+class SpecState:
+    """One sequence's proposer state: its n-gram index and the adaptive draft length."""
+
+    index: NgramIndex
+    draft_len: int
+    misses: int = 0  # consecutive verify steps that accepted nothing
+    pause: int = 0  # steps left without proposals
+
+
+@dataclass
+class SpecDecodeStats:
+    """Counters since the engine started (vLLM's spec_decode_* metrics)."""
+
+    num_drafts: int = 0  # verify steps of a sequence with at least one draft token
+    num_draft_tokens: int = 0  # draft tokens proposed and verified
+    num_accepted_tokens: int = 0  # of which accepted
+    accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts at each draft position
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verify step yields on average: 1 (the target's own token) + accepted drafts."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
+class VerifiedStep:
+    """A step's sampled tokens after verification, for `OutputProcessor.process`: `seqs[i]` gains
+    `token_ids[i]` (a sequence repeats once per accepted token, in order)."""
+
+    seqs: list[Sequence]
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class NgramSpeculator:
+    """Proposes drafts for running decode sequences and verifies them after the forward pass."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.states: dict[str, SpecState] = {}
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+
+    # ---- proposals ---------------------------------------------------------------------------------
+    def propose(self, running: list[Sequence]) -> None:
+        """Set `draft_token_ids` on the running sequences that decode next and have a proposal (the
+        scheduler may shorten or drop it to fit the step's budget and the KV pool)."""
+        for seq in running:  # last step's proposals are spent or stale
+            seq.draft_token_ids = []
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) >= limit:
+            return
+        for seq in running:
+            if not self.eligible(seq):
+                continue
+            state = self.states.get(seq.seq_id)
+            if state is None:
+                state = self.states[seq.seq_id] = SpecState(
+                    NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max),
+                    self.config.num_speculative_tokens)
+            if state.pause > 0:
+                state.pause -= 1
+                continue
+            req = seq.request
+            room = min(req.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+            k = min(state.draft_len, room)
+            if k > 0:
+                drafts = state.index.propose(seq.token_ids, k)
+                seq.draft_token_ids = grammar_prefix(seq.grammar, drafts) if drafts and seq.grammar else drafts
+
+    @staticmethod
+    def eligible(seq: Sequence) -> bool:
+        """Whether this sequence may carry drafts into its next step (see the module docstring)."""
+        p = seq.request.params
+        # A grammar must be attached and able to roll back (not held back behind a reasoning model's thinking).
+        grammar_ok = p.structured is None or hasattr(seq.grammar, "rollback")
+        return (seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens - 1
+                and grammar_ok and not p.needs_penalties and seq.num_output_tokens >= p.min_tokens
+                and p.max_reasoning_tokens is None)
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence."""
+        self.states.pop(seq.seq_id, None)
+
+    # ---- verification ------------------------------------------------------------------------------
+    def verify(self, sampled_ids: list[int], logprobs: list[TokenLogprob | None],
+               sampling: list[Sequence]) -> tuple[VerifiedStep, list[int]]:
+        """Accept drafts against the target's tokens.
+
+        `sampled_ids` / `logprobs`: one per logits row, the sampler's draw from each row, rows in the
+        order of `rows_of(sampling)`. Returns the tokens to append and, per entry of `sampling`,
+        how many of its draft tokens were rejected (their K/V slots are rolled back)."""
+        out = VerifiedStep([], [], [])
+        num_rejected: list[int] = []
+        row = 0
+        for seq in sampling:
+            drafts = seq.draft_token_ids
+            accepted = 0
+            while accepted < len(drafts) and sampled_ids[row + accepted] == drafts[accepted]:
+                accepted += 1
+            for j in range(accepted + 1):  # the accepted drafts (= the target's tokens), then its next one
+                out.seqs.append(seq)
+                out.token_ids.append(sampled_ids[row + j])
+                out.logprobs.append(logprobs[row + j])
+            if drafts:
+                self._record(seq, len(drafts), accepted)
+            num_rejected.append(len(drafts) - accepted)
+            row += 1 + len(drafts)
+        return out, num_rejected
+
+    @staticmethod
+    def rows_of(sampling: list[Sequence]) -> list[Sequence]:
+        """One entry per logits row: each sequence once, then once more per draft token."""
+        return [seq for seq in sampling for _ in range(1 + len(seq.draft_token_ids))]
+
+    def _record(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        stats = self.stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += proposed
+        stats.num_accepted_tokens += accepted
+        for pos in range(accepted):
+            stats.accepted_per_pos[pos] += 1
+        state = self.states.get(seq.seq_id)
+        if state is None:
+            return
+        k_max = self.config.num_speculative_tokens
+        if accepted == proposed:
+            state.draft_len = min(k_max, state.draft_len + 2)
+        else:
+            state.draft_len = max(1, state.draft_len - 1)
+        if accepted == 0:
+            state.misses += 1
+            state.pause = min(MAX_PAUSE_STEPS, 2 ** (state.misses - 1))
+        else:
+            state.misses = 0
+
+
+def grammar_prefix(grammar: GrammarMatcher, drafts: list[int]) -> list[int]:
+    """The longest prefix of `drafts` the grammar accepts without ending; the matcher is left as it was."""
+    accepted = 0
+    for token_id in drafts:
+        if not grammar.accept_token(token_id):
+            break
+        accepted += 1
+        if grammar.is_terminated():  # no row may be masked by a finished grammar
+            break
+    if accepted and grammar.is_terminated():
+        grammar.rollback(1)
+        accepted -= 1
+    if accepted:
+        grammar.rollback(accepted)
+    return drafts[:accepted]
+
+
+class DraftGrammarRows:
+    """The grammar seen by a sequence's verify rows: row j's bitmask is filled in the matcher's state
+    after the first j drafts. Rows must be filled in order (GrammarBackend.build_mask does); `close()`
+    rolls the matcher back to where it was."""
+
+    def __init__(self, grammar: GrammarMatcher, drafts: list[int]) -> None:
+        self.grammar, self.drafts = grammar, drafts
+        self.advanced = 0  # drafts the matcher has accepted
+
+    def row(self, j: int) -> _DraftRowGrammar:
+        return _DraftRowGrammar(self, j)
+
+    def fill(self, j: int, bitmask: torch.Tensor, index: int) -> None:
+        while self.advanced < j:
+            if not self.grammar.accept_token(self.drafts[self.advanced]):  # proposals were checked: cannot happen
+                raise RuntimeError(f"draft token {self.drafts[self.advanced]} left the grammar")
+            self.advanced += 1
+        if self.advanced > j:
+            self.grammar.rollback(self.advanced - j)
+            self.advanced = j
+        self.grammar.fill_next_token_bitmask(bitmask, index)
+
+    def close(self) -> None:
+        if self.advanced:
+            self.grammar.rollback(self.advanced)
+            self.advanced = 0
+
+
+@dataclass
+class _DraftRowGrammar:
+    """One verify row's view of the grammar, for GrammarBackend.build_mask (which reads `.grammar`)."""
+
+    rows: DraftGrammarRows
+    j: int
+
+    @property
+    def grammar(self) -> _DraftRowGrammar:
+        return self
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        self.rows.fill(self.j, bitmask, index)
+
+
+def grammar_rows(sampling: list[Sequence]) -> tuple[list[object], list[DraftGrammarRows]]:
+    """Per logits row, what the grammar mask builder reads (`.grammar`): the sequence itself, or for
+    a constrained sequence's verify rows, a view in the state after that row's drafts. Also the
+    views to `close()` once the mask is built."""
+    out: list[object] = []
+    opened: list[DraftGrammarRows] = []
+    for seq in sampling:
+        if seq.grammar is None or not seq.draft_token_ids:
+            out += [seq] * (1 + len(seq.draft_token_ids))
+            continue
+        rows = DraftGrammarRows(seq.grammar, seq.draft_token_ids)
+        opened.append(rows)
+        out += [rows.row(j) for j in range(1 + len(seq.draft_token_ids))]
+    return out, opened
+
+
+def expand_rows(token_ids: list[int], start: int, table: list[int]) -> tuple[list[list[int]], list[int],
+                                                                                list[list[int]]]:
+    """A verify sequence's k + 1 tokens as k + 1 one-token decode rows: token lists, start positions and
+    block tables (the same table; row j sees the context through its own position start + j)."""
+    return [[t] for t in token_ids], [start + j for j in range(len(token_ids))], [table] * len(token_ids)

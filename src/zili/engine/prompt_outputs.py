@@ -18,9 +18,12 @@ rank alike, so the LM head's collectives stay in step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from zili.models.base import CausalLM
 
 MAX_SCORE_LOGITS = 1 << 24  # float32 logits held at once while scoring (64 MiB)
 
@@ -51,7 +54,7 @@ class StepExtras:
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # [hidden] float32 on the host
 
 
-def compute_step_extras(model: nn.Module, hidden: torch.Tensor, query_lens: list[int],
+def compute_step_extras(model: CausalLM, hidden: torch.Tensor, query_lens: list[int],
                 scoring: list[PromptScoring | None] | None, pooling: list[str | None] | None) -> StepExtras:
     """Prompt logprobs and pooled states for the sequences of one step that asked for them.
 
@@ -72,14 +75,14 @@ def compute_step_extras(model: nn.Module, hidden: torch.Tensor, query_lens: list
     return out
 
 
-def _score(model: nn.Module, hidden: torch.Tensor, starts: list[int], scoring: list[PromptScoring | None],
+def _score(model: CausalLM, hidden: torch.Tensor, starts: list[int], scoring: list[PromptScoring | None],
            out: StepExtras) -> None:
     wanted = [(i, s) for i, s in enumerate(scoring) if s is not None and s.target_ids]
     row_ids = [starts[i] + s.first_row + r for i, s in wanted for r in range(len(s.target_ids))]
     targets = torch.tensor([t for _, s in wanted for t in s.target_ids], dtype=torch.long, device=hidden.device)
     rows = hidden.index_select(0, torch.tensor(row_ids, dtype=torch.long, device=hidden.device))
     k = max(s.num_top for _, s in wanted)
-    per_chunk = max(1, MAX_SCORE_LOGITS // model.config.vocab_size)
+    per_chunk: int = max(1, MAX_SCORE_LOGITS // model.config.vocab_size)
     chosen, top_ids, top_vals = [], [], []
     for a in range(0, len(row_ids), per_chunk):
         logp = torch.log_softmax(model.compute_logits(rows[a:a + per_chunk]).float(), dim=-1)  # [r, V]

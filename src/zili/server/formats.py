@@ -195,7 +195,9 @@ class CompletionFormat:
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             return
-        top = {self.state.token_str(t): v for t, v in list(logprob.top)[: self.k]}
+        top: dict[str, float] = {}
+        for t, v in list(logprob.top)[: self.k]:  # best first: where two tokens print alike (two halves of
+            top.setdefault(self.state.token_str(t), v)  # characters, "\ufffd"), the likelier one keeps the key
         top.setdefault(tok, logprob.logprob)
         out.token_logprobs.append(logprob.logprob)
         out.top_logprobs.append(top)

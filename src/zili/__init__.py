@@ -1,8 +1,8 @@
 """zili (自立): a self-hosted LLM inference and serving engine."""
 
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
 
-__all__ = ["SamplingParams", "LLM"]
+__all__ = ["SamplingParams", "PoolingParams", "LLM"]
 __version__ = "0.1.0"
 
 

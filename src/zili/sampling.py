@@ -56,6 +56,9 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each sampled token
+    # Scoring: the logprob of every prompt token given the tokens before it (the first has none) and
+    # this many top alternatives at each position, in RequestOutput.prompt_logprobs (vLLM's field).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Constrained decoding: a zili.structured.StructuredOutput, or a dict such as {"json": schema},
     # {"regex": ...}, {"choice": [...]}, {"grammar": ebnf}, {"json_object": True}.
@@ -78,14 +81,22 @@ class SamplingParams:
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        # max_tokens 0 runs the prompt only (prefill): scoring with prompt_logprobs, as OpenAI's legacy
+        # completions allowed with echo.
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+                                           and self.max_tokens >= 0),
+               "max_tokens", f"must be an integer >= 1 (or 0: score the prompt only), got {self.max_tokens!r}")
+        _check(self.max_tokens != 0 or self.n == 1, "n", f"must be 1 when max_tokens is 0, got {self.n}")
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
                f"must be an integer >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs",
                f"must be an integer in [0, 20], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                                and not isinstance(self.prompt_logprobs, bool)
+                                                and 0 <= self.prompt_logprobs <= 20), "prompt_logprobs",
+               f"must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(self.max_reasoning_tokens is None or (isinstance(self.max_reasoning_tokens, int)
                                                      and not isinstance(self.max_reasoning_tokens, bool)
@@ -113,6 +124,30 @@ class SamplingParams:
     @property
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+POOLING_TYPES = ("mean", "last", "cls")
+
+
+@dataclass
+class PoolingParams:
+    """An embedding request: the prompt's final hidden states (after the model's final norm) pooled
+    into one vector of hidden_size floats, as llama.cpp's `--embeddings --pooling` computes them.
+
+    `pooling`: "mean" (average over every prompt position), "last" (the last position's state, for
+    causal models) or "cls" (the first position's). `normalize`: scale to unit L2 norm (llama.cpp's
+    default, `--embd-normalize 2`). A pooling request is prefill only: nothing is sampled.
+    """
+
+    pooling: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_TYPES:
+            raise InvalidRequestError("pooling", f"PoolingParams.pooling must be one of {', '.join(POOLING_TYPES)}, "
+                                                 f"got {self.pooling!r}")
+        if not isinstance(self.normalize, bool):
+            raise InvalidRequestError("normalize", f"PoolingParams.normalize must be a boolean, got {self.normalize!r}")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -171,7 +171,7 @@ class Tokenizer:
             chat_template=chat_template or cfg.get("chat_template"),
         )
         # Some tokenizer.json files leave adding BOS to the Python class (`add_bos_token` in the config).
-        if cfg.get("add_bos_token") and tok.bos_token_id is not None:
+        if cfg.get("add_bos_token") and tok.bos_token is not None and tok.bos_token_id is not None:
             probe = backend.encode("a").ids
             if not probe or probe[0] != tok.bos_token_id:
                 backend.post_processor = _bos_eos_processor((tok.bos_token, tok.bos_token_id), None)
@@ -237,7 +237,8 @@ class Tokenizer:
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         if add_bos or add_eos:
             backend.post_processor = _bos_eos_processor(
-                (bos, vocab[bos]) if add_bos else None, (eos, vocab[eos]) if add_eos else None
+                (bos, vocab[bos]) if add_bos and bos is not None else None,
+                (eos, vocab[eos]) if add_eos and eos is not None else None,
             )
         extra_eos = [metadata[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
                      if k in metadata]
@@ -378,7 +379,8 @@ def _sentencepiece_from_gguf(cls: type[Tokenizer], metadata: Mapping[str, Any], 
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         backend.post_processor = _bos_eos_processor(
-            (bos, backend.token_to_id(bos)) if add_bos else None, (eos, backend.token_to_id(eos)) if add_eos else None)
+            (bos, known[bos]) if add_bos and bos is not None else None,  # both were added as special tokens
+            (eos, known[eos]) if add_eos and eos is not None else None)
     extra_eos = [metadata[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in metadata]
     template = metadata.get("tokenizer.chat_template")
     if template is None and "<|im_start|>" not in known:

@@ -68,8 +68,9 @@ class Browser:
         self.driver.get(url)
         self.wait(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"), 30)
 
-    def wait(self, condition: Callable[[Any], Any], timeout: float = 60.0) -> Any:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(condition)
+    def wait(self, condition: Callable[[Any], Any], timeout: float = 60.0, poll: float = 0.1) -> Any:
+        # Each poll is a WebDriver round trip (CPU the server under test shares): no faster than needed.
+        return WebDriverWait(self.driver, timeout, poll_frequency=poll).until(condition)
 
     def find(self, css: str):  # noqa: ANN201 (a selenium WebElement)
         return self.driver.find_element(By.CSS_SELECTOR, css)

@@ -12,7 +12,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import jsonschema
@@ -31,9 +31,13 @@ WEB_ARGS = ["--enforce-eager", "--max-num-seqs", "1", "--max-queue", "1", "--max
 ADMIN_KEY = "sk-zili-admin-test"
 EN = json.loads((WEB_DIR / "i18n" / "en.json").read_text())
 ZH = json.loads((WEB_DIR / "i18n" / "zh-CN.json").read_text())
-INVOICE = REPO / "examples" / "invoice"
 REPORT = REPO / "examples" / "financial-report"
-GENERATION_TIMEOUT = 600  # seconds: a shared 2-core machine can be slow; a hang still fails
+# A generation on a shared, busy 2-core machine can take minutes, so its wait is bounded by progress:
+# it fails once neither the page nor the server's token counters moved for STALL_TIMEOUT seconds (a
+# hang), or after GENERATION_TIMEOUT seconds in all.
+GENERATION_TIMEOUT = 600
+STALL_TIMEOUT = 120
+POLL = 0.25  # seconds between looks at a running generation
 XSS_FLAGS = "return [window.__xss1, window.__xss2, window.__xss3, window.__xss4, window.__xss5]"
 
 
@@ -65,6 +69,27 @@ def page(server: ServerProcess) -> Iterator[Browser]:
         browser.quit()
 
 
+@pytest.fixture
+def console(page: Browser, server: ServerProcess) -> Browser:
+    """The module's console, freshly loaded from the server for each test.
+
+    A reload drops what an earlier test left in the page (an opened batch, results, a generation
+    still streaming: closing its connection aborts it on the server), a new chat keeps earlier turns
+    out of the prompt, and the server is idle again before the test starts: one slow or failed test
+    cannot make the next one fail.
+    """
+    page.js("window.__stale = true")
+    page.driver.get(server.url + "/")
+    page.wait(lambda d: page.js("return window.__stale === undefined && document.body.dataset.ready === 'true'"), 60)
+    if page.js("return document.getElementById('key-dialog').open"):
+        _enter_key(page, API_KEY)  # an earlier test left the session without a key
+    _models_loaded(page)
+    page.find("#new-chat").click()  # no earlier test's turns in this test's prompts
+    idle = server.wait_idle(timeout=60)
+    assert idle["zili_num_requests_running"] == 0 and idle["zili_num_requests_waiting"] == 0, idle
+    return page
+
+
 def _enter_key(browser: Browser, key: str) -> None:
     browser.wait(lambda d: browser.js("return document.getElementById('key-dialog').open"), 60)
     browser.find("#key-input").send_keys(key)
@@ -93,9 +118,41 @@ def _send(browser: Browser, text: str) -> None:
     browser.find("#send").click()
 
 
-def _wait_answer_done(browser: Browser, timeout: float = GENERATION_TIMEOUT) -> str:
-    browser.wait(lambda d: browser.js("return document.getElementById('send').hidden") is False
-                 and _last_meta(browser), timeout)
+def _answer_done(browser: Browser) -> bool:
+    return browser.js("return document.getElementById('send').hidden") is False and bool(_last_meta(browser))
+
+
+def _wait_answer_done(browser: Browser, timeout: float = 30) -> str:
+    """For answers that come at once (errors, a stop, a fake server)."""
+    browser.wait(lambda d: _answer_done(browser), timeout)
+    return _last_meta(browser)
+
+
+def _wait_generation(browser: Browser, server: ServerProcess, done: Callable[[], object], shown: Callable[[], object],
+                     what: str) -> None:
+    """Waits for `done()` while the real model works; fails fast when nothing moves (see STALL_TIMEOUT).
+
+    Progress is what the page shows (`shown()`) or the server's token counters, which also move
+    while the page has nothing to show yet (a queued request, a long prefill).
+    """
+    start = moved = time.monotonic()
+    last = None
+    while not done():
+        now = time.monotonic()
+        metrics = server.metrics()
+        state = (shown(), metrics["zili_prompt_tokens_total"], metrics["zili_generation_tokens_total"])
+        if state != last:
+            last, moved = state, now
+        if now - moved > STALL_TIMEOUT or now - start > GENERATION_TIMEOUT:
+            pytest.fail(f"{what}: nothing moved for {now - moved:.0f} s ({now - start:.0f} s in all); the page "
+                        f"shows {state[0]!r}; server: {metrics}\n{server.log_tail()}")
+        time.sleep(POLL)
+
+
+def _wait_answer(browser: Browser, server: ServerProcess) -> str:
+    """The meta line of a chat answer from the real model, once it is complete."""
+    _wait_generation(browser, server, lambda: _answer_done(browser),
+                     lambda: browser.text("#messages .message:last-child .content"), "a chat answer")
     return _last_meta(browser)
 
 
@@ -110,41 +167,40 @@ def _record_renders(browser: Browser) -> None:
     """)
 
 
-def test_401_asks_for_a_key_and_keeps_it_in_the_session_only(server: ServerProcess):
-    browser = Browser("en-US")
-    try:
-        browser.open(server.url)
-        browser.wait(lambda d: browser.js("return document.getElementById('key-dialog').open"), 60)
-        assert browser.text("#key-reason") == EN["key.reasonNeeded"]
-        browser.find("#key-input").send_keys("sk-wrong")
-        browser.find("#key-save").click()
-        browser.wait(lambda d: browser.text("#key-reason") == EN["key.reasonRefused"], 30)
-        browser.find("#key-cancel").click()
-        browser.wait(lambda d: browser.text("#notice-text") == EN["error.keyRefused"], 30)
-        # With no key at all, a chat turn's 401 becomes a message in the conversation.
-        browser.js("sessionStorage.clear()")
-        _send(browser, "Hello")
-        browser.wait(lambda d: browser.js("return document.getElementById('key-dialog').open"), 30)
-        browser.find("#key-cancel").click()
-        assert _wait_answer_done(browser, 30) == EN["error.keyNeeded"]
-        browser.find("#key-button").click()
-        _enter_key(browser, API_KEY)
-        _models_loaded(browser)
-        assert browser.js("return document.getElementById('model-select').value") == MODEL
-        assert browser.js("return sessionStorage.getItem('zili.apiKey')") == API_KEY
-        stored = browser.js("return JSON.stringify(Object.assign({}, localStorage))")
-        assert API_KEY not in stored
-    finally:
-        browser.quit()
+def test_401_asks_for_a_key_and_keeps_it_in_the_session_only(console: Browser):
+    browser = console
+    browser.js("sessionStorage.clear()")
+    browser.driver.refresh()
+    browser.wait(lambda d: browser.js("return document.getElementById('key-dialog').open"), 60)
+    assert browser.text("#key-reason") == EN["key.reasonNeeded"]
+    browser.find("#key-input").send_keys("sk-wrong")
+    browser.find("#key-save").click()
+    browser.wait(lambda d: browser.text("#key-reason") == EN["key.reasonRefused"], 30)
+    browser.find("#key-cancel").click()
+    browser.wait(lambda d: browser.text("#notice-text") == EN["error.keyRefused"], 30)
+    assert browser.js("return document.getElementById('model-select').options.length") == 0
+    # With no key at all, a chat turn's 401 becomes a message in the conversation.
+    browser.js("sessionStorage.clear()")
+    _send(browser, "Hello")
+    browser.wait(lambda d: browser.js("return document.getElementById('key-dialog').open"), 30)
+    browser.find("#key-cancel").click()
+    assert _wait_answer_done(browser) == EN["error.keyNeeded"]
+    browser.find("#key-button").click()
+    _enter_key(browser, API_KEY)
+    _models_loaded(browser)
+    assert browser.js("return document.getElementById('model-select').value") == MODEL
+    assert browser.js("return sessionStorage.getItem('zili.apiKey')") == API_KEY
+    stored = browser.js("return JSON.stringify(Object.assign({}, localStorage))")
+    assert API_KEY not in stored
 
 
-def test_chat_turn_streams_into_the_page(page: Browser, server: ServerProcess):
-    _models_loaded(page)
-    _set(page, "#max-tokens", "48")
+def test_chat_turn_streams_into_the_page(console: Browser, server: ServerProcess):
+    page = console
+    _set(page, "#max-tokens", "16")
     _set(page, "#temperature", "0")
     _record_renders(page)
     _send(page, "Write three sentences about the sea.")
-    meta = _wait_answer_done(page)
+    meta = _wait_answer(page, server)
     answer = page.text("#messages .message:last-child .content").strip()
     renders = [r.strip() for r in page.js("return window.__renders") if r.strip()]
     assert answer, meta
@@ -153,26 +209,29 @@ def test_chat_turn_streams_into_the_page(page: Browser, server: ServerProcess):
     assert len(partial) >= 2, renders
     match = re.fullmatch(r"(\d+) tokens \(prompt (\d+)\) · ([\d.]+) tokens/s · first token after ([\d.]+) s.*", meta)
     assert match, meta
-    assert 1 <= int(match[1]) <= 48 and int(match[2]) > 5 and float(match[3]) > 0
+    assert 1 <= int(match[1]) <= 16 and int(match[2]) > 5 and float(match[3]) > 0
     history = json.loads(page.js("return localStorage.getItem('zili.chats')"))
-    assert history[0]["messages"][-2:][0]["content"] == "Write three sentences about the sea."
-    assert history[0]["messages"][-1]["content"].strip().startswith(answer.split()[0])
+    [chat] = [c for c in history if c["id"] == page.js("return localStorage.getItem('zili.currentChat')")]
+    assert chat["messages"][-2]["content"] == "Write three sentences about the sea."
+    assert chat["messages"][-1]["content"].strip().startswith(answer.split()[0])
     page.screenshot("chat")
 
 
-def test_stop_aborts_the_request_and_frees_every_kv_block(page: Browser, server: ServerProcess):
-    _models_loaded(page)
+def test_stop_aborts_the_request_and_frees_every_kv_block(console: Browser, server: ServerProcess):
+    page = console
     _set(page, "#max-tokens", "1000")
     _set(page, "#temperature", "0.7")
     finished_before = _finished(server)
     generated_before = server.metrics()["zili_generation_tokens_total"]
     _send(page, "Write a very long story about a dragon who learns to cook, with many chapters.")
-    page.wait(lambda d: (page.text("#messages .message:last-child .content") or "").strip(), GENERATION_TIMEOUT)
+    content = "#messages .message:last-child .content"
+    _wait_generation(page, server, lambda: (page.text(content) or "").strip(), lambda: page.text(content),
+                     "the first words of a long answer")
     busy = server.metrics()
     assert busy["zili_num_requests_running"] == 1
     assert busy["zili_kv_cache_free_blocks"] < busy["zili_kv_cache_total_blocks"]
     page.find("#stop").click()
-    assert _wait_answer_done(page, 30) == EN["chat.stopped"]
+    assert _wait_answer_done(page) == EN["chat.stopped"]
     idle = server.wait_idle(timeout=30)
     assert idle["zili_num_requests_running"] == 0 and idle["zili_num_requests_waiting"] == 0
     assert idle["zili_kv_cache_free_blocks"] == idle["zili_kv_cache_total_blocks"]
@@ -218,8 +277,8 @@ class _HeldBusy:
             thread.join(60)
 
 
-def test_429_and_400_are_shown_as_messages(page: Browser, server: ServerProcess):
-    _models_loaded(page)
+def test_429_and_400_are_shown_as_messages(console: Browser, server: ServerProcess):
+    page = console
     _set(page, "#max-tokens", "16")
     _set(page, "#temperature", "0")
     held = _HeldBusy(server)
@@ -245,25 +304,31 @@ def _extract_view(browser: Browser, form: str) -> None:
     Select(browser.find("#form-select")).select_by_value(form)
 
 
-def _run_extraction(browser: Browser, count: int) -> list[dict]:
+def _run_extraction(browser: Browser, server: ServerProcess, count: int) -> list[dict]:
+    """Runs the extract view and returns its `count` result cards (name, JSON text, error, table headers)."""
     browser.find("#extract-run").click()
-    browser.wait(lambda d: browser.js("return document.getElementById('extract-run').hidden") is False
-                 and len(browser.finds("#extract-results .result")) == count, GENERATION_TIMEOUT)
+    done = "return document.getElementById('extract-run').hidden === false"
+    _wait_generation(browser, server, lambda: browser.js(done),
+                     lambda: (browser.text("#extract-status"), len(browser.finds("#extract-results .result"))),
+                     f"an extraction of {count} document(s)")
+    assert len(browser.finds("#extract-results .result")) == count, browser.text("#extract-status")
     return browser.js("""return [...document.querySelectorAll('#extract-results .result')].map(r => ({
         name: r.querySelector('h3').textContent, json: r.querySelector('.result-json')?.textContent ?? null,
         error: r.querySelector('.error')?.textContent ?? null,
         headers: [...r.querySelectorAll('.result-table th')].map(th => th.textContent)}))""")
 
 
-def test_extraction_of_an_example_invoice_validates_against_its_form(page: Browser):
-    _models_loaded(page)
-    form = json.loads((INVOICE / "form.json").read_text())
-    _extract_view(page, "invoice")
-    page.find("#document-files").send_keys(str(INVOICE / "invoice-acme.txt"))
-    page.wait(lambda d: "ACME" in page.js("return document.getElementById('document-input').value").upper(), 10)
-    [result] = _run_extraction(page, 1)
+def test_extraction_of_an_example_report_validates_against_its_form(console: Browser, server: ServerProcess):
+    """A built-in form and a document of examples/; the financial report's filled form is about half
+    as many tokens as an invoice's (the longest generation of this module)."""
+    page = console
+    form = json.loads((REPORT / "form.json").read_text())
+    _extract_view(page, "financial-report")
+    page.find("#document-files").send_keys(str(REPORT / "report-nordlicht.txt"))
+    page.wait(lambda d: "NORDLICHT" in page.js("return document.getElementById('document-input').value").upper(), 10)
+    [result] = _run_extraction(page, server, 1)
     assert result["error"] is None, result
-    assert result["name"] == "invoice-acme.txt"
+    assert result["name"] == "report-nordlicht.txt"
     value = json.loads(result["json"])
     jsonschema.validate(value, form)
     assert set(form["required"]) <= set(result["headers"])
@@ -276,14 +341,14 @@ SMALL_FORM = {"type": "object", "required": ["company", "currency"], "properties
     "company": {"type": "string", "maxLength": 40}, "currency": {"enum": ["USD", "EUR", "GBP", "other"]}}}
 
 
-def test_batch_extraction_downloads_json_lines_and_csv(page: Browser):
-    _models_loaded(page)
+def test_batch_extraction_downloads_json_lines_and_csv(console: Browser, server: ServerProcess):
+    page = console
     _extract_view(page, "custom")
     _set(page, "#schema-input", json.dumps(SMALL_FORM))
     docs = [REPORT / "report-orbital.txt", REPORT / "report-nordlicht.txt"]
     page.find("#document-files").send_keys("\n".join(str(p) for p in docs))
     page.wait(lambda d: len(page.finds("#batch-list li")) == 2, 10)
-    results = _run_extraction(page, 2)
+    results = _run_extraction(page, server, 2)
     assert [r["name"] for r in results] == [p.name for p in docs]
     page.find("#download-jsonl").click()
     lines = [json.loads(line) for line in page.wait_download("forms.jsonl").read_text().splitlines()]
@@ -298,17 +363,23 @@ def test_batch_extraction_downloads_json_lines_and_csv(page: Browser):
         [(line["form"]["company"], line["form"]["currency"]) for line in lines]
 
 
-@pytest.mark.xfail(reason="failed in the session's final full run (2026-11-29), passed in earlier runs; "
-                   "cause not found: issue 19 stays open for it", strict=False)
-def test_markup_in_a_real_models_output_is_shown_as_text(page: Browser):
-    """The model is made to emit markup (a form whose fields are constants) and the page shows it inertly."""
-    _models_loaded(page)
+def test_markup_in_a_real_models_output_is_shown_as_text(console: Browser, server: ServerProcess):
+    """The model is made to emit markup (a form whose fields are constants) and the page shows it inertly.
+
+    The document is typed in after a batch of files was opened: the typed text replaces the batch
+    (the page once kept the batch and filled the files' forms instead).
+    """
+    page = console
     markup = "<img src=x onerror=window.__xss1=1><a href=javascript:window.__xss3=1>x</a>"
     hostile = {"type": "object", "required": ["html"], "properties": {"html": {"const": markup}}}
     _extract_view(page, "custom")
     _set(page, "#schema-input", json.dumps(hostile))
+    page.find("#document-files").send_keys(f"{REPORT / 'report-orbital.txt'}\n{REPORT / 'report-nordlicht.txt'}")
+    page.wait(lambda d: len(page.finds("#batch-list li")) == 2, 10)
     _set(page, "#document-input", "A.")
-    [result] = _run_extraction(page, 1)
+    assert page.finds("#batch-list li") == []
+    [result] = _run_extraction(page, server, 1)
+    assert result["name"] == EN["extract.pastedName"]
     assert json.loads(result["json"]) == {"html": markup}
     assert markup in page.text("#extract-results .result-table td")
     assert page.js("return document.querySelectorAll('#extract-results img, #extract-results script, "
@@ -316,8 +387,11 @@ def test_markup_in_a_real_models_output_is_shown_as_text(page: Browser):
     assert page.js(XSS_FLAGS) == [None] * 5
 
 
-def test_markdown_answers_are_sanitised_and_reasoning_is_collapsed():
-    """Hostile markdown and HTML in an answer (from a fake endpoint: a real model cannot be made to say it)."""
+def test_markdown_answers_are_sanitised_and_reasoning_is_collapsed(page: Browser):
+    """Hostile markdown and HTML in an answer (from a fake endpoint: a real model cannot be made to say it).
+
+    The module's browser goes to the fake server's origin (the next test's `console` brings it back).
+    """
     fake = FakeOpenAIServer()
     hostile = ("Here is **bold** and `code`.\n\n```python\nprint('hi')\n```\n\n"
                "<img src=x onerror=\"window.__xss1=1\">\n\n"
@@ -327,12 +401,14 @@ def test_markdown_answers_are_sanitised_and_reasoning_is_collapsed():
                "<iframe src=\"javascript:window.__xss5=1\"></iframe>\n\n"
                "![remote](https://example.com/tracker.png)\n")
     fake.replies.append(("First I consider the question. Then I answer.", hostile))
-    browser = Browser("en-US")
+    browser = page
+    browser.collect_logs()  # only this page's requests are looked at below
+    browser.requests.clear()
     try:
         browser.open(fake.url)
         _models_loaded(browser)
         _send(browser, "Say something dangerous")
-        meta = _wait_answer_done(browser, 30)
+        meta = _wait_answer_done(browser)
         assert meta.startswith("42 tokens (prompt 11) · ")
         content = "#messages .message:last-child .content"
         assert browser.text(f"{content} strong") == "bold"
@@ -372,7 +448,6 @@ def test_markdown_answers_are_sanitised_and_reasoning_is_collapsed():
         browser.find("#usage-load").click()
         browser.wait(lambda d: browser.text("#usage-status") == EN["usage.missing"], 30)
     finally:
-        browser.quit()
         fake.stop()
 
 
@@ -411,7 +486,11 @@ def _load_usage(browser: Browser, key: str, by: str) -> None:
     browser.wait(lambda d: browser.text("#usage-status") != EN["usage.loading"], 30)
 
 
-def test_usage_view_reads_the_ledger_with_the_admin_key(page: Browser, server: ServerProcess):
+def test_usage_view_reads_the_ledger_with_the_admin_key(console: Browser, server: ServerProcess):
+    page = console
+    # One short request of this test's own, so the ledger has tokens whatever ran before.
+    with server.http() as client:
+        client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).raise_for_status()
     _load_usage(page, "sk-not-the-admin-key", "day")
     assert page.text("#usage-status") == EN["usage.denied"]
     _load_usage(page, API_KEY, "day")  # a user's key is not an admin key

@@ -188,3 +188,23 @@ def test_paged_decode_matches_float64_on_every_level(isa, dtype, d, block_size):
         got = cpu_attention.paged_decode(q[rows], cache, table_t[rows], torch.tensor(lens)[rows], scale, isa=isa)
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want[rows], atol=tol, rtol=tol)
+
+
+def test_a_killed_builds_lock_file_does_not_block_the_next_load(tmp_path):
+    """torch's build `lock` left by a killed build is removed under zili's own (flock) lock, and the
+    flock itself excludes a second builder while the first holds it."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from zili.kernels.cpu_isa import _build_lock
+
+    probe = ("import fcntl, sys\nwith open(sys.argv[1]) as h:\n    try:\n        fcntl.flock(h, fcntl.LOCK_EX | "
+             "fcntl.LOCK_NB)\n    except BlockingIOError:\n        sys.exit(3)")
+    (tmp_path / "lock").touch()  # what a build killed mid-way leaves behind
+    with _build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        other = subprocess.run([sys.executable, "-c", probe, str(tmp_path / ".zili-build.flock")])
+        assert other.returncode == 3  # another process cannot take the build lock meanwhile
+    with open(tmp_path / ".zili-build.flock") as handle:  # released afterwards
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

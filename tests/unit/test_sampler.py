@@ -125,7 +125,7 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5), ("max_tokens", 0),
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5), ("max_tokens", -1),
     ("n", 0), ("min_tokens", -1), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
     ("repetition_penalty", 0.0), ("logprobs", 21), ("stop", [""]), ("logit_bias", {3: 200}),
     ("stop_token_ids", [-1]),

@@ -314,6 +314,49 @@ def test_rejection_sampling_keeps_the_target_distribution(top_k):
     assert abs(stats.num_accepted_tokens - expected_accepted) < 4 * expected_accepted ** 0.5
 
 
+def test_drafts_beside_scoring_and_pooling_in_one_step(tiny_dir, reference):
+    """A verifying sequence has one step entry per draft row: prompt logprobs and pooled states of
+    requests in the same step must still reach their own requests (alone == beside drafts)."""
+    from zili.sampling import PoolingParams
+
+    alone = make_llm(tiny_dir, enable_prefix_caching=False)
+    score = SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=3)
+    want_scores = [alone.generate(p, score)[0].prompt_logprobs for p in PROMPTS[2:5]]
+    want_embeds = [alone.embed(p, PoolingParams("mean"))[0].embedding for p in PROMPTS[5:8]]
+
+    llm = make_llm(tiny_dir, speculative_config=NGRAM, enable_prefix_caching=False)
+    engine = llm.engine
+    gen = [0, 1, 3, 7]  # prompts that repeat themselves: drafts get proposed
+    for i in gen:
+        engine.add_request(f"gen-{i}", PROMPTS[i], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    got_tokens: dict[str, list[int]] = {f"gen-{i}": [] for i in gen}
+    scores, embeds, late_added = {}, {}, False
+    while engine.has_unfinished_requests():
+        if not late_added and engine.stats().spec_decode_num_drafts > 0:  # drafts are being verified now
+            for i, p in enumerate(PROMPTS[2:5]):
+                engine.add_request(f"score-{i}", p, score)
+            for i, p in enumerate(PROMPTS[5:8]):
+                engine.add_request(f"embed-{i}", p, PoolingParams("mean"))
+            late_added = True
+        for delta in engine.step():
+            if delta.request_id in got_tokens:
+                got_tokens[delta.request_id] += delta.outputs[0].token_ids
+            if delta.embedding is not None:
+                embeds[delta.request_id] = delta.embedding
+            if delta.prompt_logprobs is not None:
+                scores[delta.request_id] = delta.prompt_logprobs
+    assert late_added
+    assert [got_tokens[f"gen-{i}"] for i in gen] == [reference[i][0] for i in gen]
+    assert engine.stats().spec_decode_num_accepted_tokens > 0
+    for i, want in enumerate(want_scores):
+        got = scores[f"score-{i}"]
+        assert [lp.token_id for lp in got[1:]] == [lp.token_id for lp in want[1:]]
+        assert [lp.logprob for lp in got[1:]] == pytest.approx([lp.logprob for lp in want[1:]], abs=1e-5)
+    for i, want in enumerate(want_embeds):
+        torch.testing.assert_close(embeds[f"embed-{i}"], want, atol=1e-5, rtol=0)
+    assert_pool_free(llm)
+
+
 def test_structured_output_drafts_go_through_the_grammar(tiny_dir, plain):
     """Constrained requests speculate too: drafts are cut where the grammar refuses them and each
     verify row is masked by the grammar after its drafts, so greedy output equals plain constrained

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
@@ -36,7 +36,7 @@ NoteOpt = typer.Option(None, "--note", help="Free text kept in the record, e.g. 
 SeedOpt = typer.Option(0, "--seed", help="Seed of the workload (prompts and lengths).")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -162,7 +162,9 @@ def serve(
     if errors:
         _fail(f"warm-up requests failed: {errors[0]}")
     for i, load in enumerate(loads):
-        n = num_prompts or (default_num_prompts(load.concurrency) if load.request_rate is None else 32)
+        n = num_prompts
+        if not n:  # closed loop: waves of the concurrency; Poisson arrivals (LoadSpec has one or both): 32
+            n = default_num_prompts(load.concurrency) if load.request_rate is None and load.concurrency is not None else 32
         reqs = make_requests(n, in_len, out_len, prompt_source, vocab, seed + i, prompt_file)
         row = asyncio.run(run_load(url, model, reqs, load, endpoint, extra, timeout, seed, keep_requests,
                                    headers=headers))

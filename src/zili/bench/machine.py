@@ -27,7 +27,7 @@ def cpu_info(cpuinfo_text: str | None = None) -> dict:
             cpuinfo_text = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo_text = ""
-    model, flags = platform.processor() or "unknown", []
+    model, flags = platform.processor() or "unknown", list[str]()
     for line in cpuinfo_text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,13 +49,14 @@ def zili_decode_tps(llm, n_gen: int, rng: random.Random) -> float:
 
     params = SamplingParams(max_tokens=n_gen + 1, ignore_eos=True, temperature=0)
     prompt = random_token_ids(rng, 1, zili_vocab_size(llm))
-    first = last = None  # (time, tokens so far) at the first output and at the last
+    first: tuple[float, int] | None = None  # (time, tokens so far) at the first output
+    last: tuple[float, int] | None = None  # ... and at the last
     for out in llm.stream(prompt, params):
         n = len(out.outputs[0].token_ids)
         if n:
             last = (time.perf_counter(), n)
             first = first or last
-    if first is None or last[1] == first[1]:
+    if first is None or last is None or last[1] == first[1]:
         raise RuntimeError("zili produced fewer than two tokens in the decode test")
     return (last[1] - first[1]) / (last[0] - first[0])
 
@@ -247,7 +249,7 @@ def measure_copy_bandwidth(device: Any = None, nbytes: int = 256 << 20, repetiti
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"bytes": nbytes, "best_s": best, "bandwidth_gb_s": 2 * nbytes / best / 1e9,
-            "median_bandwidth_gb_s": 2 * nbytes / median(times) / 1e9}
+            "median_bandwidth_gb_s": 2 * nbytes / statistics.median(times) / 1e9}
 
 
 def decode_roofline(weight_bytes: int, kv_bytes_per_tok: int, context_len: int, batch: int,

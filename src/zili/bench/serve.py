@@ -136,8 +136,10 @@ def aggregate(results: Sequence[RequestResult], duration_s: float) -> dict[str, 
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.prompt_tokens if r.prompt_tokens is not None else r.input_len for r in done)
     ms = 1000.0
-    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * ms for r in done if r.output_tokens > 1]
-    errors = [r.error for r in results if not r.ok]
+    ttft = [r.ttft_s for r in done if r.ttft_s is not None]  # every completed request has one (`ok`)
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * ms for r in done
+            if r.output_tokens > 1 and r.ttft_s is not None]
+    errors = [str(r.error) for r in results if not r.ok]
     return {
         "num_requests": len(results),
         "completed": len(done),
@@ -153,7 +155,7 @@ def aggregate(results: Sequence[RequestResult], duration_s: float) -> dict[str, 
         "output_throughput": out_tokens / duration_s if duration_s > 0 else None,
         "input_throughput": in_tokens / duration_s if duration_s > 0 else None,
         "total_token_throughput": (in_tokens + out_tokens) / duration_s if duration_s > 0 else None,
-        "ttft_ms": summarize(r.ttft_s * ms for r in done),
+        "ttft_ms": summarize(t * ms for t in ttft),
         "tpot_ms": summarize(tpot),
         "itl_ms": summarize(x * ms for r in done for x in r.itl_s),
         "e2e_ms": summarize(r.latency_s * ms for r in done),

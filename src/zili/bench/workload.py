@@ -102,6 +102,7 @@ def make_requests(num: int, input_len: LengthSpec, output_len: LengthSpec, sourc
         elif source == "random-words":
             prompt = random_words(rng, n_in)
         else:
+            assert prompt_file is not None  # checked above for source "file"
             prompt = file_text(prompt_file, rng, n_in)
         out.append(RequestSpec(prompt, n_in, n_out))
     return out

@@ -25,6 +25,7 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -62,7 +63,7 @@ class TensorParallelExecutor:
         self._listeners: list[Callable[[TensorParallelError], None]] = []
         self._last_send = time.monotonic()
         self.runner: ModelRunner | None = None
-        self.workers: list[multiprocessing.Process] = []
+        self.workers: list[BaseProcess] = []  # spawn-context processes
         self.store = pg.create_store(HOST, self.size)
         try:
             self._spawn_workers()
@@ -153,6 +154,8 @@ class TensorParallelExecutor:
                 raise failure
             if self._closed.is_set():
                 raise TensorParallelError("the tensor-parallel workers were stopped (Engine.close())")
+            if self.runner is None:  # checked before the plan goes out, so the ranks stay in step
+                raise TensorParallelError("the tensor-parallel executor has no runner yet (attach() first)")
             try:
                 self.channel.send(OP_STEP, step)
                 logits = self.runner.execute(step)
@@ -161,6 +164,10 @@ class TensorParallelExecutor:
             finally:
                 self._last_send = time.monotonic()
             return logits
+
+    def step_extras(self):
+        """Rank 0's prompt logprobs / pooled states of the last step (zili.engine.executor.Executor)."""
+        return self.runner.step_extras() if self.runner is not None else None
 
     def add_failure_listener(self, listener: Callable[[TensorParallelError], None]) -> None:
         """`listener(error)` is called (from a background thread, at most once) when the group fails."""

@@ -151,6 +151,7 @@ class ReplicaPool(ServingLifecycle):
             self._call_fatal(self.dead_error)
         else:
             self._ready.set()
+            assert self._loop is not None  # start() set it before this thread began
             asyncio.run_coroutine_threadsafe(self._start_poller(), self._loop)
         self._stop.wait()
         self._teardown()

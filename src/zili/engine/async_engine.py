@@ -21,12 +21,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from zili.config import ModelConfig
 from zili.engine.engine import Engine, EngineStats
 from zili.engine.input_processor import PreparedRequest
 from zili.engine.request import RequestDelta
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RequestStream:
     wrap consumption in `try/finally: stream.close()` or `async with stream`.
     """
 
-    def __init__(self, request_id: str, owner: AsyncEngine) -> None:
+    def __init__(self, request_id: str, owner: ServingEngine) -> None:
         self.request_id = request_id
         self.finished = False
         self._owner = owner
@@ -147,6 +148,49 @@ class ServingLifecycle:
             raise EngineUnavailableError("the server is shutting down")
 
 
+class ModelFacts(Protocol):
+    """The read-only facts routes take from `ServingEngine.engine`: the Engine itself, or the Ray
+    pool's copy of them (no weights)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def model_config(self) -> ModelConfig: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+
+class ServingEngine(Protocol):
+    """What the server needs of an engine front: AsyncEngine (one engine in this process) or
+    zili.distributed.replicas.ReplicaPool (engine replicas on Ray). Both share ServingLifecycle."""
+
+    load_error: BaseException | None
+    dead_error: BaseException | None
+    on_fatal: Callable[[BaseException], None] | None
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def engine(self) -> ModelFacts: ...  # EngineUnavailableError while loading
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None: ...
+
+    def stop_accepting(self) -> None: ...
+
+    def shutdown(self, timeout: float | None = 10.0) -> None: ...
+
+    def stats(self) -> EngineStats | None: ...
+
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def abort_all(self) -> None: ...
+
+
 class AsyncEngine(ServingLifecycle):
     """Owns an Engine on a background thread; safe to use from one asyncio event loop."""
 
@@ -215,17 +259,18 @@ class AsyncEngine(ServingLifecycle):
         waiting = self._stats.num_waiting if self._stats is not None else 0
         return waiting + len(self._adds) + self._adds_not_in_stats
 
-    async def prepare(self, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+    async def prepare(self, prompt: str | list[int], params: SamplingParams | PoolingParams) -> PreparedRequest:
         """Validate a request (Engine.prepare) without queueing it: InvalidRequestError naming the
         field when it can never run; EngineUnavailableError while loading."""
         engine = self.engine
-        if params.structured is None:
+        if getattr(params, "structured", None) is None:  # PoolingParams have no grammar
             return engine.prepare(prompt, params)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prepare_pool, engine.prepare, prompt, params)
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int] | PreparedRequest, params: SamplingParams | None = None
+        self, request_id: str, prompt: str | list[int] | PreparedRequest,
+        params: SamplingParams | PoolingParams | None = None
     ) -> RequestStream:
         """Validate (unless `prompt` is already a PreparedRequest) and queue a request; returns its
         stream once the engine has accepted it.

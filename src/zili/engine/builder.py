@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from zili.config import EngineConfig, ModelConfig
 from zili.distributed.executor import TensorParallelExecutor
@@ -25,6 +24,7 @@ from zili.engine.executor import Executor
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
 from zili.kernels.backends import AttentionBackend, choose_attention_backend, use_attention_backend
 from zili.layers import fused
+from zili.layers.linear import Linear
 from zili.models.loader import LoadedModel, load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
 from zili.models.registry import capabilities_of
@@ -157,6 +157,7 @@ def num_kv_blocks(config: EngineConfig, platform: Platform, cache_config: ModelC
     ValueError when not even one block fits."""
     per_block = kv_bytes_per_block(cache_config, config.block_size, dtype)
     mem = config.kv_cache_memory
+    assert not isinstance(mem, str)  # EngineConfig parsed a size string into bytes
     if mem is None or isinstance(mem, float):
         budget = int((mem or platform.default_kv_cache_fraction()) * platform.free_memory())
     else:
@@ -190,7 +191,7 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
         return None
     compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
     # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
-    limits = {m.quant.max_rows for m in model.modules() if getattr(m, "quant", None) is not None}
+    limits = {m.quant.max_rows for m in model.modules() if isinstance(m, Linear) and m.quant is not None}
     sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
     if compiles_in_background():  # serve eagerly now, switch when the graphs are built
         logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
@@ -213,7 +214,7 @@ def _capture_decode_graphs(runner: ModelRunner, platform: Platform, attention: A
                            fused_ops: bool) -> list[int] | None:
     """Capture the decode forward as device graphs for a ladder of batch sizes where the platform
     can (zili.engine.cuda_graphs); the captured sizes, or None when decode steps stay eager."""
-    model: nn.Module = runner.model
+    model = runner.model
     if not platform.supports_graph_capture():
         return None
     if not attention.graph_safe_decode:

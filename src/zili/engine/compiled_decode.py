@@ -36,6 +36,7 @@ from torch import nn
 from zili import envs
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
+from zili.models.base import CausalLM
 from zili.models.registry import capabilities_of
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
 class CompiledDecode:
     """Runs decode-only steps through the compiled graph; `__call__` returns float32 logits."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int,
                  attention: AttentionBackend | None = None) -> None:
         envs.use_zili_inductor_cache()
         self.model = model

@@ -24,12 +24,12 @@ import contextlib
 import logging
 
 import torch
-from torch import nn
 
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
 from zili.layers import fused
-from zili.platforms.interface import Platform
+from zili.models.base import CausalLM
+from zili.platforms.interface import DeviceGraph, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class _StaticInputs:
 class DecodeGraphs:
     """Captured decode forwards, one per ladder size; `run` replays the right one."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], platform: Platform, ladder: list[int],
+    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], platform: Platform, ladder: list[int],
                  max_blocks_per_seq: int, block_size: int, device: torch.device,
                  attention: AttentionBackend | None = None) -> None:
         if not platform.supports_graph_capture():
@@ -110,7 +110,7 @@ class DecodeGraphs:
         self.max_blocks = max_blocks_per_seq
         pinned = platform.pins_host_memory()
         self.inputs = {size: _StaticInputs(size, max_blocks_per_seq, device, pinned) for size in self.ladder}
-        self.graphs: dict[int, object] = {}
+        self.graphs: dict[int, DeviceGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()

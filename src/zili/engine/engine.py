@@ -17,14 +17,16 @@ import torch
 from zili.engine.input_processor import InputProcessor, PreparedRequest
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.output_processor import OutputProcessor
-from zili.engine.request import Request, RequestDelta, Sequence
+from zili.engine.prompt_outputs import PromptScoring, StepExtras
+from zili.engine.request import Request, RequestDelta, Sequence, TokenLogprob
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
 from zili.engine.spec_decode import NgramSpeculator, SpecDecodeStats, VerifiedStep, expand_rows, grammar_rows
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
+from zili.structured.spec import StructuredOutput
 
 if TYPE_CHECKING:
     from zili.engine.builder import EngineParts
@@ -95,13 +97,14 @@ class Engine:
         self.generation_tokens_total = 0
 
     # ---- requests --------------------------------------------------------------------------
-    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None) -> PreparedRequest:
+    def prepare(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None) -> PreparedRequest:
         """Validate a request (InputProcessor.prepare): InvalidRequestError naming the field if it
-        can never run. Thread-safe: the one Engine method that may be called off the engine's thread."""
+        can never run. PoolingParams make an embedding request. Thread-safe: the one Engine method
+        that may be called off the engine's thread."""
         return self.inputs.prepare(prompt, params)
 
     def add_request(self, request_id: str | None, prompt: str | list[int] | PreparedRequest,
-                    params: SamplingParams | None = None) -> str:
+                    params: SamplingParams | PoolingParams | None = None) -> str:
         """Queue a request (a raw prompt, validated here, or one `prepare` already checked); returns
         its id. InvalidRequestError (a ValueError) if it is malformed or can never fit."""
         prepared = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, params)
@@ -110,7 +113,7 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         p = prepared.params
         req = Request(request_id, prepared.prompt, prepared.prompt_token_ids, p, prepared.max_tokens,
-                      prepared.stop_token_ids)
+                      prepared.stop_token_ids, pooling=prepared.pooling)
         for i in range(p.n):
             seq = Sequence(f"{request_id}#{i}", req, i, list(prepared.prompt_token_ids))
             if p.seed is not None:
@@ -162,6 +165,8 @@ class Engine:
             return outputs
         step_input, sampling = self._build_step(batch)
         logits = self.runner.execute(step_input)
+        if step_input.wants_extras:
+            self._take_extras(batch, step_input, self.runner.step_extras())
         num_rejected: list[int] | None = None
         finished: list[Sequence] = []
         if sampling:
@@ -178,6 +183,9 @@ class Engine:
             self.scheduler.finish(seq)
             if self.speculator is not None:
                 self.speculator.release(seq)
+        ended = [s for s in batch.seqs if s.request.prefill_only and s.num_computed_tokens == s.num_tokens]
+        if ended:
+            outputs += self._end_prefill_only(ended)
         return outputs
 
     def _sample(self, logits: torch.Tensor, sampling: list[Sequence],
@@ -204,6 +212,8 @@ class Engine:
     def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
         token_ids, starts, tables, sample = [], [], [], []
         sampling: list[Sequence] = []
+        scoring: list[PromptScoring | None] = []
+        pools: list[str | None] = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             if seq.draft_token_ids:  # verify: the last token and the drafts, one decode row each
@@ -214,18 +224,55 @@ class Engine:
                 tables += rows_table
                 sample += [True] * len(ids)
                 sampling.append(seq)
+                scoring += [None] * len(ids)  # drafts come only after the prompt: nothing to score or pool
+                pools += [None] * len(ids)
                 continue
             token_ids.append(seq.token_ids[start:start + num_new])
             starts.append(start)
             tables.append(self.kv_cache.block_ids(seq.seq_id))
-            samples = start + num_new == seq.num_tokens
+            samples = start + num_new == seq.num_tokens and not seq.request.prefill_only
             sample.append(samples)
             if samples:
                 sampling.append(seq)
-        return StepInput(token_ids, starts, tables, sample), sampling
+            scoring.append(_prompt_scoring(seq, start, num_new))
+            pooling = seq.request.pooling
+            pools.append(pooling.pooling if pooling is not None and seq.index == 0 and num_new else None)
+        return StepInput(token_ids, starts, tables, sample, scoring if any(scoring) else None,
+                         pools if any(pools) else None), sampling
+
+    # ---- scoring and pooling (zili.engine.prompt_outputs) -------------------------------------
+    def _take_extras(self, batch: ScheduledBatch, step: StepInput, extras: StepExtras | None) -> None:
+        """Fold a step's prompt logprobs and pooled states into their requests."""
+        assert extras is not None, "the executor computed no prompt logprobs / pooled states"
+        # Step entries are per sequence, except that a sequence verifying drafts has one entry per row.
+        entry_seqs = [seq for seq in batch.seqs for _ in range(1 + len(seq.draft_token_ids or ()))]
+        for i, rows in extras.prompt_logprobs.items():
+            req = entry_seqs[i].request
+            scoring = step.prompt_scoring[i] if step.prompt_scoring is not None else None
+            assert req.prompt_logprobs is not None and scoring is not None
+            req.prompt_logprobs.extend(
+                TokenLogprob(t, chosen, list(zip(ids, vals))) for t, chosen, ids, vals in
+                zip(scoring.target_ids, rows.logprobs.tolist(), rows.top_ids.tolist(), rows.top_logprobs.tolist()))
+        for i, vector in extras.pooled.items():
+            req, start = entry_seqs[i].request, step.start_positions[i]
+            kind = req.pooling.pooling if req.pooling is not None else None
+            if kind == "mean":  # a sum over chunks; a (re)computation from position 0 starts it afresh
+                req.pooled = vector if start == 0 or req.pooled is None else req.pooled + vector
+            elif kind == "last" or start == 0:  # "cls": the first chunk's first row
+                req.pooled = vector
+
+    def _end_prefill_only(self, seqs: list[Sequence]) -> list[RequestDelta]:
+        """Finish requests that sample nothing (scoring with max_tokens 0, pooling) once their prompt is in."""
+        deltas = []
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            req = seq.request
+            deltas.append(req.delta(self.outputs.end([seq], "length")))
+            del self.requests[req.request_id]
+        return deltas
 
     # ---- structured output (zili.structured) -------------------------------------------------
-    def compile_structured(self, structured: object) -> object:
+    def compile_structured(self, structured: StructuredOutput) -> object:
         """Compile a StructuredOutput for this model's vocabulary (cached); SamplingParamsError
         ("structured") names the problem. Thread-safe."""
         return self.inputs.compile_structured(structured)
@@ -246,3 +293,16 @@ class Engine:
         s = self.speculator.stats if self.speculator is not None else SpecDecodeStats()
         return {"spec_decode_num_drafts": s.num_drafts, "spec_decode_num_draft_tokens": s.num_draft_tokens,
                 "spec_decode_num_accepted_tokens": s.num_accepted_tokens}
+
+def _prompt_scoring(seq: Sequence, start: int, num_new: int) -> PromptScoring | None:
+    """The prompt logprobs a sequence's chunk [start, start + num_new) should compute: rows whose next
+    prompt token has no logprob yet (row p predicts token p + 1; the last prompt row predicts the
+    first generated token, which the sampler reports)."""
+    req = seq.request
+    if req.prompt_logprobs is None or seq.index != 0:
+        return None
+    first = max(start, req.num_scored_tokens - 1)
+    end = min(start + num_new, req.num_prompt_tokens - 1)
+    if first >= end:
+        return None
+    return PromptScoring(first - start, req.prompt_token_ids[first + 1:end + 1], req.params.prompt_logprobs or 0)

@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from zili.engine.prompt_outputs import StepExtras
 from zili.engine.runner import StepInput
 
 
@@ -22,6 +23,11 @@ class Executor(Protocol):
         Returns float32 logits [number of sequences with `step.sample` set, vocab], in step order.
         Raises whatever the forward raises; the tensor-parallel executor raises TensorParallelError
         once any rank has failed (and on every later call)."""
+        ...
+
+    def step_extras(self) -> StepExtras | None:
+        """The prompt logprobs and pooled states the last `execute` computed (when its step asked for
+        them: `StepInput.prompt_scoring` / `pooling`), else None."""
         ...
 
     def close(self) -> None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from zili.engine.request import GrammarMatcher, Sequence
-from zili.sampling import InvalidRequestError, SamplingParams, SamplingParamsError
+from zili.sampling import InvalidRequestError, PoolingParams, SamplingParams, SamplingParamsError
 from zili.structured.backend import GrammarBackend, GrammarMask
+from zili.structured.spec import StructuredOutput
 from zili.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class PreparedRequest:
     max_tokens: int  # params.max_tokens, or what the context leaves after the prompt
     stop_token_ids: frozenset[int]  # params.stop_token_ids plus EOS (unless ignore_eos)
     grammar: xgr.CompiledGrammar | None = None
+    pooling: PoolingParams | None = None  # an embedding request (prefill only; params is a stand-in)
 
 
 class InputProcessor:
@@ -52,11 +54,16 @@ class InputProcessor:
         self._grammar_lock = threading.Lock()
 
     # ---- checks ------------------------------------------------------------------------------
-    def prepare(self, prompt: str | list[int], params: SamplingParams | None = None) -> PreparedRequest:
+    def prepare(self, prompt: str | list[int], params: SamplingParams | PoolingParams | None = None) -> PreparedRequest:
         """Validate one request. Raises InvalidRequestError naming the field: "prompt" (empty, bad
         token ids, too long), "max_tokens" (prompt plus it exceeds the context or the KV pool),
         "stop_token_ids" / "logit_bias" (ids outside the vocabulary), "structured" (the grammar
-        does not compile). Thread-safe."""
+        does not compile). PoolingParams make an embedding request: prefill only, so the prompt
+        may fill the whole context. Thread-safe."""
+        if isinstance(params, PoolingParams):
+            text, token_ids = self._prompt_tokens(prompt)
+            self._check_fits(len(token_ids), SamplingParams(max_tokens=0))
+            return PreparedRequest(text, token_ids, SamplingParams(max_tokens=0), 0, frozenset(), pooling=params)
         params = params or SamplingParams()
         text, token_ids = self._prompt_tokens(prompt)
         max_tokens = self._check_fits(len(token_ids), params)
@@ -92,10 +99,12 @@ class InputProcessor:
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> int:
         limit = self.max_model_len
-        if prompt_len >= limit:
+        prefill_only = params.max_tokens == 0  # scoring or pooling: no token is generated
+        if prompt_len > limit or (prompt_len == limit and not prefill_only):
+            room = "" if prefill_only else " (prompt plus at least one generated token)"
             raise InvalidRequestError(
-                "prompt", f"the prompt has {prompt_len} tokens, but the maximum context length is {limit} tokens "
-                          f"(prompt plus at least one generated token)", CONTEXT_LENGTH_EXCEEDED)
+                "prompt", f"the prompt has {prompt_len} tokens, but the maximum context length is {limit} tokens"
+                          f"{room}", CONTEXT_LENGTH_EXCEEDED)
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - prompt_len
         if prompt_len + max_tokens > limit:
             raise InvalidRequestError(
@@ -119,7 +128,7 @@ class InputProcessor:
                 self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size)
             return self._grammar_backend
 
-    def compile_structured(self, structured: object) -> xgr.CompiledGrammar:
+    def compile_structured(self, structured: StructuredOutput) -> xgr.CompiledGrammar:
         """Compile a StructuredOutput for this vocabulary (cached). SamplingParamsError("structured")."""
         try:
             return self.grammar_backend.compile(structured)

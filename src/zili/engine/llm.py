@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union, cast
 
 from zili.config import EngineConfig
 from zili.engine.builder import build_engine
 from zili.engine.request import OutputAccumulator, RequestOutput
 from zili.engine.thinking import split_output_reasoning
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
 
 Prompt = Union[str, list[int]]
 Message = dict[str, Any]
@@ -30,10 +30,21 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts."""
         prompts = _as_prompt_list(prompts)
-        params_list = _as_params_list(params, len(prompts))
+        return self._run(prompts, _as_params_list(params, len(prompts)), use_tqdm)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], params: PoolingParams | None = None,
+              use_tqdm: bool = True) -> list[RequestOutput]:
+        """Embed every prompt: each output's `embedding` is the prompt's final hidden states (after the
+        final norm) pooled as `params` says ([hidden_size] float32; unit L2 norm unless
+        params.normalize is False). In the order of the prompts."""
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, [params or PoolingParams()] * len(prompts), use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params_list: Sequence[SamplingParams | PoolingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
         prepared = [self.engine.prepare(p, sp) for p, sp in zip(prompts, params_list)]  # all checked, then queued
         ids = [self.engine.add_request(f"llm-{next(self._ids)}", r) for r in prepared]
-        results = {rid: OutputAccumulator(rid, sp.n) for rid, sp in zip(ids, params_list)}
+        results = {rid: OutputAccumulator(rid, getattr(sp, "n", 1)) for rid, sp in zip(ids, params_list)}
         bar = _progress(len(ids)) if use_tqdm and len(ids) >= PROGRESS_MIN_PROMPTS else None
         try:
             while self.engine.has_unfinished_requests():
@@ -61,7 +72,10 @@ class LLM:
 
         For a reasoning model (EngineConfig.reasoning_parser) each output's `text` is the answer and
         `reasoning_text` the thinking (zili.reasoning); `token_ids` are all the generated tokens."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if messages and isinstance(messages[0], dict):  # one conversation
+            conversations = [cast(list[Message], messages)]
+        else:
+            conversations = list(cast(Sequence[list[Message]], messages))
         prompts = [self.render_chat(c, add_generation_prompt, tools, chat_template_kwargs) for c in conversations]
         outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
         return [split_output_reasoning(out, self.engine.reasoning_style, self.tokenizer) for out in outputs]
@@ -106,13 +120,13 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # a single prompt given as token ids
-    for i, p in enumerate(prompts):
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [cast(list[int], items)]  # a single prompt given as token ids
+    for i, p in enumerate(items):
         if not isinstance(p, (str, list)):
             raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
-    return prompts
+    return cast(list[Prompt], items)  # each checked just above
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -206,11 +206,16 @@ class OutputProcessor:
 
     def abort(self, seqs: list[Sequence]) -> list[CompletionDelta]:
         """End these unfinished sequences as "abort" (no further text); their final deltas."""
+        return self.end(seqs, "abort")
+
+    def end(self, seqs: list[Sequence], finish_reason: str) -> list[CompletionDelta]:
+        """End these sequences without a new token (abort; a prefill-only request whose prompt is
+        done ends as "length"); their final deltas."""
         out = []
         for seq in seqs:
-            seq.finish_reason, seq.stop_reason = "abort", None
+            seq.finish_reason, seq.stop_reason = finish_reason, None
             self.release(seq)
-            out.append(CompletionDelta(seq.index, "", [], None, "abort", None))
+            out.append(CompletionDelta(seq.index, "", [], None, finish_reason, None))
         return out
 
 

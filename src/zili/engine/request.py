@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from zili.sampling import SamplingParams
+from zili.sampling import PoolingParams, SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -65,8 +65,10 @@ class CompletionDelta:
 class RequestDelta:
     """One request's news from one engine step: only the sequences that changed.
 
-    `prompt_token_ids` is set on the request's first delta only (None afterwards);
-    `num_cached_tokens` is the prompt tokens found in the prefix cache so far (a count, not a copy).
+    `prompt_token_ids` is set on the request's first delta only (None afterwards), and so are
+    `prompt_logprobs` (params.prompt_logprobs: one per prompt token, the first None) and `embedding`
+    (a pooling request: [hidden_size] float32); `num_cached_tokens` is the prompt tokens found in the
+    prefix cache so far (a count, not a copy).
     """
 
     request_id: str
@@ -75,6 +77,8 @@ class RequestDelta:
     num_cached_tokens: int = 0
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    embedding: torch.Tensor | None = None
 
 
 # ---- what callers that want whole texts get ---------------------------------------------------
@@ -99,6 +103,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # params.prompt_logprobs: the first is None
+    embedding: torch.Tensor | None = None  # a pooling request's vector, [hidden_size] float32
 
 
 class OutputAccumulator:
@@ -113,6 +119,8 @@ class OutputAccumulator:
         self.prompt_token_ids: list[int] = []
         self.finished = False
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.embedding: torch.Tensor | None = None
         self._pieces: list[list[str]] = [[] for _ in range(n)]
         self._outputs = [CompletionOutput(i, "", []) for i in range(n)]
 
@@ -120,6 +128,10 @@ class OutputAccumulator:
         """Fold in one delta of this request."""
         if delta.prompt_token_ids is not None:
             self.prompt, self.prompt_token_ids = delta.prompt, delta.prompt_token_ids
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if delta.embedding is not None:
+            self.embedding = delta.embedding
         self.num_cached_tokens = delta.num_cached_tokens
         self.finished = delta.finished
         for d in delta.outputs:
@@ -141,7 +153,7 @@ class OutputAccumulator:
                 pieces[:] = ["".join(pieces)]
             out.text = pieces[0] if pieces else ""
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self._outputs, self.finished,
-                             self.num_cached_tokens)
+                             self.num_cached_tokens, self.prompt_logprobs, self.embedding)
 
     def snapshot(self) -> RequestOutput:
         """An independent copy of `result()`, for callers that keep each partial output."""
@@ -149,7 +161,7 @@ class OutputAccumulator:
         return RequestOutput(out.request_id, out.prompt, list(out.prompt_token_ids), [
             CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
                              list(c.logprobs) if c.logprobs is not None else None) for c in out.outputs],
-            out.finished, out.num_cached_tokens)
+            out.finished, out.num_cached_tokens, out.prompt_logprobs, out.embedding)
 
 
 # ---- the engine's own bookkeeping ---------------------------------------------------------------
@@ -207,6 +219,37 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
     announced: bool = False  # its first delta (carrying the prompt) has been returned
+    pooling: PoolingParams | None = None  # an embedding request (prefill only)
+    # Filled as prefill chunks run: the prompt's logprobs so far (params.prompt_logprobs; starts [None],
+    # the first token has no logprob), and a pooling request's running pool (a sum, for "mean").
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    pooled: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def prefill_only(self) -> bool:
+        """Nothing is sampled: a scoring request (max_tokens 0) or a pooling one; it ends with its prompt."""
+        return self.max_tokens == 0
+
+    @property
+    def num_scored_tokens(self) -> int:
+        """Prompt tokens whose logprob is known (the first counts: it has none)."""
+        return len(self.prompt_logprobs) if self.prompt_logprobs is not None else self.num_prompt_tokens
+
+    def reusable_prefix_tokens(self, seq: Sequence) -> int | None:
+        """How many leading prompt tokens `seq` may take from the prefix cache (None: any). Cached
+        blocks hold K/V but no logits or hidden states, so positions still to be scored (prompt
+        logprobs) or pooled (mean, cls) must be computed: such a request takes no cache hit there."""
+        if seq.index != 0:
+            return None  # siblings of an n > 1 request neither score nor pool
+        if self.pooling is not None and self.pooling.pooling != "last":
+            return 0
+        if self.prompt_logprobs is not None:
+            return self.num_scored_tokens - 1  # rows 0 .. scored - 2 are done: the next row is scored - 1
+        return None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -224,5 +267,18 @@ class Request:
         """Wrap this step's sequence deltas; the first one of a request also carries its prompt."""
         first = not self.announced
         self.announced = True
+        scored = self.prompt_logprobs is not None and len(self.prompt_logprobs) == self.num_prompt_tokens
         return RequestDelta(self.request_id, outputs, self.finished, self.num_cached_tokens,
-                            self.prompt if first else None, self.prompt_token_ids if first else None)
+                            self.prompt if first else None, self.prompt_token_ids if first else None,
+                            self.prompt_logprobs if first and scored else None,
+                            self.embedding() if first else None)
+
+    def embedding(self) -> torch.Tensor | None:
+        """A pooling request's vector once its prompt is pooled: [hidden_size] float32 (None otherwise)."""
+        done = self.finished and self.sequences[0].num_computed_tokens >= self.num_prompt_tokens  # not aborted
+        if self.pooling is None or self.pooled is None or not done:
+            return None
+        vector = self.pooled / self.num_prompt_tokens if self.pooling.pooling == "mean" else self.pooled
+        if self.pooling.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
+        return vector

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from zili.config import ModelConfig
+from zili.engine.prompt_outputs import PromptScoring, StepExtras, compute_step_extras
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
+from zili.models.base import CausalLM
 
 if TYPE_CHECKING:
     from zili.engine.compiled_decode import CompiledDecode
@@ -33,6 +34,14 @@ class StepInput:
     start_positions: list[int]  # position of each sequence's first new token (= tokens already cached)
     block_tables: list[list[int]]
     sample: list[bool]  # whether each sequence needs logits for its last new token
+    # Per sequence, or None for the whole step: prompt logprobs to compute from its rows, and how to
+    # pool its rows' hidden states ("mean", "cls", "last"); the results come from `ModelRunner.step_extras()`.
+    prompt_scoring: list[PromptScoring | None] | None = None
+    pooling: list[str | None] | None = None
+
+    @property
+    def wants_extras(self) -> bool:
+        return self.prompt_scoring is not None or self.pooling is not None
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -44,7 +53,7 @@ class ModelRunner:
     """One device's model and KV cache. `attention`: the backend every step of this runner uses
     (None: the torch reference); it travels in each step's AttentionMetadata, never process-wide."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
+    def __init__(self, model: CausalLM, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, attention: AttentionBackend | None = None) -> None:
         self.model = model
         self.config = config
@@ -58,11 +67,16 @@ class ModelRunner:
         # Set by the builder: decode-only steps run compiled (CPUs) or replay captured device graphs.
         self.compiled_decode: CompiledDecode | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self._step_extras: StepExtras | None = None  # what the last step computed besides logits
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one forward pass. Returns float32 logits [num sampling sequences, vocab]."""
-        if self.decode_graphs is not None and all(step.sample) and all(len(t) == 1 for t in step.token_ids):
+        """Run one forward pass. Returns float32 logits [num sampling sequences, vocab]. When the step
+        asks for prompt logprobs or pooled states (`step.wants_extras`), `step_extras()` returns them
+        until the next call."""
+        self._step_extras = None
+        if (self.decode_graphs is not None and not step.wants_extras and all(step.sample)
+                and all(len(t) == 1 for t in step.token_ids)):
             logits = self.decode_graphs.run_host([t[0] for t in step.token_ids], step.start_positions,
                                                  step.block_tables)
             if logits is not None:  # None: no captured graph fits this batch
@@ -75,13 +89,15 @@ class ModelRunner:
                                        self.attention)
         input_ids = torch.tensor(flat_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if self.compiled_decode is not None and meta.is_decode_only and all(step.sample):
+        if self.compiled_decode is not None and meta.is_decode_only and all(step.sample) and not step.wants_extras:
             try:
                 return self.compiled_decode(input_ids, pos, meta)
             except Exception:  # e.g. a recompile the compiler cannot finish: stay correct, go eager
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
+        if step.wants_extras:
+            self._step_extras = compute_step_extras(self.model, hidden, query_lens, step.prompt_scoring, step.pooling)
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):
             end += q
@@ -91,6 +107,10 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size)
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+    def step_extras(self) -> StepExtras | None:
+        """The prompt logprobs and pooled states of the last step, when it asked for them (else None)."""
+        return self._step_extras
 
     def close(self) -> None:
         """Nothing to release in a single process (the Executor protocol's end of life)."""

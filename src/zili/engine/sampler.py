@@ -164,14 +164,14 @@ class Sampler:
             return [None] * len(seqs)
         logp = torch.log_softmax(raw, dim=-1)
         k = max(w or 0 for w in wanted)
-        top_vals, top_ids = logp.topk(k, dim=-1) if k else (None, None)
+        best = logp.topk(k, dim=-1) if k else None  # (values, indices), each [B, k]
         chosen = logp.gather(1, token_ids[:, None])[:, 0].tolist()
         out: list[TokenLogprob | None] = []
         for i, w in enumerate(wanted):
             if w is None:
                 out.append(None)
                 continue
-            top = list(zip(top_ids[i, :w].tolist(), top_vals[i, :w].tolist())) if w else []
+            top = list(zip(best.indices[i, :w].tolist(), best.values[i, :w].tolist())) if w and best is not None else []
             out.append(TokenLogprob(int(token_ids[i]), chosen[i], top))
         return out
 

@@ -115,7 +115,9 @@ class Scheduler:
                 seq.num_computed_tokens = self.kv.share_prefix(
                     parent.seq_id, seq.seq_id, min(seq.num_prompt_tokens - 1, parent.num_computed_tokens))
             else:
-                cached = self.kv.find_cached_prefix(seq.token_ids)
+                # Positions a request still has to score or pool are computed, never taken from the cache.
+                limit = seq.request.reusable_prefix_tokens(seq)
+                cached = self.kv.find_cached_prefix(seq.token_ids if limit is None else seq.token_ids[:limit + 1])
                 seq.num_computed_tokens = len(cached) * self.kv.block_size
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + num_new, cached):

@@ -79,12 +79,11 @@ class AttentionMetadata:
         qsl = [0]
         for q in query_lens:
             qsl.append(qsl[-1] + q)
-        as_long = dict(dtype=torch.long, device=device)
         return cls(
-            slot_mapping=torch.tensor(slots, **as_long),
-            query_start_loc=torch.tensor(qsl, **as_long),
-            seq_lens=torch.tensor(seq_lens, **as_long),
-            block_tables=torch.tensor(padded, **as_long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_start_loc=torch.tensor(qsl, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
             block_size=block_size,
             query_lens_cpu=list(query_lens),
             seq_lens_cpu=list(seq_lens),
@@ -153,6 +152,8 @@ def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
                      decode, window: int | None = None) -> torch.Tensor:
     """A step mixing decodes and prefill chunks: the one-token rows in one batched `decode` call,
     each multi-token chunk on its own (a loop over every sequence costs a call per sequence and layer)."""
+    # A mixed step always carries its host lengths (only a compiled decode step lacks them).
+    assert meta.query_lens_cpu is not None and meta.seq_lens_cpu is not None
     out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
     starts = [0]
     for qlen in meta.query_lens_cpu:
@@ -243,7 +244,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     ctx = ctx.view(2, B, (nblocks - first) * block_size, n_kv, -1).to(q.dtype)
     k, v = ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)  # [B, n_kv, S, d]
     mask = None
-    slides = bool(window) and max(meta.seq_lens_cpu) - window > first * block_size
+    slides = bool(window and max(meta.seq_lens_cpu) - window > first * block_size)
     if min(meta.seq_lens_cpu) < nblocks * block_size or slides:
         positions = torch.arange(first * block_size, nblocks * block_size, device=q.device)
         visible = positions[None, :] < meta.seq_lens[:, None]

@@ -18,10 +18,13 @@ then loaded from ~/.cache/zili/torch_extensions. ZILI_CPU_KERNELS=0 turns all of
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -98,6 +101,21 @@ def _source_digest() -> str:
     return h.hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise builds of one directory across processes with a lock the kernel drops when its holder
+    dies. torch's own `lock` file stays behind when a build is killed (Ctrl-C, a test timeout), and
+    every later load then waits on it forever; while we hold ours, no zili process is building here,
+    so such a file is stale and is removed."""
+    with open(build_dir / ".zili-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build_and_load(isa: str) -> bool:
     if isa != "portable" and native_cpu_isa() == "portable":
         logger.warning("CPU kernels: level %s cannot run on this CPU", isa)
@@ -108,10 +126,11 @@ def _build_and_load(isa: str) -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"zili_cpu_kernels_{isa}", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
-             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", f"-DZILI_OPS_NS={namespace(isa)}",
-                           *ISA_FLAGS[isa]],
-             extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
+        with _build_lock(build_dir):
+            load(name=f"zili_cpu_kernels_{isa}", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
+                 extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", f"-DZILI_OPS_NS={namespace(isa)}",
+                               *ISA_FLAGS[isa]],
+                 extra_ldflags=["-fopenmp", "-lmvec"], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: the torch paths stay
         logger.warning("zili's %s CPU kernels unavailable, using the torch paths (%s: %s)", isa,
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

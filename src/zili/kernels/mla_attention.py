@@ -58,6 +58,8 @@ def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tens
     k_rope [T, d_rope] (roped); w_kv_b [H, d_nope + d_v, r]. Returns [T, H, d_v].
     """
     write_latent_cache(latent, k_rope, cache, meta.slot_mapping)
+    # MLA has no tensor-only (compiled) decode step: the host lengths are always there.
+    assert meta.query_lens_cpu is not None and meta.seq_lens_cpu is not None
     if meta.is_decode_only:
         return mla_decode_absorbed(q_nope, q_rope, cache, meta.block_tables, meta.seq_lens,
                                    max(meta.seq_lens_cpu), w_kv_b, scale)

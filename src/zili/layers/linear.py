@@ -8,10 +8,29 @@ HF tensors ("shards"); `load` copies one shard at a time, as the checkpoint hand
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class QuantizedWeight(Protocol):
+    """A packed low-bit copy of a weight (zili.layers.quant: Int4Weight, Int8Weight)."""
+
+    max_rows: int  # the most input rows it serves; larger batches take the dense path
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor: ...  # [T, in] -> [T, out], bias not added
+
+    def nbytes(self) -> int: ...
+
+
+class PrepackedWeight(Protocol):
+    """The dense weight in the device matmul library's own layout (zili.layers.onednn.PackedDense)."""
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...  # [T, in] -> [T, out]
+
+    def nbytes(self) -> int: ...
 
 
 class Linear(nn.Module):
@@ -26,10 +45,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
         # A packed copy of the weight (zili.layers.quant), used up to its `max_rows` input rows.
-        self.quant = None
+        self.quant: QuantizedWeight | None = None
         # The dense weight pre-packed for the device's matmul library (zili.layers.onednn): when
         # set, it serves every row count the quantized form does not (and `weight` may be empty).
-        self.packed = None
+        self.packed: PrepackedWeight | None = None
 
     @property
     def num_shards(self) -> int:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from zili import envs
+from zili.layers.linear import Linear
 
 # handle -> packed weight; an entry lives as long as its PackedDense (dropped when that is collected,
 # so a discarded engine's weights do not stay behind in this registry).
@@ -91,15 +92,13 @@ class PackedDense:
 def packed_only_bytes(model: nn.Module) -> int:
     """Bytes of weights held only in packed form (their dense `weight` was released)."""
     return sum(m.packed.nbytes() for m in model.modules()
-               if getattr(m, "packed", None) is not None and m.weight.numel() == 0)
+               if isinstance(m, Linear) and m.packed is not None and m.weight.numel() == 0)
 
 
 def pack_dense_weights(model: nn.Module) -> int:
     """Pack every plain `Linear` with a bf16 weight (the caller checked `available`); returns how
     many were packed. Dense weights are released afterwards except for the model's
     `dense_weight_readers` and weights shared with another module (tied embeddings)."""
-    from zili.layers.linear import Linear
-
     keep = set(getattr(model, "dense_weight_readers", ()))
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

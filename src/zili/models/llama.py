@@ -38,6 +38,9 @@ FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
 
 
 class LlamaAttention(nn.Module):
+    q_norm: RMSNorm | None  # Qwen3's per-head q/k norms (config.qk_norm); None without them
+    k_norm: RMSNorm | None
+
     def __init__(self, config: ModelConfig, tp: TensorParallel | None = None, layer_idx: int = 0) -> None:
         super().__init__()
         self.window = config.layer_window(layer_idx)  # Mistral / Qwen sliding layers; None: full
@@ -66,7 +69,7 @@ class LlamaAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # set together (config.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = fused.rotary_qk(q, k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale, window=self.window)  # [T, n_heads, d]

@@ -34,7 +34,7 @@ Checkpoint = GGUFCheckpoint | HFCheckpoint
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: CausalLM
     config: ModelConfig
     tokenizer: Tokenizer
     source: ModelSource

@@ -9,9 +9,15 @@ included) and register through the entry-point group `zili.platforms` (see `zili
 from __future__ import annotations
 
 import platform as _host
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+
+
+class DeviceGraph(Protocol):
+    """A captured sequence of device work (torch.cuda.CUDAGraph and its kind on other devices)."""
+
+    def replay(self) -> None: ...
 
 
 class Platform:
@@ -106,7 +112,7 @@ class Platform:
         unless EngineConfig.enforce_eager says otherwise. Devices with graph capture use that instead."""
         return False
 
-    def new_graph(self) -> Any:
+    def new_graph(self) -> DeviceGraph:
         """An empty device graph (with `.replay()`), for `graph_capture`."""
         raise NotImplementedError(f"{self.name} has no graph capture")
 

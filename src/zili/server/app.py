@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import zili
-from zili.engine.async_engine import AsyncEngine
+from zili.engine.async_engine import ServingEngine
 from zili.governance.admin import admin_router
 from zili.server.anthropic import router as anthropic_router
 from zili.server.errors import error_body, install_error_handlers
@@ -82,7 +82,7 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def build_app(settings: ServerSettings, engine: AsyncEngine, governance: Governance | None = None) -> FastAPI:
+def build_app(settings: ServerSettings, engine: ServingEngine, governance: Governance | None = None) -> FastAPI:
     """The app for `engine` (not started yet: the lifespan starts it on the server's loop)."""
     state = ServerState(settings, engine)
     if governance is not None:

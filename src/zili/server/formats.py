@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from zili.engine.request import TokenLogprob
 from zili.reasoning import ReasoningDelta, ReasoningParser
 from zili.server import protocol as p
 from zili.server.generation import ChoiceDelta, Generation
@@ -165,39 +166,64 @@ class ChatFormat:
 
 
 class CompletionFormat:
+    """Legacy completions. With `echo` each choice's text starts with its prompt; with echo and
+    `logprobs` (scoring, as lm-evaluation-harness uses it) its logprobs start with the prompt's own
+    tokens too: `token_logprobs` and `top_logprobs` are null for the first prompt token, and
+    `text_offset` counts characters from the start of the echoed prompt."""
+
     def __init__(self, state: ServerState, gen: Generation, logprobs: int | None, echo: list[str] | None) -> None:
         self.state, self.gen, self.k, self.echo = state, gen, logprobs, echo
         self.texts: dict[int, list[str]] = {}
         self.logprobs: dict[int, p.CompletionLogprobs] = {}
         self.offsets: dict[int, CharOffsets] = {}  # per choice: where its next token starts in its text
         self.finish: dict[int, tuple[str | None, Any]] = {}
+        self.started: set[int] = set()  # choices whose first chunk was sent (streaming)
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.echo is not None and self.k is not None
 
     def _prefix(self, index: int) -> str:
         return self.echo[index // self.gen.n] if self.echo is not None else ""
 
+    def _entry(self, out: p.CompletionLogprobs, token_id: int, logprob: TokenLogprob | None,
+               offsets: CharOffsets) -> None:
+        tok = self.state.token_str(token_id)
+        out.tokens.append(tok)
+        out.text_offset.append(offsets.advance(token_bytes(self.state.tokenizer, token_id)))
+        if logprob is None:  # the first prompt token: nothing before it to predict it
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            return
+        top = {self.state.token_str(t): v for t, v in list(logprob.top)[: self.k]}
+        top.setdefault(tok, logprob.logprob)
+        out.token_logprobs.append(logprob.logprob)
+        out.top_logprobs.append(top)
+
+    def _prompt_logprobs(self, index: int) -> p.CompletionLogprobs:
+        """The echoed prompt's tokens and their logprobs (the engine's prompt_logprobs)."""
+        prompt_index = index // self.gen.n
+        ids = self.gen.prompts[prompt_index]
+        scored = self.gen.prompt_logprobs.get(prompt_index) or [None] * len(ids)
+        out, offsets = p.CompletionLogprobs(), CharOffsets(0)
+        for token_id, logprob in zip(ids, scored):
+            self._entry(out, token_id, logprob, offsets)
+        return out
+
     def _logprobs(self, delta: ChoiceDelta) -> p.CompletionLogprobs | None:
         if self.k is None or delta.logprobs is None:
             return None
-        token_str = self.state.token_str
         out = p.CompletionLogprobs()
         offsets = self.offsets.setdefault(delta.index, CharOffsets(len(self._prefix(delta.index))))
         for lp in delta.logprobs:
-            tok = token_str(lp.token_id)
-            top = {token_str(t): v for t, v in list(lp.top)[: self.k]}
-            top.setdefault(tok, lp.logprob)
-            out.tokens.append(tok)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append(top)
-            out.text_offset.append(offsets.advance(token_bytes(self.state.tokenizer, lp.token_id)))
+            self._entry(out, lp.token_id, lp, offsets)
         return out
 
     def add(self, delta: ChoiceDelta) -> None:
         self.texts.setdefault(delta.index, []).append(delta.text)
         lps = self._logprobs(delta)
         if lps is not None:
-            acc = self.logprobs.setdefault(delta.index, p.CompletionLogprobs())
-            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                getattr(acc, name).extend(getattr(lps, name))
+            _extend(self.logprobs.setdefault(delta.index, p.CompletionLogprobs()), lps)
         if delta.finish_reason is not None:
             self.finish[delta.index] = (delta.finish_reason, delta.stop_reason)
 
@@ -205,21 +231,30 @@ class CompletionFormat:
         choices = []
         for i in range(self.gen.num_choices):
             reason, stop_reason = self.finish.get(i, (None, None))
-            logprobs = self.logprobs.get(i, p.CompletionLogprobs()) if self.k is not None else None
+            logprobs = None
+            if self.k is not None:
+                logprobs = self._prompt_logprobs(i) if self.scores_prompt else p.CompletionLogprobs()
+                _extend(logprobs, self.logprobs.get(i, p.CompletionLogprobs()))
             choices.append(p.CompletionChoice(index=i, text=self._prefix(i) + "".join(self.texts.get(i, [])),
                                               logprobs=logprobs, finish_reason=reason, stop_reason=stop_reason))
         return p.CompletionResponse(id=self.gen.request_id, created=int(time.time()), model=model,
                                     choices=choices, usage=self.gen.usage())
 
     def first_chunks(self, base: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.echo is None:
+        if self.echo is None or self.scores_prompt:  # scored prompts go out with the first delta, once known
             return []
         return [{**base, "choices": [{"index": i, "text": self._prefix(i), "logprobs": None, "finish_reason": None}]}
                 for i in range(self.gen.num_choices)]
 
     def chunk_choice(self, delta: ChoiceDelta) -> dict[str, Any]:
         lps = self._logprobs(delta)
-        return {"index": delta.index, "text": delta.text, "logprobs": None if lps is None else lps.model_dump(),
+        text = delta.text
+        if self.scores_prompt and delta.index not in self.started:
+            self.started.add(delta.index)
+            text = self._prefix(delta.index) + text
+            prompt = self._prompt_logprobs(delta.index)
+            lps = _extend(prompt, lps) if lps is not None else prompt
+        return {"index": delta.index, "text": text, "logprobs": None if lps is None else lps.model_dump(),
                 "finish_reason": delta.finish_reason}
 
     def end_choice(self, index: int, reason: str) -> dict[str, Any]:
@@ -227,6 +262,12 @@ class CompletionFormat:
 
     def usage(self) -> p.Usage:
         return self.gen.usage()
+
+
+def _extend(acc: p.CompletionLogprobs, more: p.CompletionLogprobs) -> p.CompletionLogprobs:
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        getattr(acc, name).extend(getattr(more, name))
+    return acc
 
 
 Format = ChatFormat | CompletionFormat

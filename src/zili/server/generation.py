@@ -13,15 +13,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zili.engine.async_engine import EngineStepError, EngineUnavailableError, QueueFullError, RequestStream
 from zili.engine.request import CompletionDelta, RequestDelta, TokenLogprob
-from zili.sampling import InvalidRequestError, SamplingParams, SamplingParamsError
+from zili.sampling import InvalidRequestError, PoolingParams, SamplingParams, SamplingParamsError
 from zili.server import protocol as p
 from zili.server.errors import APIError, bad_request
 
 if TYPE_CHECKING:
+    from zili.server.hooks import RequestStatus
     from zili.server.state import ServerState
 
 
@@ -49,6 +50,11 @@ class Generation:
     param_names: dict[str, str] = field(default_factory=dict)
     streams: list[RequestStream] = field(default_factory=list)
     completion_tokens: int = 0
+    pooling: PoolingParams | None = None  # an embedding request: each prompt's pooled vector, nothing sampled
+    # Per prompt index, from the engine's first delta of that prompt: its prompt logprobs (when
+    # params.prompt_logprobs is set; the first is None) and a pooling request's vector.
+    prompt_logprobs: dict[int, list[TokenLogprob | None]] = field(default_factory=dict)
+    embeddings: dict[int, Any] = field(default_factory=dict)  # [hidden] float32 tensors
     _cached: dict[int, int] = field(default_factory=dict)  # prompt index -> prompt tokens from the prefix cache
     _finished: set[int] = field(default_factory=set)  # choice indices that have ended
     _started: float = field(default_factory=time.perf_counter)
@@ -74,7 +80,7 @@ class Generation:
         hooks = self.state.request_hooks
         if hooks is not None:
             await hooks.admit(self)  # governance: quotas, pause, content policy (raises APIError)
-        adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.params)
+        adds = [self.state.engine.add_request(self.engine_request_id(i), ids, self.pooling or self.params)
                 for i, ids in enumerate(self.prompts)]
         try:
             results = await asyncio.gather(*adds, return_exceptions=True)
@@ -116,10 +122,15 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """Per engine step, what each touched choice gained; ends when all have finished."""
-        hooks, status = self.state.request_hooks, "aborted"
+        hooks = self.state.request_hooks
+        status: RequestStatus = "aborted"
         try:
             async for prompt_index, output in _merge(self.streams):
                 self._cached[prompt_index] = output.num_cached_tokens
+                if output.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = output.prompt_logprobs
+                if output.embedding is not None:
+                    self.embeddings[prompt_index] = output.embedding
                 deltas = [self._choice(prompt_index, c) for c in output.outputs]
                 deltas = [d for d in deltas if d is not None]
                 if hooks is not None:

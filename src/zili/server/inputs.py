@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Below this a temperature is treated as greedy: dividing logits by it would overflow.
 _MIN_TEMPERATURE = 1e-5
-LEGACY_DEFAULT_MAX_TOKENS = SamplingParams.__dataclass_fields__["max_tokens"].default  # legacy completions
+LEGACY_DEFAULT_MAX_TOKENS: int | None = SamplingParams.max_tokens  # the dataclass default (legacy completions)
 
 
 # Template variables the server sets itself: chat_template_kwargs may not replace them.
@@ -235,14 +235,17 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
     param = sources[0]
     if param != "tool_choice":
         require_valid_unicode(getattr(req, param).model_dump(by_alias=True, exclude_none=True), param)
-    try:
+    try:  # each source was listed above only when present
         if param == "response_format":
+            assert fmt is not None
             if fmt.type == "json_object":
                 return StructuredOutput.json_object(), param
             return StructuredOutput.json(_answer_schema(fmt)), param
         if param == "structured_outputs":
+            assert req.structured_outputs is not None
             given = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
             return StructuredOutput.parse(given), param
+        assert tools is not None
         return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), param
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param=param) from exc

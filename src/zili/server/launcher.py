@@ -26,6 +26,7 @@ from zili import envs
 from zili.config import parse_memory_size
 from zili.governance.service import GovernanceConfig, build_governance
 from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
+from zili.sampling import POOLING_TYPES
 from zili.server.app import build_app
 from zili.server.state import ServerSettings, ServerState
 
@@ -139,6 +140,9 @@ def serve(
         "deepseek-r1, qwen3 or none.")] = "auto",
     reasoning_budgets: Annotated[str | None, typer.Option(
         help="Thinking budgets (tokens) for reasoning_effort, e.g. low=1024,medium=4096,high=16384.")] = None,
+    pooling: Annotated[str, typer.Option(
+        help="/v1/embeddings: pool the final hidden states by mean, last or cls (first token), as llama.cpp's "
+        "--pooling; vectors have unit L2 norm.")] = "mean",
     speculative_config: Annotated[str | None, typer.Option(
         help="Speculative decoding as a JSON object, as vLLM takes it: '{\"method\": \"ngram\", "
         "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (draftless n-gram "
@@ -189,6 +193,8 @@ def serve(
             log_retention_days=log_retention_days, prices=prices, metrics_keys=list(metrics_key_label or [])))
         resolve_reasoning_parser(reasoning_parser, None)  # the name is checked now; "auto" is decided at load
         budgets = parse_reasoning_budgets(reasoning_budgets or "")
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"--pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
     except (ValueError, OSError, SQLAlchemyError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -206,7 +212,7 @@ def serve(
     settings = ServerSettings(
         served_model_name=served_model_name or model, api_keys=keys, max_tokens_cap=max_tokens_cap,
         max_n=config.max_num_seqs, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
-        web_ui=web_ui, reasoning_parser=reasoning_parser, reasoning_budgets=budgets)
+        web_ui=web_ui, reasoning_parser=reasoning_parser, reasoning_budgets=budgets, pooling=pooling)
     if replicas > 1 or ray_address is not None:
         from zili.distributed.replicas import ReplicaPool
 

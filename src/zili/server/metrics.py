@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from zili.engine.async_engine import AsyncEngine
+from zili.engine.async_engine import ServingEngine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
@@ -21,7 +21,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 
 
 class _EngineStatsCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: ServingEngine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
@@ -75,7 +75,7 @@ class _EngineStatsCollector(Collector):
 class ServerMetrics:
     """One registry per app, so several servers can live in one process (tests)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: ServingEngine, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(engine, model_name))
         self.ttft = Histogram("zili_time_to_first_token_seconds", "Time from request arrival to its first token.",

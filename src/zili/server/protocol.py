@@ -165,6 +165,20 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
 
 
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings body. The vector is the served model's final hidden states pooled
+    (`zili serve --pooling`), as llama.cpp's `--embeddings` computes it."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: a list of numbers; base64: the little-endian float32 bytes, base64-encoded.")
+    dimensions: int | None = Field(
+        None, description="Only the model's own hidden size is accepted (vectors are not truncated).")
+    user: str | None = None
+
+
 # ----- responses -----
 
 
@@ -282,6 +296,24 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # a string when encoding_format is base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

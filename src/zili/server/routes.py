@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from zili.reasoning import NONE, THINK_END, resolve_reasoning_parser
 from zili.server import protocol as p
 from zili.server.auth import require_api_key
+from zili.server.embeddings import create_embeddings
 from zili.server.errors import bad_request
 from zili.server.formats import ChatFormat, CompletionFormat, ReasoningSetup
 from zili.server.generation import Generation
@@ -24,11 +26,12 @@ from zili.server.inputs import (
     sampling_params,
     structured_output,
 )
-from zili.server.serving import new_request_id, respond
+from zili.server.serving import ClientDisconnected, new_request_id, respond
 from zili.server.state import ServerState
 from zili.structured.tools import tool_style
 
-_ERRORS = {status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 422, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": p.ErrorResponse}
+                                            for status in (400, 401, 404, 413, 422, 429, 503)}
 
 router = APIRouter()
 guarded = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
@@ -139,6 +142,7 @@ def _reasoning_budget(state: ServerState, body: p.ChatCompletionRequest,
             raise bad_request(f"max_reasoning_tokens must be an integer >= 1, got {body.max_reasoning_tokens}",
                               param="max_reasoning_tokens")
         return body.max_reasoning_tokens
+    assert body.reasoning_effort is not None  # one of the two is set (checked above)
     return state.settings.reasoning_budgets[body.reasoning_effort]
 
 
@@ -153,13 +157,19 @@ async def completions(body: p.CompletionRequest, request: Request) -> Response:
         raise bad_request("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of is not supported (other than best_of == n)", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo together with logprobs is not supported", param="echo")
     prompts = completion_prompts(state, body.prompt)
     longest = max(len(ids) for ids in prompts)
-    max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens")
+    if body.max_tokens == 0:  # the legacy API's scoring: echo the prompt (and its logprobs), generate nothing
+        if not body.echo:
+            raise bad_request("max_tokens must be an integer >= 1 (0 only with echo: the prompt is returned, and "
+                              "scored with logprobs, without generating)", param="max_tokens")
+        max_tokens: int | None = 0
+    else:
+        max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens")
     structured, structured_param = structured_output(body)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, structured=structured)
+    if body.echo and body.logprobs is not None:  # score the prompt: its tokens' logprobs come before the output's
+        params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
     if len(prompts) * params.n > state.settings.max_n * 8:
         raise bad_request(f"too many choices ({len(prompts)} prompts x n={params.n})", param="prompt")
     gen = Generation(state, new_request_id("cmpl"), prompts, params,
@@ -168,6 +178,19 @@ async def completions(body: p.CompletionRequest, request: Request) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(request, gen, CompletionFormat(state, gen, body.logprobs, echo), stream=body.stream,
                          include_usage=include_usage, model=model)
+
+
+@guarded.post("/v1/embeddings", response_model=p.EmbeddingResponse)
+async def embeddings(body: p.EmbeddingRequest, request: Request) -> Response:
+    """Embeddings: the model's final hidden states pooled (`zili serve --pooling`), unit L2 norm."""
+    state = _state(request)
+    model = state.check_model(body.model)
+    state.ready_engine()
+    try:
+        response = await create_embeddings(state, body, request, model)
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(response.model_dump(mode="json"))
 
 
 @guarded.post("/tokenize", response_model=p.TokenizeResponse)
@@ -183,6 +206,7 @@ async def tokenize(body: p.TokenizeRequest, request: Request) -> p.TokenizeRespo
                            continue_final_message=body.continue_final_message)
         add_special = bool(body.add_special_tokens)
     else:
+        assert body.prompt is not None  # exactly one of them is given (checked above)
         text = body.prompt
         add_special = body.add_special_tokens is not False
     tokens = encode(state, text, "messages" if body.messages is not None else "prompt", add_special)

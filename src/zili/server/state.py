@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from zili.engine.async_engine import AsyncEngine, EngineUnavailableError
+from zili.engine.async_engine import EngineUnavailableError, ServingEngine
 from zili.reasoning import DEFAULT_REASONING_BUDGETS
 from zili.server.errors import APIError, quote
 from zili.server.metrics import ServerMetrics
@@ -34,12 +34,13 @@ class ServerSettings:
     web_ui: bool = True  # the web console at / (zili.server.web_ui); --no-web-ui turns it off
     reasoning_parser: str = "auto"  # zili.reasoning: auto, deepseek-r1, qwen3 or none
     reasoning_budgets: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REASONING_BUDGETS))
+    pooling: str = "mean"  # /v1/embeddings: how hidden states are pooled (zili.sampling.PoolingParams)
 
 
 class ServerState:
     """What every route needs: settings, the engine, metrics, and facts about the model."""
 
-    def __init__(self, settings: ServerSettings, engine: AsyncEngine) -> None:
+    def __init__(self, settings: ServerSettings, engine: ServingEngine) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = ServerMetrics(engine, settings.served_model_name)

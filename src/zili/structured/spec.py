@@ -40,8 +40,9 @@ class StructuredOutput:
     @classmethod
     def json(cls, schema: Any) -> StructuredOutput:
         """A JSON schema: a dict, its JSON text, or a pydantic model class."""
-        if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
-            schema = schema.model_json_schema()
+        to_schema = getattr(schema, "model_json_schema", None) if isinstance(schema, type) else None
+        if callable(to_schema):  # a pydantic model class
+            schema = to_schema()
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)

@@ -57,7 +57,7 @@ class ParsedToolOutput:
 def normalize_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]]:
     """Check OpenAI-shaped tools ({"type": "function", "function": {name, description, parameters}})
     and return them as plain dicts. ValueError names the first problem."""
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tool in enumerate(tools or []):
         tool = _plain(tool)
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
@@ -145,6 +145,7 @@ def tool_call_or_answer(tools: list[dict[str, Any]], answer_schema: dict[str, An
     "required") or a final answer matching `answer_schema` (OpenAI applies the response format to
     the model's text answer, not to its calls). An xgrammar structural tag "or" of the two."""
     calls = tool_call_constraint(tools, "required", parallel_tool_calls, style)
+    assert calls is not None  # "required" always constrains
     answer = {"type": "json_schema", "json_schema": answer_schema}
     check_json_schema(answer_schema)
     fmt = {"type": "or", "elements": [json.loads(calls.spec)["format"], answer]}
@@ -156,12 +157,12 @@ def tool_call_or_answer(tools: list[dict[str, Any]], answer_schema: dict[str, An
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None = None,
                 add_generation_prompt: bool = True, **kwargs: Any) -> str:
     """The prompt text for a conversation that may carry tools, tool calls and tool results."""
-    messages = [_plain(m) for m in messages]
+    plain: list[dict[str, Any]] = [_plain(m) for m in messages]
     tools = normalize_tools(tools) if tools else None
     if template_supports_tools(tokenizer):
-        return tokenizer.apply_chat_template([_native_message(m) for m in messages],
+        return tokenizer.apply_chat_template([_native_message(m) for m in plain],
                                              add_generation_prompt=add_generation_prompt, tools=tools, **kwargs)
-    return tokenizer.apply_chat_template(_fallback_messages(messages, tools),
+    return tokenizer.apply_chat_template(_fallback_messages(plain, tools),
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
 

@@ -315,7 +315,15 @@ export function refreshExtract() {
 export async function initExtract() {
   $("form-select").addEventListener("change", () => { $("schema-box").hidden = $("form-select").value !== CUSTOM; });
   $("document-files").addEventListener("change", onFiles);
-  $("document-input").addEventListener("input", () => { openedName = null; });
+  // Typing or pasting a document replaces an opened batch: the run uses what the person touched last
+  // (a batch kept behind an edited box would fill the old files' forms instead of the shown text).
+  $("document-input").addEventListener("input", () => {
+    openedName = null;
+    if (batch.length) {
+      batch = [];
+      renderBatch();
+    }
+  });
   $("extract-run").addEventListener("click", run);
   $("extract-stop").addEventListener("click", () => controller?.abort());
   $("download-jsonl").addEventListener("click", () => download("forms.jsonl", toJsonLines(results), "application/x-ndjson"));

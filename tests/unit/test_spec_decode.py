@@ -407,8 +407,9 @@ def test_smollm2_speculative_equals_plain():
                                                "total": {"type": "number"}},
               "required": ["invoice_number", "seller", "buyer", "total"]}
     # One engine (loading the model twice costs more than the generations): plain decoding with its
-    # speculator detached, then with it.
-    llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_memory="64MiB", speculative_config=NGRAM)
+    # speculator detached, then with it. No prefix cache: both runs prefill alike.
+    llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_memory="64MiB", speculative_config=NGRAM,
+              enable_prefix_caching=False)
     form_prompt, form_params = extraction_request(llm, schema, document, max_tokens=48)
     chats = [llm.render_chat([{"role": "user", "content": q}]) for q in (
         "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the lazy dog.",
@@ -442,3 +443,25 @@ def test_compiled_decode_verifies_drafts(tiny_dir, reference):
     assert llm.engine.stats().spec_decode_num_accepted_tokens > 0
     assert max(rows_seen) > 4  # some compiled step carried drafts (more rows than sequences)
     assert runner.compiled_decode is counting  # never fell back to eager
+
+
+def test_metrics_export_speculation_figures():
+    """/metrics: vLLM-style spec_decode_* counters and the derived rate and mean accepted length."""
+    from zili.engine.engine import EngineStats
+    from zili.server.metrics import ServerMetrics
+
+    stats = EngineStats(num_running=1, num_waiting=0, kv_cache_usage=0.1, prefix_cache_hit_rate=0.0,
+                        num_free_blocks=9, num_total_blocks=10, prompt_tokens_total=5, generation_tokens_total=40,
+                        num_preemptions=0, spec_decode_num_drafts=10, spec_decode_num_draft_tokens=40,
+                        spec_decode_num_accepted_tokens=30)
+
+    class Engine:
+        def stats(self) -> EngineStats:
+            return stats
+
+    text = ServerMetrics(Engine(), "m").render().decode()  # type: ignore[arg-type]
+    assert 'zili_spec_decode_num_drafts_total{model_name="m"} 10.0' in text
+    assert 'zili_spec_decode_num_draft_tokens_total{model_name="m"} 40.0' in text
+    assert 'zili_spec_decode_num_accepted_tokens_total{model_name="m"} 30.0' in text
+    assert 'zili_spec_decode_acceptance_rate{model_name="m"} 0.75' in text
+    assert 'zili_spec_decode_mean_accepted_length{model_name="m"} 4.0' in text

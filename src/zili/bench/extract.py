@@ -80,7 +80,8 @@ def _invoice(rng: random.Random, chinese: bool) -> ExtractionCase:
         rows = "\n".join(f"{d}    数量 {q}    单价 {p:.2f}    金额 {a:.2f}" for d, q, p, a in lines)
         doc = (f"{seller}\n增值税发票\n\n发票号码：{number}\n开票日期：{date}\n购买方：{buyer}\n"
                f"销售方：{seller}\n\n{rows}\n\n"
-               f"合计（不含税）：{subtotal:.2f} 元\n税额（{rate:.0%}）：{tax:.2f} 元\n价税合计：{total:.2f} 元（人民币）\n")
+               f"合计（不含税）：{subtotal:.2f} 元\n税额（{rate:.0%}）：{tax:.2f} 元\n"
+               f"价税合计：{total:.2f} 元（人民币 CNY）\n")
     else:
         rows = "\n".join(f"{d:<28s}{q:>4d}   {currency} {p:>9.2f}   {currency} {a:>9.2f}" for d, q, p, a in lines)
         doc = (f"{seller}\nINVOICE\n\nInvoice number: {number}\nInvoice date: {date}\n\nBill to:\n{buyer}\n\n"

@@ -177,8 +177,8 @@ class NgramSpeculator:
         # A grammar must be attached and able to roll back (not held back behind a reasoning model's thinking).
         grammar_ok = p.structured is None or hasattr(seq.grammar, "rollback")
         return (seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens - 1
-                and grammar_ok and not p.needs_penalties and seq.num_output_tokens >= p.min_tokens
-                and p.max_reasoning_tokens is None)
+                and not seq.request.prefill_only and grammar_ok and not p.needs_penalties
+                and seq.num_output_tokens >= p.min_tokens and p.max_reasoning_tokens is None)
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence."""

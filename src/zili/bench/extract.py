@@ -20,6 +20,7 @@ from typing import Any
 
 from zili.bench.machine import load_average
 from zili.bench.offline import spec_decode_row
+from zili.extract import extraction_request
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,6 @@ def field_matches(value: Any, truth: Any) -> bool:
 def run_workload(llm: Any, cases: list[ExtractionCase], streams: int, max_tokens: int = 384) -> dict[str, Any]:
     """Run every case through `llm` (zili.LLM), `streams` requests at a time (each group runs to its
     end before the next starts). Returns speed, field accuracy and speculation figures."""
-    from zili.extract import extraction_request
 
     requests = [extraction_request(llm, c.schema, c.document, max_tokens=max_tokens) for c in cases]
     before = llm.engine.stats()

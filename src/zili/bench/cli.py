@@ -408,8 +408,10 @@ def extract(
     for level in levels if compare else []:
         tps = {name: median([r["output_throughput"] for r in record["runs"]
                              if r["engine"] == name and r["test"] == f"extract-c{level}"]) for name in engines}
-        speedups[f"c{level}"] = ratio = tps["zili+spec"] / tps["zili"]
-        typer.echo(f"c={level}: speculation on / off = {ratio:.2f}x output tokens/s (median of {repetitions})", err=True)
+        on, off = tps["zili+spec"], tps["zili"]
+        speedups[f"c{level}"] = ratio = on / off if on is not None and off else None
+        shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+        typer.echo(f"c={level}: speculation on / off = {shown} output tokens/s (median of {repetitions})", err=True)
     _save(record, output, label)
 
 

@@ -50,6 +50,7 @@ a step beside the others.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -57,6 +58,16 @@ from zili.config import SpeculativeConfig
 from zili.engine.request import GrammarMatcher, Sequence, SequenceStatus, TokenLogprob
 
 MAX_PAUSE_STEPS = 32  # the longest pause in proposals after repeated misses
+
+
+@runtime_checkable
+class RollbackGrammar(GrammarMatcher, Protocol):
+    """A grammar matcher that can undo accepted tokens (xgrammar's `GrammarMatcher.rollback`):
+    what drafts need. A matcher without it (a reasoning model's think-or-answer switch) gets none."""
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+        ...
 
 
 class NgramIndex:
@@ -84,12 +95,12 @@ class NgramIndex:
         for n in self.sizes:
             if length <= n:
                 continue
-            end = self.ends[n].get(tuple(tokens[length - n:]))
-            if end is None:
+            found = self.ends[n].get(tuple(tokens[length - n:]))
+            if found is None:
                 continue
             draft: list[int] = []
             for i in range(k):
-                j = end + i
+                j = found + i
                 draft.append(tokens[j] if j < length else draft[j - length])
             return draft
         return []
@@ -168,14 +179,16 @@ class NgramSpeculator:
             k = min(state.draft_len, room)
             if k > 0:
                 drafts = state.index.propose(seq.token_ids, k)
-                seq.draft_token_ids = grammar_prefix(seq.grammar, drafts) if drafts and seq.grammar else drafts
+                if drafts and isinstance(seq.grammar, RollbackGrammar):
+                    drafts = grammar_prefix(seq.grammar, drafts)
+                seq.draft_token_ids = drafts
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
         """Whether this sequence may carry drafts into its next step (see the module docstring)."""
         p = seq.request.params
         # A grammar must be attached and able to roll back (not held back behind a reasoning model's thinking).
-        grammar_ok = p.structured is None or hasattr(seq.grammar, "rollback")
+        grammar_ok = p.structured is None or isinstance(seq.grammar, RollbackGrammar)
         return (seq.status == SequenceStatus.RUNNING and seq.num_computed_tokens == seq.num_tokens - 1
                 and not seq.request.prefill_only and grammar_ok and not p.needs_penalties
                 and seq.num_output_tokens >= p.min_tokens and p.max_reasoning_tokens is None)
@@ -237,7 +250,7 @@ class NgramSpeculator:
             state.misses = 0
 
 
-def grammar_prefix(grammar: GrammarMatcher, drafts: list[int]) -> list[int]:
+def grammar_prefix(grammar: RollbackGrammar, drafts: list[int]) -> list[int]:
     """The longest prefix of `drafts` the grammar accepts without ending; the matcher is left as it was."""
     accepted = 0
     for token_id in drafts:
@@ -259,7 +272,7 @@ class DraftGrammarRows:
     after the first j drafts. Rows must be filled in order (GrammarBackend.build_mask does); `close()`
     rolls the matcher back to where it was."""
 
-    def __init__(self, grammar: GrammarMatcher, drafts: list[int]) -> None:
+    def __init__(self, grammar: RollbackGrammar, drafts: list[int]) -> None:
         self.grammar, self.drafts = grammar, drafts
         self.advanced = 0  # drafts the matcher has accepted
 
@@ -304,7 +317,7 @@ def grammar_rows(sampling: list[Sequence]) -> tuple[list[object], list[DraftGram
     out: list[object] = []
     opened: list[DraftGrammarRows] = []
     for seq in sampling:
-        if seq.grammar is None or not seq.draft_token_ids:
+        if not seq.draft_token_ids or not isinstance(seq.grammar, RollbackGrammar):
             out += [seq] * (1 + len(seq.draft_token_ids))
             continue
         rows = DraftGrammarRows(seq.grammar, seq.draft_token_ids)

@@ -131,8 +131,7 @@ class Generation:
                     self.prompt_logprobs[prompt_index] = output.prompt_logprobs
                 if output.embedding is not None:
                     self.embeddings[prompt_index] = output.embedding
-                deltas = [self._choice(prompt_index, c) for c in output.outputs]
-                deltas = [d for d in deltas if d is not None]
+                deltas = [d for d in (self._choice(prompt_index, c) for c in output.outputs) if d is not None]
                 if hooks is not None:
                     deltas = hooks.on_deltas(self, deltas)
                 self._observe(deltas)

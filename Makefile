@@ -35,10 +35,11 @@ postgres:
 chromium:
 	sh webui/ensure_chromium.sh
 
-# Lint and import order (ruff); the layering contract and the no-cycle rule run inside pytest
-# (tests/unit/test_layering.py).
+# Lint and import order (ruff) and the type check (mypy, configured in pyproject: src/zili); the
+# layering contract and the no-cycle rule run inside pytest (tests/unit/test_layering.py).
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 test: setup postgres chromium lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -20,7 +20,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
@@ -109,7 +109,8 @@ def engine_options(*names: str, defaults: dict[str, Any] | None = None) -> Calla
             engine_args = {k: v for k, v in engine_args.items() if v is not None}
             return func(*args, engine_args=engine_args, **kwargs)
 
+        # typer reads the options from __signature__, an attribute functions take but their type does not declare.
         wrapper.__signature__ = signature.replace(parameters=[*positional, *keyword, *added])  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return cast(F, wrapper)  # same call shape for typer: the options arrive as keywords, engine_args is filled
 
     return decorate

@@ -140,10 +140,6 @@ class ModelConfig:
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of one layer's paged KV cache tensor (keys and values per KV head).
 
@@ -244,7 +240,7 @@ def check_load_format(value: object, field: str = "load_format") -> str:
     """`value` if it is one of LOAD_FORMATS; ValueError naming `field` otherwise."""
     if value not in LOAD_FORMATS:
         raise ValueError(f"{field} must be one of {', '.join(LOAD_FORMATS)}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return value
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 

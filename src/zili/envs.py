@@ -157,11 +157,6 @@ def database_url() -> str | None:
     return get_str(ZILI_DATABASE_URL)
 
 
-def llama_cpp_dir() -> Path | None:
-    """ZILI_LLAMA_CPP_DIR."""
-    return get_path(ZILI_LLAMA_CPP_DIR)
-
-
 def use_zili_inductor_cache() -> None:
     """Point torch.compile's Inductor cache at zili's cache directory (~/.cache/zili/inductor),
     unless TORCHINDUCTOR_CACHE_DIR is set: compiled decode steps are then reused across starts."""

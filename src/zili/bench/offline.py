@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zili.bench.machine import load_average
-from zili.bench.stats import median, summarize
+from zili.bench.stats import median
 from zili.bench.workload import RequestSpec, random_token_ids
 from zili.models.loader import open_checkpoint, resolve_model
 
@@ -268,10 +268,6 @@ def roofline_table(model_config, weight_bytes: int, bandwidth_gb_s: float, kv_dt
     (an MLA model's latent cache, not per-head keys and values)."""
     kv = model_config.kv_bytes_per_token(kv_dtype)
     return [decode_roofline(weight_bytes, kv, context_len, b, bandwidth_gb_s) for b in batches]
-
-
-def summarize_samples(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    return summarize(r[key] for r in rows if r.get(key) is not None)
 
 
 def model_shapes(model_path: Path) -> dict[str, Any]:

@@ -130,10 +130,6 @@ class ServingLifecycle:
     def ready(self) -> bool:
         return self._ready.is_set() and self.dead_error is None
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     def stop_accepting(self) -> None:
         """Start draining: new requests are refused; running ones go on."""
         self._accepting = False

@@ -41,7 +41,6 @@ from zili.models.registry import capabilities_of
 
 logger = logging.getLogger(__name__)
 
-ENFORCE_EAGER_ENV = envs.ZILI_ENFORCE_EAGER.name
 # Blocks per layer of the scratch KV caches a background compile writes into (any count above 1:
 # the pool's block count is a symbolic dimension of the graphs).
 SCRATCH_BLOCKS = 4

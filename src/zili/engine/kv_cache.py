@@ -186,12 +186,6 @@ class KVCacheManager:
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
 
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            if block.ref_count == 0:
-                block.block_hash = block.token_ids = None
-        self.cached = {h: b for h, b in self.cached.items() if self.blocks[b].block_hash == h}
-
     # ---- internals --------------------------------------------------------------------------
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -59,10 +59,6 @@ def register_attention_backend(name: str, factory: Callable[[], AttentionBackend
     _FACTORIES[name] = factory
 
 
-def attention_backend_names() -> list[str]:
-    return list(_FACTORIES)
-
-
 def is_installed(name: str) -> bool:
     if name == "cpp":
         from zili.kernels import cpu_attention

@@ -107,10 +107,6 @@ def enable_fusion() -> None:
                 ", ".join(REFERENCE))
 
 
-def fusion_enabled() -> bool:
-    return bool(_compiled)
-
-
 @contextlib.contextmanager
 def compiled_ops() -> Iterator[None]:
     """Run the compiled forms within (a no-op before `enable_fusion`)."""

@@ -50,10 +50,6 @@ class Linear(nn.Module):
         # set, it serves every row count the quantized form does not (and `weight` may be empty).
         self.packed: PrepackedWeight | None = None
 
-    @property
-    def num_shards(self) -> int:
-        return len(self.output_sizes)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = self.quant
         if quant is not None and x.shape[0] <= quant.max_rows:

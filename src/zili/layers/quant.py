@@ -130,7 +130,6 @@ class Int8Weight:
 # ---- GGUF blocks -> group quantization -------------------------------------------------------
 
 INT4_GGUF_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q4_K)
-INT8_GGUF_TYPES = (QT.Q8_0, QT.Q5_K, QT.Q6_K)
 
 
 def _f16(block: np.ndarray, start: int) -> np.ndarray:

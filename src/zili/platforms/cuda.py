@@ -18,10 +18,6 @@ class CudaPlatform(AcceleratorPlatform):
     name = "cuda"
     device_type = "cuda"
 
-    @property
-    def is_rocm(self) -> bool:
-        return torch.version.hip is not None
-
     def default_dtype(self) -> torch.dtype:
         # bf16 from Ampere on; older cards have no bf16 tensor cores, fp16 is their fast type.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -52,9 +48,6 @@ class CudaPlatform(AcceleratorPlatform):
 
     def graph_pool(self) -> Any:
         return torch.cuda.graph_pool_handle()
-
-    def multiprocessor_count(self) -> int:
-        return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def fingerprint(self) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(self.device)

@@ -50,7 +50,7 @@ class _DrainingServer(uvicorn.Server):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.exit_code = 0
 
-    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+    async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 

@@ -123,10 +123,6 @@ class GrammarBackend:
             return self.compiler.compile_grammar(s.spec)
         raise ValueError(f"unknown structured-output kind {s.kind!r}")
 
-    @property
-    def cache_size(self) -> int:
-        return len(self._cache)
-
     # ---- decoding ----------------------------------------------------------------------------
     def new_matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(compiled)

@@ -372,10 +372,6 @@ class GGUFCheckpoint:
         """The metadata value `<architecture>.<key>` (e.g. "attention.kv_lora_rank"), or `default`."""
         return self._meta(key, default)
 
-    def uniform(self, value: Any, key: str) -> int:
-        """A per-layer metadata array that must hold one value (or a scalar), as an int."""
-        return self._uniform(value, key)
-
     def _uniform(self, value: Any, key: str) -> int:
         """Per-layer arrays (some converters write one) must hold a single value for a dense model."""
         if isinstance(value, list):
@@ -435,11 +431,6 @@ class GGUFCheckpoint:
         return params
 
     # ---- tensors ----
-
-    def tensor_names(self) -> list[str]:
-        """HF names of the model's parameters, in file order."""
-        self._need_layout()
-        return list(self._names)
 
     def _rows(self, info: GGUFTensorInfo) -> np.ndarray:
         start = info.offset

@@ -389,6 +389,7 @@ def test_structured_output_drafts_go_through_the_grammar(tiny_dir, plain):
                     assert re.fullmatch(params.structured.spec, text), text
 
 
+@pytest.mark.slow
 def test_smollm2_speculative_equals_plain():
     """The default model (SmolLM2-135M, Q4_1 GGUF): a form filled from a document (schema-constrained)
     and two free-text answers, batched, give the same greedy tokens with and without speculation,

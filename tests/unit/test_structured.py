@@ -14,7 +14,7 @@ from tests.tiny_models import write_tiny_llama  # noqa: E402
 from zili import LLM, SamplingParams  # noqa: E402
 from zili.engine.runner import kv_bytes_per_block  # noqa: E402
 from zili.structured.backend import choice_ebnf, token_bytes  # noqa: E402
-from zili.structured.spec import MAX_SPEC_CHARS, StructuredOutput  # noqa: E402
+from zili.structured.spec import Limits, StructuredOutput  # noqa: E402
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 8},
@@ -103,8 +103,9 @@ def test_bad_specs_are_rejected_by_sampling_params(structured, message):
 
 
 def test_size_limit_is_the_documented_one():
-    big = {"type": "object", "description": "x" * MAX_SPEC_CHARS}
-    with pytest.raises(ValueError, match=str(MAX_SPEC_CHARS)):
+    limit = Limits.current().max_spec_chars
+    big = {"type": "object", "description": "x" * limit}
+    with pytest.raises(ValueError, match=f"{limit} \\(ZILI_STRUCTURED_MAX_SPEC_CHARS\\)"):
         StructuredOutput.json(big)
 
 

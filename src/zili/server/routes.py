@@ -19,6 +19,7 @@ from zili.server.inputs import (
     check_token_ids,
     completion_prompts,
     encode,
+    note_approximations,
     render_chat,
     resolve_max_tokens,
     sampling_params,
@@ -103,6 +104,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     max_tokens = resolve_max_tokens(state, requested, len(prompt), None, param)
     structured, structured_param = structured_output(body, tools, tool_choice, style or "hermes",
                                                      body.parallel_tool_calls)
+    note_approximations(request, structured)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=top_logprobs,
                              rename={"logprobs": "top_logprobs", "max_tokens": param}, structured=structured)
     if reasoning_budget is not None:
@@ -159,6 +161,7 @@ async def completions(body: p.CompletionRequest, request: Request) -> Response:
     longest = max(len(ids) for ids in prompts)
     max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens")
     structured, structured_param = structured_output(body)
+    note_approximations(request, structured)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, structured=structured)
     if len(prompts) * params.n > state.settings.max_n * 8:
         raise bad_request(f"too many choices ({len(prompts)} prompts x n={params.n})", param="prompt")

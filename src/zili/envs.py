@@ -70,7 +70,7 @@ ZILI_PACKED_KERNELS = EnvVar(
 # and this variable. The grammar library compiles large counts cheaply (maxLength 65,535 in ~30 ms),
 # so the defaults admit what real schemas use; the caps bound a hostile request's compile time.
 ZILI_STRUCTURED_MAX_SPEC_CHARS = EnvVar(
-    "ZILI_STRUCTURED_MAX_SPEC_CHARS", "int", 256 * 1024,
+    "ZILI_STRUCTURED_MAX_SPEC_CHARS", "int", 64 * 1024,
     "Longest JSON schema, regex, grammar or choice list (characters of its compact JSON / text).")
 ZILI_STRUCTURED_MAX_SCHEMA_DEPTH = EnvVar(
     "ZILI_STRUCTURED_MAX_SCHEMA_DEPTH", "int", 64, "Deepest nesting of JSON containers in a schema.")

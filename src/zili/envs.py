@@ -16,11 +16,11 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class EnvVar:
-    """One documented variable: `kind` is "bool" (1/true/yes/on or 0/false/no/off), "str" or "path"."""
+    """One documented variable: `kind` is "bool" (1/true/yes/on or 0/false/no/off), "int", "str" or "path"."""
 
     name: str
     kind: str
-    default: str | bool | None
+    default: str | bool | int | None
     help: str
 
 
@@ -66,11 +66,26 @@ ZILI_PACKED_KERNELS = EnvVar(
     "ZILI_PACKED_KERNELS", "str", None,
     "Which packed int4/int8 matmul the quantized layers use: 'zili' for zili's per-ISA kernels (opt-in until "
     "they meet the accuracy bar); unset: torch's kernels.")
+# Structured output's own caps (zili.structured.spec): a request past one gets a 400 that names the cap
+# and this variable. The grammar library compiles large counts cheaply (maxLength 65,535 in ~30 ms),
+# so the defaults admit what real schemas use; the caps bound a hostile request's compile time.
+ZILI_STRUCTURED_MAX_SPEC_CHARS = EnvVar(
+    "ZILI_STRUCTURED_MAX_SPEC_CHARS", "int", 64 * 1024,
+    "Longest JSON schema, regex, grammar or choice list (characters of its compact JSON / text).")
+ZILI_STRUCTURED_MAX_SCHEMA_DEPTH = EnvVar(
+    "ZILI_STRUCTURED_MAX_SCHEMA_DEPTH", "int", 64, "Deepest nesting of JSON containers in a schema.")
+ZILI_STRUCTURED_MAX_COUNT = EnvVar(
+    "ZILI_STRUCTURED_MAX_COUNT", "int", 1_000_000,
+    "Largest minLength / maxLength / minItems / maxItems / minProperties / maxProperties in a schema.")
+ZILI_STRUCTURED_MAX_REGEX_REPEAT = EnvVar(
+    "ZILI_STRUCTURED_MAX_REGEX_REPEAT", "int", 10_000,
+    "Largest {n,m} repetition count in a regex, a schema pattern or a grammar.")
 
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
     ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
-    ZILI_PACKED_KERNELS)}
+    ZILI_PACKED_KERNELS, ZILI_STRUCTURED_MAX_SPEC_CHARS, ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT,
+    ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -91,6 +106,21 @@ def get_bool(var: EnvVar) -> bool:
     if value.lower() in _FALSE:
         return False
     raise ValueError(f"{var.name}={value!r} is not a boolean; use one of {', '.join(_TRUE + _FALSE)}")
+
+
+def get_int(var: EnvVar) -> int:
+    """An "int" variable's value (underscores allowed: 65_536), its default when unset or empty;
+    ValueError naming it when not a positive integer."""
+    value = _raw(var)
+    if value is None:
+        return int(var.default or 0)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{var.name}={value!r} is not a positive integer")
+    return number
 
 
 def get_str(var: EnvVar) -> str | None:

@@ -130,7 +130,7 @@ def test_env_table_documents_every_variable_read_in_src() -> None:
             assert not re.search(r"environ(\.get)?\(?\[?[\"']ZILI_", text), f"{path} reads a ZILI_ variable itself"
     assert named <= set(envs.ENVIRONMENT_VARIABLES), named - set(envs.ENVIRONMENT_VARIABLES)
     for var in envs.ENVIRONMENT_VARIABLES.values():
-        assert var.kind in ("bool", "str", "path") and len(var.help) > 20
+        assert var.kind in ("bool", "int", "str", "path") and len(var.help) > 20
 
 
 def test_env_values_are_parsed_and_bad_ones_named(monkeypatch) -> None:

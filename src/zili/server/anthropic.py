@@ -30,7 +30,15 @@ from zili.server.client_text import require_valid_unicode
 from zili.server.errors import APIError, escape_unencodable
 from zili.server.formats import ChatFormat
 from zili.server.generation import Generation
-from zili.server.inputs import chat_tools, encode, render_chat, resolve_max_tokens, sampling_params, structured_output
+from zili.server.inputs import (
+    chat_tools,
+    encode,
+    note_approximations,
+    render_chat,
+    resolve_max_tokens,
+    sampling_params,
+    structured_output,
+)
 from zili.server.serving import ClientDisconnected, until_disconnect
 from zili.structured.tools import tool_style
 
@@ -229,9 +237,12 @@ async def messages(request: Request) -> Response:
         if req.max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {req.max_tokens}")
         require_valid_unicode([t.input_schema for t in req.tools or []], "tools")
-        return await _answer(request, req)
+        response = await _answer(request, req)
     except APIError as exc:
-        return error_response(exc.status, exc.message, exc.headers)
+        response = error_response(exc.status, exc.message, exc.headers)
+    # Anthropic's header name for the request id (its SDK's `_request_id`); x-request-id is set too
+    response.headers["request-id"] = getattr(request.state, "request_id", "") or ""
+    return response
 
 
 async def _answer(request: Request, req: MessagesRequest) -> Response:
@@ -247,6 +258,7 @@ async def _answer(request: Request, req: MessagesRequest) -> Response:
     prompt = encode(state, text, "messages", add_special_tokens=False)
     max_tokens = resolve_max_tokens(state, body.max_tokens, len(prompt), None, "max_tokens")
     structured, structured_param = structured_output(body, tools, choice, style or "hermes", body.parallel_tool_calls)
+    note_approximations(request, structured)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=None, structured=structured,
                              rename={"stop": "stop_sequences"})
     names = {"prompt": "messages", "stop": "stop_sequences", "structured": structured_param or "tools"}

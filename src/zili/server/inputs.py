@@ -8,6 +8,7 @@ client's mistake becomes a 400 that names the parameter.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -240,7 +241,9 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
             assert fmt is not None
             if fmt.type == "json_object":
                 return StructuredOutput.json_object(), param
-            return StructuredOutput.json(_answer_schema(fmt)), param
+            schema = _answer_schema(fmt)  # refuses a json_schema format without its schema
+            assert fmt.json_schema is not None
+            return StructuredOutput.json(schema, strict=fmt.json_schema.strict), param
         if param == "structured_outputs":
             assert req.structured_outputs is not None
             given = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
@@ -249,6 +252,35 @@ def structured_output(req: p._SamplingFields, tools: list[dict[str, Any]] | None
         return tool_call_constraint(tools, tool_choice, parallel_tool_calls, tool_style), param
     except ValueError as exc:
         raise bad_request(f"{param}: {exc}", param=param) from exc
+
+
+WARNINGS_HEADER = "zili-warnings"
+
+
+def note_approximations(request: Any, structured: Any) -> None:
+    """Say, in the `zili-warnings` response header, where the grammar is looser than a JSON schema
+    the request gave (zili.structured.approximations): the output then has the schema's shape but
+    may break those keywords. Under strict: true such a schema was refused instead."""
+    from zili.structured.approximations import approximations
+
+    if structured is None or structured.kind not in ("json", "structural_tag"):
+        return
+    schemas = [structured.schema()] if structured.kind == "json" else _tag_schemas(json.loads(structured.spec))
+    found = [str(a) for schema in schemas for a in approximations(schema, limit=8)]
+    if found:
+        text = "; ".join(found[:8]) + (f"; and {len(found) - 8} more" if len(found) > 8 else "")
+        request.state.zili_warnings = json.dumps(text, ensure_ascii=True)[1:-1][:2000]  # header-safe ASCII
+
+
+def _tag_schemas(node: Any) -> list[Any]:
+    """The JSON schemas inside a structural tag (tool parameters, a response_format's answer)."""
+    if isinstance(node, list):
+        return [s for item in node for s in _tag_schemas(item)]
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "json_schema" and "json_schema" in node:
+        return [node["json_schema"]]
+    return [s for item in node.values() for s in _tag_schemas(item)]
 
 
 def _answer_schema(fmt: p.ResponseFormat) -> dict[str, Any]:

@@ -30,7 +30,10 @@ class JSONSchemaFormat(_Request):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the output must match.")
-    strict: bool | None = Field(None, description="Accepted; the output always matches the schema.")
+    strict: bool | None = Field(None, description=(
+        "true: compile in strict mode and refuse (400, naming the place) a schema the grammar would only "
+        "approximate; false: compile as JSON Schema reads it (extra properties / items allowed unless forbidden); "
+        "unset: strict mode where the schema allows it. Approximations are named in the zili-warnings header."))
 
 
 class ResponseFormat(_Request):

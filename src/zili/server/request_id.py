@@ -41,6 +41,9 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 headers[HEADER] = request_id
+                warnings = scope["state"].get("zili_warnings")  # set by a handler (server.inputs)
+                if warnings:
+                    headers["zili-warnings"] = warnings
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -21,6 +21,7 @@ from zili.server.inputs import (
     check_token_ids,
     completion_prompts,
     encode,
+    note_approximations,
     render_chat,
     resolve_max_tokens,
     sampling_params,
@@ -106,6 +107,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     max_tokens = resolve_max_tokens(state, requested, len(prompt), None, param)
     structured, structured_param = structured_output(body, tools, tool_choice, style or "hermes",
                                                      body.parallel_tool_calls)
+    note_approximations(request, structured)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=top_logprobs,
                              rename={"logprobs": "top_logprobs", "max_tokens": param}, structured=structured)
     if reasoning_budget is not None:
@@ -167,6 +169,7 @@ async def completions(body: p.CompletionRequest, request: Request) -> Response:
     else:
         max_tokens = resolve_max_tokens(state, body.max_tokens, longest, LEGACY_DEFAULT_MAX_TOKENS, "max_tokens")
     structured, structured_param = structured_output(body)
+    note_approximations(request, structured)
     params = sampling_params(state, body, max_tokens=max_tokens, logprobs=body.logprobs, structured=structured)
     if body.echo and body.logprobs is not None:  # score the prompt: its tokens' logprobs come before the output's
         params = dataclasses.replace(params, prompt_logprobs=params.logprobs)

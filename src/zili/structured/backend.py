@@ -8,6 +8,7 @@ own Tokenizer, so nothing is fetched from the hub.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -83,7 +84,7 @@ class GrammarBackend:
         self.info = xgr.TokenizerInfo(token_bytes(tokenizer, vocab_size), xgr.VocabType.RAW,
                                       vocab_size=vocab_size, stop_token_ids=stop)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
-        self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, bool | None], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()  # compile() may be called from a thread other than the engine's
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
@@ -98,7 +99,10 @@ class GrammarBackend:
         try:
             compiled = self._compile(structured)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"the {_NAMES[structured.kind]} cannot be used: {_first_line(e)}") from None
+            where = locate_schema_failure(structured.schema(), structured.strict is not False) \
+                if structured.kind == "json" else None
+            at = f" (at {where or '/'})" if where is not None else ""
+            raise ValueError(f"the {_NAMES[structured.kind]} cannot be used{at}: {_first_line(e)}") from None
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > CACHE_SIZE:
@@ -107,7 +111,14 @@ class GrammarBackend:
 
     def _compile(self, s: StructuredOutput) -> xgr.CompiledGrammar:
         if s.kind == "json":
-            grammar = xgr.Grammar.from_json_schema(s.spec, any_whitespace=False, separators=JSON_SEPARATORS)
+            try:
+                grammar = json_schema_grammar(s.spec, strict=s.strict is not False)
+            except (RuntimeError, ValueError, TypeError):
+                if s.strict is not None:
+                    raise
+                # Not asked for strict mode: a schema that needs more than it lists (minItems without
+                # items, minProperties beyond its properties) compiles as JSON Schema reads it.
+                grammar = json_schema_grammar(s.spec, strict=False)
             return self.compiler.compile_grammar(json_safe(grammar))
         if s.kind == "json_object":
             grammar = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
@@ -144,11 +155,81 @@ _NAMES = {"json": "JSON schema", "json_object": "JSON object constraint", "regex
           "grammar": "grammar", "structural_tag": "structural tag"}
 
 
+def json_schema_grammar(schema: str, strict: bool = True) -> xgr.Grammar:
+    """The grammar of a JSON schema (its JSON text), zili's whitespace; xgrammar's strict mode forbids
+    properties and items the schema does not list. Raises what xgrammar raises."""
+    return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=strict)
+
+
+# Where a schema holds sub-schemas: keyword -> "one" (a schema), "list" (schemas), "map" (name -> schema).
+_SUBSCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+               "items": "one", "additionalProperties": "one", "additionalItems": "one", "contains": "one",
+               "propertyNames": "one", "not": "one", "if": "one", "then": "one", "else": "one",
+               "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list"}
+
+
+def locate_schema_failure(schema: Any, strict: bool = True) -> str | None:
+    """The JSON pointer of the deepest sub-schema the grammar library refuses on its own ("" for the
+    root), None when the root itself converts (the failure was elsewhere, e.g. in compiling).
+
+    The library's messages name no place in the schema; a client with a large schema needs one.
+    Each sub-schema is converted alone, with the root's `$defs` / `definitions` beside it so that
+    its references resolve. Only the conversion runs (no vocabulary), which takes milliseconds."""
+    defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema, dict) and k in schema}
+
+    def fails(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return False
+        try:
+            json_schema_grammar(json.dumps({**defs, **node}), strict)
+        except (RuntimeError, ValueError, TypeError):
+            return True
+        return False
+
+    if not fails(schema):
+        return None
+    pointer, node, seen = "", schema, {""}
+    while True:
+        for key, shape in _SUBSCHEMAS.items():
+            value = node.get(key)
+            children = (list(value.items()) if shape == "map" and isinstance(value, dict) else
+                        list(enumerate(value)) if shape == "list" and isinstance(value, list) else
+                        [(None, value)] if shape == "one" and isinstance(value, dict) else [])
+            bad = next(((name, child) for name, child in children if fails(child)), None)
+            if bad is not None:
+                name, node = bad
+                step = key if name is None else f"{key}/{str(name).replace('~', '~0').replace('/', '~1')}"
+                pointer = f"{pointer}/{step}"
+                break
+        else:
+            ref = node.get("$ref")  # a local reference that fails: the place is its target
+            target = _resolve_pointer(schema, ref[1:]) if isinstance(ref, str) and ref.startswith("#/") else None
+            if not isinstance(target, dict) or ref[1:] in seen or not fails(target):
+                return pointer
+            pointer, node = ref[1:], target
+            seen.add(pointer)
+
+
+def _resolve_pointer(document: Any, pointer: str) -> Any:
+    """The value at an RFC 6901 JSON pointer ("/a/0/b"), None when there is none."""
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict) and part in document:
+            document = document[part]
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document
+
+
 def _first_line(e: BaseException) -> str:
-    # xgrammar prefixes its messages with "[time] /path/file.cc:line: "
+    # xgrammar prefixes its messages with "[time] /path/file.cc:line: " and its failed checks with
+    # "Check failed: (cond) is false: "
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     head, sep, rest = text.partition(": ")
-    return rest if sep and ".cc:" in head else text
+    text = rest if sep and ".cc:" in head else text
+    return re.sub(r"^Check failed: \(.*?\) is false: ", "", text)
 
 
 # xgrammar (0.2.8) spells the characters of a length-bounded JSON string as [^"\\\r\n], which lets
@@ -169,5 +250,7 @@ def choice_ebnf(options: list[str]) -> str:
 
 
 def _ebnf_literal(text: str) -> str:
-    # JSON string escapes (\", \\, \n, \uXXXX) are also valid in xgrammar's EBNF literals.
-    return json.dumps(text, ensure_ascii=True)
+    # JSON string escapes (\", \\, \n) are also valid in xgrammar's EBNF literals, but a character
+    # past U+FFFF must stay literal: JSON spells it as a surrogate pair (\ud83d\ude00), which xgrammar
+    # reads as two code points and encodes as six bytes of invalid UTF-8 (CESU-8).
+    return json.dumps(text, ensure_ascii=False)

@@ -16,30 +16,51 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from zili import envs
+
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
-MAX_SPEC_CHARS = 64 * 1024  # a schema, grammar or regex longer than this is refused
-MAX_SCHEMA_DEPTH = 32  # nesting of JSON containers within a schema
 MAX_CHOICES = 1024
-# Grammar size grows with repetition counts (and so does compile time: seconds at millions), so
-# counts are capped: lengths and item counts in schemas, {n,m} in regexes, patterns and grammars.
-MAX_REPEAT = 10_000
-MAX_REGEX_REPEAT = 1_000
 _COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
 _REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 @dataclass(frozen=True)
+class Limits:
+    """zili's own caps on a constraint (not the grammar library's), read from the environment at each
+    check (zili.envs): grammar size and compile time grow with them, so they bound what one request
+    can cost. Each refusal names the cap and its variable."""
+
+    max_spec_chars: int  # ZILI_STRUCTURED_MAX_SPEC_CHARS
+    max_schema_depth: int  # ZILI_STRUCTURED_MAX_SCHEMA_DEPTH
+    max_count: int  # ZILI_STRUCTURED_MAX_COUNT: minLength ... maxProperties
+    max_regex_repeat: int  # ZILI_STRUCTURED_MAX_REGEX_REPEAT: {n,m} in regexes, patterns, grammars
+
+    @classmethod
+    def current(cls) -> Limits:
+        return cls(envs.get_int(envs.ZILI_STRUCTURED_MAX_SPEC_CHARS), envs.get_int(envs.ZILI_STRUCTURED_MAX_SCHEMA_DEPTH),
+                   envs.get_int(envs.ZILI_STRUCTURED_MAX_COUNT), envs.get_int(envs.ZILI_STRUCTURED_MAX_REGEX_REPEAT))
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
-    """`kind` is one of KINDS; `spec` is its canonical text (JSON for schemas, choices and tags)."""
+    """`kind` is one of KINDS; `spec` is its canonical text (JSON for schemas, choices and tags).
+
+    `strict` (JSON schemas only; OpenAI's `strict`): True compiles the schema in strict mode (no
+    properties or items beyond those it lists) and refuses one the grammar would only approximate
+    (zili.structured.approximations); False compiles it as JSON Schema reads it (additional
+    properties and items allowed unless forbidden); None (not given) tries strict mode first and
+    falls back to False when the schema needs it (e.g. `{"type": "array", "minItems": 1}`)."""
 
     kind: str
     spec: str = ""
+    strict: bool | None = None
 
     # ---- constructors ------------------------------------------------------------------------
     @classmethod
-    def json(cls, schema: Any) -> StructuredOutput:
-        """A JSON schema: a dict, its JSON text, or a pydantic model class."""
+    def json(cls, schema: Any, strict: bool | None = None) -> StructuredOutput:
+        """A JSON schema: a dict, its JSON text, or a pydantic model class. ValueError names a schema
+        that is invalid, past zili's caps (Limits), or (strict=True) only approximated, with where."""
         to_schema = getattr(schema, "model_json_schema", None) if isinstance(schema, type) else None
         if callable(to_schema):  # a pydantic model class
             schema = to_schema()
@@ -51,7 +72,9 @@ class StructuredOutput:
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema must be an object (or true/false), got {type(schema).__name__}")
         check_json_schema(schema)
-        return cls("json", _canonical(schema))
+        if strict:
+            check_exact(schema)
+        return cls("json", _canonical(schema), strict)
 
     @classmethod
     def json_object(cls) -> StructuredOutput:
@@ -121,8 +144,8 @@ class StructuredOutput:
 
     # ---- views -------------------------------------------------------------------------------
     @property
-    def cache_key(self) -> tuple[str, str]:
-        return (self.kind, self.spec)
+    def cache_key(self) -> tuple[str, str, bool | None]:
+        return (self.kind, self.spec, self.strict)
 
     def schema(self) -> Any:
         """The JSON schema of a `json` constraint ({"type": "object"} for `json_object`)."""
@@ -148,8 +171,10 @@ def _canonical(value: Any) -> str:
 
 
 def _check_size(kind: str, text: str) -> None:
-    if len(text) > MAX_SPEC_CHARS:
-        raise ValueError(f"the {kind} constraint is too large: {len(text)} characters, the limit is {MAX_SPEC_CHARS}")
+    limit = Limits.current().max_spec_chars
+    if len(text) > limit:
+        raise ValueError(f"the {kind} constraint is too large: {len(text)} characters, this server's limit is "
+                         f"{limit} (ZILI_STRUCTURED_MAX_SPEC_CHARS)")
 
 
 def _depth(value: Any, limit: int, level: int = 0) -> int:
@@ -162,37 +187,42 @@ def _depth(value: Any, limit: int, level: int = 0) -> int:
     return level
 
 
-def _check_repeats(kind: str, text: str) -> None:
+def _check_repeats(kind: str, text: str, where: str = "") -> None:
+    limit = Limits.current().max_regex_repeat
     for match in _REPEAT.finditer(text):
         counts = [int(g) for g in match.groups() if g]
-        if max(counts) > MAX_REGEX_REPEAT:
-            raise ValueError(f"the {kind} repeats {match.group(0)}: repetition counts above {MAX_REGEX_REPEAT} "
-                             f"are not supported")
+        if max(counts) > limit:
+            raise ValueError(f"the {kind} repeats {match.group(0)}{where}: repetition counts above {limit} "
+                             f"are past this server's limit (ZILI_STRUCTURED_MAX_REGEX_REPEAT)")
 
 
-def _check_counts(value: Any) -> None:
+def _check_counts(value: Any, limit: int, pointer: str = "") -> None:
     """Repetition bounds anywhere in a schema: length / item counts and patterns."""
     if isinstance(value, list):
-        for item in value:
-            _check_counts(item)
+        for i, item in enumerate(value):
+            _check_counts(item, limit, f"{pointer}/{i}")
         return
     if not isinstance(value, dict):
         return
     for key, item in value.items():
+        here = f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}"
         if key in _COUNT_KEYWORDS and isinstance(item, (int, float)) and not isinstance(item, bool) \
-                and item > MAX_REPEAT:
-            raise ValueError(f"the JSON schema has {key}={item}: at most {MAX_REPEAT} is supported")
+                and item > limit:
+            raise ValueError(f"the JSON schema has {key}={item} at {here}: this server's limit is {limit} "
+                             f"(ZILI_STRUCTURED_MAX_COUNT)")
         if key == "pattern" and isinstance(item, str):
-            _check_repeats("JSON schema pattern", item)
-        _check_counts(item)
+            _check_repeats("JSON schema pattern", item, f" at {here}")
+        _check_counts(item, limit, here)
 
 
 def check_json_schema(schema: Any) -> None:
     """Refuse a schema that is too large, too deep, or not a valid JSON schema (per its meta-schema)."""
+    limits = Limits.current()
     _check_size("JSON schema", _canonical(schema))
-    if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-    _check_counts(schema)
+    if _depth(schema, limits.max_schema_depth) > limits.max_schema_depth:
+        raise ValueError(f"the JSON schema is nested more than {limits.max_schema_depth} levels deep, this "
+                         f"server's limit (ZILI_STRUCTURED_MAX_SCHEMA_DEPTH)")
+    _check_counts(schema, limits.max_count)
     try:
         from jsonschema import exceptions, validators
     except ImportError:  # the compiler still catches what it cannot handle
@@ -202,3 +232,14 @@ def check_json_schema(schema: Any) -> None:
     except exceptions.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path)
         raise ValueError(f"the JSON schema is invalid: {e.message}" + (f" (at /{where})" if where else "")) from None
+
+
+def check_exact(schema: Any) -> None:
+    """ValueError naming the first places where the grammar would only approximate `schema`
+    (strict: true refuses them instead of weakening the constraint silently)."""
+    from zili.structured.approximations import approximations
+
+    loose = approximations(schema, limit=4)
+    if loose:
+        raise ValueError("strict mode: the grammar cannot enforce this schema exactly: " + "; ".join(map(str, loose))
+                         + ". Remove those keywords, or send strict: false to accept the approximation")

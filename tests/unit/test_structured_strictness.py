@@ -1,0 +1,155 @@
+"""JSON Schema strictness and coverage (issue 21 item 12): `strict`, zili's caps, library failures
+named by schema location, approximations said out loud, and non-BMP characters in forced choices.
+
+The approximation table (zili.structured.approximations) is checked against the grammar itself:
+for each entry, an instance that breaks the keyword is fed to the compiled grammar, which accepts
+it. When the backend learns to enforce a keyword, its case here fails and the entry must go.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tests.tiny_models import write_tiny_llama
+from tests.unit.test_structured import make_llm
+from zili import SamplingParams
+from zili.sampling import SamplingParamsError
+from zili.structured.approximations import approximations
+from zili.structured.backend import locate_schema_failure
+from zili.structured.spec import Limits, StructuredOutput
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return make_llm(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-strictness")))
+
+
+def accepts(llm, structured: StructuredOutput, text: str) -> bool:
+    """Whether the compiled grammar takes `text` as a whole output (then the end of sequence)."""
+    matcher = llm.engine.inputs.new_matcher(llm.engine.compile_structured(structured))
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+# (schema, an instance that breaks it, pointer and keyword the approximation names)
+LOOSE = [
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, '{"a": "x"}', "/properties/a/not"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]", "/uniqueItems"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]", "/contains"),
+    ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "1", "/oneOf"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 2}, '"aaaa"', "/maxLength"),
+    ({"type": "string", "pattern": "(?!b)."}, '"b"', "/pattern"),
+    ({"type": "string", "format": "regex"}, '"("', "/format"),
+    ({"type": "number", "multipleOf": 0.5}, "0.3", "/multipleOf"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "dependentRequired": {"a": ["b"]}}, '{"a": 1}', "/dependentRequired"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a": 1}', "/if"),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"a": 1}', "/allOf"),
+]
+
+
+@pytest.mark.parametrize("schema,instance,pointer", LOOSE, ids=[c[2] for c in LOOSE])
+def test_each_named_approximation_is_real(llm, schema, instance, pointer):
+    named = approximations(schema)
+    assert pointer in [a.pointer for a in named], named
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(instance), schema, format_checker=jsonschema.FormatChecker())
+    assert accepts(llm, StructuredOutput.json(schema, strict=False), instance)  # the grammar lets it through
+
+
+def test_enforced_keywords_are_not_reported(llm):
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1, "maximum": 9, "multipleOf": 3},
+        "s": {"type": "string", "minLength": 2, "maxLength": 4},
+        "p": {"type": "string", "pattern": "^[a-z]+$"},
+        "e": {"type": "string", "format": "email"},
+        "x": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/d"}]}},
+        "$defs": {"d": {"enum": ["a", "b"]}}, "required": ["n"]}
+    assert approximations(schema) == []
+    assert not accepts(llm, StructuredOutput.json(schema), '{"n": 4}')  # multipleOf 3 is enforced
+    assert accepts(llm, StructuredOutput.json(schema), '{"n": 6, "s": "ab"}')
+
+
+def test_strict_true_refuses_an_approximation_naming_where():
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(ValueError, match=r"/properties/tags/uniqueItems: uniqueItems is not enforced"):
+        StructuredOutput.json(schema, strict=True)
+    assert StructuredOutput.json(schema, strict=False).strict is False  # accepted, and said (server header)
+
+
+def test_strict_false_compiles_what_strict_mode_refuses(llm):
+    schema = {"type": "array", "minItems": 1}  # items unlisted: strict mode allows none, so minItems 1 is impossible
+    with pytest.raises(SamplingParamsError, match=r"\(at /\).*minItems"):
+        llm.engine.compile_structured(StructuredOutput.json(schema, strict=True))
+    for strict in (False, None):  # not given: falls back to JSON Schema's reading
+        assert accepts(llm, StructuredOutput.json(schema, strict=strict), '[1, "a"]')
+        assert not accepts(llm, StructuredOutput.json(schema, strict=strict), "[]")
+    # the strict flag is part of the compiled grammar's identity
+    assert StructuredOutput.json(schema, strict=True).cache_key != StructuredOutput.json(schema).cache_key
+
+
+def test_strict_mode_is_the_default_where_it_compiles(llm):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert not accepts(llm, StructuredOutput.json(schema), '{"a": 1, "b": 2}')
+    assert accepts(llm, StructuredOutput.json(schema, strict=False), '{"a": 1, "b": 2}')
+
+
+def test_a_library_failure_names_the_schema_location(llm):
+    schema = {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "maximum": 9223372036854776000}}}}}
+    with pytest.raises(SamplingParamsError) as err:
+        llm.engine.compile_structured(StructuredOutput.json(schema))
+    message = str(err.value)
+    assert "(at /properties/user/properties/id)" in message and "64-bit" in message
+    assert "Check failed" not in message and ".cc:" not in message
+    assert locate_schema_failure({"type": "integer"}) is None
+    refs = {"$defs": {"big": {"type": "integer", "minimum": -(10**20)}}, "type": "object",
+            "properties": {"a": {"$ref": "#/$defs/big"}}}
+    assert locate_schema_failure(refs) == "/$defs/big"
+
+
+def test_caps_admit_real_schema_lengths_and_are_configurable(llm, monkeypatch):
+    for key in ("ZILI_STRUCTURED_MAX_COUNT", "ZILI_STRUCTURED_MAX_SPEC_CHARS", "ZILI_STRUCTURED_MAX_SCHEMA_DEPTH",
+                "ZILI_STRUCTURED_MAX_REGEX_REPEAT"):
+        monkeypatch.delenv(key, raising=False)
+    real = {"type": "object", "properties": {"body": {"type": "string", "maxLength": 65535},
+                                             "title": {"type": "string", "maxLength": 32767}}}
+    llm.engine.compile_structured(StructuredOutput.json(real))
+    monkeypatch.setenv("ZILI_STRUCTURED_MAX_COUNT", "1000")
+    assert Limits.current().max_count == 1000
+    with pytest.raises(ValueError, match=r"maxLength=65535 at /properties/body/maxLength.*1000 "
+                                         r"\(ZILI_STRUCTURED_MAX_COUNT\)"):
+        StructuredOutput.json(real)
+    monkeypatch.setenv("ZILI_STRUCTURED_MAX_SPEC_CHARS", "50")
+    with pytest.raises(ValueError, match=r"limit is 50 \(ZILI_STRUCTURED_MAX_SPEC_CHARS\)"):
+        StructuredOutput.regex("a" * 51)
+    monkeypatch.setenv("ZILI_STRUCTURED_MAX_REGEX_REPEAT", "nope")
+    with pytest.raises(ValueError, match="ZILI_STRUCTURED_MAX_REGEX_REPEAT='nope' is not a positive integer"):
+        StructuredOutput.regex("a{2}")
+
+
+OPTIONS = ["😀 yes", "no 🙂", "𝔘nicode", "plain"]
+
+
+def test_characters_past_the_bmp_in_a_choice_are_utf8(llm):
+    """A forced choice holding an emoji used to be spelled as a surrogate pair in the grammar, which the
+    library encoded as CESU-8 (invalid UTF-8): the real characters were refused and broken bytes forced."""
+    for option in OPTIONS:
+        assert accepts(llm, StructuredOutput.choice(OPTIONS), option), option
+    params = SamplingParams(structured={"choice": OPTIONS}, temperature=1.0, seed=3, n=8, max_tokens=24)
+    outputs = llm.generate(["Pick one:", "你好"], params)
+    texts = [c.text for o in outputs for c in o.outputs]
+    assert all(c.finish_reason == "stop" for o in outputs for c in o.outputs)
+    assert set(texts) <= set(OPTIONS) and "\ufffd" not in "".join(texts)
+
+
+@pytest.mark.parametrize("schema", [{"const": "a😀"}, {"enum": ["🙂", "x𝔘"]}])
+def test_characters_past_the_bmp_in_const_and_enum(llm, schema):
+    params = SamplingParams(structured={"json": schema}, temperature=1.0, seed=0, n=4, max_tokens=24)
+    for choice in llm.generate(["Say it:"], params)[0].outputs:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), schema)

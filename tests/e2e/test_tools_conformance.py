@@ -58,7 +58,7 @@ def test_forced_tool_calls_with_a_response_format(http: httpx.Client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     for tool_choice in ("required", NAMED):
         body = {"model": MODEL, "messages": ASK_WEATHER, "tools": [WEATHER], "tool_choice": tool_choice,
-                "response_format": fmt, "max_tokens": 80, "temperature": 0}
+                "response_format": fmt, "max_tokens": 80, "temperature": 0, "parallel_tool_calls": False}
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
@@ -72,7 +72,7 @@ def test_forced_tool_calls_with_a_response_format(http: httpx.Client):
 def test_auto_tools_with_a_response_format_give_a_call_or_a_matching_answer(http: httpx.Client, messages, seed):
     body = {"model": MODEL, "messages": messages, "tools": [WEATHER], "tool_choice": "auto", "seed": seed,
             "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
-            "max_tokens": 120, "temperature": 1.0}
+            "max_tokens": 120, "temperature": 1.0, "parallel_tool_calls": False}  # one call: bounded too
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]

@@ -55,7 +55,8 @@ def _kernel_level(isa: str | None) -> str | None:
     if isa == "torch" or not cpu_isa.enabled():
         return None
     # Opt-in for now: with int8 activations SmolLM2's greedy agreement with fp32 measured 96.1%
-    # (tests/unit/test_quant.py wants >= 98%; torch's kernels with bf16 activations pass it).
+    # (every clear position agrees, issue #22's bar; torch's kernels with bf16 activations reach
+    # 98.8-99.6%), so the default waits for a benchmark that shows the speed is worth the near-ties.
     if isa is None and os.environ.get(PACKED_KERNELS_ENV, "torch").strip().lower() != "zili":
         return None
     level = isa or cpu_isa.selected()

@@ -99,8 +99,11 @@ def test_bf16_int8_logits_match_eager(tiny_dir):
         got = runner.compiled_decode(ids, pos, meta)
         want = runner.model.compute_logits(runner.model(ids, pos, runner.kv_caches, meta))
     assert got.shape == want.shape == (b, llm.engine.model_config.vocab_size)
-    # bf16 activations: eager rounds every intermediate, the fused loops keep some in fp32.
-    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+    # bf16 activations: eager rounds every intermediate, the fused loops keep some in fp32. Fresh
+    # compiles of this random tiny model measured up to 3.6% of the largest logit (2026-11-29; the
+    # fused code inductor picks varies between compiles), as the cpp kernel against the torch
+    # reference does (4.7%); a wrong graph (a missed layer, stale cache rows) is far beyond 5%.
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tests.tiny_models import write_tiny_llama
+from tests.unit.test_engine import assert_pool_free
+from tests.unit.test_engine import make_llm as make_engine_llm
+from tests.unit.test_engine import tiny_dir as tiny_dir  # noqa: F401 - the module's fixture
 from zili import LLM, SamplingParams
 from zili.config import EngineConfig, SpeculativeConfig, parse_speculative_config
 from zili.engine.request import Request, Sequence, SequenceStatus
-from zili.engine.runner import kv_bytes_per_block
 from zili.engine.sampler import Sampler
 from zili.engine.spec_decode import NgramIndex, NgramSpeculator
 
@@ -79,18 +80,9 @@ def test_ngram_index_continues_a_repeat_past_the_end():
 
 # ---- the engine on a tiny random Llama (fp32) -----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-spec"))
-
-
-def make_llm(tiny_dir, num_blocks=256, block_size=4, **kw) -> LLM:
-    from zili.models.hf_config import model_config_from_hf
-
-    cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
-    kw.setdefault("max_num_seqs", 32)
-    return LLM(str(tiny_dir), dtype="float32", block_size=block_size, attention_backend="sdpa",
-               kv_cache_memory=num_blocks * kv_bytes_per_block(cfg, block_size, torch.float32), **kw)
+def make_llm(tiny_dir, **kw) -> LLM:
+    """test_engine's tiny fp32 engine on the sdpa backend."""
+    return make_engine_llm(tiny_dir, attention_backend="sdpa", **kw)
 
 
 REPEATS = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
@@ -109,13 +101,6 @@ def outputs(llm: LLM, prompts, **kw):
 
 def token_lists(results) -> list[list[list[int]]]:
     return [[c.token_ids for c in r.outputs] for r in results]
-
-
-def assert_pool_free(llm: LLM) -> None:
-    kv = llm.engine.kv_cache
-    assert kv.num_free_blocks == kv.num_blocks
-    assert kv.tables == {}
-    assert all(b.ref_count == 0 for b in kv.blocks)
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,20 @@ def claude(server: ServerProcess) -> anthropic.Anthropic:
 
 
 def openai_chat(client: openai.OpenAI, messages: list[dict], **kw) -> openai.types.chat.ChatCompletion:
+    """The greedy chat completion, asked twice and the second returned: both it and the Messages request
+    compared with it then hit the same cached prefix (see "Settling" in server_process)."""
+    client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **{**kw, "max_tokens": 1})
     return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kw)
 
 
+def settle(claude: anthropic.Anthropic, **kw) -> None:
+    """One 1-token request for the prompt, so the compared requests after it see the same cache state."""
+    claude.messages.create(**{**kw, "max_tokens": 1})
+
+
 def test_a_message_equals_the_chat_completion(claude: anthropic.Anthropic, client: openai.OpenAI):
-    msg = claude.messages.create(model=MODEL, max_tokens=12, system=SYSTEM, messages=ASK, **GREEDY)
     ref = openai_chat(client, [{"role": "system", "content": SYSTEM}, *ASK], max_tokens=12)
+    msg = claude.messages.create(model=MODEL, max_tokens=12, system=SYSTEM, messages=ASK, **GREEDY)
     assert msg.type == "message" and msg.role == "assistant" and msg.model == MODEL and msg.id.startswith("msg_")
     assert [b.type for b in msg.content] == ["text"]
     assert msg.content[0].text == ref.choices[0].message.content
@@ -47,6 +55,7 @@ def test_a_message_equals_the_chat_completion(claude: anthropic.Anthropic, clien
 
 
 def test_content_blocks_and_system_blocks_render_like_strings(claude: anthropic.Anthropic):
+    settle(claude, model=MODEL, system=SYSTEM, messages=ASK, **GREEDY)
     plain = claude.messages.create(model=MODEL, max_tokens=6, system=SYSTEM, messages=ASK, **GREEDY)
     blocks = claude.messages.create(model=MODEL, max_tokens=6, **GREEDY,
                                     system=[{"type": "text", "text": SYSTEM}],
@@ -58,6 +67,7 @@ def test_content_blocks_and_system_blocks_render_like_strings(claude: anthropic.
 
 def test_the_stream_equals_the_message(claude: anthropic.Anthropic):
     kwargs = dict(model=MODEL, max_tokens=12, system=SYSTEM, messages=ASK, **GREEDY)
+    settle(claude, **kwargs)
     whole = claude.messages.create(**kwargs)
     with claude.messages.stream(**kwargs) as stream:
         text = "".join(stream.text_stream)
@@ -73,6 +83,7 @@ def test_the_stream_equals_the_message(claude: anthropic.Anthropic):
 
 
 def test_stop_sequences(claude: anthropic.Anthropic):
+    settle(claude, model=MODEL, messages=ASK, **GREEDY)
     text = claude.messages.create(model=MODEL, max_tokens=16, messages=ASK, **GREEDY).content[0].text
     word = text.split()[2]
     msg = claude.messages.create(model=MODEL, max_tokens=16, messages=ASK, **GREEDY, stop_sequences=[word])
@@ -82,17 +93,19 @@ def test_stop_sequences(claude: anthropic.Anthropic):
 
 def test_assistant_prefill_is_continued(claude: anthropic.Anthropic, client: openai.OpenAI):
     prefill = [*ASK, {"role": "assistant", "content": "Sure: red,"}]
-    msg = claude.messages.create(model=MODEL, max_tokens=8, messages=prefill, **GREEDY)
     ref = openai_chat(client, prefill, max_tokens=8,
                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    msg = claude.messages.create(model=MODEL, max_tokens=8, messages=prefill, **GREEDY)
     assert msg.content[0].text == ref.choices[0].message.content
     assert msg.usage.input_tokens == ref.usage.prompt_tokens
 
 
 def test_tool_use_and_tool_result(claude: anthropic.Anthropic, client: openai.OpenAI):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    msg = claude.messages.create(model=MODEL, max_tokens=60, messages=ask, **GREEDY, tools=[WEATHER_TOOL],
-                                 tool_choice={"type": "tool", "name": "get_weather"})
+    forced = dict(model=MODEL, messages=ask, **GREEDY, tools=[WEATHER_TOOL],
+                  tool_choice={"type": "tool", "name": "get_weather"})
+    settle(claude, **forced)
+    msg = claude.messages.create(max_tokens=60, **forced)
     assert msg.stop_reason == "tool_use"
     [use] = [b for b in msg.content if b.type == "tool_use"]
     assert use.name == "get_weather" and use.id
@@ -108,6 +121,7 @@ def test_tool_use_and_tool_result(claude: anthropic.Anthropic, client: openai.Op
     follow = [*ask, {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name,
                                                        "input": use.input}]},
               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}]}]
+    settle(claude, model=MODEL, messages=follow, **GREEDY, tools=[WEATHER_TOOL])
     answer = claude.messages.create(model=MODEL, max_tokens=8, messages=follow, **GREEDY, tools=[WEATHER_TOOL])
     openai_follow = [*ask, {"role": "assistant", "content": None, "tool_calls": [
         {"id": use.id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(use.input)}}]},

@@ -58,6 +58,9 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("attention_backend", str, "auto", "auto, sdpa, cpp (C++ CPU kernel) or triton."),
     EngineOption("use_tune_cache", bool, True, "Use the settings `zili tune` measured on this device.",
                  flags=("--tune-cache/--no-tune-cache",)),
+    EngineOption("calibrate", bool | None, None,
+                 "Measure the packed int4/int8 kernels of layer shapes the tune cache lacks at start (a few seconds, "
+                 "then cached) (default: on; ZILI_CALIBRATE=0 turns it off).", flags=("--calibrate/--no-calibrate",)),
     EngineOption("enforce_eager", bool | None, None,
                  "Run every step eagerly, or compile the decode step (default: compiled on CPUs for `zili serve`, "
                  "eager for one-shot commands; ZILI_ENFORCE_EAGER=1 forces eager).",

@@ -337,6 +337,9 @@ class EngineConfig:
     # Read `zili tune`'s winners for this device (threads, backend, block size...) at start;
     # False keeps the defaults. Explicit settings above always win over tuned ones.
     use_tune_cache: bool = True
+    # Layer shapes the tune cache has no packed-matmul choice for are measured at start (a few seconds,
+    # bounded; zili.layers.quant_calibration) and cached; False keeps the defaults. None: ZILI_CALIBRATE.
+    calibrate: bool | None = None
     # True: every step runs eagerly. False: decode-only steps run one compiled graph where the
     # set-up allows it (zili.engine.compiled_decode). None: False unless ZILI_ENFORCE_EAGER=1.
     enforce_eager: bool | None = None

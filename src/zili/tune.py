@@ -384,7 +384,7 @@ def _load(options: TuneOptions, platform):
     source = loaded.source
     report = quantize_and_calibrate(loaded.model, options.quantization, loaded.dtype, platform.matmul_backend(),
                                     (lambda: open_checkpoint(source)) if source.format == "gguf" else None,
-                                    calibrate=True, budget_s=None)
+                                    calibrate=True, budget_s=None, trust_busy=True)
     return loaded, report.counts, report
 
 

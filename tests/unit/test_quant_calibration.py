@@ -108,7 +108,8 @@ def test_saved_entry_is_applied_per_layer_shape(tiny_dir, cache_path):
 
 def test_untuned_engine_calibrates_once_logs_and_caches(tiny_dir, cache_path, monkeypatch, caplog):
     monkeypatch.setenv("ZILI_CALIBRATE", "1")
-    monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: 0.1)  # an idle host: worth caching
+    monkeypatch.setattr("zili.models.quantize.load_per_cpu", lambda: 0.1)  # an idle host: worth measuring
+    monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: 0.1)
     calls = []
     real = quant_calibration.calibrate_kernels
 
@@ -135,11 +136,21 @@ def test_untuned_engine_calibrates_once_logs_and_caches(tiny_dir, cache_path, mo
     assert set(_layers(_engine(tiny_dir, use_tune_cache=False, calibrate=False)).values()) == {("torch", 16)}
 
 
-def test_busy_host_calibration_is_not_cached(tiny_dir, cache_path, monkeypatch, caplog):
-    monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: 3.0)
+def test_busy_host_is_not_calibrated(tiny_dir, cache_path, monkeypatch, caplog):
+    """Load above one per CPU: timings would be other processes' time slices, so no measurement, the
+    defaults, nothing cached; a host that gets busy during the measurement drops its result."""
+    loads = iter([3.0])
+    monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: next(loads, 3.0))
+    monkeypatch.setattr("zili.models.quantize.load_per_cpu", quant_calibration.load_per_cpu)
     with caplog.at_level(logging.WARNING):
-        _engine(tiny_dir, calibrate=True)
-    assert "host was busy" in caplog.text
+        busy = _layers(_engine(tiny_dir, calibrate=True))
+    assert "the host is busy" in caplog.text and set(busy.values()) == {("torch", 16)}
+    assert load_tuning(CpuPlatform()) is None
+    caplog.clear()
+    loads = iter([0.1, 0.1])  # idle before (the builder's check, the calibration's own), busy after
+    with caplog.at_level(logging.WARNING):
+        dropped = _layers(_engine(tiny_dir, calibrate=True))
+    assert "got busy while calibrating" in caplog.text and set(dropped.values()) == {("torch", 16)}
     assert load_tuning(CpuPlatform()) is None
 
 

@@ -18,8 +18,10 @@ Bounded: a deadline (`budget_s`) is checked before building each shape's candida
 each row count; past it, the shapes not finished get no measured choice (the caller falls back
 to the default and does not cache them), so a start overruns the budget by at most one
 measurement (a few tens of ms). Shapes are measured in order of the weight bytes they carry in
-the model, so a short budget goes to the layers that cost the most. Deterministic in its data:
-a private generator (seed 0), never the global RNG; only the kernel choice changes numerics.
+the model, so a short budget goes to the layers that cost the most. On an overloaded host (load
+average above one per CPU) the engine does not calibrate at all: the timings would be other
+processes' time slices. Deterministic in its data: a private generator (seed 0), never the
+global RNG; only the kernel choice changes numerics.
 
 The engine reads choices from the tune cache (zili.platforms.tuning, key "quant_kernels"),
 calibrates the missing ones at start and stores them there (zili.engine.builder).
@@ -99,7 +101,8 @@ class Calibration:
     @property
     def busy(self) -> bool:
         """More runnable threads than CPUs while measuring: the times are partly other processes'
-        time slices, so the choices serve this start but are not worth caching."""
+        time slices (measured: every call of a 2-thread matmul took 7-20 ms at load 5 per CPU), so
+        they rank nothing."""
         return self.load_per_cpu > BUSY_LOAD_PER_CPU
 
 

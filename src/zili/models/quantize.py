@@ -41,6 +41,7 @@ from zili.layers.quant import (
     gguf_group_quant,
 )
 from zili.layers.quant_calibration import (
+    BUSY_LOAD_PER_CPU,
     DEFAULT_BUDGET_S,
     TORCH,
     Calibration,
@@ -48,6 +49,7 @@ from zili.layers.quant_calibration import (
     calibrate_kernels,
     candidates,
     default_choice,
+    load_per_cpu,
     shape_key,
     usable,
 )
@@ -78,8 +80,8 @@ class QuantizeReport:
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
                            open_checkpoint: Callable[[], Any] | None = None,
                            max_rows: int | None = None, tuned_kernels: dict[str, KernelChoice] | None = None,
-                           calibrate: bool | None = None,
-                           budget_s: float | None = DEFAULT_BUDGET_S) -> QuantizeReport:
+                           calibrate: bool | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
+                           trust_busy: bool = False) -> QuantizeReport:
     """Turn a loaded model's projections into their serving form, in place.
 
     `mode`: a QUANTIZATION_MODES entry; `matmul_backend`: the platform's (`Platform.matmul_backend()`;
@@ -88,8 +90,8 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     checkpoints (a tensor-parallel rank passes its sharded view); `max_rows`: one tuned row limit
     for every layer (overrides the per-shape ones); `tuned_kernels`: shape_key -> KernelChoice from
     the tune cache; shapes it lacks are measured (`calibrate_kernels`, within `budget_s` seconds)
-    unless `calibrate` is False (None: ZILI_CALIBRATE), else get `default_choice()`.
-    ValueError for an unknown mode."""
+    unless `calibrate` is False (None: ZILI_CALIBRATE) or the host is overloaded (unless `trust_busy`:
+    `zili tune`, which records the load), else get `default_choice()`. ValueError for an unknown mode."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     if matmul_backend != "cpu-packed":
@@ -100,7 +102,7 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     plan = plan_quantization(model, mode, checkpoint)
     report = QuantizeReport({})
     _choose_kernels(model, plan, dtype, tuned_kernels or {}, envs.calibrate() if calibrate is None else calibrate,
-                    budget_s, report)
+                    budget_s, trust_busy, report)
     report.counts = dict(quantize_model(model, mode, checkpoint, kernels=report.kernels, dtype=dtype, plan=plan))
     # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
@@ -120,8 +122,10 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
 
 
 def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, tuned: dict[str, KernelChoice],
-                    calibrate: bool, budget_s: float | None, report: QuantizeReport) -> None:
-    """Fill report.kernels / how / measured for every quantized shape in `plan`."""
+                    calibrate: bool, budget_s: float | None, trust_busy: bool, report: QuantizeReport) -> None:
+    """Fill report.kernels / how / measured for every quantized shape in `plan`. On an overloaded host
+    (more runnable threads than CPUs) every call waits for time slices, so the timings rank nothing:
+    the start-up calibration is skipped or its result dropped for the defaults (`trust_busy`: keep it)."""
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[str, int, int, int]] = {}
     for name, form in plan.items():
@@ -136,18 +140,24 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
         if choice is not None and choice.kernel in allowed and usable(choice.kernel):
             report.kernels[key], report.how[key] = choice, "tune cache"
     missing = {k: v for k, v in shapes.items() if k not in report.kernels}
-    if missing and calibrate:
+    busy_now = load_per_cpu() > BUSY_LOAD_PER_CPU and not trust_busy
+    if missing and calibrate and busy_now:
+        logger.warning("packed matmuls: not calibrated, the host is busy (load average %.1f per CPU: timings would be "
+                       "other processes' time slices): defaults for %d shape(s); the next start measures again",
+                       load_per_cpu(), len(missing))
+    elif missing and calibrate:
         cal = calibrate_kernels(missing, dtype, allowed, budget_s)
         report.calibration = cal
-        report.measured = {} if cal.busy else dict(cal.choices)
-        report.kernels.update(cal.choices)
-        report.how.update(dict.fromkeys(cal.choices, "measured"))
         logger.info("calibrated the packed matmuls for %d layer shape(s) in %.2f s (budget %s s; candidates %s)%s",
                     len(cal.choices), cal.seconds, budget_s, ", ".join(allowed),
                     f"; past the budget, defaults for {', '.join(cal.cut)}" if cal.cut else "")
-        if cal.busy:
-            logger.warning("the host was busy while calibrating (load average %.1f per CPU): the choices serve this "
-                           "start and are not cached; the next start measures again", cal.load_per_cpu)
+        if cal.busy and not trust_busy:
+            logger.warning("the host got busy while calibrating (load average %.1f per CPU): the measured choices are "
+                           "dropped for the defaults and not cached; the next start measures again", cal.load_per_cpu)
+        else:
+            report.measured = dict(cal.choices)
+            report.kernels.update(cal.choices)
+            report.how.update(dict.fromkeys(cal.choices, "measured"))
     elif missing:
         logger.info("packed matmuls: not calibrated (ZILI_CALIBRATE=0 or --no-calibrate): defaults for %d shape(s)",
                     len(missing))

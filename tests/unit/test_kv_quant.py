@@ -259,3 +259,29 @@ def test_cpp_backend_in_the_engine_batched_equals_alone_and_sdpa(tiny_dir, name)
     assert greedy_tokens(llm, PROMPTS[:6]) == alone
     assert greedy_tokens(make_llm(tiny_dir, name, enable_prefix_caching=False), PROMPTS[:6]) == alone  # sdpa
     assert_pool_free(llm)
+
+
+# ---- the compiled decode step (torch.compile) over a quantized cache -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
+def test_compiled_decode_equals_eager(tiny_dir, backend):
+    """sdpa: Inductor fuses the row dequantization (same-width bit casts) into its in-place attention
+    loops; cpp: the graph calls the C++ kernel on the quantized cache. Greedy tokens equal eager's."""
+    kw = dict(attention_backend=backend, max_num_seqs=8, enable_prefix_caching=False)
+    llm = make_llm(tiny_dir, "int8", enforce_eager=False, **kw)
+    runner = llm.engine.runner
+    assert runner.compiled_decode is not None
+    calls = {"n": 0}
+    inner = runner.compiled_decode
+
+    def counting(*args):
+        calls["n"] += 1
+        return inner(*args)
+
+    runner.compiled_decode = counting
+    eager = make_llm(tiny_dir, "int8", enforce_eager=True, **kw)
+    want = greedy_tokens(eager, PROMPTS[:6], max_tokens=16)
+    assert greedy_tokens(llm, PROMPTS[:6], max_tokens=16) == want
+    assert calls["n"] >= 15  # every decode-only step went through the graph
+    assert_pool_free(llm)

@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
-from zili.config import DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+from zili.config import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +52,9 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("max_num_seqs", int | None, None, "Most sequences in one batch (default 64).", min=1),
     EngineOption("kv_cache_memory", str | None, None,
                  "KV pool size: bytes (512MiB, 2GiB, 1GB) or a fraction of free memory (0.2)."),
+    EngineOption("kv_cache_dtype", str, "auto",
+                 f"KV cache element type: {', '.join(KV_CACHE_DTYPES)}; int8 and fp8_e4m3 are quantized per token and "
+                 "KV head (about twice the tokens in the same --kv-cache-memory; auto: the model's dtype)."),
     EngineOption("quantization", str, "auto",
                  f"Weights kept quantized in memory: {', '.join(QUANTIZATION_MODES)} (auto follows the GGUF)."),
     EngineOption("threads", int | None, None, "CPU threads (default: physical cores, or tuned).", min=1),

@@ -140,21 +140,27 @@ class ModelConfig:
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> tuple[int, ...]:
         """Shape of one layer's paged KV cache tensor (keys and values per KV head).
 
-        MLA stores one latent per token instead: the normalised compressed kv, then the roped key."""
+        MLA stores one latent per token instead: the normalised compressed kv, then the roped key.
+        A quantized `dtype` (int8, float8_e4m3fn; see KV_CACHE_DTYPES) widens each row by
+        KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements."""
+        extra = KV_SCALE_BYTES if dtype in QUANTIZED_KV_DTYPES else 0
         if self.use_mla:
-            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim)
-        return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim)
+            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + extra)
+        return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim + extra)
 
     def kv_bytes_per_token(self, dtype: torch.dtype | str) -> int:
-        """Bytes of KV cache one token occupies across all layers, elements stored in `dtype`.
+        """Bytes of KV cache one token occupies across all layers, elements stored in `dtype` (a
+        torch dtype or a name: float32, bf16, ..., or a quantized cache's int8 / fp8_e4m3).
 
         Standard attention keeps a key and a value per KV head (2 * kv_heads * head_dim per layer);
-        MLA keeps one latent (kv_lora_rank + qk_rope_head_dim per layer, DeepSeek-V2 sec. 2.1)."""
-        dtype = parse_dtype(dtype, "dtype") if isinstance(dtype, str) else dtype
-        per_layer = math.prod(self.kv_cache_shape(1, 1))
+        MLA keeps one latent (kv_lora_rank + qk_rope_head_dim per layer, DeepSeek-V2 sec. 2.1). A
+        quantized cache stores one byte per element plus a 2-byte scale per row (per token and head)."""
+        if isinstance(dtype, str):
+            dtype = _QUANTIZED_KV_BY_NAME.get(dtype) or parse_dtype(dtype, "dtype")
+        per_layer = math.prod(self.kv_cache_shape(1, 1, dtype))
         return per_layer * self.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
 
 
@@ -162,6 +168,26 @@ class ModelConfig:
 # Parsers for user-given values (library, CLI and config alike). Each raises ValueError naming the
 # field it was given.
 # --------------------------------------------------------------------------------------------
+
+# KV cache element types (vLLM's `kv_cache_dtype` names). "auto": the model's dtype. int8 and fp8_e4m3
+# are quantized per token and KV head: each cache row holds head_dim one-byte elements, then its
+# bfloat16 scale (absmax / 127 for int8, absmax / 448 for fp8_e4m3); see zili.kernels.kv_quant.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8_e4m3")
+_QUANTIZED_KV_BY_NAME = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
+KV_SCALE_BYTES = 2
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element type of the KV cache tensors for an EngineConfig.kv_cache_dtype name."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype == "bfloat16":
+        return torch.bfloat16
+    if kv_cache_dtype in _QUANTIZED_KV_BY_NAME:
+        return _QUANTIZED_KV_BY_NAME[kv_cache_dtype]
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+
 
 # Canonical floating-point dtype names, then the aliases users write for them.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -356,6 +382,9 @@ class EngineConfig:
     # string or a SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 5,
     # "prompt_lookup_max": 4, "prompt_lookup_min": 2}. None: off.
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
+    # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -386,3 +415,6 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
         self.speculative_config = parse_speculative_config(self.speculative_config, "EngineConfig.speculative_config")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")

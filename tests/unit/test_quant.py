@@ -125,20 +125,23 @@ def smollm_pair():
     return ref, quant, counts
 
 
-def _decode_argmax(loaded, prompt: list[int], continuation: list[int] | None, new_tokens: int):
+def _decode_argmax(loaded, prompt: list[int], continuation: list[int] | None, new_tokens: int,
+                   kv_dtype: torch.dtype | None = None, backend=None):
     """Feed `prompt` one token per forward (the decode path), then either `continuation` (teacher
     forcing) or, when it is None, the model's own greedy choices. Returns (tokens fed, argmax after
-    each generated-position token, and the gap between the two highest logits there)."""
+    each generated-position token, and the gap between the two highest logits there). `kv_dtype`:
+    the cache's element type (default the model's); `backend`: the attention backend (default sdpa)."""
     from zili.kernels.attention import AttentionMetadata
 
     cfg, model = loaded.config, loaded.model
     total = len(prompt) + new_tokens
     blocks = -(-total // 16)
-    caches = [torch.zeros(cfg.kv_cache_shape(blocks, 16), dtype=loaded.dtype) for _ in range(cfg.num_hidden_layers)]
+    kv_dtype = kv_dtype or loaded.dtype
+    caches = [torch.zeros(cfg.kv_cache_shape(blocks, 16, kv_dtype), dtype=kv_dtype) for _ in range(cfg.num_hidden_layers)]
     seq, preds, margins = list(prompt), [], []
     with torch.inference_mode():
         for pos in range(total - 1):
-            meta = AttentionMetadata.build([1], [pos + 1], [list(range(blocks))], 16)
+            meta = AttentionMetadata.build([1], [pos + 1], [list(range(blocks))], 16, backend=backend)
             hidden = model(torch.tensor([seq[pos]]), torch.tensor([pos]), caches, meta)
             if pos < len(prompt) - 1:
                 continue
@@ -244,3 +247,29 @@ def test_refined_logits_match_fp32_at_the_top():
     top = exact.topk(4)
     assert torch.equal(approx.topk(4).indices, top.indices)
     torch.testing.assert_close(approx.topk(4).values, top.values)
+
+
+@pytest.fixture(scope="module")
+def bf16_cache_greedy(smollm_pair):
+    """The bf16 (int4-weight) model's own greedy continuations with a bf16 KV cache."""
+    quant = smollm_pair[1]
+    return [(prompt, *_decode_argmax(quant, prompt, None, 32)) for prompt in map(quant.tokenizer.encode, PROMPTS)]
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_smollm2_quantized_kv_cache_agrees_with_the_bf16_cache(smollm_pair, bf16_cache_greedy, kv_dtype):
+    """Issue 20's bar for a quantized KV cache: top-1 agreement with the bf16 cache >= 99% over the
+    positions where the bf16 model's top two logits are >= 0.5 apart (teacher-forced on its greedy text)."""
+    from zili.config import kv_cache_torch_dtype
+
+    quant = smollm_pair[1]
+    dtype = kv_cache_torch_dtype(kv_dtype, torch.bfloat16)
+    clear, agree = 0, 0
+    for prompt, seq, want, gaps in bf16_cache_greedy:
+        _, got, _ = _decode_argmax(quant, prompt, seq[len(prompt):], 32, kv_dtype=dtype)
+        for w, g, gap in zip(want, got, gaps):
+            if gap >= 0.5:
+                clear += 1
+                agree += w == g
+    assert clear >= 0.6 * len(PROMPTS) * 32
+    assert agree / clear >= 0.99, (agree, clear)

@@ -219,8 +219,8 @@ def _serve_line(row: dict) -> str:
 # --- offline -------------------------------------------------------------------------------------
 
 @bench_app.command()
-@engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "attention_backend",
-                "use_tune_cache", "enforce_eager", "load_format", "speculative_config",
+@engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "kv_cache_dtype", "quantization",
+                "attention_backend", "use_tune_cache", "enforce_eager", "load_format", "speculative_config",
                 defaults={"enforce_eager": False})
 def offline(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
@@ -278,7 +278,8 @@ def offline(
               "enforce_eager": engine_args.get("enforce_eager"), "load_format": load_format,
               "kv_cache_memory": engine_args.get("kv_cache_memory"), "max_model_len": engine_args.get("max_model_len"),
               "hf_num_prompts": hf_num_prompts, "tp_path": tp_path,
-              "attention_backend": engine_args.get("attention_backend", "auto"), "engine_args": engine_args}
+              "attention_backend": engine_args.get("attention_backend", "auto"),
+              "kv_cache_dtype": engine_args.get("kv_cache_dtype", "auto"), "engine_args": engine_args}
     record = new_record("offline", config, basis)
     record["note"] = note
     runs = record["runs"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zili.config import EngineConfig, ModelConfig
+from zili.config import QUANTIZED_KV_DTYPES, EngineConfig, ModelConfig, kv_cache_torch_dtype
 from zili.distributed.executor import TensorParallelExecutor
 from zili.engine.compiled_decode import CompiledDecode, compiles_in_background, eager_by_default, unsupported_reason
 from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
@@ -97,9 +97,10 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     cache_config = tp_executor.cache_config(mc) if tp_executor is not None else mc
     try:
         max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
-        num_blocks = num_kv_blocks(config, platform, cache_config, loaded.dtype, max_model_len)
+        kv_dtype = kv_cache_dtype(config, mc, attention, tp_executor is not None, loaded.dtype)
+        num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len)
         runner = ModelRunner(loaded.model, cache_config, num_blocks, config.block_size, loaded.dtype,
-                             tp_executor.device if tp_executor is not None else platform.device, attention)
+                             tp_executor.device if tp_executor is not None else platform.device, attention, kv_dtype)
         executor: Executor = tp_executor.attach(runner, num_blocks) if tp_executor is not None else runner
     except BaseException:
         if tp_executor is not None:
@@ -118,8 +119,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         parts.compile_seconds = _compile_decode(runner, platform, attention, config)
         parts.graph_batch_sizes = _capture_decode_graphs(runner, platform, attention, config, max_model_len,
                                                          _tuned(tuning, "graph_batch_sizes"), parts.fused_elementwise)
-    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
-                num_blocks * kv_bytes_per_block(cache_config, config.block_size, loaded.dtype) / 2**20)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", num_blocks, config.block_size,
+                num_blocks * kv_bytes_per_block(cache_config, config.block_size, kv_dtype) / 2**20, kv_dtype)
     return parts
 
 
@@ -174,6 +175,26 @@ def resolve_max_model_len(requested: int | None, model_len: int) -> int:
     if requested > model_len:
         raise ValueError(f"max_model_len={requested} exceeds the model's context length ({model_len})")
     return requested
+
+
+def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: AttentionBackend,
+                   tensor_parallel: bool, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type for EngineConfig.kv_cache_dtype; ValueError naming the field where a
+    quantized cache cannot run (a backend without kernels for it, MLA's latent cache, tensor parallelism)."""
+    dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype)
+    if dtype not in QUANTIZED_KV_DTYPES:
+        return dtype
+    name = f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r}"
+    if config.kv_cache_dtype not in attention.kv_cache_dtypes:
+        supported = ", ".join(attention.kv_cache_dtypes) or "none"
+        raise ValueError(f"{name} is not supported by the {attention.name!r} attention backend (its quantized "
+                         f"caches: {supported}); choose another attention_backend or kv_cache_dtype='auto'")
+    if model_config.use_mla:
+        raise ValueError(f"{name} is not supported for MLA models ({model_config.architecture}'s latent cache) "
+                         "yet; use kv_cache_dtype='auto'")
+    if tensor_parallel:
+        raise ValueError(f"{name} is not supported with tensor parallelism yet; use kv_cache_dtype='auto'")
+    return dtype
 
 
 def num_kv_blocks(config: EngineConfig, platform: Platform, cache_config: ModelConfig, dtype: torch.dtype,

@@ -45,7 +45,8 @@ class StepInput:
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one KV block takes across all layers (ModelConfig.kv_bytes_per_token, MLA-aware)."""
+    """Bytes one KV block takes across all layers (ModelConfig.kv_bytes_per_token, MLA-aware); `dtype` is the
+    cache's element type (int8 / float8_e4m3fn count their per-row scales)."""
     return config.kv_bytes_per_token(dtype) * block_size
 
 
@@ -54,16 +55,21 @@ class ModelRunner:
     (None: the torch reference); it travels in each step's AttentionMetadata, never process-wide."""
 
     def __init__(self, model: CausalLM, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, attention: AttentionBackend | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, attention: AttentionBackend | None = None,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
         self.attention = attention
-        shape = config.kv_cache_shape(num_blocks, block_size)
+        # `kv_cache_dtype`: the cache's element type when it differs from the model's (EngineConfig.kv_cache_dtype:
+        # bf16, or int8 / fp8 rows with their scales, zili.kernels.kv_quant).
+        cache_dtype = kv_cache_dtype or dtype
+        shape = config.kv_cache_shape(num_blocks, block_size, cache_dtype)
         # Zero-filled (not empty): masked-out slots are multiplied by zero weights in attention,
         # and uninitialised memory may hold NaNs.
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=cache_dtype, device=device)
+                          for _ in range(config.num_hidden_layers)]
         # Set by the builder: decode-only steps run compiled (CPUs) or replay captured device graphs.
         self.compiled_decode: CompiledDecode | None = None
         self.decode_graphs: DecodeGraphs | None = None

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from zili.kernels.cpu_attention import paged_decode
+from zili.kernels.kv_quant import dequantize_rows, head_dim, is_quantized, quantize_rows
 
 if TYPE_CHECKING:
     from zili.kernels.backends import AttentionBackend
@@ -92,8 +93,12 @@ class AttentionMetadata:
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values [T, n_kv, d] at their slots."""
+    """Store new keys/values [T, n_kv, d] at their slots (quantized per row on an int8 / fp8 cache,
+    zili.kernels.kv_quant)."""
     _, num_blocks, block_size, n_kv, d = kv_cache.shape
+    if is_quantized(kv_cache):  # packed rows, written as bytes (CPU float8 tensors have no index_copy_)
+        k, v = (quantize_rows(t, kv_cache.dtype).view(torch.uint8) for t in (k, v))
+        kv_cache = kv_cache.view(torch.uint8)
     flat = kv_cache.view(2, num_blocks * block_size, n_kv, d)
     if torch.compiler.is_compiling():
         # One index_put_, which Inductor performs in place; index_copy_ on the two halves would be
@@ -135,13 +140,17 @@ def sdpa_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_c
 def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """The "cpp" backend: decode rows through zili's C++ kernel (reads the paged cache in place,
-    applying the sliding window itself), multi-token chunks as the torch reference."""
+    quantized or not, applying the sliding window itself), multi-token chunks as the torch reference."""
     write_kv_cache(k, v, kv_cache, meta.slot_mapping)
 
     def decode(q, cache, m, s):
-        if window:
-            return paged_decode(q, cache, m.block_tables, m.seq_lens, s, window)
-        return paged_decode(q, cache, m.block_tables, m.seq_lens, s)
+        # A float cache of another dtype than the model's (kv_cache_dtype bfloat16 on a float32 model):
+        # the kernel reads queries of the cache's type.
+        cast = not is_quantized(cache) and cache.dtype != q.dtype
+        qk = q.to(cache.dtype) if cast else q
+        out = paged_decode(qk, cache, m.block_tables, m.seq_lens, s, window) if window else \
+            paged_decode(qk, cache, m.block_tables, m.seq_lens, s)
+        return out.to(q.dtype) if cast else out
 
     if meta.is_decode_only:
         return decode(q, kv_cache, meta, scale)
@@ -154,7 +163,7 @@ def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     each multi-token chunk on its own (a loop over every sequence costs a call per sequence and layer)."""
     # A mixed step always carries its host lengths (only a compiled decode step lacks them).
     assert meta.query_lens_cpu is not None and meta.seq_lens_cpu is not None
-    out = torch.empty(q.shape[0], q.shape[1], kv_cache.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape[0], q.shape[1], head_dim(kv_cache), dtype=q.dtype, device=q.device)
     starts = [0]
     for qlen in meta.query_lens_cpu:
         starts.append(starts[-1] + qlen)
@@ -214,7 +223,7 @@ def _prefill_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     n_kv = k.shape[1]
     # 4-D inputs: SDPA only takes its fused (flash) CPU kernel with a batch dimension; with 3-D
     # ones it falls back to the unfused math path, ~8x slower at 512 tokens.
-    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k.to(q.dtype), v.to(q.dtype)))
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, dequantize_rows(k, q.dtype), dequantize_rows(v, q.dtype)))
     if qlen == seq_len and (not window or window >= seq_len):  # no cached prefix, nothing slides out
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
     else:
@@ -241,7 +250,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     nblocks = (max(meta.seq_lens_cpu) + block_size - 1) // block_size
     first = max(0, min(meta.seq_lens_cpu) - window) // block_size if window else 0
     ctx = gather_blocks(kv_cache, meta.block_tables[:, first:nblocks])  # [2, B, nb, bs, n_kv, d]
-    ctx = ctx.view(2, B, (nblocks - first) * block_size, n_kv, -1).to(q.dtype)
+    ctx = dequantize_rows(ctx.view(2, B, (nblocks - first) * block_size, n_kv, -1), q.dtype)
     k, v = ctx[0].transpose(1, 2), ctx[1].transpose(1, 2)  # [B, n_kv, S, d]
     mask = None
     slides = bool(window and max(meta.seq_lens_cpu) - window > first * block_size)
@@ -268,8 +277,8 @@ def _decode_attention_in_place(q: torch.Tensor, kv_cache: torch.Tensor, meta: At
     pos = torch.arange(meta.block_tables.shape[1] * block_size, device=q.device)  # [S]
     blocks = meta.block_tables[:, pos // block_size]  # [B, S]
     offsets = (pos % block_size)[None, :]
-    k = kv_cache[0][blocks, offsets].float()  # [B, S, n_kv, d] (fused into the loops below)
-    v = kv_cache[1][blocks, offsets].float()
+    k = dequantize_rows(kv_cache[0][blocks, offsets], torch.float32)  # [B, S, n_kv, d] (fused into the loops below)
+    v = dequantize_rows(kv_cache[1][blocks, offsets], torch.float32)
     qg = q.view(B, 1, n_kv, group, d).float()
     scores = (qg * k[:, :, :, None, :]).sum(-1) * scale  # [B, S, n_kv, group]
     visible = pos[None, :] < meta.seq_lens[:, None]

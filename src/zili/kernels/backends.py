@@ -27,20 +27,24 @@ class AttentionBackend:
     mla_decode: Callable[..., Any]  # drop-in for mla_attention.mla_decode_absorbed
     graph_safe_decode: bool  # a decode step reads no host-side lengths, so it may be graph-captured
     configure: Callable[[dict | None], None] | None = None  # installs tuned launch settings
+    # Quantized KV caches (EngineConfig.kv_cache_dtype names, zili.kernels.kv_quant) its kernels read.
+    kv_cache_dtypes: tuple[str, ...] = ()
 
 
 def _sdpa() -> AttentionBackend:
     from zili.kernels.attention import sdpa_paged_attention
     from zili.kernels.mla_attention import mla_decode_absorbed
 
-    return AttentionBackend("sdpa", sdpa_paged_attention, mla_decode_absorbed, graph_safe_decode=False)
+    return AttentionBackend("sdpa", sdpa_paged_attention, mla_decode_absorbed, graph_safe_decode=False,
+                            kv_cache_dtypes=("int8", "fp8_e4m3"))
 
 
 def _cpp() -> AttentionBackend:
     from zili.kernels.attention import cpu_paged_attention
     from zili.kernels.mla_attention import mla_decode_absorbed
 
-    return AttentionBackend("cpp", cpu_paged_attention, mla_decode_absorbed, graph_safe_decode=False)
+    return AttentionBackend("cpp", cpu_paged_attention, mla_decode_absorbed, graph_safe_decode=False,
+                            kv_cache_dtypes=("int8", "fp8_e4m3"))
 
 
 def _triton() -> AttentionBackend:

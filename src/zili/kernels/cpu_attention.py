@@ -28,7 +28,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
                  scale: float, window: int | None = None, isa: str | None = None) -> torch.Tensor:
     """q [B, H, D] (one token per sequence) over its paged context -> [B, H, D]; needs `available()`.
 
-    kv_cache [2, num_blocks, block_size, KVH, D]; block_tables [B, W] int64; seq_lens [B] int64
+    kv_cache [2, num_blocks, block_size, KVH, D] of q's dtype, or a quantized cache [2, num_blocks,
+    block_size, KVH, D + 2] of int8 / float8_e4m3fn (zili.kernels.kv_quant's rows: D elements, then the
+    row's bf16 scale); block_tables [B, W] int64; seq_lens [B] int64
     (context length including the new token). `window`: sliding-window attention (Mistral, Gemma's
     local layers): each query sees only the last `window` positions of its sequence; None or 0 is
     the whole context. A negative window is a ValueError. `isa`: run that level's build (tests).

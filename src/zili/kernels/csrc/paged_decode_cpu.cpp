@@ -2,7 +2,9 @@
 // from the paged KV cache (no gathered copy), float32 math.
 //
 //   q            [B, H, D]                    float32 / bfloat16 / float16
-//   kv_cache     [2, NB, BS, KVH, D]          same dtype family (index 0 keys, 1 values)
+//   kv_cache     [2, NB, BS, KVH, D]          q's dtype (index 0 keys, 1 values), or a quantized cache
+//                [2, NB, BS, KVH, D + 2]      int8 / float8_e4m3fn: each row's D elements, then its
+//                                             bf16 scale (zili.kernels.kv_quant; value = element * scale)
 //   block_tables [B, W] int64, seq_lens [B] int64 (context length including the new token)
 //   window       0: the whole context; > 0: only the last `window` positions (sliding-window
 //                attention, as in Mistral and Gemma's local layers)
@@ -43,6 +45,60 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
+// A bf16 stored as two bytes, low byte first (the scale behind a quantized cache row).
+inline float bf16_bytes_to_float(const void* p) {
+  uint16_t raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const uint32_t bits = static_cast<uint32_t>(raw) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Every fp8 e4m3 byte's value: a table lookup is cheaper than decoding the bits each time.
+const float* fp8_e4m3_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(256);
+    for (int i = 0; i < 256; ++i)
+      t[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table.data();
+}
+
+// How a cache row of element type C is read: float caches hold D elements; quantized ones (int8,
+// fp8 e4m3) D one-byte elements and then the row's bf16 scale (kExtra elements of C).
+template <typename C>
+struct CacheRow {
+  static constexpr int64_t kExtra = 0;
+  static float scale(const C*, int64_t) { return 1.0f; }
+  static void load(const C* row, float* dst, int64_t D) {
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) dst[i] = to_float(row[i]);
+  }
+};
+template <>
+struct CacheRow<int8_t> {
+  static constexpr int64_t kExtra = 2;
+  static float scale(const int8_t* row, int64_t D) { return bf16_bytes_to_float(row + D); }
+  static void load(const int8_t* row, float* dst, int64_t D) {
+    const float s = scale(row, D);
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(row[i]) * s;
+  }
+};
+template <>
+struct CacheRow<c10::Float8_e4m3fn> {
+  static constexpr int64_t kExtra = 2;
+  static float scale(const c10::Float8_e4m3fn* row, int64_t D) { return bf16_bytes_to_float(row + D); }
+  static void load(const c10::Float8_e4m3fn* row, float* dst, int64_t D) {
+    const float s = scale(row, D);
+    const float* table = fp8_e4m3_table();
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(row);
+    for (int64_t i = 0; i < D; ++i) dst[i] = table[bytes[i]] * s;
+  }
+};
+
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
 #pragma omp simd
@@ -72,6 +128,13 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512 load16(const double*) { return _mm512_setzero_ps(); }  // never used: double takes the scalar path
+inline __m512 load16(const int8_t* p) {  // unscaled: the caller applies the row's scale
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load16(const c10::Float8_e4m3fn* p) {
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_i32gather_ps(idx, fp8_e4m3_table(), 4);
+}
 
 // The 8 horizontal sums of v[0..7], as one 8-lane vector (a transpose-and-add tree: far cheaper than
 // eight separate reductions).
@@ -130,11 +193,14 @@ inline void softmax_avx512(float* x, int64_t n) {
 // One (sequence, KV-head range) item with D a multiple of 16: keys are read 8 positions at a time
 // and scored against the G query heads of their KV head while in registers; values are summed into
 // per-head accumulators held in registers. Returns false when D does not suit (scalar path then).
+// A quantized cache's rows are read unscaled and their scale applied once per position: to the
+// 8 finished scores, and to the softmax weight of each value row.
 template <typename T>
 bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int64_t len, const float* qf,
                         float* scores, float* acc, int64_t h0, int64_t h1, int64_t G, int64_t D, int64_t BS,
                         int64_t token_stride, int64_t block_stride, int64_t half) {
   constexpr int kMaxChunks = 8;  // D up to 128
+  constexpr int64_t RX = CacheRow<T>::kExtra;  // row width D + RX
   if (D % 16 != 0 || D / 16 > kMaxChunks || G > 8 || std::is_same<T, double>::value) return false;
   const int64_t chunks = D / 16, nh = (h1 - h0) * G;
   for (int64_t kh = h0; kh < h1; ++kh) {
@@ -147,9 +213,11 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int
         const int64_t ng = std::min<int64_t>(3, G - g0);
         for (int64_t g = 0; g < 3; ++g)
           for (int64_t t = 0; t < 8; ++t) part[g][t] = _mm512_setzero_ps();
+        float kscale[8];
         for (int64_t t = 0; t < n; ++t) {
           const int64_t s = first + s0 + t;
-          const T* k = cache + table[s / BS] * block_stride + (s % BS) * token_stride + kh * D;
+          const T* k = cache + table[s / BS] * block_stride + (s % BS) * token_stride + kh * (D + RX);
+          kscale[t] = CacheRow<T>::scale(k, D);
           for (int64_t c = 0; c < chunks; ++c) {
             const __m512 kc = load16(k + 16 * c);
             for (int64_t g = 0; g < ng; ++g)
@@ -159,7 +227,7 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int
         for (int64_t g = 0; g < ng; ++g) {
           float sums[8];
           _mm256_storeu_ps(sums, hsum8(part[g]));
-          for (int64_t t = 0; t < n; ++t) scores[(hb + g0 + g) * len + s0 + t] = sums[t];
+          for (int64_t t = 0; t < n; ++t) scores[(hb + g0 + g) * len + s0 + t] = sums[t] * kscale[t];
         }
       }
     }
@@ -172,11 +240,12 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int
       for (int64_t c = 0; c < chunks; ++c) out[g][c] = _mm512_setzero_ps();
     for (int64_t s = 0; s < len; ++s) {
       const int64_t p = first + s;
-      const T* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * D;
+      const T* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * (D + RX);
+      const float vscale = CacheRow<T>::scale(v, D);
       for (int64_t c = 0; c < chunks; ++c) {
         const __m512 vc = load16(v + 16 * c);
         for (int64_t g = 0; g < G; ++g)
-          out[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(hb + g) * len + s]), vc, out[g][c]);
+          out[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(hb + g) * len + s] * vscale), vc, out[g][c]);
       }
     }
     for (int64_t g = 0; g < G; ++g)
@@ -302,28 +371,29 @@ Bf16ItemFn bf16_item(int64_t G, int64_t D, int64_t BS) {
 }
 #endif
 
-template <typename T>
-void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, const int64_t* lens, T* out,
+template <typename T, typename C>
+void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, const int64_t* lens, T* out,
                          int64_t B, int64_t H, int64_t D, int64_t NB, int64_t BS, int64_t KVH, int64_t W,
                          float scale, int64_t window) {
   const int64_t G = H / KVH;
-  const int64_t token_stride = KVH * D;            // between positions inside a block
+  const int64_t RW = D + CacheRow<C>::kExtra;      // elements of one cache row (one head of one position)
+  const int64_t token_stride = KVH * RW;           // between positions inside a block
   const int64_t block_stride = BS * token_stride;  // between blocks
   const int64_t half = NB * block_stride;          // keys -> values
   // A work item is a sequence with all its KV heads (each position's keys are one contiguous row),
   // or, when there are fewer sequences than threads, one KV head of a sequence.
   const int64_t split = B >= at::get_num_threads() ? 1 : KVH;
 #if defined(__AVX512BF16__)
-  const Bf16ItemFn bf16_fn = std::is_same<T, c10::BFloat16>::value ? bf16_item(G, D, BS) : nullptr;
+  const Bf16ItemFn bf16_fn =
+      std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value ? bf16_item(G, D, BS) : nullptr;
 #endif
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), row(token_stride), scores;
+    std::vector<float> qf(H * D), acc(H * D), row(KVH * D), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / split;
       const int64_t h0 = split == 1 ? 0 : item % split, h1 = split == 1 ? KVH : h0 + 1;  // KV heads [h0, h1)
       const int64_t nh = (h1 - h0) * G;       // query heads of this item
       const int64_t qh0 = h0 * G;             // first of them
-      const int64_t width = (h1 - h0) * D;    // elements of a key row this item reads
       const int64_t total = lens[b];
       // A sliding window attends to the last `window` positions only: [first, total).
       const int64_t first = window > 0 && total > window ? total - window : 0;
@@ -334,7 +404,7 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
         continue;
       }
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same<T, c10::BFloat16>::value) {
+      if constexpr (std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value) {
         if (bf16_fn != nullptr) {
           const int64_t aligned = first & ~int64_t{7};
           scores.resize(nh * (total - aligned));
@@ -358,8 +428,8 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
 #endif
       for (int64_t s = 0; s < len; ++s) {
         const int64_t p = first + s;
-        const T* k = cache + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
-        load_row(k, row.data(), width);
+        const C* k = cache + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * RW;
+        for (int64_t j = 0; j < h1 - h0; ++j) CacheRow<C>::load(k + j * RW, row.data() + j * D, D);
         for (int64_t h = 0; h < nh; ++h) {
           const float* qh = qf.data() + h * D;
           const float* kh = row.data() + (h / G) * D;
@@ -378,8 +448,8 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
       std::fill(acc.begin(), acc.begin() + nh * D, 0.0f);
       for (int64_t s = 0; s < len; ++s) {
         const int64_t p = first + s;
-        const T* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * D;
-        load_row(v, row.data(), width);
+        const C* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * RW;
+        for (int64_t j = 0; j < h1 - h0; ++j) CacheRow<C>::load(v + j * RW, row.data() + j * D, D);
         for (int64_t h = 0; h < nh; ++h) {
           const float p = scores[h * len + s];
           const float* vh = row.data() + (h / G) * D;
@@ -396,12 +466,14 @@ void paged_decode_kernel(const T* q, const T* cache, const int64_t* tables, cons
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                         const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode: bad shapes");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "paged_decode: q and kv_cache dtypes differ");
+  const auto kv_type = kv_cache.scalar_type();
+  const bool quantized = kv_type == at::kChar || kv_type == at::kFloat8_e4m3fn;
+  TORCH_CHECK(quantized || q.scalar_type() == kv_type, "paged_decode: q and kv_cache dtypes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "paged_decode: block_tables and seq_lens must be int64");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t NB = kv_cache.size(1), BS = kv_cache.size(2), KVH = kv_cache.size(3);
-  TORCH_CHECK(kv_cache.size(4) == D && H % KVH == 0, "paged_decode: head sizes do not match");
+  TORCH_CHECK(kv_cache.size(4) == D + (quantized ? 2 : 0) && H % KVH == 0, "paged_decode: head sizes do not match");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes differ");
   TORCH_CHECK(window >= 0, "paged_decode: window must be >= 0 (0: full context), got ", window);
   auto qc = q.contiguous();
@@ -411,9 +483,17 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache, const a
   auto out = at::empty_like(qc);
   const int64_t W = tables.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode", [&] {
-    paged_decode_kernel<scalar_t>(qc.data_ptr<scalar_t>(), cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
-                                  lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), B, H, D, NB, BS, KVH, W,
-                                  static_cast<float>(scale), window);
+    auto run = [&](auto* cache_ptr) {
+      paged_decode_kernel(qc.data_ptr<scalar_t>(), cache_ptr, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                          out.data_ptr<scalar_t>(), B, H, D, NB, BS, KVH, W, static_cast<float>(scale), window);
+    };
+    if (kv_type == at::kChar) {
+      run(cache.data_ptr<int8_t>());
+    } else if (kv_type == at::kFloat8_e4m3fn) {
+      run(cache.data_ptr<c10::Float8_e4m3fn>());
+    } else {
+      run(cache.data_ptr<scalar_t>());
+    }
   });
   return out;
 }

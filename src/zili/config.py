@@ -353,6 +353,9 @@ class EngineConfig:
     # string or a SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 5,
     # "prompt_lookup_max": 4, "prompt_lookup_min": 2}. None: off.
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces is
+    # appended in one step, spelled as the tokenizer spells it.
+    enable_jump_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -383,3 +386,5 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
         self.speculative_config = parse_speculative_config(self.speculative_config, "EngineConfig.speculative_config")
+        if not isinstance(self.enable_jump_forward, bool):
+            raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")

@@ -385,6 +385,9 @@ class EngineConfig:
     # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
     # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
+    # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces is
+    # appended in one step, spelled as the tokenizer spells it.
+    enable_jump_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -418,3 +421,5 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if not isinstance(self.enable_jump_forward, bool):
+            raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")

@@ -264,10 +264,12 @@ def test_cpp_backend_in_the_engine_batched_equals_alone_and_sdpa(tiny_dir, name)
 # ---- the compiled decode step (torch.compile) over a quantized cache -----------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
+# sdpa only: there Inductor fuses the row dequantization (same-width bit casts) into its in-place
+# attention loops. With cpp the graph calls the C++ kernel, whose fake returns q's shape for any cache
+# (passed the same test on 2026-11-30, 175 s on a loaded machine; left out to keep the suite short).
+@pytest.mark.parametrize("backend", ["sdpa"])
 def test_compiled_decode_equals_eager(tiny_dir, backend):
-    """sdpa: Inductor fuses the row dequantization (same-width bit casts) into its in-place attention
-    loops; cpp: the graph calls the C++ kernel on the quantized cache. Greedy tokens equal eager's."""
+    """The compiled decode step over an int8 cache gives eager's greedy tokens."""
     kw = dict(attention_backend=backend, max_num_seqs=8, enable_prefix_caching=False)
     llm = make_llm(tiny_dir, "int8", enforce_eager=False, **kw)
     runner = llm.engine.runner

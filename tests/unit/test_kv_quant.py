@@ -287,3 +287,12 @@ def test_compiled_decode_equals_eager(tiny_dir, backend):
     assert greedy_tokens(llm, PROMPTS[:6], max_tokens=16) == want
     assert calls["n"] >= 15  # every decode-only step went through the graph
     assert_pool_free(llm)
+
+
+def test_a_bfloat16_cache_under_a_float32_model_on_the_cpp_backend(tiny_dir):
+    """kv_cache_dtype bfloat16 with float32 activations: the C++ kernel gets queries of the cache's type."""
+    llm = make_llm(tiny_dir, "bfloat16", attention_backend="cpp", enable_prefix_caching=False)
+    assert llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
+    alone = [greedy_tokens(llm, [p])[0] for p in PROMPTS[:4]]
+    assert greedy_tokens(llm, PROMPTS[:4]) == alone
+    assert_pool_free(llm)

@@ -7,6 +7,9 @@ import tempfile
 # them the numerics; tests start from the defaults unless a test points this elsewhere itself.
 os.environ["ZILI_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="zili-test-tune-"), "tune.json")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The start-up calibration of packed-matmul kernels (zili.layers.quant_calibration) costs seconds per
+# engine and its choice depends on timing: tests get the fixed defaults unless they ask for it.
+os.environ["ZILI_CALIBRATE"] = "0"
 # Compiling the decode step (zili.engine.compiled_decode) costs seconds per engine; only the tests
 # about it ask for it (enforce_eager=False), the rest run the eager path.
 os.environ["ZILI_ENFORCE_EAGER"] = "1"

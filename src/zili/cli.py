@@ -18,8 +18,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF
 # One-shot and interactive commands start eagerly: compiling the decode step takes seconds (a minute
 # or two the first time) and pays off over long outputs and many requests, as in `zili serve`.
 ONE_SHOT_ENGINE_OPTIONS = ("dtype", "max_model_len", "kv_cache_memory", "kv_cache_dtype", "quantization", "threads",
-                           "attention_backend", "use_tune_cache", "enforce_eager", "load_format", "reasoning_parser",
-                           "speculative_config")
+                           "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
+                           "reasoning_parser", "speculative_config", "enable_jump_forward")
 ONE_SHOT_DEFAULTS = {"enforce_eager": True}
 
 

@@ -61,6 +61,9 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("attention_backend", str, "auto", "auto, sdpa, cpp (C++ CPU kernel) or triton."),
     EngineOption("use_tune_cache", bool, True, "Use the settings `zili tune` measured on this device.",
                  flags=("--tune-cache/--no-tune-cache",)),
+    EngineOption("calibrate", bool | None, None,
+                 "Measure the packed int4/int8 kernels of layer shapes the tune cache lacks at start (a few seconds, "
+                 "then cached) (default: on; ZILI_CALIBRATE=0 turns it off).", flags=("--calibrate/--no-calibrate",)),
     EngineOption("enforce_eager", bool | None, None,
                  "Run every step eagerly, or compile the decode step (default: compiled on CPUs for `zili serve`, "
                  "eager for one-shot commands; ZILI_ENFORCE_EAGER=1 forces eager).",
@@ -73,6 +76,9 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("speculative_config", str | None, None, "Speculative decoding as a JSON object, as vLLM takes it: "
                  '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
                  "(draftless n-gram proposals from the request's own prompt and output). Default: off."),
+    EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
+                 "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
+                 flags=("--enable-jump-forward/--no-enable-jump-forward",)),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

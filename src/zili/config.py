@@ -363,6 +363,9 @@ class EngineConfig:
     # Read `zili tune`'s winners for this device (threads, backend, block size...) at start;
     # False keeps the defaults. Explicit settings above always win over tuned ones.
     use_tune_cache: bool = True
+    # Layer shapes the tune cache has no packed-matmul choice for are measured at start (a few seconds,
+    # bounded; zili.layers.quant_calibration) and cached; False keeps the defaults. None: ZILI_CALIBRATE.
+    calibrate: bool | None = None
     # True: every step runs eagerly. False: decode-only steps run one compiled graph where the
     # set-up allows it (zili.engine.compiled_decode). None: False unless ZILI_ENFORCE_EAGER=1.
     enforce_eager: bool | None = None
@@ -382,6 +385,9 @@ class EngineConfig:
     # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
     # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
+    # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces is
+    # appended in one step, spelled as the tokenizer spells it.
+    enable_jump_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -415,3 +421,5 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if not isinstance(self.enable_jump_forward, bool):
+            raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")

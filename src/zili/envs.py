@@ -64,8 +64,13 @@ ZILI_LLAMA_CPP_DIR = EnvVar(
     "Where the benchmark tooling builds / finds llama.cpp (benchmarks/peers.py); unset: the user cache.")
 ZILI_PACKED_KERNELS = EnvVar(
     "ZILI_PACKED_KERNELS", "str", None,
-    "Which packed int4/int8 matmul the quantized layers use: 'zili' for zili's per-ISA kernels (opt-in until "
-    "they meet the accuracy bar); unset: torch's kernels.")
+    "Force the packed int4/int8 matmul of every quantized layer: 'zili' (zili's kernel at this CPU's level) or "
+    "'torch' (torch's own); unset or 'auto': chosen per layer shape by measurement (tune cache, else ZILI_CALIBRATE).")
+ZILI_CALIBRATE = EnvVar(
+    "ZILI_CALIBRATE", "bool", True,
+    "At engine start, measure the packed-matmul choice of layer shapes the tune cache lacks (a few seconds, "
+    "bounded) and cache it; 0 (or --no-calibrate) keeps the defaults: torch's kernels up to 16 rows. The test "
+    "suite sets 0.")
 # Structured output's own caps (zili.structured.spec): a request past one gets a 400 that names the cap
 # and this variable. The grammar library compiles large counts cheaply (maxLength 65,535 in ~30 ms),
 # so the defaults admit what real schemas use; the caps bound a hostile request's compile time.
@@ -84,8 +89,8 @@ ZILI_STRUCTURED_MAX_REGEX_REPEAT = EnvVar(
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
     ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
-    ZILI_PACKED_KERNELS, ZILI_STRUCTURED_MAX_SPEC_CHARS, ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT,
-    ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
+    ZILI_PACKED_KERNELS, ZILI_CALIBRATE, ZILI_STRUCTURED_MAX_SPEC_CHARS, ZILI_STRUCTURED_MAX_SCHEMA_DEPTH,
+    ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -170,6 +175,11 @@ def cpu_isa() -> str | None:
     """ZILI_CPU_ISA, lower-cased."""
     value = get_str(ZILI_CPU_ISA)
     return value.lower() if value else None
+
+
+def calibrate() -> bool:
+    """ZILI_CALIBRATE."""
+    return get_bool(ZILI_CALIBRATE)
 
 
 def onednn_enabled() -> bool:

@@ -6,11 +6,17 @@ What is measured (each only where the platform says it matters):
   attention_backend  every backend the platform offers, at each candidate block size, on the
   block_size           model's attention shapes (decode at short and long contexts, a prefill chunk)
   graph_batch_sizes  the decode-graph ladder: batch sizes where a replayed graph beats eager (GPUs)
+  quant_kernels      per quantized layer shape: the packed kernel (zili's at this CPU's level, or
+                     torch's int4/int8) and the row count up to which it beats dense, measured at
+                     rows 1..64 (zili.layers.quant_calibration, no time budget here); the engine
+                     applies them (`Linear.quant`), and calibrates shapes missing here at start
+  compiled_decode    the compiled decode step (CPUs) against eager, decode tokens/s at the comparison
+                     batch sizes; the engine stays eager where compiling does not pay (unless
+                     --compile / enforce_eager=False asks for it)
   quant_max_rows     up to how many rows the packed int4/int8 matmuls beat dense, timed on the
-                     whole forward (CPU packed kernels)
-  quant kernels      per quantized layer shape and row count, zili's kernel on every instruction-set
-                     level the CPU executes (zili.kernels.cpu_isa) against torch's own int4/int8
-                     kernel and the dense matmul (recorded; the engine runs the CPU's own level)
+                     whole forward (CPU packed kernels); overrides the per-shape limits
+  quant kernels      (recorded) per shape and row count, zili's kernel on every instruction-set
+                     level the CPU executes (zili.kernels.cpu_isa), torch's kernel and dense
 Winners go to the tune cache (`zili.platforms.tuning`), keyed by the device fingerprint; the engine
 reads it at start (`EngineConfig.use_tune_cache`, `--no-tune-cache`). With --compare (the default) the
 same decode workload runs with defaults and with the winners, interleaved, and the speed-up is
@@ -44,6 +50,7 @@ logger = logging.getLogger(__name__)
 QUANT_ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_TOKENS = 64  # prompt length of every decode measurement (its prefill is not timed)
 GRAPH_GAIN = 1.03  # a ladder size is kept when its graph is at least this much faster than eager
+COMPILE_GAIN = 1.03  # the compiled decode step is kept when at least this much faster than eager
 
 
 @dataclass
@@ -55,6 +62,7 @@ class TuneOptions:
     repeats: int = 5
     compare: bool = True
     compare_rounds: int = 3
+    measure_compile: bool = True
     decode_tokens: int = 32
     decode_batches: tuple[int, ...] = (1, 8)
     max_num_seqs: int = 64
@@ -367,20 +375,21 @@ def _engine(loaded, options: TuneOptions, kernel_config: dict | None = None, **o
 
 
 def _load(options: TuneOptions, platform):
+    """The model, quantized as the engine would with every layer shape's packed kernel measured
+    (no time budget, no tune cache): (loaded, layers per form, the QuantizeReport)."""
     from zili.models.loader import load_model, open_checkpoint
-    from zili.models.quantize import quantize_model
+    from zili.models.quantize import quantize_and_calibrate
 
     loaded = load_model(options.model, dtype=options.dtype, device=platform.device, load_format=options.load_format)
-    counts: dict[str, int] = {}
-    if options.quantization != "none" and platform.matmul_backend() == "cpu-packed":
-        checkpoint = open_checkpoint(loaded.source) if loaded.source.format == "gguf" else None
-        counts = dict(quantize_model(loaded.model, options.quantization, checkpoint))
-    return loaded, counts
+    source = loaded.source
+    report = quantize_and_calibrate(loaded.model, options.quantization, loaded.dtype, platform.matmul_backend(),
+                                    (lambda: open_checkpoint(source)) if source.format == "gguf" else None,
+                                    calibrate=True, budget_s=None, trust_busy=True)
+    return loaded, report.counts, report
 
 
 def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> TuneReport:
     from zili.kernels.backends import use_attention_backend
-    from zili.models.quantize import calibrate_max_rows
     from zili.platforms import current_platform
     from zili.platforms.tuning import TuneCache, model_key
 
@@ -389,12 +398,18 @@ def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> Tune
     m = report.measurements
     m["load_average_start"] = load_average()
     say(f"device: {platform.device_name()} ({platform.name}); load average {m['load_average_start']}")
-    loaded, counts = _load(options, platform)
+    loaded, counts, quant_report = _load(options, platform)
     mc = loaded.config
     report.model_key = model_key(mc, loaded.dtype, options.quantization)
     say(f"model: {loaded.source.ref} -> {report.model_key}; weights {counts or 'dense'}")
     quantized = bool(set(counts) - {"dense"})
-    default_rows = calibrate_max_rows(loaded.model) if quantized else 0  # what the engine does untuned
+    if quant_report.kernels:
+        report.device["quant_kernels"] = {key: c.to_json() for key, c in quant_report.kernels.items()}
+        if quant_report.calibration is not None:
+            m["quant_calibration_us"] = quant_report.calibration.timings_us
+        say("packed matmul per layer shape: " + ", ".join(
+            f"{key} -> {c.kernel} up to {c.max_rows} rows" for key, c in quant_report.kernels.items()))
+    default_rows = quant_rows(loaded.model)  # per layer, what the engine's start-up calibration chooses
 
     threads = platform.thread_candidates()
     if len(threads) > 1:
@@ -433,7 +448,8 @@ def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> Tune
     if quantized:
         report.model["quant_max_rows"], m["quant_rows_ms"] = tune_quant_rows(engine, options.repeats,
                                                                              options.max_num_seqs)
-        say(f"quantized matmuls up to {report.model['quant_max_rows']} rows (load-time calibration: {default_rows})")
+        calibrated = sorted(set(default_rows.values()))
+        say(f"quantized matmuls up to {report.model['quant_max_rows']} rows (per-shape calibration: {calibrated})")
 
     from zili.kernels.backends import get_attention_backend
 
@@ -446,21 +462,67 @@ def run_tuning(options: TuneOptions, say: Callable[[str], None] = print) -> Tune
             m["graph_error"] = repr(e)
             say(f"graph ladder: failed ({e})")
 
+    if options.measure_compile and platform.compiles_decode_step():
+        try:
+            report.model["compiled_decode"], m["compiled_decode_tok_s"] = tune_compiled_decode(loaded, options, report)
+            say(f"decode step: {'compiled' if report.model['compiled_decode'] else 'eager'} "
+                f"({m['compiled_decode_tok_s']})")
+        except Exception as e:  # a compiler limitation: the engine's own default stays
+            m["compiled_decode_error"] = repr(e)
+            say(f"compiled decode: failed ({e})")
+
     if options.compare:
         report.comparison = compare(loaded, options, report, default_rows if quantized else None, say)
     m["load_average_end"] = load_average()
     if options.write_cache:
         cache = TuneCache(options.cache)
-        report.cache_path = str(cache.store(platform, report.device, report.model_key, {
+        device = {k: v for k, v in report.device.items() if k != "quant_kernels"}
+        report.cache_path = str(cache.store(platform, device, report.model_key, {
             **report.model, "measured": {"comparison": report.comparison, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}}))
+        if "quant_kernels" in report.device:  # merged: other models' shapes stay
+            cache.merge_device_entries(platform, "quant_kernels", report.device["quant_kernels"])
         say(f"saved to {report.cache_path}")
     return report
 
 
-def compare(loaded, options: TuneOptions, report: TuneReport, default_rows: int | None,
+def tune_compiled_decode(loaded, options: TuneOptions, report: TuneReport) -> tuple[bool, dict[str, Any]]:
+    """Decode tokens/s of the compiled step (zili.engine.compiled_decode) against the eager one at each
+    comparison batch size, with the tuned settings, interleaved rounds; compiled is kept when the
+    geometric mean of its speed-up is at least COMPILE_GAIN. The compile itself (a minute or two the
+    first time, seconds from Inductor's cache) is not timed."""
+    tuned = dict(threads=report.device.get("threads"), block_size=report.model.get("block_size"),
+                 attention_backend=report.device.get("attention_backend"))
+    tuned = {k: v for k, v in tuned.items() if v is not None}
+    engines = {"eager": _engine(loaded, options, report.device.get("triton"), **tuned),
+               "compiled": _engine(loaded, options, report.device.get("triton"), **tuned, enforce_eager=False)}
+    rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in options.decode_batches} for name in engines}
+    for _ in range(options.compare_rounds):
+        for batch in options.decode_batches:
+            for name, engine in engines.items():
+                rates[name][batch].append(decode_rate(engine, batch, PROMPT_TOKENS, options.decode_tokens))
+    med = {name: {b: statistics.median(r) for b, r in per.items()} for name, per in rates.items()}
+    gain = math.exp(statistics.fmean(math.log(med["compiled"][b] / med["eager"][b]) for b in options.decode_batches))
+    return gain >= COMPILE_GAIN, {f"b{b}": {n: round(med[n][b], 2) for n in engines} for b in options.decode_batches} | {
+        "gain": round(gain, 3)}
+
+
+def quant_rows(model) -> dict[str, int]:
+    """Each quantized layer's row limit, by module name."""
+    return {name: m.quant.max_rows for name, m in model.named_modules() if getattr(m, "quant", None) is not None}
+
+
+def set_quant_rows(model, rows: int | dict[str, int]) -> None:
+    """One row limit for every quantized layer, or each layer's own (`quant_rows`)."""
+    for name, m in model.named_modules():
+        if getattr(m, "quant", None) is not None:
+            m.quant.max_rows = rows if isinstance(rows, int) else rows.get(name, m.quant.max_rows)
+
+
+def compare(loaded, options: TuneOptions, report: TuneReport, default_rows: dict[str, int] | None,
             say: Callable[[str], None]) -> dict[str, Any]:
-    """Decode tokens/s with the defaults and with the winners, interleaved rounds, median of each."""
-    from zili.models.quantize import set_quant_max_rows
+    """Decode tokens/s with the defaults and with the winners, interleaved rounds, median of each.
+    Both run the packed kernels chosen per layer shape; "default" has the calibrated per-shape row
+    limits, "tuned" the whole-forward one (quant_max_rows), threads, block size and backend."""
 
     tuned_rows = report.model.get("quant_max_rows")
     setups = {
@@ -476,7 +538,7 @@ def compare(loaded, options: TuneOptions, report: TuneReport, default_rows: int 
             for name, (overrides, rows, kernels) in setups.items():
                 engine = _engine(loaded, options, kernels, **{k: v for k, v in overrides.items() if v is not None})
                 if rows is not None:
-                    set_quant_max_rows(loaded.model, rows)
+                    set_quant_rows(loaded.model, rows)
                 rates[name].append(decode_rate(engine, batch, PROMPT_TOKENS, options.decode_tokens))
         med = {name: statistics.median(r) for name, r in rates.items()}
         result[f"b{batch}"] = {"default_tok_s": round(med["default"], 2), "tuned_tok_s": round(med["tuned"], 2),
@@ -486,7 +548,7 @@ def compare(loaded, options: TuneOptions, report: TuneReport, default_rows: int 
             f"-> x{med['tuned'] / med['default']:.3f}")
     result["load_average_after"] = load_average()
     if tuned_rows is not None:
-        set_quant_max_rows(loaded.model, tuned_rows)
+        set_quant_rows(loaded.model, tuned_rows)
     return result
 
 
@@ -512,6 +574,9 @@ def tune(
                                           help="Measure decode tokens/s with defaults and tuned.")] = True,
     cache: Annotated[Optional[Path], typer.Option(help="Tune cache file (default: $ZILI_TUNE_CACHE or "
                                                   "~/.cache/zili/tune.json).")] = None,
+    measure_compile: Annotated[bool, typer.Option(
+        "--measure-compile/--no-measure-compile",
+        help="Time the compiled decode step against eager (compiles it: a minute or two the first time).")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure and report; leave the cache alone.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report here.")] = None,
     engine_args: dict[str, Any] | None = None,  # dtype, quantization, load_format (zili.cli_options)
@@ -524,7 +589,7 @@ def tune(
         raise typer.BadParameter(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}")
     options = TuneOptions(model=model, block_sizes=_ints(block_sizes, "--block-sizes"), repeats=repeats, compare=compare,
                           decode_tokens=decode_tokens, decode_batches=_ints(batches, "--batches"), cache=cache,
-                          write_cache=not dry_run, **engine_args)
+                          write_cache=not dry_run, measure_compile=measure_compile, **engine_args)
     try:
         report = run_tuning(options, say=lambda line: typer.echo(line, err=True))
     except (ValueError, FileNotFoundError) as e:

@@ -71,7 +71,8 @@ def test_serve_and_generate_help_list_the_same_engine_options():
 def test_serve_keeps_its_engine_defaults():
     params = _engine_params("serve")
     expected = {"dtype": "auto", "quantization": "auto", "attention_backend": "auto", "load_format": "auto",
-                "reasoning_parser": "auto", "use_tune_cache": True, "enforce_eager": None, "tensor_parallel_size": 1,
+                "reasoning_parser": "auto", "use_tune_cache": True, "calibrate": None, "enforce_eager": None,
+                "tensor_parallel_size": 1,
                 "max_model_len": None, "max_num_seqs": None, "kv_cache_memory": None, "threads": None,
                 "speculative_config": None, "kv_cache_dtype": "auto"}
     assert {name: p.default for name, p in params.items()} == expected

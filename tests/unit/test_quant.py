@@ -208,23 +208,29 @@ def _kernel_levels() -> list[str]:
 def test_smollm2_agrees_on_every_kernel_level(isa, fp32_greedy, monkeypatch):
     """Each CPU kernel level (forced with ZILI_CPU_ISA) at the dtype the platform picks for it
     (bf16 with AVX-512, fp32 below: no emulated bf16), int8 activations in the packed matmuls."""
+    from zili.layers.quant_calibration import KernelChoice, shape_key
     from zili.models.loader import load_model, open_checkpoint
-    from zili.models.quantize import quantize_model
+    from zili.models.quantize import quantize_and_calibrate
     from zili.platforms.cpu import CpuPlatform
 
     monkeypatch.setenv("ZILI_CPU_ISA", isa)
-    monkeypatch.setenv("ZILI_PACKED_KERNELS", "zili")
     dtype = CpuPlatform().default_dtype()
     assert (dtype == torch.bfloat16) == (isa == "avx512")
     quant = load_model(None, dtype=str(dtype).removeprefix("torch."))
-    quantize_model(quant.model, "auto", open_checkpoint(quant.source))
+    # The level reaches the layers the way the engine applies a tune entry or a calibration's choice:
+    # per layer shape (SmolLM2's four int4 projections and its int8 head).
+    shapes = {("int4", 960, 576), ("int4", 576, 576), ("int4", 3072, 576), ("int4", 576, 1536), ("int8", 49152, 576)}
+    report = quantize_and_calibrate(quant.model, "auto", dtype, "cpu-packed", lambda: open_checkpoint(quant.source),
+                                    tuned_kernels={shape_key(*s, dtype): KernelChoice(isa, 16) for s in shapes},
+                                    calibrate=False)
+    assert set(report.how.values()) == {"tune cache"}
     levels = {m.quant.isa for m in quant.model.modules() if getattr(m, "quant", None) is not None}
     assert levels == {isa}
     # The bar issue #22 sets for every path: every position where the fp32 reference's top two
     # logits are >= 0.5 apart agrees (checked inside). Overall, int8-per-32 activations (llama.cpp's
     # Q8 scheme) flip more near-ties than bf16 activations: 96.1% measured on avx512 and avx2
-    # (2026-11-29) against 98.8-99.6% on torch's bf16 kernels, so the overall floor here is 95%; the
-    # kernels stay opt-in (ZILI_PACKED_KERNELS=zili) until the default path is decided by a benchmark.
+    # (2026-11-29) against 98.8-99.6% on torch's bf16 kernels, so the overall floor here is 95%. The
+    # engine runs them where the tune cache or its start-up calibration measured them faster.
     _assert_agrees(quant, fp32_greedy, min_agreement=0.95)
 
 
@@ -241,19 +247,6 @@ def test_refined_logits_match_fp32_at_the_top():
     top = exact.topk(4)
     assert torch.equal(approx.topk(4).indices, top.indices)
     torch.testing.assert_close(approx.topk(4).values, top.values)
-
-
-def test_calibration_sets_one_measured_limit_on_every_layer():
-    from zili.models.quantize import calibrate_max_rows
-
-    model = torch.nn.Sequential(Linear(64, 128), Linear(128, 64))
-    for lin in model:
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn_like(lin.weight))
-        lin.quant = Int4Weight(float_group_quant(lin.weight.detach()), max_rows=999)
-    rows = calibrate_max_rows(model, candidates=(1, 2, 4))
-    assert rows in (0, 1, 2, 4)
-    assert {lin.quant.max_rows for lin in model} == {rows}
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,18 @@ def test_engine_reads_the_cache_and_logs_it(tiny_dir, cache_path, caplog):
         build_engine(EngineConfig(**base, attention_backend="triton"))
 
 
+def test_engine_stays_eager_where_tune_measured_compiling_slower(tiny_dir, cache_path, monkeypatch, caplog):
+    from zili.config import EngineConfig
+    from zili.engine.builder import build_engine_parts
+
+    monkeypatch.delenv("ZILI_ENFORCE_EAGER", raising=False)  # the suite's default; here the cache decides
+    TuneCache().store(CpuPlatform(), {}, _tiny_key(tiny_dir), {"compiled_decode": False})
+    with caplog.at_level(logging.INFO, logger="zili.engine.builder"):
+        parts = build_engine_parts(EngineConfig(model=str(tiny_dir), dtype="float32", kv_cache_memory=2**20))
+    assert parts.compile_seconds is None and parts.executor.compiled_decode is None
+    assert "measured the compiled step no faster" in caplog.text
+
+
 def test_tune_command_end_to_end(tiny_dir, cache_path):
     """A real (tiny, fast) tuning run through the typer command; the engine then uses the winners."""
     import typer
@@ -92,7 +104,7 @@ def test_tune_command_end_to_end(tiny_dir, cache_path):
     report = cache_path.parent / "report.json"
     result = CliRunner().invoke(app, ["tune", str(tiny_dir), "--dtype", "float32", "--quantization", "int4",
                                       "--block-sizes", "16,32", "--repeats", "1", "--decode-tokens", "4",
-                                      "--batches", "2", "--json", str(report)])
+                                      "--batches", "2", "--no-measure-compile", "--json", str(report)])
     assert result.exit_code == 0, result.output
     full = json.loads(report.read_text())
     # Both CPU attention backends (torch reference, zili's C++ kernel) were timed; the winner is kept.
@@ -115,6 +127,16 @@ def test_tune_command_end_to_end(tiny_dir, cache_path):
     assert full["model"]["block_size"] == engine.config.block_size
     rows = {m.quant.max_rows for m in engine.runner.model.modules() if getattr(m, "quant", None) is not None}
     assert rows == {full["model"]["quant_max_rows"]}  # tuned, not re-calibrated at load
+    # The packed kernel chosen per layer shape (zili's level or torch's) is the one each layer runs.
+    from zili.layers.quant_calibration import shape_key
+
+    chosen = full["device"]["quant_kernels"]
+    assert chosen and all(c["kernel"] in (cpu_isa.selected(), "torch") for c in chosen.values())
+    for m in engine.runner.model.modules():
+        if getattr(m, "quant", None) is not None:
+            key = shape_key("int4" if type(m.quant).__name__ == "Int4Weight" else "int8", m.out_features,
+                            m.in_features, torch.float32)
+            assert (m.quant.isa or "torch") == chosen[key]["kernel"]
 
 
 def test_tune_rejects_bad_options(tiny_dir, cache_path):

@@ -364,6 +364,9 @@ def extract(
     max_tokens: int = typer.Option(384, "--max-tokens"),
     compare: bool = typer.Option(True, "--compare-speculation/--no-compare-speculation",
                                  help="Also run an engine without speculation, interleaved with the speculating one."),
+    compare_jump_forward: bool = typer.Option(
+        False, "--compare-jump-forward/--no-compare-jump-forward",
+        help="Instead, run jump-forward structured decoding on and off (both with --speculative-config), interleaved."),
     seed: int = SeedOpt,
     price_per_hour: float = PriceOpt,
     watts: Optional[float] = WattsOpt,
@@ -388,10 +391,16 @@ def extract(
     basis = _basis(price_per_hour, watts)
     config = {"model": model, "model_path": str(path), "num_docs": num_docs, "num_cases": len(cases),
               "examples": str(examples) if examples else None, "streams": levels, "repetitions": repetitions,
-              "max_tokens": max_tokens, "seed": seed, "engine_args": engine_args, "compare_speculation": compare}
+              "max_tokens": max_tokens, "seed": seed, "engine_args": engine_args, "compare_speculation": compare,
+              "compare_jump_forward": compare_jump_forward}
     record = new_record("extract", config, basis)
     record["note"] = note
-    engines = {"zili+spec": _zili_llm(model, engine_args)}
+    if compare_jump_forward:
+        compare = False
+        engines = {"zili+jf": _zili_llm(model, {**engine_args, "enable_jump_forward": True}),
+                   "zili": _zili_llm(model, {**engine_args, "enable_jump_forward": False})}
+    else:
+        engines = {"zili+spec": _zili_llm(model, engine_args)}
     if compare:
         engines["zili"] = _zili_llm(model, {k: v for k, v in engine_args.items() if k != "speculative_config"})
     for level in levels:
@@ -405,6 +414,10 @@ def extract(
                            f"{row['request_throughput']:.3f} req/s  field accuracy {acc}", err=True)
                 if "spec_decode" in row:
                     typer.echo(f"{'':10s} speculation {spec_decode_line(row['spec_decode'])}", err=True)
+                if "jump_forward" in row:
+                    jf = row["jump_forward"]
+                    typer.echo(f"{'':10s} steps {row['num_steps']}  jumps {jf['num_jumps']}  forced tokens "
+                               f"{jf['num_forced_tokens']}", err=True)
     for llm in engines.values():
         llm.engine.close()
     record["summary"]["speculation_speedup"] = speedups = {}
@@ -415,7 +428,34 @@ def extract(
         speedups[f"c{level}"] = ratio = on / off if on is not None and off else None
         shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
         typer.echo(f"c={level}: speculation on / off = {shown} output tokens/s (median of {repetitions})", err=True)
+    if compare_jump_forward:
+        record["summary"]["jump_forward"] = _jump_forward_summary(record["runs"], levels)
     _save(record, output, label)
+
+
+def _jump_forward_summary(runs: list[dict], levels: list[int]) -> dict[str, Any]:
+    """Per stream level, jump-forward on / off: output tokens/s (ratio of medians and per-repetition
+    ratios, the runs being interleaved), steps, output tokens and field accuracy of each."""
+    from zili.bench.stats import median
+
+    out: dict[str, Any] = {}
+    for level in levels:
+        on = [r for r in runs if r["engine"] == "zili+jf" and r["test"] == f"extract-c{level}"]
+        off = [r for r in runs if r["engine"] == "zili" and r["test"] == f"extract-c{level}"]
+        tps_on, tps_off = median([r["output_throughput"] for r in on]), median([r["output_throughput"] for r in off])
+        out[f"c{level}"] = {
+            "output_throughput_ratio": tps_on / tps_off if tps_on is not None and tps_off else None,
+            "output_throughput_ratios": [a["output_throughput"] / b["output_throughput"] for a, b in zip(on, off)],
+            "steps": {"on": [r["num_steps"] for r in on], "off": [r["num_steps"] for r in off]},
+            "output_tokens": {"on": [r["output_tokens"] for r in on], "off": [r["output_tokens"] for r in off]},
+            "field_accuracy": {"on": [r["field_accuracy"] for r in on], "off": [r["field_accuracy"] for r in off]},
+            "duration_ratios": [a["duration_s"] / b["duration_s"] for a, b in zip(on, off)],
+        }
+        ratio = out[f"c{level}"]["output_throughput_ratio"]
+        shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+        typer.echo(f"c={level}: jump-forward on / off = {shown} output tokens/s (median of {len(on)}), steps "
+                   f"{sum(r['num_steps'] for r in on)} / {sum(r['num_steps'] for r in off)}", err=True)
+    return out
 
 
 def _empty_device_cache() -> None:

@@ -197,6 +197,12 @@ def run_workload(llm: Any, cases: list[ExtractionCase], streams: int, max_tokens
         "unfinished": unfinished, "load_average_before": load_before, "load_average_after": load_average(),
         "texts": [o.outputs[0].text for o in outputs],
     }
+    after = llm.engine.stats()
+    row["num_steps"] = after.num_steps - before.num_steps  # engine steps (forward passes) the run took
     if getattr(llm.engine, "speculator", None) is not None:
-        row["spec_decode"] = spec_decode_row(before, llm.engine.stats())
+        row["spec_decode"] = spec_decode_row(before, after)
+    if getattr(llm.engine, "jump_forward", None) is not None:
+        row["jump_forward"] = {"num_jumps": after.jump_forward_num_jumps - before.jump_forward_num_jumps,
+                               "num_forced_tokens": after.jump_forward_num_forced_tokens
+                               - before.jump_forward_num_forced_tokens}
     return row

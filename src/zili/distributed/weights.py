@@ -22,5 +22,6 @@ def load_shard(config, tp, device: torch.device):
 
     report = quantize_and_calibrate(loaded.model, config.quantization, loaded.dtype,
                                     current_platform().matmul_backend(),
-                                    sharded_checkpoint if loaded.source.format == "gguf" else None)
+                                    sharded_checkpoint if loaded.source.format == "gguf" else None,
+                                    calibrate=config.calibrate)
     return loaded, report.counts

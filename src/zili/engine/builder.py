@@ -1,8 +1,9 @@
 """Building an engine: everything that happens once, before the first step.
 
 `build_engine(config)` sets host threads and the allocator, reads the tune cache, picks the
-attention backend, starts tensor-parallel workers, loads (or adopts) the model, quantizes and
-calibrates it, sizes the KV pool, creates the runner (which owns its attention backend), and
+attention backend, starts tensor-parallel workers, loads (or adopts) the model, quantizes it with
+the packed kernel per layer shape the tune cache names (or a bounded calibration measures now and
+caches), sizes the KV pool, creates the runner (which owns its attention backend), and
 compiles or captures the decode step. What it built goes to `Engine(parts)`, which only runs.
 """
 
@@ -25,12 +26,13 @@ from zili.engine.runner import ModelRunner, kv_bytes_per_block
 from zili.kernels.backends import AttentionBackend, choose_attention_backend, use_attention_backend
 from zili.layers import fused
 from zili.layers.linear import Linear
+from zili.layers.quant_calibration import KernelChoice
 from zili.models.loader import LoadedModel, load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
 from zili.models.registry import capabilities_of
 from zili.platforms import current_platform
 from zili.platforms.interface import Platform
-from zili.platforms.tuning import TunedSettings, load_tuning, model_key
+from zili.platforms.tuning import TuneCache, TunedSettings, load_tuning, model_key
 from zili.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,10 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         source = loaded.source
         report = quantize_and_calibrate(loaded.model, config.quantization, loaded.dtype, platform.matmul_backend(),
                                         (lambda: open_checkpoint(source)) if source.format == "gguf" else None,
-                                        _tuned(tuning, "quant_max_rows"))
+                                        _tuned(tuning, "quant_max_rows"), _tuned_kernels(tuning), config.calibrate)
         quantized = report.counts
+        if report.measured and config.use_tune_cache:
+            _cache_kernel_choices(platform, report.measured)
     else:
         config, quantized = _apply_model_tuning(config, tuning, loaded), {}
     mc = loaded.config
@@ -107,7 +111,9 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled step
     # (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
     eager = tp_executor is not None or (config.enforce_eager if config.enforce_eager is not None
-                                        else eager_by_default())
+                                        else eager_by_default() or _tuned(tuning, "compiled_decode") is False)
+    if eager and config.enforce_eager is None and not eager_by_default() and tp_executor is None:
+        logger.info("decode step stays eager: `zili tune` measured the compiled step no faster on this device")
     if not eager:
         parts.fused_elementwise = _fuse_elementwise(platform)
         parts.compile_seconds = _compile_decode(runner, platform, attention, config)
@@ -123,6 +129,26 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
 
 def _tuned(tuning: TunedSettings | None, key: str):  # noqa: ANN202 - the cache holds JSON values
     return tuning.get(key) if tuning is not None else None
+
+
+def _tuned_kernels(tuning: TunedSettings | None) -> dict[str, KernelChoice]:
+    """The tune cache's packed-matmul choice per layer shape (malformed entries dropped)."""
+    raw = _tuned(tuning, "quant_kernels")
+    if not isinstance(raw, dict):
+        return {}
+    choices = {key: KernelChoice.from_json(value) for key, value in raw.items()}
+    return {key: choice for key, choice in choices.items() if choice is not None}
+
+
+def _cache_kernel_choices(platform: Platform, measured: dict[str, KernelChoice]) -> None:
+    """Keep the start-up calibration's choices, so the next start on this device reads them."""
+    try:
+        path = TuneCache().merge_device_entries(platform, "quant_kernels",
+                                                {key: choice.to_json() for key, choice in measured.items()})
+    except OSError as exc:  # a read-only home: calibrate again next time
+        logger.warning("could not save the packed-matmul choices to the tune cache: %s", exc)
+        return
+    logger.info("tune cache %s: saved the packed-matmul choices for %d layer shape(s)", path, len(measured))
 
 
 def _apply_model_tuning(config: EngineConfig, tuning: TunedSettings | None, loaded: LoadedModel) -> EngineConfig:

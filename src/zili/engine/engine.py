@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zili.engine.input_processor import InputProcessor, PreparedRequest
+from zili.engine.jump_forward import JumpForward, JumpForwardStats
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.output_processor import OutputProcessor
 from zili.engine.prompt_outputs import PromptScoring, StepExtras
@@ -49,6 +50,10 @@ class EngineStats:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    # Jump-forward structured decoding (zili.engine.jump_forward); 0 when it is off.
+    jump_forward_num_jumps: int = 0
+    jump_forward_num_forced_tokens: int = 0
+    num_steps: int = 0  # steps that ran a forward pass
 
     @property
     def spec_decode_acceptance_rate(self) -> float:
@@ -90,6 +95,10 @@ class Engine:
         # Speculative decoding (EngineConfig.speculative_config): n-gram drafts verified in the step.
         spec = config.speculative_config
         self.speculator = NgramSpeculator(spec, parts.max_model_len) if spec is not None else None  # type: ignore[arg-type]
+        # Jump-forward structured decoding (EngineConfig.enable_jump_forward): forced text in one step.
+        self.jump_forward = JumpForward(parts.tokenizer, lambda: self.inputs.grammar_backend) \
+            if config.enable_jump_forward else None
+        self.num_steps = 0
         self.requests: dict[str, Request] = {}
         self._aborted: list[RequestDelta] = []  # final deltas of requests aborted between steps
         self._ids = itertools.count()
@@ -163,6 +172,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
+        self.num_steps += 1
         step_input, sampling = self._build_step(batch)
         logits = self.runner.execute(step_input)
         if step_input.wants_extras:
@@ -171,6 +181,8 @@ class Engine:
         finished: list[Sequence] = []
         if sampling:
             verified, num_rejected = self._sample(logits, sampling, batch)
+            if self.jump_forward is not None:
+                verified = self.jump_forward.extend(verified)
             deltas, finished = self.outputs.process(verified.seqs, verified.token_ids, verified.logprobs)
             self.generation_tokens_total += sum(len(c.token_ids) for d in deltas for c in d.outputs)
             for delta in deltas:
@@ -280,6 +292,7 @@ class Engine:
     # ---- introspection -----------------------------------------------------------------------
     def stats(self) -> EngineStats:
         kv = self.kv_cache
+        jf = self.jump_forward.stats if self.jump_forward is not None else JumpForwardStats()
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=kv.usage, prefix_cache_hit_rate=kv.prefix_hit_rate,
@@ -287,6 +300,8 @@ class Engine:
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
             num_preemptions=self.scheduler.num_preemptions,
             **self._spec_stats(),
+            jump_forward_num_jumps=jf.num_jumps, jump_forward_num_forced_tokens=jf.num_forced_tokens,
+            num_steps=self.num_steps,
         )
 
     def _spec_stats(self) -> dict[str, int]:

@@ -17,24 +17,24 @@ Q8_0, Q5_K and Q6_K, whose codes do not fit in 4 bits, become int8. Float checkp
 quantized on load to either form.
 
 Quantized kernels win at small row counts (decode); at larger ones (prefill, big batches) the
-dense matmul is faster, so a layer keeps its dense weight and switches by row count.
+dense matmul is faster, so a layer keeps its dense weight and switches by row count. Which packed
+kernel each layer shape runs, and up to which row count, is measured per machine
+(zili.layers.quant_calibration).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from zili import envs
 from zili.kernels import cpu_isa
 from zili.kernels.cpu_quant import pack_q4, pack_q8
 
 GROUP = 32
-# "zili": the int4/int8 layers run zili's ISA-dispatched kernels; "torch" (default): torch's own.
-PACKED_KERNELS_ENV = "ZILI_PACKED_KERNELS"
 # Row counts up to which the quantized kernel beats dense bf16 (measured on AVX512 CPUs; the
 # tuner can override it per machine).
 DEFAULT_MAX_ROWS = 16
@@ -50,14 +50,12 @@ class GroupQuant:
 
 
 def _kernel_level(isa: str | None) -> str | None:
-    """The zili kernel level to pack for (`isa`, else the selected one), or None for torch's kernels
-    (isa="torch", ZILI_CPU_KERNELS=0, or no build)."""
+    """The zili kernel level to pack for, or None for torch's kernels. `isa`: a level, "torch", or
+    None: what ZILI_PACKED_KERNELS forces ("zili": the selected level), else torch's. The engine
+    passes the level measured per layer shape (zili.layers.quant_calibration); None is for direct use."""
     if isa == "torch" or not cpu_isa.enabled():
         return None
-    # Opt-in for now: with int8 activations SmolLM2's greedy agreement with fp32 measured 96.1%
-    # (every clear position agrees, issue #22's bar; torch's kernels with bf16 activations reach
-    # 98.8-99.6%), so the default waits for a benchmark that shows the speed is worth the near-ties.
-    if isa is None and os.environ.get(PACKED_KERNELS_ENV, "torch").strip().lower() != "zili":
+    if isa is None and (envs.get_str(envs.ZILI_PACKED_KERNELS) or "").lower() != "zili":
         return None
     level = isa or cpu_isa.selected()
     return level if cpu_isa.load(level) else None

@@ -11,22 +11,22 @@ agreement fell to 84% on SmolLM2); it gets int8 whenever the others are quantize
 
 `quantize_and_calibrate` is the one path from a loaded model to its serving weights, used by the
 single-process engine's builder and by every tensor-parallel shard (zili.distributed.weights):
-quantize, pre-pack the dense rest for oneDNN, then calibrate (or apply the tuned) row limit.
+choose each layer shape's packed kernel and row limit (tune cache, else measured now:
+zili.layers.quant_calibration), quantize with those, then pre-pack the dense rest for oneDNN.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zili import envs
 from zili.config import QUANTIZATION_MODES
 from zili.layers import onednn
 from zili.layers.linear import Linear
@@ -40,6 +40,19 @@ from zili.layers.quant import (
     float_group_quant,
     gguf_group_quant,
 )
+from zili.layers.quant_calibration import (
+    BUSY_LOAD_PER_CPU,
+    DEFAULT_BUDGET_S,
+    TORCH,
+    Calibration,
+    KernelChoice,
+    calibrate_kernels,
+    candidates,
+    default_choice,
+    load_per_cpu,
+    shape_key,
+    usable,
+)
 
 LM_HEAD = "lm_head"
 
@@ -49,25 +62,36 @@ logger = logging.getLogger(__name__)
 @dataclass
 class QuantizeReport:
     """What `quantize_and_calibrate` did: layers per form ("int4", "int8", "dense"), dense
-    projections pre-packed for oneDNN, and the row limit up to which quantized kernels run
-    (with how it was chosen: "measured", "tuned", or None when nothing was quantized)."""
+    projections pre-packed for oneDNN, the packed kernel and row limit per layer shape
+    (`kernels`, shape_key -> KernelChoice) with where each came from (`how`: shape_key ->
+    "tune cache", "measured" or "default"), and the choices measured now on a host that was not
+    overloaded (`measured`: worth caching).
+    `max_rows` is set when one tuned limit was applied to every layer (zili tune's quant_max_rows)."""
 
     counts: dict[str, int]
     packed_dense: int = 0
     max_rows: int | None = None
-    how: str | None = None
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)
+    how: dict[str, str] = field(default_factory=dict)
+    measured: dict[str, KernelChoice] = field(default_factory=dict)
+    calibration: Calibration | None = None
 
 
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
                            open_checkpoint: Callable[[], Any] | None = None,
-                           max_rows: int | None = None) -> QuantizeReport:
+                           max_rows: int | None = None, tuned_kernels: dict[str, KernelChoice] | None = None,
+                           calibrate: bool | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
+                           trust_busy: bool = False) -> QuantizeReport:
     """Turn a loaded model's projections into their serving form, in place.
 
     `mode`: a QUANTIZATION_MODES entry; `matmul_backend`: the platform's (`Platform.matmul_backend()`;
     only "cpu-packed" has int4/int8 kernels, elsewhere the weights stay dense); `open_checkpoint`:
     opens the raw (GGUF) checkpoint whose 4-bit blocks are kept as they are, None for float
-    checkpoints (a tensor-parallel rank passes its sharded view); `max_rows`: a tuned row limit,
-    None to measure it here (`calibrate_max_rows`). ValueError for an unknown mode."""
+    checkpoints (a tensor-parallel rank passes its sharded view); `max_rows`: one tuned row limit
+    for every layer (overrides the per-shape ones); `tuned_kernels`: shape_key -> KernelChoice from
+    the tune cache; shapes it lacks are measured (`calibrate_kernels`, within `budget_s` seconds)
+    unless `calibrate` is False (None: ZILI_CALIBRATE) or the host is overloaded (unless `trust_busy`:
+    `zili tune`, which records the load), else get `default_choice()`. ValueError for an unknown mode."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     if matmul_backend != "cpu-packed":
@@ -75,41 +99,107 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
             logger.info("weights: dense (no packed int4/int8 matmul on this device)")
         return QuantizeReport({})
     checkpoint = open_checkpoint() if mode != "none" and open_checkpoint is not None else None
-    report = QuantizeReport(dict(quantize_model(model, mode, checkpoint)))
-    # Dense weights pre-packed for oneDNN after quantizing (which reads them) and before calibrating
-    # (which races the packed path against the quantized one).
+    plan = plan_quantization(model, mode, checkpoint)
+    report = QuantizeReport({})
+    _choose_kernels(model, plan, dtype, tuned_kernels or {}, envs.calibrate() if calibrate is None else calibrate,
+                    budget_s, trust_busy, report)
+    report.counts = dict(quantize_model(model, mode, checkpoint, kernels=report.kernels, dtype=dtype, plan=plan))
+    # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
         report.packed_dense = onednn.pack_dense_weights(model)
         logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
     if report.counts.keys() - {"dense"}:
-        if max_rows is None:
-            report.max_rows, report.how = calibrate_max_rows(model), "measured"
-        else:
+        if max_rows is not None:
             set_quant_max_rows(model, max_rows)
-            report.max_rows, report.how = max_rows, "tuned"
-        logger.info("weights: %s; quantized kernels used up to %d rows per step (%s)",
-                    ", ".join(f"{n} {form}" for form, n in report.counts.items()), report.max_rows, report.how)
+            report.max_rows = max_rows
+        logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
+        for key, choice in report.kernels.items():
+            rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \
+                f"up to {choice.max_rows} rows"
+            logger.info("packed matmul %s: %s kernel %s, dense above (%s)", key,
+                        "zili's " + choice.kernel if choice.kernel != TORCH else "torch's", rows, report.how[key])
     return report
 
 
-def quantize_model(model: nn.Module, mode: str, checkpoint=None, max_rows: int = DEFAULT_MAX_ROWS) -> Counter:
-    """Attach packed weights to every `Linear` per `mode`. Returns how many layers got each form."""
+def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, tuned: dict[str, KernelChoice],
+                    calibrate: bool, budget_s: float | None, trust_busy: bool, report: QuantizeReport) -> None:
+    """Fill report.kernels / how / measured for every quantized shape in `plan`. On an overloaded host
+    (more runnable threads than CPUs) every call waits for time slices, so the timings rank nothing:
+    the start-up calibration is skipped or its result dropped for the defaults (`trust_busy`: keep it)."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[str, int, int, int]] = {}
+    for name, form in plan.items():
+        if form != "dense":
+            m = modules[name]
+            key = shape_key(form, m.out_features, m.in_features, dtype)
+            layers = shapes[key][3] + 1 if key in shapes else 1
+            shapes[key] = (form, m.out_features, m.in_features, layers)
+    allowed = candidates()
+    for key in shapes:
+        choice = tuned.get(key)
+        if choice is not None and choice.kernel in allowed and usable(choice.kernel):
+            report.kernels[key], report.how[key] = choice, "tune cache"
+    missing = {k: v for k, v in shapes.items() if k not in report.kernels}
+    busy_now = load_per_cpu() > BUSY_LOAD_PER_CPU and not trust_busy
+    if missing and calibrate and busy_now:
+        logger.warning("packed matmuls: not calibrated, the host is busy (load average %.1f per CPU: timings would be "
+                       "other processes' time slices): defaults for %d shape(s); the next start measures again",
+                       load_per_cpu(), len(missing))
+    elif missing and calibrate:
+        cal = calibrate_kernels(missing, dtype, allowed, budget_s)
+        report.calibration = cal
+        logger.info("calibrated the packed matmuls for %d layer shape(s) in %.2f s (budget %s s; candidates %s)%s",
+                    len(cal.choices), cal.seconds, budget_s, ", ".join(allowed),
+                    f"; past the budget, defaults for {', '.join(cal.cut)}" if cal.cut else "")
+        if cal.busy and not trust_busy:
+            logger.warning("the host got busy while calibrating (load average %.1f per CPU): the measured choices are "
+                           "dropped for the defaults and not cached; the next start measures again", cal.load_per_cpu)
+        else:
+            report.measured = dict(cal.choices)
+            report.kernels.update(cal.choices)
+            report.how.update(dict.fromkeys(cal.choices, "measured"))
+    elif missing:
+        logger.info("packed matmuls: not calibrated (ZILI_CALIBRATE=0 or --no-calibrate): defaults for %d shape(s)",
+                    len(missing))
+    for key in shapes:
+        if key not in report.kernels:
+            report.kernels[key], report.how[key] = default_choice(), "default"
+
+
+def plan_quantization(model: nn.Module, mode: str, checkpoint=None) -> dict[str, str]:
+    """Module name -> the form `quantize_model` gives it ("int4", "int8" or "dense"), for every `Linear`."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
-    counts: Counter = Counter()
     if mode == "none":
-        return counts
+        return {}
     raw_types = _raw_type_reader(checkpoint)
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        shards = _shard_names(model, name, module)
-        types = [raw_types(s) for s in shards]
-        form = _choose(mode, name, types)
+    return {name: _choose(mode, name, [raw_types(s) for s in _shard_names(model, name, module)])
+            for name, module in model.named_modules() if isinstance(module, Linear)}
+
+
+def quantize_model(model: nn.Module, mode: str, checkpoint=None, max_rows: int = DEFAULT_MAX_ROWS,
+                   kernels: dict[str, KernelChoice] | None = None, dtype: torch.dtype | None = None,
+                   plan: dict[str, str] | None = None) -> Counter:
+    """Attach packed weights to every `Linear` per `mode`. Returns how many layers got each form.
+    `kernels` (shape_key -> KernelChoice, keyed at activation `dtype`: default the weights') names
+    each shape's packed kernel and row limit; without an entry a layer gets ZILI_PACKED_KERNELS's
+    kernel (default torch's) up to `max_rows`."""
+    plan = plan_quantization(model, mode, checkpoint) if plan is None else plan
+    counts: Counter = Counter()
+    modules = dict(model.named_modules())
+    for name, form in plan.items():
+        module = modules[name]
+        choice = None
+        if form != "dense" and kernels:
+            choice = kernels.get(shape_key(form, module.out_features, module.in_features,
+                                           dtype or module.weight.dtype))
+        rows, isa = (choice.max_rows, choice.kernel) if choice is not None else (max_rows, None)
         if form == "int4":
-            module.quant = Int4Weight(_group_quant(checkpoint, shards, types, module), max_rows)
+            shards = _shard_names(model, name, module)
+            types = [_raw_type_reader(checkpoint)(s) for s in shards]
+            module.quant = Int4Weight(_group_quant(checkpoint, shards, types, module), rows, isa)
         elif form == "int8":
-            module.quant = Int8Weight(module.weight.detach(), max_rows)
+            module.quant = Int8Weight(module.weight.detach(), rows, isa)
         counts[form] += 1
     return counts
 
@@ -166,51 +256,6 @@ def _linears(model: nn.Module):
 
 def quantized_bytes(model: nn.Module) -> int:
     return sum(m.quant.nbytes() for _, m in _linears(model) if m.quant is not None)
-
-
-def calibrate_max_rows(model: nn.Module, candidates=(1, 2, 4, 8, 16, 32, 64), repeats: int = 5) -> int:
-    """Measure where the quantized kernels stop beating the dense matmul on this machine.
-
-    CPUs differ widely: with AMX, dense bf16 is nearly flat in the row count and wins from ~8
-    rows; with AVX512 alone the quantized GEMV wins up to ~16-32. Timed on the largest
-    quantized projection, best of `repeats`; applied to every layer. Returns the chosen limit.
-    """
-    layers = [m for _, m in _linears(model) if m.quant is not None]
-    if not layers:
-        return 0
-
-    def size(m) -> int:
-        return m.in_features * m.out_features
-
-    layer = max((m for m in layers if type(m.quant).__name__ == "Int4Weight"), key=size,
-                default=max(layers, key=size))
-    if layer.packed is not None:  # the dense path this layer really takes (zili.layers.onednn)
-        dense_matmul = layer.packed.matmul
-    else:
-        weight = layer.weight.detach()
-
-        def dense_matmul(x):
-            return F.linear(x, weight)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    chosen = 0
-    with torch.inference_mode():
-        for rows in candidates:
-            # the model's activation dtype: fp32 where the CPU has no native bf16
-            x = torch.randn(rows, layer.in_features, dtype=layer.weight.dtype)
-            if best(lambda: layer.quant.matmul(x)) >= best(lambda: dense_matmul(x)):  # noqa: B023 (called at once)
-                break
-            chosen = rows
-    set_quant_max_rows(model, chosen)
-    return chosen
 
 
 def set_quant_max_rows(model: nn.Module, max_rows: int) -> None:

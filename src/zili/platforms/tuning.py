@@ -4,12 +4,17 @@ One JSON file (default ~/.cache/zili/tune.json; ZILI_TUNE_CACHE moves it) holds,
 
     {"version": 1, "devices": {"<fingerprint key>": {
         "fingerprint": {...what the platform reported...},
-        "device": {"threads": 2, "attention_backend": "sdpa", "triton": {...}, "graph_batch_sizes": [...]},
-        "models": {"<model key>": {"block_size": 32, "quant_max_rows": 8, "measured": {...}}}}}}
+        "device": {"threads": 2, "attention_backend": "sdpa", "triton": {...}, "graph_batch_sizes": [...],
+                   "quant_kernels": {"int4:960x576:bfloat16": {"kernel": "avx512", "max_rows": 16}, ...}},
+        "models": {"<model key>": {"block_size": 32, "quant_max_rows": 8, "compiled_decode": true,
+                                   "measured": {...}}}}}}
 
 Device settings hold for any model on that device; model settings only for the model shapes,
-dtype and quantization they were measured at. A different driver, torch or CPU flags gives a
-different fingerprint key, so stale winners are never applied.
+dtype and quantization they were measured at. "quant_kernels" holds the packed-matmul choice per
+layer shape (zili.layers.quant_calibration): written by `zili tune` and by the engine's start-up
+calibration, so a model whose shapes were measured once starts without measuring again. A
+different CPU model, flags, kernel level (ZILI_CPU_ISA), driver or torch gives a different
+fingerprint key, so stale winners are never applied.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 ENV_VAR = envs.ZILI_TUNE_CACHE.name
-DEVICE_KEYS = ("threads", "attention_backend", "triton", "graph_batch_sizes")
-MODEL_KEYS = ("block_size", "quant_max_rows")
+DEVICE_KEYS = ("threads", "attention_backend", "triton", "graph_batch_sizes", "quant_kernels")
+MODEL_KEYS = ("block_size", "quant_max_rows", "compiled_decode")
 
 
 def default_cache_path() -> Path:
@@ -75,6 +80,8 @@ class TunedSettings:
     def describe(self) -> str:
         used = {**{k: self.device[k] for k in DEVICE_KEYS if k in self.device},
                 **{k: self.model[k] for k in MODEL_KEYS if k in self.model}}
+        if isinstance(used.get("quant_kernels"), dict):
+            used["quant_kernels"] = f"{len(used['quant_kernels'])} layer shapes"
         return ", ".join(f"{k}={v}" for k, v in used.items()) or "nothing"
 
 
@@ -83,9 +90,10 @@ def load_tuning(platform: Platform, path: Path | None = None) -> TunedSettings |
     cache = TuneCache(path)
     tuned = cache.lookup(platform)
     if tuned is None:
-        logger.info("tune cache %s: no entry for this device (%s): threads and attention backend from the "
-                    "platform, the packed/dense matmul switch calibrated now (a second or two); `zili tune` "
-                    "measures everything and keeps it", cache.path, platform.device_name())
+        logger.info("tune cache %s: no entry for this device (%s, kernel level %s): threads and attention "
+                    "backend from the platform; packed-matmul kernels calibrated now unless turned off (a few "
+                    "seconds, then cached); `zili tune` measures everything and keeps it", cache.path,
+                    platform.device_name(), platform.fingerprint().get("kernel_isa", "-"))
     return tuned
 
 
@@ -110,6 +118,17 @@ class TuneCache:
         if entry is None:
             return None
         return TunedSettings(key, self.path, dict(entry.get("device", {})), dict(entry.get("models", {})))
+
+    def merge_device_entries(self, platform: Platform, name: str, entries: dict[str, Any]) -> Path:
+        """Add `entries` to the device setting `name` (a dict, e.g. "quant_kernels"), keeping the
+        entries already there; the file is read again first, so another process's entries survive."""
+        fresh = TuneCache(self.path)
+        entry = fresh.data["devices"].get(fingerprint_key(platform.fingerprint()), {})
+        current = entry.get("device", {}).get(name)
+        merged = {**(current if isinstance(current, dict) else {}), **entries}
+        path = fresh.store(platform, {name: merged})
+        self.data = fresh.data
+        return path
 
     def store(self, platform: Platform, device: dict[str, Any], model: str | None = None,
               model_settings: dict[str, Any] | None = None) -> Path:

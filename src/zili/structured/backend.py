@@ -81,7 +81,8 @@ class GrammarBackend:
     def __init__(self, tokenizer: Any, vocab_size: int, max_threads: int = 2) -> None:
         self.vocab_size = vocab_size
         stop = list(tokenizer.eos_token_ids) or None
-        self.info = xgr.TokenizerInfo(token_bytes(tokenizer, vocab_size), xgr.VocabType.RAW,
+        self.token_bytes = token_bytes(tokenizer, vocab_size)  # per token id; also read by jump-forward decoding
+        self.info = xgr.TokenizerInfo(self.token_bytes, xgr.VocabType.RAW,
                                       vocab_size=vocab_size, stop_token_ids=stop)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str, bool | None], xgr.CompiledGrammar] = OrderedDict()

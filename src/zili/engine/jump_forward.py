@@ -1,0 +1,233 @@
+"""Jump-forward structured decoding: text the grammar forces is appended in one step, as the model's
+tokenizer would spell it.
+
+Where a grammar admits a single continuation (a JSON object's keys and punctuation, a tool call's
+`{"name": "get_weather", "arguments": ` prefix), masked decoding still spends one step per token on
+it, and the mask lets the model pick any split of the forced text: a forced `City` can come out as
+`C|i|ty`, a spelling the model never saw in training, which a small model then imitates in the free
+text that follows. Jump-forward decoding (Zheng et al. 2024, "SGLang: Efficient Execution of
+Structured Language Model Programs", the compressed finite-state machine; SGLang's jump-forward with
+re-tokenization) appends the forced text itself.
+
+After a step, for each constrained sequence whose grammar can roll back (`RollbackGrammar`):
+
+1. The grammar is advanced over the step's tokens and asked for its forced continuation
+   (xgrammar's `find_jump_forward_string`: complete UTF-8 characters only).
+2. Re-tokenization across the boundary: the step's last token t (its K/V is not computed yet, so it
+   may still change) and the forced text are encoded together by the model's tokenizer. The result
+   must spell exactly t's bytes followed by the forced bytes and be accepted by the grammar, else the
+   forced text is encoded alone after t; if that fails too, nothing is appended.
+3. The last token is held back while the grammar allows a longer token that starts with it (after a
+   forced ` "`, the value may start with `"`, and ` ""` is one token): the model's next free token
+   then chooses between them, so the end of the jump never forces a split the tokenizer would not
+   make.
+4. The tokens replace t in the step's output and go through the output processor like sampled ones
+   (stop strings, max_tokens, streaming deltas); the scheduler computes their K/V in the next step as
+   a short prefill chunk of the running sequence, whose last row samples the next free token.
+
+The grammar is left where it was: the output processor advances it over the appended tokens.
+
+Logprobs. A forced token carries logprob 0.0 and itself as its only alternative: the constrained
+process chose it with probability 1 (as the thinking budget's forced closing tokens do,
+zili.engine.thinking). The model's own probability of a forced token is not computed: doing so
+costs the forward pass jump-forward saves. When re-tokenization merges the sampled token with forced
+text (`{` sampled, `{"` appended), the merged token carries the sampled token's logprob and
+alternatives: the text it adds beyond the sampled token was forced, with probability 1.
+
+Seeded sampling consumes a sequence's random stream once per step, so a seeded request's output
+with jump-forward differs from its output without (it stays reproducible for the same setting).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from zili.engine.request import Sequence, SequenceStatus, TokenLogprob
+from zili.engine.spec_decode import RollbackGrammar, VerifiedStep
+
+
+@runtime_checkable
+class JumpGrammar(RollbackGrammar, Protocol):
+    """A matcher that rolls back and names its forced continuation (xgrammar's GrammarMatcher)."""
+
+    def find_jump_forward_string(self) -> str:
+        """The longest text every continuation starts with (whole UTF-8 characters); state unchanged."""
+        ...
+
+
+@dataclass
+class JumpForwardStats:
+    """Counters since the engine started."""
+
+    num_jumps: int = 0  # steps in which a sequence got forced text appended
+    num_forced_tokens: int = 0  # tokens appended beyond the sampled ones (net of boundary merges)
+
+
+class JumpForward:
+    """Appends grammar-forced text to a step's sampled tokens (see the module docstring).
+
+    `grammar_backend` returns the engine's `zili.structured.backend.GrammarBackend` (built lazily
+    by the input processor; only called once a constrained sequence is seen): its `token_bytes`
+    spell each token id and its bitmasks tell which tokens the grammar allows."""
+
+    def __init__(self, tokenizer: Any, grammar_backend: Callable[[], Any]) -> None:
+        self.tokenizer = tokenizer
+        self._backend_of = grammar_backend
+        self._token_bytes: list[bytes] | None = None
+        self._extensions: dict[int, torch.Tensor] | None = None
+        self._bitmask: torch.Tensor | None = None
+        self.stats = JumpForwardStats()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def extend(self, step: VerifiedStep) -> VerifiedStep:
+        """The step with forced tokens appended after each eligible sequence's last token (which
+        re-tokenization may replace). Sequences keep their order; a sequence's entries stay adjacent."""
+        groups: dict[Sequence, list[int]] = defaultdict(list)
+        for i, seq in enumerate(step.seqs):
+            groups[seq].append(i)
+        replace: dict[int, tuple[list[int], list[TokenLogprob | None]]] = {}
+        for seq, idx in groups.items():
+            if not self.eligible(seq):
+                continue
+            tokens = [step.token_ids[i] for i in idx]
+            jump = self._jump(seq, tokens)
+            if jump is None:
+                continue
+            last = step.logprobs[idx[-1]]
+            logprobs: list[TokenLogprob | None] = [
+                None if last is None else TokenLogprob(jump[0], last.logprob, last.top)]
+            logprobs += [None if last is None else TokenLogprob(t, 0.0, [(t, 0.0)]) for t in jump[1:]]
+            replace[idx[-1]] = (jump, logprobs)
+            self.stats.num_jumps += 1
+            self.stats.num_forced_tokens += len(jump) - 1
+        if not replace:
+            return step
+        out = VerifiedStep([], [], [])
+        for i, (seq, token_id, logprob) in enumerate(zip(step.seqs, step.token_ids, step.logprobs)):
+            ids, lps = replace.get(i, ([token_id], [logprob]))
+            out.seqs += [seq] * len(ids)
+            out.token_ids += ids
+            out.logprobs += lps
+        return out
+
+    @staticmethod
+    def eligible(seq: Sequence) -> bool:
+        """A running sequence with a grammar that can roll back; not one under a thinking budget
+        (the engine may replace its tokens mid-step, zili.engine.thinking)."""
+        return (seq.status == SequenceStatus.RUNNING and isinstance(seq.grammar, JumpGrammar)
+                and seq.request.params.max_reasoning_tokens is None)
+
+    def _jump(self, seq: Sequence, tokens: list[int]) -> list[int] | None:
+        """The tokens that replace the step's last token: itself (or a merge) and the forced text;
+        None when there is nothing to append. The grammar is left as it was."""
+        grammar = seq.grammar
+        assert isinstance(grammar, JumpGrammar)
+        stops = seq.request.stop_token_ids
+        depth = 0  # tokens the matcher accepted here, rolled back at the end
+        try:
+            for t in tokens:
+                if t in stops or not grammar.accept_token(t):
+                    return None
+                depth += 1
+                if grammar.is_terminated():
+                    return None
+            forced = grammar.find_jump_forward_string()
+            if not forced:
+                return None
+            grammar.rollback(1)  # back to before the last token, which re-tokenization may change
+            depth -= 1
+            ids = self._retokenize(grammar, tokens[-1], forced.encode("utf-8"))
+            if ids is None:
+                return None
+            depth += len(ids)
+            depth -= self._hold_back_last(grammar, ids, len(self.token_bytes[tokens[-1]]))
+            if ids == tokens[-1:]:
+                return None
+            return ids
+        finally:
+            if depth:
+                grammar.rollback(depth)
+
+    def _retokenize(self, grammar: RollbackGrammar, last: int, forced: bytes) -> list[int] | None:
+        """The last token and the forced bytes in the tokenizer's own spelling, accepted by the
+        grammar (left advanced over them); None when neither spelling fits."""
+        head = self.token_bytes[last]
+        for candidate in (self._encode(head + forced), self._encode(forced, prefix=[last])):
+            if candidate is None:
+                continue
+            accepted = 0
+            for t in candidate:
+                if not grammar.accept_token(t):
+                    break
+                accepted += 1
+            if accepted == len(candidate) and not grammar.is_terminated():
+                return candidate
+            if accepted:
+                grammar.rollback(accepted)
+        return None
+
+    def _encode(self, data: bytes, prefix: list[int] | None = None) -> list[int] | None:
+        """`prefix` + the tokenizer's encoding of `data` (no special tokens), if it spells `data`
+        byte for byte (a SentencePiece tokenizer's dummy prefix or normalisation would not)."""
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:  # the sampled token ends inside a character
+            return None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        table = self.token_bytes
+        if not ids or any(i >= len(table) for i in ids) or b"".join(table[i] for i in ids) != data:
+            return None
+        return (prefix or []) + ids
+
+    def _hold_back_last(self, grammar: RollbackGrammar, ids: list[int], keep_bytes: int) -> int:
+        """Drop trailing tokens the grammar could extend into a longer token (the model's next free
+        token decides), never into the bytes the model sampled. Returns how many were dropped (the
+        grammar is rolled back over them)."""
+        dropped = 0
+        while len(ids) > 1:
+            grammar.rollback(1)
+            if not self._extendable(grammar, ids[-1]) or sum(len(self.token_bytes[i]) for i in ids[:-1]) < keep_bytes:
+                grammar.accept_token(ids[-1])
+                break
+            ids.pop()
+            dropped += 1
+        return dropped
+
+    def _extendable(self, grammar: RollbackGrammar, token_id: int) -> bool:
+        """Whether the grammar, in its current state, allows a token that strictly extends `token_id`."""
+        longer = self.extensions.get(token_id)
+        if longer is None:
+            return False
+        if self._bitmask is None:
+            self._bitmask = torch.zeros(1, (len(self.token_bytes) + 31) // 32, dtype=torch.int32)
+        grammar.fill_next_token_bitmask(self._bitmask, 0)
+        words = self._bitmask[0, longer // 32]
+        return bool(((words >> (longer % 32)) & 1).any())
+
+    # ---- the vocabulary ------------------------------------------------------------------------
+    @property
+    def token_bytes(self) -> list[bytes]:
+        if self._token_bytes is None:
+            self._token_bytes = self._backend_of().token_bytes
+        return self._token_bytes
+
+    @property
+    def extensions(self) -> dict[int, torch.Tensor]:
+        """Token id -> ids of the tokens whose bytes start with its bytes and are longer (built once)."""
+        if self._extensions is None:
+            by_bytes: dict[bytes, list[int]] = defaultdict(list)
+            for i, b in enumerate(self.token_bytes):
+                if b:
+                    by_bytes[b].append(i)
+            longer: dict[int, list[int]] = defaultdict(list)
+            for i, b in enumerate(self.token_bytes):
+                for n in range(1, len(b)):
+                    for j in by_bytes.get(b[:n], ()):
+                        longer[j].append(i)
+            self._extensions = {j: torch.tensor(ids, dtype=torch.long) for j, ids in longer.items()}
+        return self._extensions

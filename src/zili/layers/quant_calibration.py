@@ -1,0 +1,245 @@
+"""Which packed matmul each quantized layer shape runs, and up to how many rows: chosen by measurement.
+
+A quantized `Linear` holds one packed copy of its weight (two would double the resident weights)
+and a row limit past which it takes the dense matmul (`Linear.forward`). So the choice per layer
+shape is a pair, a `KernelChoice`:
+
+  kernel    "torch" (aten's int4 / int8 kernels, bf16 activations) or a zili kernel level
+            ("avx512", "avx2", "portable": zili.kernels.cpu_isa, int8 activations per block of 32)
+  max_rows  the packed kernel serves up to this many rows (a decode batch); dense above
+
+`calibrate_kernels` times every candidate and the dense matmul on random weights of each shape
+(a matmul's time does not depend on the values) at row counts 1, 2, 4 ... 64, and picks:
+  - the kernel with the best geometric mean of time over the row counts where a packed kernel
+    beats dense (decode's row counts: where the choice matters);
+  - max_rows: the last row count, going up, where that kernel still beats dense.
+
+Bounded: a deadline (`budget_s`) is checked before building each shape's candidates and before
+each row count; past it, the shapes not finished get no measured choice (the caller falls back
+to the default and does not cache them), so a start overruns the budget by at most one
+measurement (a few tens of ms). Shapes are measured in order of the weight bytes they carry in
+the model, so a short budget goes to the layers that cost the most. On an overloaded host (load
+average above one per CPU) the engine does not calibrate at all: the timings would be other
+processes' time slices. Deterministic in its data: a private generator (seed 0), never the
+global RNG; only the kernel choice changes numerics.
+
+The engine reads choices from the tune cache (zili.platforms.tuning, key "quant_kernels"),
+calibrates the missing ones at start and stores them there (zili.engine.builder).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zili import envs
+from zili.kernels import cpu_isa
+from zili.layers import onednn
+from zili.layers.quant import DEFAULT_MAX_ROWS, Int4Weight, Int8Weight, float_group_quant
+
+logger = logging.getLogger(__name__)
+
+ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_BUDGET_S = 5.0  # start-up calibration: a few seconds on 2 cores (SmolLM2-135M measured ~2-3 s)
+TORCH = "torch"
+# Past this many output features a matrix-vector product is memory-bound and its time linear in N,
+# so a tall weight (an LM head: 49,152 rows) is timed on its first TIMED_MAX_OUT rows.
+TIMED_MAX_OUT = 16384
+BUSY_LOAD_PER_CPU = 1.0
+
+
+def load_per_cpu() -> float:
+    """The 1-minute load average per CPU this process may run on (0 where the OS does not say)."""
+    try:
+        return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
+    except (OSError, AttributeError):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The packed kernel one layer shape runs ("torch" or a zili level) and its row limit."""
+
+    kernel: str
+    max_rows: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "max_rows": self.max_rows}
+
+    @classmethod
+    def from_json(cls, value: Any) -> KernelChoice | None:
+        """A cached entry, or None when it is malformed (a hand-edited cache must not stop a start)."""
+        if not isinstance(value, dict):
+            return None
+        kernel, rows = value.get("kernel"), value.get("max_rows")
+        if not isinstance(kernel, str) or not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            return None
+        return cls(kernel, rows)
+
+
+@dataclass
+class Calibration:
+    """What `calibrate_kernels` measured: a choice per finished shape, microseconds per call of
+    every candidate ("dense" included) per shape and row count, the shapes the budget cut, seconds."""
+
+    choices: dict[str, KernelChoice] = field(default_factory=dict)
+    timings_us: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
+    cut: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    load_per_cpu: float = 0.0  # the higher of the host's load averages per CPU before and after
+
+    @property
+    def busy(self) -> bool:
+        """More runnable threads than CPUs while measuring: the times are partly other processes'
+        time slices (measured: every call of a 2-thread matmul took 7-20 ms at load 5 per CPU), so
+        they rank nothing."""
+        return self.load_per_cpu > BUSY_LOAD_PER_CPU
+
+
+def shape_key(form: str, out_features: int, in_features: int, dtype: torch.dtype) -> str:
+    """"int4:960x576:bfloat16": the weight form, [N x K] and the activation dtype a choice holds for."""
+    return f"{form}:{out_features}x{in_features}:{str(dtype).removeprefix('torch.')}"
+
+
+def forced_kernel() -> str | None:
+    """The kernel ZILI_PACKED_KERNELS forces ("torch", or "zili": this CPU's selected level), None
+    when unset ("auto" too): measured. ValueError for another value."""
+    value = (envs.get_str(envs.ZILI_PACKED_KERNELS) or "auto").lower()
+    if value == "auto":
+        return None
+    if value == TORCH:
+        return TORCH
+    if value == "zili":
+        return cpu_isa.selected() if usable(cpu_isa.selected()) else TORCH
+    raise ValueError(f"{envs.ZILI_PACKED_KERNELS.name} must be zili, torch or auto, got {value!r}")
+
+
+def usable(kernel: str) -> bool:
+    """Whether `kernel` runs here: "torch" always; a zili level when the kernels are on
+    (ZILI_CPU_KERNELS), the CPU executes it and its build loads."""
+    if kernel == TORCH:
+        return True
+    if not cpu_isa.enabled() or kernel not in cpu_isa.executable_levels():
+        return False
+    return cpu_isa.load(kernel)
+
+
+def candidates() -> list[str]:
+    """The kernels calibration races: the forced one alone, else this process's zili level
+    (ZILI_CPU_ISA lowers it) where it builds, and torch's."""
+    forced = forced_kernel()
+    if forced is not None:
+        return [forced]
+    level = cpu_isa.selected() if cpu_isa.enabled() else None
+    return [level, TORCH] if level is not None and usable(level) else [TORCH]
+
+
+def default_choice() -> KernelChoice:
+    """Uncalibrated (ZILI_CALIBRATE=0, --no-calibrate, or past the budget): the forced kernel, else
+    torch's (the accuracy-safest: bf16 activations), up to DEFAULT_MAX_ROWS rows."""
+    return KernelChoice(forced_kernel() or TORCH, DEFAULT_MAX_ROWS)
+
+
+def _packed(form: str, weight: torch.Tensor, kernel: str):
+    if form == "int4":
+        return Int4Weight(float_group_quant(weight), isa=kernel)
+    return Int8Weight(weight, isa=kernel)
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The dense path a layer of this dtype takes past its row limit (oneDNN-packed bf16 where available)."""
+    if onednn.available(dtype):
+        return onednn.PackedDense(weight.to(dtype)).matmul
+    w = weight.to(dtype)
+    return lambda x: F.linear(x, w)
+
+
+def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` microseconds per call of each candidate, timed round-robin (the order
+    rotating each round) after one warm-up call each, so a load change on a shared host hits every
+    candidate alike instead of whichever was timed during it."""
+    names = list(calls)
+    for name in names:
+        calls[name]()  # first touch of the packed weight, kernel dispatch
+    best = dict.fromkeys(names, math.inf)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(1e6 * t, 2) for name, t in best.items()}
+
+
+def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> KernelChoice:
+    """The choice from one shape's timings {rows: {candidate or "dense": us}} (see the module doc)."""
+    rows = sorted(timings)
+    winning = [r for r in rows if min(timings[r][k] for k in kernels) < timings[r]["dense"]]
+    if not winning:
+        return KernelChoice(min(kernels, key=lambda k: timings[rows[0]][k]) if rows else kernels[0], 0)
+
+    def score(k: str) -> float:
+        return statistics.fmean(math.log(timings[r][k]) for r in winning)
+
+    kernel = min(kernels, key=score)
+    limit = 0
+    for r in rows:
+        if timings[r][kernel] >= timings[r]["dense"]:
+            break
+        limit = r
+    return KernelChoice(kernel, limit)
+
+
+def calibrate_kernels(shapes: dict[str, tuple[str, int, int, int]], dtype: torch.dtype,
+                      kernels: Sequence[str] | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
+                      rows: Sequence[int] = ROW_CANDIDATES, repeats: int = 5, seed: int = 0,
+                      clock: Callable[[], float] = time.perf_counter) -> Calibration:
+    """Measure and choose a `KernelChoice` per shape (`.busy` says whether the host was overloaded).
+
+    `shapes`: shape_key -> (form "int4"/"int8", out_features N, in_features K, number of layers);
+    `dtype`: the activations' (the model's) dtype; `kernels`: candidates (default `candidates()`);
+    `budget_s`: the deadline from the start (None: unbounded, `zili tune`); `clock`: seconds (tests
+    pass a fake one). Shapes not finished within the budget are listed in `.cut` with no choice."""
+    kernels = list(kernels or candidates())
+    result = Calibration(load_per_cpu=load_per_cpu())
+    start = clock()
+    deadline = math.inf if budget_s is None else start + budget_s
+    gen = torch.Generator().manual_seed(seed)
+    order = sorted(shapes, key=lambda key: -shapes[key][1] * shapes[key][2] * shapes[key][3])
+    with torch.inference_mode():
+        for key in order:
+            form, n, k, _ = shapes[key]
+            if clock() >= deadline:
+                result.cut.append(key)
+                continue
+            weight = torch.randn(min(n, TIMED_MAX_OUT), k, generator=gen) * 0.05
+            calls = {kernel: _packed(form, weight, kernel).matmul for kernel in kernels}
+            calls["dense"] = _dense(weight, dtype)
+            timings: dict[int, dict[str, float]] = {}
+            for r in rows:
+                if clock() >= deadline:
+                    break
+                x = torch.randn(r, k, generator=gen).to(dtype)
+                timings[r] = race({name: functools.partial(fn, x) for name, fn in calls.items()}, repeats)
+                if all(timings[r][kn] >= timings[r]["dense"] for kn in kernels):
+                    break  # dense wins from here on: larger row counts favour it more
+            result.timings_us[key] = timings
+            finished = bool(timings) and (len(timings) == len(rows) or
+                                          all(timings[max(timings)][kn] >= timings[max(timings)]["dense"]
+                                              for kn in kernels))
+            if finished:
+                result.choices[key] = choose(timings, kernels)
+            else:
+                result.cut.append(key)
+    result.seconds = clock() - start
+    result.load_per_cpu = max(result.load_per_cpu, load_per_cpu())
+    return result

@@ -36,7 +36,7 @@ postgres:
 chromium:
 	sh webui/ensure_chromium.sh
 
-# Lint and import order (ruff) and the type check (mypy, configured in pyproject: src/zili); the
+# Lint and import order (ruff) and the type check (mypy, configured in pyproject: src/zili and benchmarks); the
 # layering contract and the no-cycle rule run inside pytest (tests/unit/test_layering.py).
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -21,12 +21,12 @@ from typing import Any, Optional
 
 import typer
 
+import zili.bench.cli as zb
+import zili.bench.offline as off
 from benchmarks import compare as cmp
 from benchmarks import peers as pr
 from benchmarks import report as rp
 from benchmarks import structured_decode
-from zili.bench import cli as zb
-from zili.bench import offline as off
 from zili.bench.results import new_record, write_record
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -89,8 +89,9 @@ def compare(
             bin_dir = pr.ensure_llama_cpp(llama_cpp_version, build=build_peers)
         except Exception as e:
             zb._fail(f"llama.cpp is not available: {e}")
-    shapes = cmp.model_shapes(path)
-    config = {"model": model, "model_path": str(path), "model_bytes": zb._model_bytes(path), "modes": sorted(modes),
+    shapes = off.model_shapes(path)
+    config: dict[str, Any] = {
+              "model": model, "model_path": str(path), "model_bytes": zb._model_bytes(path), "modes": sorted(modes),
               "peers": peer_list, "repeats": repeats, "threads": threads, "seed": seed,
               "llama_cpp": {"version": llama_cpp_version, "bin_dir": str(bin_dir) if bin_dir else None,
                             "repack": pr.repack_default()},
@@ -135,13 +136,13 @@ def compare(
         workload = cmp.ServeWorkload(levels, in_len, out_len, num_prompts, waves, min_prompts, shapes["vocab_size"],
                                      seed,
                                      timeout_s=timeout)
-        runs: list[dict] = []
+        serve_runs: list[dict] = []
         for r in range(repeats):
             for name, start in engines.items():
-                runs += cmp.serve_round(name, start, workload, r, basis)
+                serve_runs += cmp.serve_round(name, start, workload, r, basis)
                 record["runs"] = [x for x in record["runs"] if x.get("mode") != "serve"] + \
-                                 [dict(x, mode="serve") for x in runs]
-                record["summary"]["serve"] = cmp.summarize_serve(runs, basis)
+                                 [dict(x, mode="serve") for x in serve_runs]
+                record["summary"]["serve"] = cmp.summarize_serve(serve_runs, basis)
                 write_record(record, out_path)
     write_record(record, out_path)
     _print_compare_summary(record)

@@ -46,7 +46,7 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, activations {args.dtype}; us per call (weight GB/s)")
     for name, k, n, copies, form in SHAPES:
         weights = [torch.randn(n, k) * 0.05 for _ in range(copies)]
-        kernels = {}
+        kernels: dict[str, list[Int4Weight] | list[Int8Weight]] = {}
         for level in [*levels, "torch"]:
             if form == "int4":
                 kernels[level] = [Int4Weight(float_group_quant(w), isa=level) for w in weights]

@@ -48,7 +48,7 @@ def main() -> None:
     rows.append(("import the server stack (fastapi, uvicorn, zili.server)", rss_mib()))
     from zili.config import EngineConfig
     from zili.engine.builder import build_engine
-    from zili.engine.runner import kv_bytes_per_block
+    from zili.engine.runner import ModelRunner, kv_bytes_per_block
     from zili.layers.onednn import packed_only_bytes
     from zili.models.loader import load_model
     from zili.models.quantize import quantized_bytes
@@ -68,9 +68,11 @@ def main() -> None:
     gc.collect()
     rows.append(("engine: load, quantize, pack, KV pool" + (", compile the decode step" if args.compile else ""),
                  rss_mib()))
-    model = engine.runner.model
+    runner = engine.runner
+    assert isinstance(runner, ModelRunner), "bench_memory measures the single-process engine"
+    model = runner.model
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = sum(c.numel() * c.element_size() for c in engine.runner.kv_caches)
+    kv = sum(c.numel() * c.element_size() for c in runner.kv_caches)
     print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
     prev = 0.0
     for name, mib in rows:

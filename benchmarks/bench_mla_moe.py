@@ -25,6 +25,7 @@ from zili.config import ModelConfig
 from zili.engine.runner import kv_bytes_per_block
 from zili.kernels.attention import AttentionMetadata
 from zili.layers.moe import FusedExperts
+from zili.models.base import CausalLM
 from zili.models.registry import build_model
 
 GiB = 2**30
@@ -85,7 +86,7 @@ def dense_loop_experts(self: FusedExperts, x: torch.Tensor, weights: torch.Tenso
     return out.to(x.dtype)
 
 
-def _random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+def _random_model(cfg: ModelConfig, seed: int = 0) -> CausalLM:
     model = build_model(cfg, torch.float32, "cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -96,7 +97,7 @@ def _random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def decode_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, steps: int) -> tuple[float, list]:
+def decode_tokens_per_s(model: CausalLM, batch: int, prompt_len: int, steps: int) -> tuple[float, list]:
     """Prefill `batch` random prompts, then greedy-decode `steps` tokens each; (decode tokens/s, tokens)."""
     cfg: ModelConfig = model.config
     block_size = 16
@@ -129,11 +130,11 @@ def moe_table(batches: list[int], prompt_len: int, steps: int, repeats: int) -> 
         outputs = {}
         for _ in range(repeats):  # alternate, so both see the same machine load
             for kind, forward in (("grouped", grouped_forward), ("dense_loop", dense_loop_experts)):
-                FusedExperts.forward = forward
+                FusedExperts.forward = forward  # type: ignore[method-assign]  # the A/B swaps the kernel
                 try:
                     tps, tokens = decode_tokens_per_s(model, batch, prompt_len, steps)
                 finally:
-                    FusedExperts.forward = grouped_forward
+                    FusedExperts.forward = grouped_forward  # type: ignore[method-assign]
                 best[kind] = max(best[kind], tps)
                 outputs[kind] = tokens
         rows.append(dict(batch=batch, prompt_len=prompt_len, decode_steps=steps,

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from typing import Any
 
 
 def decode_tok_s(engine, batch: int, tokens: int) -> float:
@@ -90,7 +91,7 @@ def main() -> None:
     platform.set_num_threads(None)
     threads = torch.get_num_threads()
     half = max(1, threads // 2)
-    configs = {f"tp=1 threads={threads}": dict(tensor_parallel_size=1, threads=threads),
+    configs: dict[str, dict[str, Any]] = {f"tp=1 threads={threads}": dict(tensor_parallel_size=1, threads=threads),
                f"tp=1 threads={half}": dict(tensor_parallel_size=1, threads=half),
                f"tp=2 threads={half}/rank": dict(tensor_parallel_size=2, threads=half)}
     engines = {}

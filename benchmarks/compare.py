@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from zili.bench.cost import CostBasis, cost_figures, dollars_per_million
 from zili.bench.machine import load_average
@@ -44,7 +44,7 @@ def log(message: str) -> None:
 
 
 def summarize_runs(runs: Sequence[dict], group_keys: Sequence[str], figures: dict[str, Callable[[dict], Any]],
-                   baseline: str = "zili", costs: dict[str, Callable[[dict], float | None]] | None = None
+                   baseline: str = "zili", costs: Mapping[str, Callable[[dict], float | None]] | None = None
                    ) -> list[dict[str, Any]]:
     """Median of each figure per (group, engine) across rounds, plus the ratio baseline / peer.
     `costs`: name -> function of the engine's medians (e.g. $ per 1M tokens of the median tok/s)."""

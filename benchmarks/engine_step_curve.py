@@ -43,7 +43,7 @@ def build(model_dir: Path, streams: int, tokens: int) -> Any:
     except ImportError:  # before engine/builder.py existed
         from zili.engine.engine import Engine
 
-        engine = Engine(config)
+        engine = Engine(config)  # type: ignore[arg-type]  # the pre-builder Engine took the config
     else:
         engine = build_engine(config)
     print(f"zili from {zili.__file__}", file=sys.stderr)

@@ -283,7 +283,8 @@ def make_plots(latest: dict[str, tuple[Path, dict] | None], plots_dir: Path) -> 
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
-    record = latest["serve"][1] if latest.get("serve") else {"runs": [], "summary": {}}
+    latest_serve = latest.get("serve")
+    record = latest_serve[1] if latest_serve else {"runs": [], "summary": {}}
     serve_runs = [r for r in record["runs"] if r.get("mode") == "serve" and not r.get("failed")]
     summary = record["summary"].get("serve") or []
     engines = _engines(sorted({r["engine"] for r in serve_runs}))
@@ -298,7 +299,10 @@ def make_plots(latest: dict[str, tuple[Path, dict] | None], plots_dir: Path) -> 
                            if row["concurrency"] == c and e in row["medians"]) if vals else None
                 if med is None:
                     continue
-                xs.append(c), ys.append(med), lo.append(med - min(vals)), hi.append(max(vals) - med)
+                xs.append(c)
+                ys.append(med)
+                lo.append(med - min(vals))
+                hi.append(max(vals) - med)
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=e)
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
@@ -325,7 +329,8 @@ def make_plots(latest: dict[str, tuple[Path, dict] | None], plots_dir: Path) -> 
             ax.grid(True, axis="y", alpha=0.3)
             ax.legend(fontsize=7, ncol=len(engines))
             out[key] = _save(fig, plots_dir / f"{key}_percentiles.png")
-    single = latest["single_stream"][1]["summary"]["single_stream"] if latest.get("single_stream") else []
+    latest_single = latest.get("single_stream")
+    single = latest_single[1]["summary"]["single_stream"] if latest_single else []
     if single:
         tests = sorted(row["test"] for row in single)
         s_engines = _engines(sorted({e for row in single for e in row["medians"]}))

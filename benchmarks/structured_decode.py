@@ -126,11 +126,12 @@ class _GrammarTimer:
             self.seconds += time.perf_counter() - start
             return done
 
-        backend.build_mask, SequenceOutputProcessor.advance_grammar = timed_build, timed_advance
+        # timing wrappers around the two grammar calls, removed by restore()
+        backend.build_mask, SequenceOutputProcessor.advance_grammar = timed_build, timed_advance  # type: ignore[method-assign]
 
         def restore() -> None:
             del backend.build_mask
-            SequenceOutputProcessor.advance_grammar = advance
+            SequenceOutputProcessor.advance_grammar = advance  # type: ignore[method-assign]
         self.restore = restore
 
 

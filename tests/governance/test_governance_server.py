@@ -146,6 +146,11 @@ BAD_ADMIN_REQUESTS = [
     ("GET", "/audit?since=%00", None), ("POST", "/pause", {"abort": "yes please"}),
     ("POST", "/pause", {"message": ""}), ("POST", "/pause", {"message": "x" * 501}),
     ("POST", "/pause", {"reason": "x"}), ("POST", "/pause", b"[]"), ("PUT", "/keys", None),
+    # NUL, which PostgreSQL text cannot hold (its driver's DataError was a 500 there; found by the fuzz below)
+    ("POST", "/keys", {"name": "ok1", "models": ["a\x00"]}), ("POST", "/keys", {"name": "ok1", "expires": "1d\x00"}),
+    ("GET", "/keys/%00", None), ("PATCH", "/keys/a%00", {"rpm": 2}), ("DELETE", "/keys/%00", None),
+    ("PATCH", "/keys/user-one", {"models": ["\x00"]}), ("GET", "/usage?key=%00", None),
+    ("GET", "/usage?model=%00", None), ("GET", "/audit?action=%00", None), ("POST", "/pause", {"message": "\x00"}),
 ]
 
 

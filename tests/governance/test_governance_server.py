@@ -17,8 +17,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from tests.e2e import fuzzing
 from tests.e2e.server_process import API_KEY, MODEL, ServerProcess, start_server
 from tests.governance.conftest import DATABASES, new_database_url
+from zili.governance.admin import KeyCreate, KeyUpdate, PauseRequest
 from zili.governance.db import open_database
 from zili.governance.keys import KeyStore
 from zili.governance.schema import request_content, usage
@@ -144,6 +146,11 @@ BAD_ADMIN_REQUESTS = [
     ("GET", "/audit?since=%00", None), ("POST", "/pause", {"abort": "yes please"}),
     ("POST", "/pause", {"message": ""}), ("POST", "/pause", {"message": "x" * 501}),
     ("POST", "/pause", {"reason": "x"}), ("POST", "/pause", b"[]"), ("PUT", "/keys", None),
+    # NUL, which PostgreSQL text cannot hold (its driver's DataError was a 500 there; found by the fuzz below)
+    ("POST", "/keys", {"name": "ok1", "models": ["a\x00"]}), ("POST", "/keys", {"name": "ok1", "expires": "1d\x00"}),
+    ("GET", "/keys/%00", None), ("PATCH", "/keys/a%00", {"rpm": 2}), ("DELETE", "/keys/%00", None),
+    ("PATCH", "/keys/user-one", {"models": ["\x00"]}), ("GET", "/usage?key=%00", None),
+    ("GET", "/usage?model=%00", None), ("GET", "/audit?action=%00", None), ("POST", "/pause", {"message": "\x00"}),
 ]
 
 
@@ -158,6 +165,44 @@ def test_bad_input_on_every_admin_route_gets_a_4xx(governed: ServerProcess):
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert admin.get("/keys/user-one").json()["rpm"] is None  # no bad update went through
         assert admin.get("/usage").status_code == 200
+
+
+# Hostile values into every field of every admin body (derived from the request models) and every query
+# parameter (issue 21 item 5; the API routes are fuzzed in tests/e2e/test_server_limits.py).
+ADMIN_BODIES = [("POST", "/keys", KeyCreate, {"name": "fuzz-key"}), ("PATCH", "/keys/fuzz-key", KeyUpdate, {"rpm": 5}),
+                ("POST", "/pause", PauseRequest, {"message": "fuzz"})]
+ADMIN_QUERIES = [("/usage", ("by", "since", "key", "model")), ("/audit", ("since", "action", "limit")),
+                 ("/keys", ("include_revoked",))]
+QUERY_VALUES = ["%ED%A0%80", "%FF", "%00", "9" * 70, "-1", "1e400", "nan", "[]", "%5B" * 100]
+
+
+def test_hostile_values_in_every_admin_field_get_a_4xx_or_2xx(governed: ServerProcess):
+    failures = []
+    with _admin(governed) as admin:
+        for method, path, model, base in ADMIN_BODIES:
+            for index, (field, parents) in enumerate(fuzzing.field_paths(model)):
+                for value in fuzzing.values_for(index):
+                    body = fuzzing.body_with(base, field, parents, value, {})
+                    r = admin.request(method, path, content=fuzzing.encode(body),
+                                      headers={"Content-Type": "application/json"})
+                    if path == "/pause" and r.status_code == 200:
+                        assert admin.post("/resume").status_code == 200
+                    if (problem := fuzzing.shape_problem(r.status_code, r.content, anthropic=False)) is not None:
+                        failures.append(f"{method} {path} {field}={value!r:.60}: {problem}: {r.text[:200]}")
+        for path, params in ADMIN_QUERIES:
+            for param in params:
+                for value in QUERY_VALUES:
+                    r = admin.get(f"{path}?{param}={value}")
+                    if (problem := fuzzing.shape_problem(r.status_code, r.content, anthropic=False)) is not None:
+                        failures.append(f"GET {path}?{param}={value}: {problem}: {r.text[:200]}")
+        for value in QUERY_VALUES[:4]:
+            for method in ("GET", "PATCH", "DELETE"):
+                r = admin.request(method, f"/keys/{value}", json={"rpm": 1} if method == "PATCH" else None)
+                if (problem := fuzzing.shape_problem(r.status_code, r.content, anthropic=False)) is not None:
+                    failures.append(f"{method} /keys/{value}: {problem}: {r.text[:200]}")
+        assert admin.post("/resume").status_code == 200
+    assert not failures, "\n".join(failures[:20])
+    assert _complete(governed, API_KEY).status_code == 200  # not left paused
 
 
 def test_requests_are_ledgered_with_tokens_and_cost(governed: ServerProcess):

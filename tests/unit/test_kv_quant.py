@@ -264,10 +264,12 @@ def test_cpp_backend_in_the_engine_batched_equals_alone_and_sdpa(tiny_dir, name)
 # ---- the compiled decode step (torch.compile) over a quantized cache -----------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "cpp"])
+# sdpa only: there Inductor fuses the row dequantization (same-width bit casts) into its in-place
+# attention loops. With cpp the graph calls the C++ kernel, whose fake returns q's shape for any cache
+# (passed the same test on 2026-11-30, 175 s on a loaded machine; left out to keep the suite short).
+@pytest.mark.parametrize("backend", ["sdpa"])
 def test_compiled_decode_equals_eager(tiny_dir, backend):
-    """sdpa: Inductor fuses the row dequantization (same-width bit casts) into its in-place attention
-    loops; cpp: the graph calls the C++ kernel on the quantized cache. Greedy tokens equal eager's."""
+    """The compiled decode step over an int8 cache gives eager's greedy tokens."""
     kw = dict(attention_backend=backend, max_num_seqs=8, enable_prefix_caching=False)
     llm = make_llm(tiny_dir, "int8", enforce_eager=False, **kw)
     runner = llm.engine.runner
@@ -284,4 +286,13 @@ def test_compiled_decode_equals_eager(tiny_dir, backend):
     want = greedy_tokens(eager, PROMPTS[:6], max_tokens=16)
     assert greedy_tokens(llm, PROMPTS[:6], max_tokens=16) == want
     assert calls["n"] >= 15  # every decode-only step went through the graph
+    assert_pool_free(llm)
+
+
+def test_a_bfloat16_cache_under_a_float32_model_on_the_cpp_backend(tiny_dir):
+    """kv_cache_dtype bfloat16 with float32 activations: the C++ kernel gets queries of the cache's type."""
+    llm = make_llm(tiny_dir, "bfloat16", attention_backend="cpp", enable_prefix_caching=False)
+    assert llm.engine.runner.kv_caches[0].dtype == torch.bfloat16
+    alone = [greedy_tokens(llm, [p])[0] for p in PROMPTS[:4]]
+    assert greedy_tokens(llm, PROMPTS[:4]) == alone
     assert_pool_free(llm)

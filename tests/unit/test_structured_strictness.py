@@ -19,7 +19,8 @@ from zili import SamplingParams
 from zili.sampling import SamplingParamsError
 from zili.structured.approximations import approximations
 from zili.structured.backend import locate_schema_failure
-from zili.structured.spec import Limits, StructuredOutput
+from zili.structured.spec import Limits, StructuredOutput, as_json_schema_reads
+from zili.structured.tools import normalize_tools, tool_call_constraint, tool_call_or_answer
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,91 @@ def test_characters_past_the_bmp_in_const_and_enum(llm, schema):
     for choice in llm.generate(["Say it:"], params)[0].outputs:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.text), schema)
+
+
+# ----- tools[].function.strict (OpenAI's strict function calling), read as response_format's strict -----
+
+_CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def _tool(parameters: dict, strict: bool | None) -> dict:
+    fn = {"name": "get_weather", "parameters": parameters}
+    if strict is not None:
+        fn["strict"] = strict
+    return {"type": "function", "function": fn}
+
+
+def _call(arguments: str) -> str:
+    return f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+
+
+def test_strict_tool_refuses_a_schema_the_grammar_would_only_approximate():
+    loose = {"type": "object", "properties": {"city": {"type": "string", "not": {"const": "Paris"}}}}
+    with pytest.raises(ValueError, match=r"tools\[1\]\.function\.parameters: strict mode.*/properties/city/not"):
+        normalize_tools([_tool(_CITY, True), _tool(loose, True)])
+    for strict in (False, None):  # not strict: the same schema is accepted (and approximated, see zili-warnings)
+        assert normalize_tools([_tool(loose, strict)])[0]["function"]["parameters"] == loose
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function\.strict must be"):
+        normalize_tools([_tool(_CITY, "yes")])  # type: ignore[arg-type]
+
+
+def test_strict_tool_over_http_is_a_400_naming_the_place():
+    from zili.server.errors import APIError
+    from zili.server.inputs import chat_tools
+    from zili.server.protocol import ChatCompletionRequest
+
+    loose = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                 "tools": [_tool(loose, True)], "tool_choice": "required"})
+    with pytest.raises(APIError) as caught:
+        chat_tools(body)
+    assert caught.value.status == 400 and caught.value.param == "tools"
+    assert "/properties/tags/uniqueItems" in caught.value.message
+
+
+@pytest.mark.parametrize("strict,extra_accepted", [(True, False), (None, False), (False, True)])
+def test_tool_strict_decides_extra_arguments(llm, strict, extra_accepted):
+    tools = normalize_tools([_tool(_CITY, strict)])
+    constraint = tool_call_constraint(tools, "required")
+    assert accepts(llm, constraint, _call('{"city": "Oslo"}'))
+    assert not accepts(llm, constraint, _call('{"town": "Oslo"}'))  # required city: never optional
+    # JSON Schema allows properties the schema does not list; strict function calling does not
+    assert accepts(llm, constraint, _call('{"city": "Oslo", "units": "metric"}')) is extra_accepted
+
+
+@pytest.mark.parametrize("strict", [False, None])
+def test_a_tool_schema_strict_mode_cannot_compile_is_read_as_json_schema(llm, strict):
+    tools = normalize_tools([_tool({"type": "object", "properties": {"ids": {"type": "array", "minItems": 1}},
+                                    "required": ["ids"]}, strict)])
+    constraint = tool_call_constraint(tools, "required")
+    assert accepts(llm, constraint, _call('{"ids": [1, "a"]}'))
+    assert not accepts(llm, constraint, _call('{"ids": []}'))  # minItems still holds
+
+
+def test_strict_true_tool_with_a_schema_strict_mode_cannot_compile_is_refused(llm):
+    tools = normalize_tools([_tool({"type": "array", "minItems": 1}, True)])
+    with pytest.raises(ValueError, match="minItems"):
+        llm.engine.compile_structured(tool_call_constraint(tools, "required"))
+
+
+def test_tool_call_or_answer_reads_the_answer_strict_too(llm):
+    tools = normalize_tools([_tool(_CITY, None)])
+    answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    loose = tool_call_or_answer(tools, answer, answer_strict=False)
+    tight = tool_call_or_answer(tools, answer, answer_strict=None)
+    assert accepts(llm, loose, '{"ok": true, "why": "x"}') and not accepts(llm, tight, '{"ok": true, "why": "x"}')
+    assert accepts(llm, tight, '{"ok": true}') and accepts(llm, tight, _call('{"city": "Oslo"}'))
+    with pytest.raises(ValueError, match="strict mode.*/oneOf"):
+        tool_call_or_answer(tools, {"oneOf": [{"type": "integer"}, {"type": "number"}]}, answer_strict=True)
+
+
+def test_as_json_schema_reads_writes_the_defaults_out():
+    schema = {"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{"type": "integer"}]},
+                                               "b": {"type": "object", "additionalProperties": False}},
+              "$defs": {"t": {"type": ["object", "null"]}}, "anyOf": [{"properties": {}}]}
+    read = as_json_schema_reads(schema)
+    assert read["additionalProperties"] is True and read["properties"]["a"]["items"] is True
+    assert read["properties"]["b"]["additionalProperties"] is False  # what the schema says stays
+    assert read["$defs"]["t"]["additionalProperties"] is True and read["anyOf"][0]["additionalProperties"] is True
+    assert "additionalProperties" not in schema  # a copy
+    assert as_json_schema_reads({"type": "string"}) == {"type": "string"}

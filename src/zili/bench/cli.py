@@ -303,6 +303,8 @@ def offline(
 
     reqs = make_requests(num_prompts, in_len, out_len, "random-ids", _vocab(path), seed)
     opts: dict[str, Any] = dict(engine_args)
+    if threads:  # the engine sets its own thread count at build (EngineConfig.threads), over torch's
+        opts["threads"] = threads
     if tp_path:
         opts["distributed_executor_backend"] = "mp"
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from torch import nn
 from zili import envs
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
+from zili.layers.fused import allow_recompiles
 from zili.models.base import CausalLM
 from zili.models.registry import capabilities_of
 
@@ -83,6 +84,10 @@ class CompiledDecode:
         # on-disk cache of them) valid for every pool size.
         for cache in kv_caches:
             torch._dynamo.mark_dynamic(cache, 1)
+        # One graph per batch size of the ladder, and per engine in the process: dynamo keys them all
+        # on this one method's code, so its default limit of 8 graphs made the third engine in a
+        # process (or a long ladder) fail to compile and run eagerly.
+        allow_recompiles(256)
         self._fn = torch.compile(self._forward, dynamic=False, fullgraph=True)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,

@@ -11,7 +11,7 @@ import asyncio
 import hmac
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Security
+from fastapi import APIRouter, Depends, Path, Query, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,9 +24,13 @@ from zili.server.auth import _bearer
 from zili.server.errors import APIError, bad_request
 from zili.server.protocol import ErrorResponse
 
+# PostgreSQL text cannot hold NUL, and its driver's error is no ValueError (it was a 500 there):
+# every client string that reaches the database is refused with a 422 when it holds one.
+NO_NUL = r"^[^\x00]*$"
 Limit = Annotated[int | None, Field(ge=1, le=MAX_LIMIT)]
-ModelList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]] | None,
+ModelList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256, pattern=NO_NUL)]] | None,
                       Field(min_length=1, max_length=64)]
+KeyRef = Annotated[str, Path(pattern=NO_NUL)]
 
 
 class KeyCreate(BaseModel):
@@ -37,7 +41,8 @@ class KeyCreate(BaseModel):
     tpm: Limit = None
     tokens_per_day: Limit = None
     max_concurrency: Limit = None
-    expires: str | None = Field(None, max_length=64, description="A duration from now (30d, 12h) or an ISO 8601 time.")
+    expires: str | None = Field(None, max_length=64, pattern=NO_NUL,
+                                description="A duration from now (30d, 12h) or an ISO 8601 time.")
 
 
 class KeyUpdate(BaseModel):
@@ -49,12 +54,13 @@ class KeyUpdate(BaseModel):
     tpm: Limit = None
     tokens_per_day: Limit = None
     max_concurrency: Limit = None
-    expires: str | None = Field(None, max_length=64)
+    expires: str | None = Field(None, max_length=64, pattern=NO_NUL)
 
 
 class PauseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    message: str = Field(default="The service is paused by its operator.", min_length=1, max_length=500)
+    message: str = Field(default="The service is paused by its operator.", min_length=1, max_length=500,
+                         pattern=NO_NUL)
     abort: bool = False
 
 
@@ -125,7 +131,7 @@ async def list_keys(request: Request, include_revoked: bool = False) -> dict[str
 
 
 @admin_router.get("/keys/{name_or_id}")
-async def get_key(name_or_id: str, request: Request) -> dict[str, Any]:
+async def get_key(name_or_id: KeyRef, request: Request) -> dict[str, Any]:
     gov = _governance(request)
     try:
         key = await asyncio.to_thread(gov.keys.get, name_or_id)
@@ -135,7 +141,7 @@ async def get_key(name_or_id: str, request: Request) -> dict[str, Any]:
 
 
 @admin_router.patch("/keys/{name_or_id}")
-async def update_key(name_or_id: str, body: KeyUpdate, request: Request) -> dict[str, Any]:
+async def update_key(name_or_id: KeyRef, body: KeyUpdate, request: Request) -> dict[str, Any]:
     """Change limits, models or expiry; fields left out stay as they are, null removes a limit."""
     gov = _governance(request)
     changes: dict[str, Any] = {f: getattr(body, f) for f in body.model_fields_set if f != "expires"}
@@ -155,7 +161,7 @@ async def update_key(name_or_id: str, body: KeyUpdate, request: Request) -> dict
 
 
 @admin_router.delete("/keys/{name_or_id}")
-async def revoke_key(name_or_id: str, request: Request) -> dict[str, Any]:
+async def revoke_key(name_or_id: KeyRef, request: Request) -> dict[str, Any]:
     """Revoke a key: its next request gets 401 and its requests in flight are aborted now."""
     gov = _governance(request)
     try:
@@ -169,9 +175,9 @@ async def revoke_key(name_or_id: str, request: Request) -> dict[str, Any]:
 
 @admin_router.get("/usage")
 async def usage(request: Request, by: Annotated[Literal["day", "model", "key"], Query()] = "day",
-                since: Annotated[str | None, Query(max_length=64)] = None,
-                key: Annotated[str | None, Query(max_length=64)] = None,
-                model: Annotated[str | None, Query(max_length=256)] = None) -> dict[str, Any]:
+                since: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+                key: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+                model: Annotated[str | None, Query(max_length=256, pattern=NO_NUL)] = None) -> dict[str, Any]:
     """Ledger totals grouped by UTC day, model or key; `since` is a duration back (7d) or an ISO time."""
     gov = _governance(request)
     try:
@@ -188,8 +194,8 @@ async def usage(request: Request, by: Annotated[Literal["day", "model", "key"], 
 
 
 @admin_router.get("/audit")
-async def audit(request: Request, since: Annotated[str | None, Query(max_length=64)] = None,
-                action: Annotated[str | None, Query(max_length=64)] = None,
+async def audit(request: Request, since: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+                action: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
                 limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
     """The audit log, newest first."""
     gov = _governance(request)

@@ -83,6 +83,16 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return _active["silu_mul"](x)
 
 
+def allow_recompiles(limit: int) -> None:
+    """Let torch.compile keep up to `limit` graphs per compiled function (dynamo's default is 8, after
+    which a fullgraph compile fails hard). Only ever raises the limit; process-wide, as dynamo's config is."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+
+
 def enable_fusion() -> None:
     """Prepare the compiled forms (each builds its kernel on its first call, for any token count).
     They run only inside `compiled_ops()`: a compiled function costs ~100+ us of host time per call
@@ -90,7 +100,6 @@ def enable_fusion() -> None:
     of the loop, in a captured device graph that replays the kernels."""
     if _compiled:
         return
-    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     envs.use_zili_inductor_cache()
@@ -98,9 +107,7 @@ def enable_fusion() -> None:
     # kernels then give the eager results bit for bit on the CPU, to the last bit or so on GPUs.
     inductor_config.emulate_precision_casts = True
     # A process may hold models of several dtypes and norm widths: one graph each, not a hard stop.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    allow_recompiles(64)
     for name, fn in REFERENCE.items():
         _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     logger.info("fused elementwise ops ready: %s (torch.compile, used in captured decode graphs)",

@@ -303,7 +303,8 @@ def _tools_with_response_format(fmt: p.ResponseFormat, tools: list[dict[str, Any
     try:
         schema = _answer_schema(fmt)
         if tool_choice == "auto":
-            return tool_call_or_answer(tools, schema, parallel_tool_calls, tool_style), "response_format"
+            strict = fmt.json_schema.strict if fmt.json_schema is not None else None
+            return tool_call_or_answer(tools, schema, parallel_tool_calls, tool_style, strict), "response_format"
         from zili.structured.spec import check_json_schema
 
         check_json_schema(schema)  # refused now, not only in the turn that needs it

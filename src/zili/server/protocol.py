@@ -56,7 +56,10 @@ class FunctionDefinition(_Request):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: bool | None = Field(None, description=(
+        "As response_format's json_schema.strict, for the arguments of a forced call: true refuses (400, naming "
+        "the place) a parameters schema the grammar would only approximate; false reads it as JSON Schema does "
+        "(extra properties / items allowed unless forbidden); unset: strict mode where the schema allows it."))
 
 
 class Tool(_Request):

@@ -243,3 +243,45 @@ def check_exact(schema: Any) -> None:
     if loose:
         raise ValueError("strict mode: the grammar cannot enforce this schema exactly: " + "; ".join(map(str, loose))
                          + ". Remove those keywords, or send strict: false to accept the approximation")
+
+
+# Where a schema holds sub-schemas (JSON Schema 2020-12 and drafts 4-7): keyword -> "one" | "list" | "map".
+_SUB_SCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+                "dependentSchemas": "map", "items": "one", "additionalProperties": "one", "additionalItems": "one",
+                "unevaluatedProperties": "one", "unevaluatedItems": "one", "contains": "one", "propertyNames": "one",
+                "not": "one", "if": "one", "then": "one", "else": "one", "prefixItems": "list", "anyOf": "list",
+                "oneOf": "list", "allOf": "list"}
+
+
+def as_json_schema_reads(schema: Any) -> Any:
+    """`schema` with JSON Schema's defaults written out, for a compiler that applies strict defaults.
+
+    In strict mode (OpenAI's structured outputs; xgrammar's `strict_mode`, which its structural tags
+    always use) an object admits only the properties it lists and an array only the items it lists;
+    JSON Schema itself allows more unless `additionalProperties` / `items` forbid it. This writes
+    `additionalProperties: true` on every object schema that sets neither it nor
+    `unevaluatedProperties`, `items: true` on every array schema without `items`, and
+    `additionalItems: true` beside a draft 4-7 tuple `items` list, so a strict compiler reads the
+    schema as JSON Schema does. A copy; `schema` is not changed."""
+    if isinstance(schema, list):
+        return [as_json_schema_reads(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, shape in _SUB_SCHEMAS.items():
+        value = out.get(key)
+        if shape == "map" and isinstance(value, dict):
+            out[key] = {name: as_json_schema_reads(item) for name, item in value.items()}
+        elif value is not None and shape != "map":
+            out[key] = as_json_schema_reads(value)
+    declared = out.get("type")
+    types = {t for t in (declared if isinstance(declared, list) else [declared]) if isinstance(t, str)}
+    if ("object" in types or "properties" in out or "patternProperties" in out) \
+            and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = True
+    if "array" in types or "prefixItems" in out:
+        if "items" not in out:
+            out["items"] = True
+        elif isinstance(out["items"], list) and "additionalItems" not in out:
+            out["additionalItems"] = True
+    return out

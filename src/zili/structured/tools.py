@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from zili.structured.spec import StructuredOutput, check_json_schema
+from zili.structured.spec import StructuredOutput, as_json_schema_reads, check_exact, check_json_schema
 
 HERMES, LLAMA3 = "hermes", "llama3"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -66,11 +66,16 @@ def normalize_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not _NAME.match(fn["name"]):
             raise ValueError(f"tools[{i}].function.name must be 1-64 characters of a-z, A-Z, 0-9, '_', '-' or '.'")
         params = fn.get("parameters")
+        strict = fn.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"tools[{i}].function.strict must be true, false or null")
         if params is not None:
             if not isinstance(params, dict):
                 raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
             try:
                 check_json_schema(params)
+                if strict:  # OpenAI's strict function calling: the arguments must match exactly
+                    check_exact(params)
             except ValueError as e:
                 raise ValueError(f"tools[{i}].function.parameters: {e}") from None
         fn = {k: v for k, v in fn.items() if v is not None}
@@ -125,7 +130,7 @@ def tool_call_constraint(tools: list[dict[str, Any]], tool_choice: str, parallel
     tags = []
     for tool in chosen:
         fn = tool["function"]
-        schema = fn.get("parameters") or {"type": "object"}
+        schema = _as_compiled(fn.get("parameters") or {"type": "object"}, fn.get("strict"))
         name = json.dumps(fn["name"])
         if style == LLAMA3:
             begin, end = f'{{"name": {name}, "parameters": ', "}"
@@ -140,16 +145,45 @@ def tool_call_constraint(tools: list[dict[str, Any]], tool_choice: str, parallel
 
 
 def tool_call_or_answer(tools: list[dict[str, Any]], answer_schema: dict[str, Any], parallel_tool_calls: bool = True,
-                        style: str = HERMES) -> StructuredOutput:
+                        style: str = HERMES, answer_strict: bool | None = None) -> StructuredOutput:
     """tool_choice "auto" with a response_format: the output is either well-formed tool calls (as for
     "required") or a final answer matching `answer_schema` (OpenAI applies the response format to
-    the model's text answer, not to its calls). An xgrammar structural tag "or" of the two."""
+    the model's text answer, not to its calls). An xgrammar structural tag "or" of the two.
+    `answer_strict` is the response format's `strict`, read as for the tools' (`_as_compiled`)."""
     calls = tool_call_constraint(tools, "required", parallel_tool_calls, style)
     assert calls is not None  # "required" always constrains
-    answer = {"type": "json_schema", "json_schema": answer_schema}
     check_json_schema(answer_schema)
+    if answer_strict:
+        check_exact(answer_schema)
+    answer = {"type": "json_schema", "json_schema": _as_compiled(answer_schema, answer_strict)}
     fmt = {"type": "or", "elements": [json.loads(calls.spec)["format"], answer]}
     return StructuredOutput.structural_tag({"type": "structural_tag", "format": fmt})
+
+
+def _as_compiled(schema: dict[str, Any], strict: bool | None) -> dict[str, Any]:
+    """The schema a structural tag should carry for a tool's (or an answer's) `strict`.
+
+    xgrammar compiles a structural tag's schemas in strict mode always (only the listed properties
+    and items). strict true: that is what was asked (and check_exact refused what it would only
+    approximate); false: the schema as JSON Schema reads it (extra properties and items allowed unless
+    forbidden); not given: strict mode where the schema allows it, else as JSON Schema reads it (a
+    schema such as {"type": "array", "minItems": 1} has no strict reading), as response_format does."""
+    if strict:
+        return schema
+    if strict is False or not _compiles_strictly(schema):
+        return as_json_schema_reads(schema)
+    return schema
+
+
+def _compiles_strictly(schema: dict[str, Any]) -> bool:
+    # Imported here: the backend loads xgrammar, which the prompt-only paths of this module do not need.
+    from zili.structured.backend import json_schema_grammar
+
+    try:
+        json_schema_grammar(json.dumps(schema), strict=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 # ---- prompts ------------------------------------------------------------------------------------

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 SCRATCH_BLOCKS = 4
 
 
+COMPILE_THREAD_NAME = "zili-compile-decode"  # the background compile's thread (the server's shutdown looks for it)
+
+
 def eager_by_default() -> bool:
     return envs.enforce_eager()
 
@@ -147,6 +150,6 @@ class CompiledDecode:
                         "decode steps run compiled from now on", batch_sizes, seconds)
             on_ready(self)
 
-        thread = threading.Thread(target=run, name="zili-compile-decode", daemon=True)
+        thread = threading.Thread(target=run, name=COMPILE_THREAD_NAME, daemon=True)
         thread.start()
         return thread

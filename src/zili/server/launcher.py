@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from zili import envs
 from zili.cli_options import engine_options
 from zili.engine.async_engine import AsyncEngine, ServingEngine
+from zili.engine.compiled_decode import COMPILE_THREAD_NAME
 from zili.governance.service import GovernanceConfig, build_governance
 from zili.reasoning import parse_reasoning_budgets, resolve_reasoning_parser
 from zili.sampling import POOLING_TYPES
@@ -83,7 +85,7 @@ class _DrainingServer(uvicorn.Server):
 # The engine settings `zili serve` takes: every one of zili.cli_options.ENGINE_OPTIONS, with its defaults.
 SERVE_ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "kv_cache_dtype", "quantization",
                         "threads", "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
-                        "reasoning_parser", "tensor_parallel_size", "speculative_config")
+                        "reasoning_parser", "tensor_parallel_size", "speculative_config", "enable_jump_forward")
 
 
 @engine_options(*SERVE_ENGINE_OPTIONS)
@@ -199,8 +201,26 @@ def serve(
     elif keys:
         logger.info("API keys required on /v1/*, /tokenize, /detokenize (%d key(s))", len(keys))
     server.run()
+    _exit_past_compiler_threads(server.exit_code)
     if server.exit_code:
         raise typer.Exit(server.exit_code)
+
+
+def _exit_past_compiler_threads(code: int) -> None:
+    """Exit at once when the decode step's background compile is still running at shutdown.
+
+    Everything the server owes has been done by now (answers drained, the ledger flushed, the engine
+    closed); what is left is the compile thread, inside torch's compiler. Letting the interpreter
+    finalize around it aborts the process ("terminate called without an active exception", exit
+    -6), so a SIGTERM soon after start would not exit 0 as documented. os._exit skips that teardown.
+    """
+    if not any(t.name == COMPILE_THREAD_NAME and t.is_alive() for t in threading.enumerate()):
+        return
+    logger.info("exiting without waiting for the decode step's background compile")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _engine_lost(engine: ServingEngine, server: _DrainingServer, exc: BaseException) -> None:

@@ -201,22 +201,26 @@ def serve(
     elif keys:
         logger.info("API keys required on /v1/*, /tokenize, /detokenize (%d key(s))", len(keys))
     server.run()
-    _exit_past_compiler_threads(server.exit_code)
+    _exit_past_native_threads(server.exit_code, ray_driver=replicas > 1 or ray_address is not None)
     if server.exit_code:
         raise typer.Exit(server.exit_code)
 
 
-def _exit_past_compiler_threads(code: int) -> None:
-    """Exit at once when the decode step's background compile is still running at shutdown.
+def _exit_past_native_threads(code: int, ray_driver: bool) -> None:
+    """Exit at once when native threads would outlive the interpreter: the decode step's background
+    compile still running at shutdown, or a Ray driver (replicas), whose core-worker threads stay.
 
     Everything the server owes has been done by now (answers drained, the ledger flushed, the engine
-    closed); what is left is the compile thread, inside torch's compiler. Letting the interpreter
-    finalize around it aborts the process ("terminate called without an active exception", exit
-    -6), so a SIGTERM soon after start would not exit 0 as documented. os._exit skips that teardown.
+    or the replicas closed, `ray.shutdown()` called). Letting the interpreter finalize around those
+    threads aborts the process ("terminate called without an active exception", exit -6), so a
+    SIGTERM would not exit 0 as documented (seen in CI with Ray, and in a new user's `make run`
+    stopped while the graphs built). os._exit skips that teardown.
     """
-    if not any(t.name == COMPILE_THREAD_NAME and t.is_alive() for t in threading.enumerate()):
+    compiling = any(t.name == COMPILE_THREAD_NAME and t.is_alive() for t in threading.enumerate())
+    if not (compiling or ray_driver):
         return
-    logger.info("exiting without waiting for the decode step's background compile")
+    if compiling:
+        logger.info("exiting without waiting for the decode step's background compile")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

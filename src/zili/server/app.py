@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import zili
 from zili.engine.async_engine import ServingEngine
 from zili.governance.admin import admin_router
+from zili.server.anthropic import error_response as anthropic_error_response
 from zili.server.anthropic import router as anthropic_router
 from zili.server.errors import error_body, install_error_handlers
 from zili.server.request_id import RequestIdMiddleware
@@ -69,12 +70,13 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, send: Send, status: int) -> None:
-        if status == 413:
-            body = error_body(f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
-                              "invalid_request_error", code="request_too_large")
+        message = (f"The request body is larger than this server's limit of {self.max_bytes} bytes." if status == 413
+                   else "Invalid Content-Length header.")
+        if scope.get("path") == "/v1/messages":  # Anthropic's clients read their own error shape (the fuzz found it)
+            response = anthropic_error_response(status, message, headers={"Connection": "close"})
         else:
-            body = error_body("Invalid Content-Length header.", "invalid_request_error")
-        response = JSONResponse(body, status_code=status, headers={"Connection": "close"})
+            body = error_body(message, "invalid_request_error", code="request_too_large" if status == 413 else None)
+            response = JSONResponse(body, status_code=status, headers={"Connection": "close"})
         await response(scope, _no_receive, send)
 
 

@@ -158,9 +158,9 @@ class _Compilers:
             self.zili.compiler.compile_grammar(grammar)
             return "ok", []
         if library.startswith("llguidance"):
-            options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+            options: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                        "lenient": library.endswith("lenient")}
-            llg_grammar: str = self.llg.LLMatcher.grammar_from_json_schema(text, defaults=options)  # type: ignore[arg-type]
+            llg_grammar: str = self.llg.LLMatcher.grammar_from_json_schema(text, defaults=options)
             is_error, messages = self.llg.LLMatcher.validate_grammar_with_warnings(llg_grammar, self.llg_tokenizer)
             if is_error:
                 return "error", messages

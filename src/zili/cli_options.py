@@ -75,7 +75,12 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "chat template), deepseek-r1, qwen3 or none."),
     EngineOption("speculative_config", str | None, None, "Speculative decoding as a JSON object, as vLLM takes it: "
                  '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
-                 "(draftless n-gram proposals from the request's own prompt and output). Default: off."),
+                 "(draftless n-gram proposals from the request's own prompt and output), or "
+                 '\'{"method": "draft_model", "model": "PATH", "num_speculative_tokens": 4}\' (a smaller model of the '
+                 "same tokenizer proposes). Default: off."),
+    EngineOption("speculative_model", str | None, None, "A draft model (path or alias) of the same tokenizer "
+                 "proposes 5 tokens a step, verified by MODEL: shorthand for --speculative-config "
+                 '\'{"method": "draft_model", "model": X, "num_speculative_tokens": 5}\'.'),
     EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
                  "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),

@@ -271,7 +271,8 @@ def check_load_format(value: object, field: str = "load_format") -> str:
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 # Speculative decoding (zili.engine.spec_decode): the proposal methods zili runs.
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+DEFAULT_NUM_SPECULATIVE_TOKENS = 5  # what `--speculative-model` alone proposes a step
 
 
 @dataclass(frozen=True)
@@ -282,13 +283,19 @@ class SpeculativeConfig:
     of a sequence (n from prompt_lookup_max down to prompt_lookup_min) are looked up earlier in its own
     prompt and output, and the tokens that followed there are proposed, at most num_speculative_tokens
     a step. disable_by_batch_size: no proposals in steps where at least this many sequences run
-    (None: always propose). Build it with `parse_speculative_config`, which names a bad field."""
+    (None: always propose).
+
+    method "draft_model": a smaller model of the same tokenizer (`model`: a path or alias) runs beside the
+    target in the same process with its own KV cache and proposes num_speculative_tokens tokens a step
+    greedily (Leviathan et al. 2023; vLLM's `draft_model`, `--speculative-model`). Build it with
+    `parse_speculative_config`, which names a bad field."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 5
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int | None = None
+    model: str | None = None  # the draft model (method "draft_model")
 
 
 def parse_speculative_config(value: object, field: str = "speculative_config") -> SpeculativeConfig | None:
@@ -307,15 +314,25 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
                              f"\"num_speculative_tokens\": 5}}': {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
-    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
+             "model"}
     unknown = sorted(str(k) for k in value if k not in known)
     if unknown:
         raise ValueError(f"{field}.{unknown[0]} is not a known setting; known: {', '.join(sorted(known))}")
-    method = value.get("method", "ngram")
+    model = value.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise ValueError(f"{field}.model must be a model path or alias (a non-empty string), got {model!r}")
+    # As vLLM: a `model` without a method is a draft model.
+    method = value.get("method", "ngram" if model is None else "draft_model")
     if method == "[ngram]":  # vLLM's older spelling
         method = "ngram"
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"{field}.method {method!r} is not supported; supported: {', '.join(SPECULATIVE_METHODS)}")
+    if method == "draft_model" and model is None:
+        raise ValueError(f"{field}.model is required for method 'draft_model' (the draft model's path or alias)")
+    if method == "ngram" and model is not None:
+        raise ValueError(f"{field}.model is not used by method 'ngram' (drafts come from the prompt); "
+                         "use method 'draft_model'")
 
     def positive(key: str, default: int | None, limit: int = 64) -> int | None:
         v = value.get(key, default)
@@ -333,7 +350,20 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if lo > hi:
         raise ValueError(f"{field}.prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
     batch = positive("disable_by_batch_size", None, 1 << 20)
-    return SpeculativeConfig(method, k, hi, lo, batch)  # type: ignore[arg-type]
+    return SpeculativeConfig(method, k, hi, lo, batch, model)  # type: ignore[arg-type]
+
+
+def _with_speculative_model(spec: SpeculativeConfig | None, model: object) -> SpeculativeConfig:
+    """speculative_config with `speculative_model` (vLLM's shorthand) folded in; ValueError naming the field
+    when it is not a string or contradicts speculative_config."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"EngineConfig.speculative_model must be a model path or alias, got {model!r}")
+    if spec is None:
+        return SpeculativeConfig("draft_model", DEFAULT_NUM_SPECULATIVE_TOKENS, model=model)
+    if spec.method != "draft_model" or spec.model != model:
+        raise ValueError(f"EngineConfig.speculative_model={model!r} contradicts speculative_config "
+                         f"(method {spec.method!r}, model {spec.model!r}); give one of them")
+    return spec
 
 
 @dataclass
@@ -382,6 +412,9 @@ class EngineConfig:
     # string or a SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 5,
     # "prompt_lookup_max": 4, "prompt_lookup_min": 2}. None: off.
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # vLLM's shorthand for a draft model: the same as speculative_config {"method": "draft_model",
+    # "model": speculative_model, "num_speculative_tokens": 5}.
+    speculative_model: str | None = None
     # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
     # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
@@ -418,6 +451,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
         self.speculative_config = parse_speculative_config(self.speculative_config, "EngineConfig.speculative_config")
+        if self.speculative_model is not None:
+            self.speculative_config = _with_speculative_model(self.speculative_config, self.speculative_model)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"EngineConfig.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

@@ -21,7 +21,7 @@ from zili import LLM, SamplingParams
 from zili.config import EngineConfig, SpeculativeConfig, parse_speculative_config
 from zili.engine.request import Request, Sequence, SequenceStatus
 from zili.engine.sampler import Sampler
-from zili.engine.spec_decode import NgramIndex, NgramSpeculator
+from zili.engine.spec_decode import NgramIndex, Speculator
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
@@ -262,8 +262,8 @@ def test_rejection_sampling_keeps_the_target_distribution(top_k):
     params = SamplingParams(temperature=1.0, top_k=top_k)
     seqs = _fake_sequences(n, drafts, params)
     sampler = Sampler(vocab, seed=1234)
-    speculator = NgramSpeculator(SpeculativeConfig("ngram", 2, 2, 1), max_model_len=64)
-    rows = NgramSpeculator.rows_of(seqs)
+    speculator = Speculator(SpeculativeConfig("ngram", 2, 2, 1), max_model_len=64)
+    rows = Speculator.rows_of(seqs)
     sampled = sampler(logits.repeat(n, 1), rows)
     verified, rejected = speculator.verify(sampled.token_ids, sampled.logprobs, seqs)
     per_seq: dict[str, list[int]] = {}

@@ -20,9 +20,12 @@ from zili.config import QUANTIZED_KV_DTYPES, EngineConfig, ModelConfig, kv_cache
 from zili.distributed.executor import TensorParallelExecutor
 from zili.engine.compiled_decode import CompiledDecode, compiles_in_background, eager_by_default, unsupported_reason
 from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
+from zili.engine.draft_model import DraftModelProposer, check_same_vocab
 from zili.engine.engine import Engine
 from zili.engine.executor import Executor
+from zili.engine.kv_cache import KVCacheManager
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
+from zili.engine.spec_decode import Proposer
 from zili.kernels.backends import AttentionBackend, choose_attention_backend, use_attention_backend
 from zili.layers import fused
 from zili.layers.linear import Linear
@@ -57,6 +60,7 @@ class EngineParts:
     compile_seconds: float | None = None  # the decode step compiled (CPUs), or None: eager
     graph_batch_sizes: list[int] | None = None  # captured decode graphs (GPUs), or None
     fused_elementwise: bool = False
+    proposer: Proposer | None = None  # speculative decoding's draft maker, when not the default n-gram lookup
 
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Engine:
@@ -108,6 +112,10 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         raise
     parts = EngineParts(config, platform, mc, cache_config, loaded.tokenizer, loaded.dtype, executor, tp_executor,
                         num_blocks, max_model_len, attention.name, quantized)
+    spec = config.speculative_config
+    if spec is not None and not isinstance(spec, (str, dict)) and spec.method == "draft_model":
+        parts.proposer = _draft_model_proposer(config, platform, attention, loaded, num_blocks, max_model_len,
+                                               tp_executor is not None)
     # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled step
     # (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
     eager = tp_executor is not None or (config.enforce_eager if config.enforce_eager is not None
@@ -122,6 +130,35 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", num_blocks, config.block_size,
                 num_blocks * kv_bytes_per_block(cache_config, config.block_size, kv_dtype) / 2**20, kv_dtype)
     return parts
+
+
+def _draft_model_proposer(config: EngineConfig, platform: Platform, attention: AttentionBackend, target: LoadedModel,
+                          num_blocks: int, max_model_len: int, tensor_parallel: bool) -> DraftModelProposer:
+    """Load speculative_config.model beside the target with its own KV pool (zili.engine.draft_model).
+    Its pool holds what the target's does plus k + 1 block(s) per sequence for the drafts. ValueError
+    naming the field for a draft that cannot serve this target."""
+    spec = config.speculative_config
+    assert spec is not None and not isinstance(spec, (str, dict)) and spec.model is not None
+    field = "EngineConfig.speculative_config.model"
+    if tensor_parallel:
+        raise ValueError(f"{field}: a draft model does not run under tensor parallelism yet; "
+                         "use tensor_parallel_size=1 or method 'ngram'")
+    try:
+        draft = load_model(spec.model, dtype=target.dtype, device=platform.device, load_format=config.load_format,
+                           seed=config.seed)
+    except (ValueError, OSError) as exc:  # not found, unsupported, unreadable: the field was wrong
+        raise ValueError(f"{field}={spec.model!r}: {exc}") from exc
+    check_same_vocab(target.tokenizer, draft.tokenizer, field)
+    quantize_and_calibrate(draft.model, config.quantization, draft.dtype, platform.matmul_backend(),
+                           (lambda: open_checkpoint(draft.source)) if draft.source.format == "gguf" else None,
+                           calibrate=False)
+    blocks = num_blocks + config.max_num_seqs * (1 + -(-spec.num_speculative_tokens // config.block_size))
+    runner = ModelRunner(draft.model, draft.config, blocks, config.block_size, draft.dtype, platform.device, attention)
+    logger.info("draft model %s: %d KV blocks (%.1f MiB), proposes %d token(s) a step", spec.model, blocks,
+                blocks * kv_bytes_per_block(draft.config, config.block_size, draft.dtype) / 2**20,
+                spec.num_speculative_tokens)
+    return DraftModelProposer(runner, KVCacheManager(blocks, config.block_size, config.enable_prefix_caching),
+                              target.config.vocab_size, min(max_model_len, draft.config.max_position_embeddings))
 
 
 # ---- tuning (zili tune; zili.platforms.tuning): tuned values fill what the config leaves default ----

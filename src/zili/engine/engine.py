@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from zili.config import SpeculativeConfig
 from zili.engine.input_processor import InputProcessor, PreparedRequest
 from zili.engine.jump_forward import JumpForward, JumpForwardStats
 from zili.engine.kv_cache import KVCacheManager
@@ -23,7 +24,7 @@ from zili.engine.request import Request, RequestDelta, Sequence, TokenLogprob
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
-from zili.engine.spec_decode import NgramSpeculator, SpecDecodeStats, VerifiedStep, expand_rows, grammar_rows
+from zili.engine.spec_decode import SpecDecodeStats, Speculator, VerifiedStep, expand_rows, grammar_rows
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import PoolingParams, SamplingParams
@@ -92,9 +93,11 @@ class Engine:
         self.reasoning_style = resolve_reasoning_parser(config.reasoning_parser, parts.tokenizer.chat_template)
         self.outputs = OutputProcessor(parts.tokenizer, parts.max_model_len,
                                        sequence_processor=ThinkingOutputs(parts.tokenizer, self.reasoning_style))
-        # Speculative decoding (EngineConfig.speculative_config): n-gram drafts verified in the step.
+        # Speculative decoding (EngineConfig.speculative_config): drafts verified in the step, from n-gram
+        # lookup or the proposer the builder made (a draft model).
         spec = config.speculative_config
-        self.speculator = NgramSpeculator(spec, parts.max_model_len) if spec is not None else None  # type: ignore[arg-type]
+        assert spec is None or isinstance(spec, SpeculativeConfig)  # EngineConfig parsed it
+        self.speculator = Speculator(spec, parts.max_model_len, parts.proposer) if spec is not None else None
         # Jump-forward structured decoding (EngineConfig.enable_jump_forward): forced text in one step.
         self.jump_forward = JumpForward(parts.tokenizer, lambda: self.inputs.grammar_backend) \
             if config.enable_jump_forward else None
@@ -205,7 +208,7 @@ class Engine:
         """Draw every logits row; with drafts in the step, accept them against those draws
         (zili.engine.spec_decode). Returns the tokens to append and, per batch entry, its rejected
         draft tokens (None when the step had no drafts)."""
-        rows = NgramSpeculator.rows_of(sampling) if self.speculator is not None else sampling
+        rows = Speculator.rows_of(sampling) if self.speculator is not None else sampling
         if len(rows) == len(sampling):
             sampled = self.sampler(logits, rows, self.inputs.grammar_mask(rows))
             return VerifiedStep(sampling, sampled.token_ids, sampled.logprobs), None

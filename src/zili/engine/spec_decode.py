@@ -1,6 +1,10 @@
-"""Speculative decoding with draftless n-gram proposals (prompt lookup), verified in the batch's step.
+"""Speculative decoding: drafts from a proposer, verified in the batch's step.
 
-Proposals. A sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked
+Proposers (`Proposer`, the seam): draftless n-gram lookup (`NgramProposer`, below) and a draft model
+(`zili.engine.draft_model.DraftModelProposer`, Leviathan et al. 2023). `Speculator` decides who gets
+drafts and how many, asks the proposer, and verifies; it knows nothing of how drafts are made.
+
+N-gram proposals. A sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked
 up earlier in its own prompt and output; the tokens that followed the most recent earlier occurrence
 are proposed as drafts, at most num_speculative_tokens of them (Saxena 2023, "Prompt Lookup
 Decoding"; vLLM's `ngram` method, llama.cpp's `--spec-type ngram-*`). Input-grounded work (filling a
@@ -24,7 +28,8 @@ every row (the argmax for greedy requests, with the request's own processing and
 accepted while t_j == d_{j+1}, and the first t_j that differs, or t_k after all k were accepted (the
 bonus token), ends the step's output.
 
-For a draftless proposer the draft distribution is a point mass on d, and this is exactly the
+For a draftless proposer, and for a draft model drafting greedily (its argmax is a function of the
+context), the draft distribution is a point mass on d, and this is exactly the
 speculative rejection rule: accept d with probability min(1, p(d) / 1) = p(d); on rejection draw from
 the residual max(0, p - q), renormalised, which is p with d removed. Drawing t ~ p and accepting when
 t == d does both at once: P(accept) = p(d), and given t != d, t is distributed as p restricted to
@@ -106,11 +111,49 @@ class NgramIndex:
         return []
 
 
+@runtime_checkable
+class Proposer(Protocol):
+    """Makes draft tokens for `Speculator` (the seam between proposing and verifying).
+
+    A proposer may keep per-sequence state (an n-gram index, a draft model's KV cache); `release`
+    drops it and gives back what it holds. The speculator releases a sequence when it finishes, is
+    aborted, or stops running (preempted), and asks again from scratch later."""
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        """Per sequence, at most `num_tokens[i]` (>= 1) tokens to follow `seqs[i].token_ids` (fewer or
+        none where it has no proposal). The drafts must be a deterministic function of the sequence's
+        tokens (a point-mass draft distribution): that is what the verification rule assumes."""
+        ...
+
+    def release(self, seq_id: str) -> None:
+        """Forget a sequence (idempotent)."""
+        ...
+
+
+class NgramProposer:
+    """Prompt-lookup drafts (see the module docstring): one `NgramIndex` per sequence."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.indexes: dict[str, NgramIndex] = {}
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        out = []
+        for seq, k in zip(seqs, num_tokens):
+            index = self.indexes.get(seq.seq_id)
+            if index is None:
+                index = self.indexes[seq.seq_id] = NgramIndex(self.min_n, self.max_n)
+            out.append(index.propose(seq.token_ids, k))
+        return out
+
+    def release(self, seq_id: str) -> None:
+        self.indexes.pop(seq_id, None)
+
+
 @dataclass
 class SpecState:
-    """One sequence's proposer state: its n-gram index and the adaptive draft length."""
+    """One sequence's adaptive draft length and pause (whatever the proposer)."""
 
-    index: NgramIndex
     draft_len: int
     misses: int = 0  # consecutive verify steps that accepted nothing
     pause: int = 0  # steps left without proposals
@@ -145,13 +188,17 @@ class VerifiedStep:
     logprobs: list[TokenLogprob | None]
 
 
-class NgramSpeculator:
-    """Proposes drafts for running decode sequences and verifies them after the forward pass."""
+class Speculator:
+    """Gets drafts for running decode sequences from a `Proposer` (default: n-gram lookup per `config`)
+    and verifies them after the forward pass."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        self.proposer: Proposer = proposer if proposer is not None else \
+            NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.states: dict[str, SpecState] = {}
+        self.proposing: set[str] = set()  # sequences the proposer may hold state for
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
 
     # ---- proposals ---------------------------------------------------------------------------------
@@ -160,17 +207,21 @@ class NgramSpeculator:
         scheduler may shorten or drop it to fit the step's budget and the KV pool)."""
         for seq in running:  # last step's proposals are spent or stale
             seq.draft_token_ids = []
+        live = {seq.seq_id for seq in running}
+        for seq_id in self.proposing - live:  # preempted since: give back what the proposer holds
+            self.proposer.release(seq_id)
+        self.proposing &= live
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) >= limit:
             return
+        asked: list[Sequence] = []
+        lengths: list[int] = []
         for seq in running:
             if not self.eligible(seq):
                 continue
             state = self.states.get(seq.seq_id)
             if state is None:
-                state = self.states[seq.seq_id] = SpecState(
-                    NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max),
-                    self.config.num_speculative_tokens)
+                state = self.states[seq.seq_id] = SpecState(self.config.num_speculative_tokens)
             if state.pause > 0:
                 state.pause -= 1
                 continue
@@ -178,10 +229,16 @@ class NgramSpeculator:
             room = min(req.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             k = min(state.draft_len, room)
             if k > 0:
-                drafts = state.index.propose(seq.token_ids, k)
-                if drafts and isinstance(seq.grammar, RollbackGrammar):
-                    drafts = grammar_prefix(seq.grammar, drafts)
-                seq.draft_token_ids = drafts
+                asked.append(seq)
+                lengths.append(k)
+        if not asked:
+            return
+        self.proposing.update(seq.seq_id for seq in asked)
+        for seq, k, drafts in zip(asked, lengths, self.proposer.propose(asked, lengths)):
+            drafts = drafts[:k]
+            if drafts and isinstance(seq.grammar, RollbackGrammar):
+                drafts = grammar_prefix(seq.grammar, drafts)
+            seq.draft_token_ids = drafts
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -194,8 +251,10 @@ class NgramSpeculator:
                 and seq.num_output_tokens >= p.min_tokens and p.max_reasoning_tokens is None)
 
     def release(self, seq: Sequence) -> None:
-        """Forget a finished or aborted sequence."""
+        """Forget a finished or aborted sequence (and give back what the proposer holds for it)."""
         self.states.pop(seq.seq_id, None)
+        self.proposing.discard(seq.seq_id)
+        self.proposer.release(seq.seq_id)
 
     # ---- verification ------------------------------------------------------------------------------
     def verify(self, sampled_ids: list[int], logprobs: list[TokenLogprob | None],

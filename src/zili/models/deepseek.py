@@ -11,7 +11,9 @@ halves (`rope_interleave`), and routes with sigmoid + noaux_tc and a score-corre
 
 Checkpoint names are HF's, with routed experts one tensor per expert
 (`mlp.experts.{e}.gate_proj.weight`, ...), as DeepSeek ships them and transformers saves them.
-Layers past num_hidden_layers (V3's multi-token-prediction module) are skipped.
+Layers past num_hidden_layers (V3's multi-token-prediction module, `num_nextn_predict_layers`) are
+skipped by `DeepseekForCausalLM`; `DeepseekMTP` loads them on their own (speculative decoding's
+"mtp" proposer).
 
 GGUF files (llama.cpp's "deepseek2" architecture, both V2 and V3) are read through
 `DEEPSEEK2_GGUF_LAYOUT`: llama.cpp's names map to HF's, two of its layouts are undone at loading
@@ -32,6 +34,7 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
+from zili.layers.linear import Linear
 from zili.layers.mla import MLA_FUSED_PROJECTIONS, MLAttention
 from zili.layers.moe import DeepseekMoE, FusedExperts, GatedMLP
 from zili.layers.norm import RMSNorm
@@ -185,6 +188,101 @@ class DeepseekForCausalLM(CausalLM):
             return None
         return {f"{module_name}.{expert}.{hf_leaf}.weight": _expert_loader(module, expert, hf_leaf)
                 for expert in range(module.num_experts) for hf_leaf in _EXPERT_LEAVES}
+
+
+class DeepseekMTPLayer(DeepseekDecoderLayer):
+    """One multi-token-prediction module of DeepSeek-V3 (DeepSeek-AI 2024, "DeepSeek-V3 Technical
+    Report", section 2.2, eqs. 21-23): from the main model's hidden state h_i at position i and the
+    embedding of token t_{i+1}, a decoder block predicts t_{i+2}:
+
+        h'_i = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])      (the checkpoint's order: embedding first)
+        h''_i = DecoderBlock(h'_i)  (MLA over its own KV cache, at position i; MoE or dense MLP)
+        logits = shared_head.head(shared_head.norm(h''_i))
+
+    HF checkpoints store it as layer num_hidden_layers (+ k for depth k): the block's usual tensors
+    plus enorm, hnorm, eh_proj and shared_head.{norm,head}. h_i is the main model's output after its
+    final norm (what `DeepseekModel.forward` returns), as vLLM's and SGLang's MTP take it; the row at
+    position 0 gets a zero embedding (`DeepseekMTP.forward`)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = Linear(2 * hidden, hidden)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.shared_head.head = Linear(hidden, config.vocab_size)
+
+    def predict(self, previous_hidden: torch.Tensor, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """previous_hidden, embeds [T, H] -> the block's output h'' [T, H] (before the shared head's norm)."""
+        x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(previous_hidden)], dim=-1))
+        return self.forward(x, cos, sin, kv_cache, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """h'' [T, H] -> float32 logits [T, vocab]."""
+        return self.shared_head.head(self.shared_head.norm(hidden)).float()
+
+
+class DeepseekMTP(CausalLM):
+    """A DeepSeek-V3 checkpoint's multi-token-prediction layers (`num_nextn_predict_layers` of them),
+    loaded beside the main model: `load_weights` takes the checkpoint's tensors (all of them; only
+    layers >= num_hidden_layers are read) and reuses the main model's token embedding, as the report's
+    shared embedding (the checkpoint's per-layer copy, `embed_tokens`, is skipped). Each layer has its
+    own MLA KV cache (`ModelConfig.kv_cache_shape`, one layer's worth). ValueError when the config has
+    no MTP layer."""
+
+    family = "DeepSeek MTP"
+    fused_projections = FUSED_PROJECTIONS
+    dense_weight_readers = ("head", "kv_b_proj")
+
+    def __init__(self, config: ModelConfig, embed_tokens: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("num_nextn_predict_layers must be >= 1 for DeepSeek MTP (the checkpoint has none)")
+        self.config = config
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(DeepseekMTPLayer(config, config.num_hidden_layers + k) for k in range(num_layers))
+        self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling)
+        self._embed = [embed_tokens]  # the main model's, not a submodule: not loaded, not counted twice
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, previous_hidden: torch.Tensor | None = None,
+                depth: int = 0) -> torch.Tensor:
+        """Layer `depth` on rows (h_i, t_{i+1}) at positions i: input_ids [T] are the next tokens,
+        previous_hidden [T, H] the main model's final hidden states (depth 0) or the previous
+        depth's outputs; kv_caches[depth] is this layer's cache. Returns h'' [T, H]."""
+        assert previous_hidden is not None, "DeepseekMTP needs the main model's hidden states"
+        # The row at position 0 gets no token embedding, as vLLM's and SGLang's DeepSeek MTP do for the
+        # released checkpoints (the MTP module was trained on a shifted sequence that has none there).
+        embeds = self._embed[0](input_ids).masked_fill((positions == 0).unsqueeze(-1), 0.0)
+        cos, sin = self.rotary_emb(positions, embeds.dtype)
+        return self.layers[depth].predict(previous_hidden, embeds, cos, sin, kv_caches[depth], attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:  # type: ignore[override]
+        return self.layers[depth].compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Every checkpoint tensor in (HF names); `model.layers.{num_hidden_layers + k}.*` load into
+        layer k, the rest are skipped. ValueError for a missing or mis-shaped MTP tensor."""
+        first = self.config.num_hidden_layers
+
+        def mtp_only() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in DeepseekForCausalLM._hf_layout(self, weights):  # type: ignore[arg-type]
+                layer = _LAYER_INDEX.match(name)
+                if layer is None or not first <= int(layer.group(1)) < first + self.num_layers:
+                    continue
+                rest = name[layer.end():]
+                if rest.startswith("embed_tokens."):
+                    continue
+                yield f"layers.{int(layer.group(1)) - first}.{rest}", tensor
+
+        super().load_weights(mtp_only())
+
+    def _module_targets(self, module_name: str, module: nn.Module) -> dict[str, Loader] | None:
+        return DeepseekForCausalLM._module_targets(self, module_name, module)  # type: ignore[arg-type]
 
 
 def _expert_loader(module: FusedExperts, expert: int, hf_leaf: str) -> Loader:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -210,9 +210,7 @@ class DeepseekMTPLayer(DeepseekDecoderLayer):
         self.enorm = RMSNorm(hidden, config.rms_norm_eps)
         self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
         self.eh_proj = Linear(2 * hidden, hidden)
-        self.shared_head = nn.Module()
-        self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.shared_head.head = Linear(hidden, config.vocab_size)
+        self.shared_head = _SharedHead(hidden, config)
 
     def predict(self, previous_hidden: torch.Tensor, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -223,6 +221,15 @@ class DeepseekMTPLayer(DeepseekDecoderLayer):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """h'' [T, H] -> float32 logits [T, vocab]."""
         return self.shared_head.head(self.shared_head.norm(hidden)).float()
+
+
+class _SharedHead(nn.Module):
+    """An MTP layer's output norm and LM head (HF names `shared_head.norm`, `shared_head.head`)."""
+
+    def __init__(self, hidden: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.head = Linear(hidden, config.vocab_size)
 
 
 class DeepseekMTP(CausalLM):
@@ -259,10 +266,13 @@ class DeepseekMTP(CausalLM):
         # released checkpoints (the MTP module was trained on a shifted sequence that has none there).
         embeds = self._embed[0](input_ids).masked_fill((positions == 0).unsqueeze(-1), 0.0)
         cos, sin = self.rotary_emb(positions, embeds.dtype)
-        return self.layers[depth].predict(previous_hidden, embeds, cos, sin, kv_caches[depth], attn_metadata)
+        return self._layer(depth).predict(previous_hidden, embeds, cos, sin, kv_caches[depth], attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:  # type: ignore[override]
-        return self.layers[depth].compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        return self._layer(depth).compute_logits(hidden)
+
+    def _layer(self, depth: int) -> DeepseekMTPLayer:
+        return cast(DeepseekMTPLayer, self.layers[depth])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Every checkpoint tensor in (HF names); `model.layers.{num_hidden_layers + k}.*` load into

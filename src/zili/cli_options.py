@@ -84,6 +84,10 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
                  "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),
+    EngineOption("deterministic", bool | None, None, "Batch-invariant kernels: a greedy or seeded request gets the "
+                 "same tokens whatever else runs beside it and whatever the prefix cache holds (slower; "
+                 "the decode step runs eagerly). Dense-attention models on one device.",
+                 flags=("--deterministic/--no-deterministic",)),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

@@ -421,6 +421,11 @@ class EngineConfig:
     # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces is
     # appended in one step, spelled as the tokenizer spells it.
     enable_jump_forward: bool = False
+    # Batch-invariant kernels (vLLM's batch-invariant mode, SGLang's deterministic inference): a greedy
+    # or seeded request gets the same tokens whatever else runs in its steps and however its prompt
+    # was chunked or prefix-cached. Every matmul runs one kernel at a fixed row tile, every attention
+    # row alone over its own context, the decode step eagerly (zili.engine.builder). Costs speed.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -458,3 +463,5 @@ class EngineConfig:
                              f"got {self.kv_cache_dtype!r}")
         if not isinstance(self.enable_jump_forward, bool):
             raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"EngineConfig.deterministic must be true or false, got {self.deterministic!r}")

@@ -221,7 +221,7 @@ def _serve_line(row: dict) -> str:
 @bench_app.command()
 @engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "kv_cache_dtype", "quantization",
                 "attention_backend", "use_tune_cache", "enforce_eager", "load_format", "speculative_config",
-                "speculative_model", defaults={"enforce_eager": False})
+                "speculative_model", "deterministic", defaults={"enforce_eager": False})
 def offline(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
                                         "alias (default smollm2-135m)."),

@@ -26,9 +26,15 @@ from zili.engine.executor import Executor
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
 from zili.engine.spec_decode import Proposer
-from zili.kernels.backends import AttentionBackend, choose_attention_backend, use_attention_backend
+from zili.kernels.backends import (
+    AttentionBackend,
+    batch_invariant,
+    choose_attention_backend,
+    is_installed,
+    use_attention_backend,
+)
 from zili.layers import fused
-from zili.layers.linear import Linear
+from zili.layers.linear import Linear, set_batch_invariant
 from zili.layers.quant_calibration import KernelChoice
 from zili.models.loader import LoadedModel, load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
@@ -77,6 +83,10 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     platform.prepare_host_allocator()
     name = choose_attention_backend(config.attention_backend, platform, _tuned(tuning, "attention_backend"))
     attention = use_attention_backend(name, _tuned(tuning, "triton"))
+    if config.deterministic:
+        if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
+            raise ValueError("EngineConfig.deterministic is not supported with tensor parallelism yet")
+        attention = batch_invariant(attention, "cpp" in platform.attention_backends() and is_installed("cpp"))
     tp_executor = None
     if config.tensor_parallel_size > 1 or config.distributed_executor_backend == "mp":
         if loaded is not None:
@@ -91,13 +101,16 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         source = loaded.source
         report = quantize_and_calibrate(loaded.model, config.quantization, loaded.dtype, platform.matmul_backend(),
                                         (lambda: open_checkpoint(source)) if source.format == "gguf" else None,
-                                        _tuned(tuning, "quant_max_rows"), _tuned_kernels(tuning), config.calibrate)
+                                        _tuned(tuning, "quant_max_rows"), _tuned_kernels(tuning), config.calibrate,
+                                        row_invariant=config.deterministic)
         quantized = report.counts
         if report.measured and config.use_tune_cache:
             _cache_kernel_choices(platform, report.measured)
     else:
         config, quantized = _apply_model_tuning(config, tuning, loaded), {}
     mc = loaded.config
+    if config.deterministic:
+        _make_batch_invariant(loaded.model, mc)
     cache_config = tp_executor.cache_config(mc) if tp_executor is not None else mc
     try:
         max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
@@ -118,7 +131,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
                                                tp_executor is not None)
     # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled step
     # (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
-    eager = tp_executor is not None or (config.enforce_eager if config.enforce_eager is not None
+    eager = tp_executor is not None or config.deterministic or (config.enforce_eager if config.enforce_eager is not None
                                         else eager_by_default() or _tuned(tuning, "compiled_decode") is False)
     if eager and config.enforce_eager is None and not eager_by_default() and tp_executor is None:
         logger.info("decode step stays eager: `zili tune` measured the compiled step no faster on this device")
@@ -159,6 +172,27 @@ def _draft_model_proposer(config: EngineConfig, platform: Platform, attention: A
                 spec.num_speculative_tokens)
     return DraftModelProposer(runner, KVCacheManager(blocks, config.block_size, config.enable_prefix_caching),
                               target.config.vocab_size, min(max_model_len, draft.config.max_position_embeddings))
+
+
+# ---- batch-invariant mode (EngineConfig.deterministic) ------------------------------------------
+
+# Rows per matmul call in batch-invariant mode: the kernels' blocking (and so each row's summation
+# order) is fixed by this row count; decode batches pad up to it, prefills loop over it. 16 keeps a
+# small decode batch's padding cheap (a decode matmul is bound by reading the weights).
+BATCH_INVARIANT_ROW_TILE = 16
+
+
+def _make_batch_invariant(model: torch.nn.Module, mc: ModelConfig) -> None:
+    """Every projection at one kernel and row tile (the attention backend was wrapped before loading;
+    the decode step stays eager: Inductor's generated kernels are not checked for batch invariance).
+    ValueError for the families it does not cover yet: MoE routes each expert a varying number of
+    rows, MLA attends through its own absorbed kernels."""
+    if mc.use_mla or mc.n_routed_experts:
+        raise ValueError(f"EngineConfig.deterministic is not supported for {mc.architecture} "
+                         "(MLA attention and Mixture-of-Experts layers are not batch-invariant yet)")
+    layers = set_batch_invariant(model, BATCH_INVARIANT_ROW_TILE)
+    logger.info("deterministic: %d projections in batch-invariant mode (row tile %d), per-row attention, "
+                "eager decode", layers, BATCH_INVARIANT_ROW_TILE)
 
 
 # ---- tuning (zili tune; zili.platforms.tuning): tuned values fill what the config leaves default ----

@@ -157,6 +157,57 @@ def cpu_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_ca
     return _mixed_attention(q, kv_cache, meta, scale, decode, window)
 
 
+def batch_invariant_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                                    meta: AttentionMetadata, scale: float, window: int | None = None,
+                                    cpu_kernel: bool = True) -> torch.Tensor:
+    """Attention whose every query row is computed alone, the same way whatever else the step holds
+    (EngineConfig.deterministic; the batch-invariant attention of SGLang's deterministic inference and
+    vLLM's batch-invariant mode).
+
+    The step's keys and values are written first; then the query at absolute position p reads keys
+    0..p (its last `window` on a sliding layer) from the paged cache, in one paged-decode call where
+    each token is its own "sequence" of length p + 1. So a prompt token gets the same numbers whether
+    it is computed in a whole prefill, a chunk of one, after a prefix-cache hit, or as a decode row,
+    and beside any other rows. zili's C++ kernel (`paged_decode`: one work item per row, or per
+    (row, KV head), each reduced in position order) runs with `cpu_kernel` (a CPU where it builds);
+    else a loop of per-row torch calls. Shapes as `paged_attention`."""
+    write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+    if meta.query_lens_cpu is None or meta.is_decode_only:  # one row per sequence already
+        tables, lens = meta.block_tables, meta.seq_lens
+    else:
+        qlens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
+        seq_of_row = torch.repeat_interleave(torch.arange(meta.num_seqs, device=q.device), qlens)
+        first_pos = (meta.seq_lens - qlens).index_select(0, seq_of_row)
+        offset = torch.arange(q.shape[0], device=q.device) - meta.query_start_loc.index_select(0, seq_of_row)
+        tables, lens = meta.block_tables.index_select(0, seq_of_row), first_pos + offset + 1
+    if cpu_kernel:
+        cast = not is_quantized(kv_cache) and kv_cache.dtype != q.dtype
+        out = paged_decode(q.to(kv_cache.dtype) if cast else q, kv_cache, tables, lens, scale, window)
+        return out.to(q.dtype) if cast else out
+    return _rows_attention_reference(q, kv_cache, tables, lens, scale, window)
+
+
+def _rows_attention_reference(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                              scale: float, window: int | None) -> torch.Tensor:
+    """Each row [n_heads, d] over its own context, one call per row (the shape of every operation
+    depends on that row's length alone). Slow: the fallback where zili's C++ kernel is missing."""
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv = kv_cache.shape[3]
+    out = torch.empty(q.shape[0], n_heads, head_dim(kv_cache), dtype=q.dtype, device=q.device)
+    block_size = kv_cache.shape[2]
+    for row, length in enumerate(lens.tolist()):
+        first = max(0, length - window) if window else 0
+        keys, values = _gather_context(kv_cache, tables[row], length, first // block_size)
+        skip = first - (first // block_size) * block_size
+        keys = dequantize_rows(keys[skip:], torch.float32)
+        values = dequantize_rows(values[skip:], torch.float32)  # [S, n_kv, d]
+        qg = q[row].float().view(n_kv, n_heads // n_kv, d)
+        scores = torch.einsum("kgd,skd->kgs", qg, keys) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[row] = torch.einsum("kgs,skd->kgd", probs, values).reshape(n_heads, -1).to(q.dtype)
+    return out
+
+
 def _mixed_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                      decode, window: int | None = None) -> torch.Tensor:
     """A step mixing decodes and prefill chunks: the one-token rows in one batched `decode` call,

@@ -14,6 +14,8 @@ model code keeps calling `paged_attention` unchanged and two engines in one proc
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +54,20 @@ def _triton() -> AttentionBackend:
 
     return AttentionBackend("triton", triton_attention.paged_attention, triton_mla.mla_decode, graph_safe_decode=True,
                             configure=triton_attention.set_config)
+
+
+def batch_invariant(backend: AttentionBackend, cpu_kernel: bool) -> AttentionBackend:
+    """`backend` with every query row computed alone by a per-row paged kernel
+    (`zili.kernels.attention.batch_invariant_paged_attention`: zili's C++ one with `cpu_kernel`, the
+    caller having checked that it runs on the platform's device; else a per-row torch loop), for
+    EngineConfig.deterministic. Same
+    name (it is the same kernel family, and what a log or a tensor-parallel rank names); never
+    graph-captured, and MLA models are refused by the builder."""
+    from zili.kernels.attention import batch_invariant_paged_attention
+
+    attention = functools.partial(batch_invariant_paged_attention, cpu_kernel=cpu_kernel)
+    return dataclasses.replace(backend, paged_attention=attention, graph_safe_decode=False,
+                               kv_cache_dtypes=("int8", "fp8_e4m3"))
 
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton, "cpp": _cpp}

@@ -19,6 +19,9 @@ class QuantizedWeight(Protocol):
     """A packed low-bit copy of a weight (zili.layers.quant: Int4Weight, Int8Weight)."""
 
     max_rows: int  # the most input rows it serves; larger batches take the dense path
+    # True when each output row is computed the same way whatever the row count (zili's kernels: one
+    # loop per row, fixed reduction order), so batch-invariant mode may call it on any number of rows.
+    row_invariant: bool
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor: ...  # [T, in] -> [T, out], bias not added
 
@@ -49,8 +52,14 @@ class Linear(nn.Module):
         # The dense weight pre-packed for the device's matmul library (zili.layers.onednn): when
         # set, it serves every row count the quantized form does not (and `weight` may be empty).
         self.packed: PrepackedWeight | None = None
+        # Batch-invariant mode (EngineConfig.deterministic; `set_batch_invariant`): every call runs one
+        # kernel at exactly `row_tile` rows (padded, looped), so a row's result never depends on how
+        # many rows share the call. None: the fastest kernel for the row count.
+        self.row_tile: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tile is not None:
+            return self._forward_batch_invariant(x, self.row_tile)
         quant = self.quant
         if quant is not None and x.shape[0] <= quant.max_rows:
             y = quant.matmul(x)
@@ -58,6 +67,30 @@ class Linear(nn.Module):
         if self.packed is not None:
             return self.packed.matmul(x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _forward_batch_invariant(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """One kernel for every row count: the packed low-bit one when the layer has it (run on all rows
+        at once where it is row-invariant, else in tiles), else the dense one in tiles of `tile` rows.
+        BLAS / oneDNN pick their blocking, and so their summation order, by the row count; a fixed
+        tile fixes it (the batch-invariant matmul of Thinking Machines' "Defeating Nondeterminism in
+        LLM Inference", 2025)."""
+        quant = self.quant
+        if quant is not None and getattr(quant, "row_invariant", False):
+            y = quant.matmul(x)
+            return y + self.bias if self.bias is not None else y
+        if quant is not None:
+            def kernel(rows: torch.Tensor) -> torch.Tensor:
+                y = quant.matmul(rows)
+                return y + self.bias if self.bias is not None else y
+        elif self.packed is not None:
+            packed = self.packed
+
+            def kernel(rows: torch.Tensor) -> torch.Tensor:
+                return packed.matmul(rows, self.bias)
+        else:
+            def kernel(rows: torch.Tensor) -> torch.Tensor:
+                return F.linear(rows, self.weight, self.bias)
+        return tiled_rows(kernel, x, tile)
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copy one checkpoint tensor (`weight` or `bias`, shard `shard`) into place."""
@@ -74,3 +107,27 @@ class Linear(nn.Module):
         quant = f", quant={type(self.quant).__name__}" if self.quant is not None else ""
         packed = ", packed" if self.packed is not None else ""
         return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{quant}{packed}"
+
+
+def tiled_rows(kernel, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """kernel(rows [tile, in]) -> [tile, out], applied to x [..., in] in calls of exactly `tile` rows
+    (the last padded with zeros); returns [..., out]."""
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    padded = -(-count // tile) * tile
+    if padded != count:
+        rows = torch.cat([rows, rows.new_zeros(padded - count, rows.shape[1])])
+    out = torch.cat([kernel(rows[i:i + tile]) for i in range(0, padded, tile)]) if padded else \
+        kernel(rows.new_zeros(tile, rows.shape[1]))[:0]
+    return out[:count].reshape(*x.shape[:-1], out.shape[-1])
+
+
+def set_batch_invariant(model: nn.Module, tile: int | None) -> int:
+    """Put every `Linear` of `model` in batch-invariant mode with row tile `tile` (None: back to the
+    row-count-dependent choice); returns how many layers it set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.row_tile = tile
+            count += 1
+    return count

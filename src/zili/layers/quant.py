@@ -75,6 +75,9 @@ class Int4Weight:
         self.out_features, self.in_features = gq.codes.shape
         self.max_rows = max_rows
         self.isa = _kernel_level(isa)
+        # zili's kernels compute each activation row alone (its own int8 quantization, the same
+        # block loop), so a row's result does not depend on the row count; torch's are not checked.
+        self.row_invariant = self.isa is not None
         if self.isa is not None:
             self.q4 = pack_q4(gq.codes, gq.scale, gq.minimum)
             self._gemm = cpu_isa.ops(self.isa).q4_gemm
@@ -105,6 +108,9 @@ class Int8Weight:
         self.out_features, self.in_features = weight.shape
         self.max_rows = max_rows
         self.isa = _kernel_level(isa)
+        # zili's kernels compute each activation row alone (its own int8 quantization, the same
+        # block loop), so a row's result does not depend on the row count; torch's are not checked.
+        self.row_invariant = self.isa is not None
         if self.isa is not None:
             self.q8 = pack_q8(weight.detach())
             self._gemm = cpu_isa.ops(self.isa).q8_gemm

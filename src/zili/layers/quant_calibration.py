@@ -150,6 +150,14 @@ def default_choice() -> KernelChoice:
     return KernelChoice(forced_kernel() or TORCH, DEFAULT_MAX_ROWS)
 
 
+def row_invariant_choice() -> KernelChoice:
+    """For batch-invariant mode (EngineConfig.deterministic): zili's kernel at this CPU's level where it
+    runs, whose rows are each computed alone whatever the row count (`Int4Weight.row_invariant`), else
+    torch's (which `Linear` then calls in fixed row tiles). Its row limit is not consulted there."""
+    level = cpu_isa.selected() if cpu_isa.enabled() else None
+    return KernelChoice(level if level is not None and usable(level) else TORCH, DEFAULT_MAX_ROWS)
+
+
 def _packed(form: str, weight: torch.Tensor, kernel: str):
     if form == "int4":
         return Int4Weight(float_group_quant(weight), isa=kernel)

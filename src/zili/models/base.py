@@ -25,11 +25,18 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 
 
 def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, k: int,
-                      bias: torch.Tensor | None = None) -> None:
-    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`."""
+                      bias: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
+    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`.
+    `batch_invariant`: one [k, H] x [H] product per row, whose result cannot depend on N (a batched
+    product's blocking does)."""
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
     rows = weight.detach()[top].float()  # [N, k, H]
-    exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
+    if batch_invariant:
+        states = hidden.float()
+        exact = torch.stack([torch.mv(rows[i], states[i]) for i in range(rows.shape[0])]) if rows.shape[0] else \
+            rows.new_zeros(0, rows.shape[1])
+    else:
+        exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
     if bias is not None:
         exact += bias.detach()[top].float()
     logits.scatter_(1, top, exact)
@@ -64,7 +71,7 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden).float()
         head = self.lm_head
         if self.refine_top_k and type(head) is Linear and (hidden.dtype != torch.float32 or head.quant is not None):
-            refine_top_logits(logits, hidden, head.weight, self.refine_top_k, head.bias)
+            refine_top_logits(logits, hidden, head.weight, self.refine_top_k, head.bias, head.row_tile is not None)
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

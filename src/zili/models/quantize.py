@@ -50,6 +50,7 @@ from zili.layers.quant_calibration import (
     candidates,
     default_choice,
     load_per_cpu,
+    row_invariant_choice,
     shape_key,
     usable,
 )
@@ -81,7 +82,7 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
                            open_checkpoint: Callable[[], Any] | None = None,
                            max_rows: int | None = None, tuned_kernels: dict[str, KernelChoice] | None = None,
                            calibrate: bool | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
-                           trust_busy: bool = False) -> QuantizeReport:
+                           trust_busy: bool = False, row_invariant: bool = False) -> QuantizeReport:
     """Turn a loaded model's projections into their serving form, in place.
 
     `mode`: a QUANTIZATION_MODES entry; `matmul_backend`: the platform's (`Platform.matmul_backend()`;
@@ -91,7 +92,8 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     for every layer (overrides the per-shape ones); `tuned_kernels`: shape_key -> KernelChoice from
     the tune cache; shapes it lacks are measured (`calibrate_kernels`, within `budget_s` seconds)
     unless `calibrate` is False (None: ZILI_CALIBRATE) or the host is overloaded (unless `trust_busy`:
-    `zili tune`, which records the load), else get `default_choice()`. ValueError for an unknown mode."""
+    `zili tune`, which records the load), else get `default_choice()`. `row_invariant` (batch-invariant
+    mode): every shape gets `row_invariant_choice()`, nothing is measured. ValueError for an unknown mode."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     if matmul_backend != "cpu-packed":
@@ -101,8 +103,12 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     checkpoint = open_checkpoint() if mode != "none" and open_checkpoint is not None else None
     plan = plan_quantization(model, mode, checkpoint)
     report = QuantizeReport({})
-    _choose_kernels(model, plan, dtype, tuned_kernels or {}, envs.calibrate() if calibrate is None else calibrate,
-                    budget_s, trust_busy, report)
+    if row_invariant:
+        for key in _plan_shapes(model, plan, dtype):
+            report.kernels[key], report.how[key] = row_invariant_choice(), "batch-invariant mode"
+    else:
+        _choose_kernels(model, plan, dtype, tuned_kernels or {}, envs.calibrate() if calibrate is None else calibrate,
+                        budget_s, trust_busy, report)
     report.counts = dict(quantize_model(model, mode, checkpoint, kernels=report.kernels, dtype=dtype, plan=plan))
     # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
@@ -126,14 +132,7 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
     """Fill report.kernels / how / measured for every quantized shape in `plan`. On an overloaded host
     (more runnable threads than CPUs) every call waits for time slices, so the timings rank nothing:
     the start-up calibration is skipped or its result dropped for the defaults (`trust_busy`: keep it)."""
-    modules = dict(model.named_modules())
-    shapes: dict[str, tuple[str, int, int, int]] = {}
-    for name, form in plan.items():
-        if form != "dense":
-            m = modules[name]
-            key = shape_key(form, m.out_features, m.in_features, dtype)
-            layers = shapes[key][3] + 1 if key in shapes else 1
-            shapes[key] = (form, m.out_features, m.in_features, layers)
+    shapes = _plan_shapes(model, plan, dtype)
     allowed = candidates()
     for key in shapes:
         choice = tuned.get(key)
@@ -164,6 +163,19 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
     for key in shapes:
         if key not in report.kernels:
             report.kernels[key], report.how[key] = default_choice(), "default"
+
+
+def _plan_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> dict[str, tuple[str, int, int, int]]:
+    """shape_key -> (form, out_features, in_features, layers of that shape) for the quantized layers of `plan`."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[str, int, int, int]] = {}
+    for name, form in plan.items():
+        if form != "dense":
+            m = modules[name]
+            key = shape_key(form, m.out_features, m.in_features, dtype)
+            layers = shapes[key][3] + 1 if key in shapes else 1
+            shapes[key] = (form, m.out_features, m.in_features, layers)
+    return shapes
 
 
 def plan_quantization(model: nn.Module, mode: str, checkpoint=None) -> dict[str, str]:

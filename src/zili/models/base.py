@@ -24,11 +24,13 @@ Loader = Callable[[torch.Tensor], object]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, k: int,
+def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor,
+                      weight: torch.Tensor | Callable[[torch.Tensor, torch.dtype], torch.Tensor], k: int,
                       bias: torch.Tensor | None = None) -> None:
-    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`."""
+    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`
+    ([vocab, H], or a function (ids, dtype) -> those rows: a packed copy's `rows`)."""
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
-    rows = weight.detach()[top].float()  # [N, k, H]
+    rows = weight.detach()[top].float() if isinstance(weight, torch.Tensor) else weight(top, torch.float32)  # [N, k, H]
     exact = torch.bmm(rows, hidden.float().unsqueeze(-1)).squeeze(-1)
     if bias is not None:
         exact += bias.detach()[top].float()
@@ -64,7 +66,9 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden).float()
         head = self.lm_head
         if self.refine_top_k and type(head) is Linear and (hidden.dtype != torch.float32 or head.quant is not None):
-            refine_top_logits(logits, hidden, head.weight, self.refine_top_k, head.bias)
+            # A tied head whose dense table was released reads its rows from the packed int8 copy.
+            packed_rows = getattr(head.quant, "rows", None) if head.weight.numel() == 0 else None
+            refine_top_logits(logits, hidden, packed_rows or head.weight, self.refine_top_k, head.bias)
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

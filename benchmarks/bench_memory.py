@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import sys
 
 
@@ -35,6 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="compile the decode step (as zili serve does)")
     ap.add_argument("--kv-tokens", type=int, default=32 * 512)
+    ap.add_argument("--model", default=None, help="path or alias (default: the default model)")
+    ap.add_argument("--no-tune-cache", action="store_true", help="ignore the tune cache (zili serve reads it)")
+    ap.add_argument("--timeline", action="store_true", help="print VmRSS / VmHWM beside every log line of the build")
     args = ap.parse_args()
     rows: list[tuple[str, float]] = [("python", rss_mib())]
     import torch
@@ -50,20 +54,24 @@ def main() -> None:
     from zili.engine.builder import build_engine
     from zili.engine.runner import ModelRunner, kv_bytes_per_block
     from zili.layers.onednn import packed_only_bytes
-    from zili.models.loader import load_model
+    from zili.models.loader import open_checkpoint, resolve_model
     from zili.models.quantize import quantized_bytes
     from zili.platforms import current_platform
 
     dtype = current_platform().default_dtype()
 
-    probe = load_model(None, dtype=dtype)
-    per_block = kv_bytes_per_block(probe.config, 16, probe.dtype)
-    del probe
-    gc.collect()
-    rows.append(("(model loaded once to size the KV pool, then dropped)", rss_mib()))
+    if args.timeline:
+        class Probe(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                print(f"  [rss {rss_mib():7.1f} hwm {hwm_mib():7.1f} MiB] {record.getMessage()[:110]}", flush=True)
+        logging.getLogger("zili").addHandler(Probe())
+        logging.getLogger("zili").setLevel(logging.INFO)
+    # The pool is sized from the checkpoint's header, as `python -m benchmarks compare` does: no weights read.
+    model_config = open_checkpoint(resolve_model(args.model)).config()
+    per_block = kv_bytes_per_block(model_config, 16, dtype)
     blocks = -(-args.kv_tokens // 16)
-    config = EngineConfig(max_num_seqs=32, kv_cache_memory=blocks * per_block, enforce_eager=not args.compile,
-                          use_tune_cache=False)
+    config = EngineConfig(model=args.model, max_num_seqs=32, kv_cache_memory=blocks * per_block,
+                          enforce_eager=not args.compile, use_tune_cache=not args.no_tune_cache)
     engine = build_engine(config)
     gc.collect()
     rows.append(("engine: load, quantize, pack, KV pool" + (", compile the decode step" if args.compile else ""),

@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
+import zili.weights.gguf as gguf_module
 from zili.models.loader import open_checkpoint, resolve_model
 from zili.weights import ModelSource
 from zili.weights.errors import UnsupportedModelError
@@ -482,3 +483,15 @@ def test_smollm2_header_agrees_with_gguf_reader(smollm2: GGUFCheckpoint) -> None
     for t in reader.tensors:
         info = smollm2.header.tensors[t.name]
         assert (info.offset, info.qtype) == (t.data_offset, t.tensor_type)
+
+
+def test_chunked_dequantization_equals_whole_tensors(tiny_llama, monkeypatch) -> None:
+    """Matrices are dequantized a chunk of rows at a time (bounded temporaries for a 262k-row
+    embedding): the same values and q/k row order as in one piece."""
+    path, _ = tiny_llama
+    whole = dict(open_gguf(path).tensors(torch.float32))
+    monkeypatch.setattr(gguf_module, "DEQUANT_CHUNK_ELEMENTS", 3 * HIDDEN + 5)  # chunks of 3 rows
+    chunked = dict(open_gguf(path).tensors(torch.bfloat16))
+    assert chunked.keys() == whole.keys()
+    for name, t in whole.items():
+        assert torch.equal(chunked[name], t.to(torch.bfloat16)), name

@@ -99,3 +99,46 @@ def test_engine_packs_and_generates_the_same_tokens(tmp_path, monkeypatch):
     assert all(m.packed is None for m in plain.engine.runner.model.modules() if type(m) is Linear)
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
     assert packed == alone == want
+
+
+def test_tied_q8_0_table_is_held_once_and_reads_the_same(tmp_path, monkeypatch):
+    """A tied embedding / LM head stored as Q8_0 is held once: the int8 blocks (the file's own codes),
+    no dense table and no oneDNN copy beside them. Lookups give the dense table's values bit for bit,
+    and the logits (the int8 head at every batch size, its top-k refined from those rows) agree with
+    the dense-table model's and pick the same tokens."""
+    from tests.unit.test_gguf import write_tiny_gguf
+    from zili.models.loader import load_model, open_checkpoint, resolve_model
+    from zili.models.quantize import quantize_and_calibrate
+
+    path = tmp_path / "tied.gguf"
+    write_tiny_gguf(path)
+    monkeypatch.setenv("ZILI_PACKED_KERNELS", "zili")
+
+    def build(release: bool):
+        loaded = load_model(str(path), dtype="bfloat16")
+        with monkeypatch.context() as m:
+            if not release:
+                m.setattr("zili.models.quantize.serve_tied_embedding_from_head", lambda model: False)
+            report = quantize_and_calibrate(loaded.model, "auto", torch.bfloat16, "cpu-packed",
+                                            lambda: open_checkpoint(loaded.source), calibrate=False)
+        return loaded.model, report
+
+    dense, kept = build(release=False)
+    once, report = build(release=True)
+    assert not kept.tied_table_released and report.tied_table_released
+    table, head = once.model.embed_tokens, once.lm_head
+    assert table.weight.numel() == 0 and head.weight is table.weight  # no dense copy left
+    assert head.packed is None and head.quant.exact and dense.lm_head.packed is not None
+    ids = torch.arange(dense.config.vocab_size)
+    exact = open_checkpoint(resolve_model(str(path))).tensor("model.embed_tokens.weight")  # float32, the file's
+    with torch.inference_mode():
+        assert torch.equal(table(ids), dense.model.embed_tokens(ids))
+        hidden = torch.randn(40, dense.config.hidden_size).bfloat16()
+        ref = hidden.float() @ exact.t()
+        for rows in (1, 40):  # the int8 kernel at one row and at many (the dense-table model: oneDNN there)
+            got, want = once.compute_logits(hidden[:rows]), ref[:rows]
+            # The leading logits are recomputed in fp32 from the exact rows: the true argmax, its true value.
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            top = want.argmax(-1, keepdim=True)
+            torch.testing.assert_close(got.gather(1, top), want.gather(1, top), atol=1e-3, rtol=1e-4)
+            assert torch.equal(dense.compute_logits(hidden[:rows]).argmax(-1)[:1], want.argmax(-1)[:1])

@@ -273,3 +273,37 @@ def test_smollm2_quantized_kv_cache_agrees_with_the_bf16_cache(smollm_pair, bf16
                 agree += w == g
     assert clear >= 0.6 * len(PROMPTS) * 32
     assert agree / clear >= 0.99, (agree, clear)
+
+
+def test_q8_packing_in_chunks_equals_one_piece_and_rows_read_back(monkeypatch):
+    """pack_q8 packs a bounded number of rows at a time; the blocks are those of packing the whole
+    weight at once (written out here), and q8_rows gathers exact dequantized rows from them."""
+    from zili.kernels import cpu_quant
+
+    w = torch.randn(70, 80)  # N and K both padded (to 80 and 96)
+    n, k, kb = 70, 80, 3
+    full = torch.nn.functional.pad(w, (0, kb * GROUP - k, 0, 80 - n)).reshape(80, kb, GROUP)
+    d = (full.abs().amax(dim=-1) / 127).to(torch.float16)
+    inv = torch.where(d.float() > 0, 1 / d.float(), torch.zeros(1))
+    codes = torch.round(full * inv[..., None]).clamp(-127, 127)
+    monkeypatch.setattr(cpu_quant, "PACK_CHUNK_ROWS", 32)
+    p = cpu_quant.pack_q8(w)
+    back = cpu_quant.dequantize_q8(p)
+    assert torch.equal(back, (codes * d.float()[..., None]).reshape(80, kb * GROUP)[:n, :k])
+    ids = torch.tensor([[0, 69], [17, 16]])
+    assert torch.equal(cpu_quant.q8_rows(p, ids), back[ids])
+    assert cpu_quant.q8_rows(p, ids, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_q8_0_blocks_are_packed_without_a_float_round_trip():
+    """GGUF Q8_0 codes and scales go into the kernel's blocks as they are: its rows are the
+    file's exact values (a bf16 weight repacked would have moved some codes by one)."""
+    from zili.kernels.cpu_quant import dequantize_q8, pack_q8_codes
+
+    rows = gguf_rows(QT.Q8_0, n=40, k=96)
+    blocks = rows.reshape(40, 3, 34)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(40, 3))
+    codes = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(40, 96))
+    assert torch.equal(dequantize_q8(pack_q8_codes(codes, d)), torch.from_numpy(dequantize(rows, QT.Q8_0)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_q8_codes(codes[:, :90], d)

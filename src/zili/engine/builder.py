@@ -106,6 +106,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         quantized = report.counts
         if report.measured and config.use_tune_cache:
             _cache_kernel_choices(platform, report.measured)
+        platform.release_host_memory()  # the loader's and the packing's temporaries
     else:
         config, quantized = _apply_model_tuning(config, tuning, loaded), {}
     mc = loaded.config
@@ -313,7 +314,11 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
     sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
     if compiles_in_background():  # serve eagerly now, switch when the graphs are built
         logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
-        compiled.start_in_background(sizes, lambda ready: setattr(runner, "compiled_decode", ready))
+        def switch(ready: CompiledDecode) -> None:
+            runner.compiled_decode = ready
+            platform.release_host_memory()  # what compiling freed
+
+        compiled.start_in_background(sizes, switch)
         return None
     logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
                 "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
@@ -323,6 +328,7 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
         logger.warning("decode step stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)
         return None
     runner.compiled_decode = compiled
+    platform.release_host_memory()
     logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
     return seconds
 

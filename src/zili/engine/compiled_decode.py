@@ -26,6 +26,7 @@ compilation pay for it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +71,20 @@ def unsupported_reason(model: nn.Module, platform, attention_backend: str, tenso
     if attention_backend not in ("sdpa", "cpp"):
         return f"attention backend {attention_backend!r} has no tensor-only decode path"
     return None
+
+
+def _compile_in_this_process() -> None:
+    """Inductor's parallel compile (compile_threads > 1, its default on any multi-core CPU) starts a
+    pool of worker processes that each import torch and stay alive after the compile: ~2 x 250 MiB
+    beside a server whose own footprint is ~1 GiB. A background compile has no one waiting on it,
+    so it compiles in the serving process's thread instead. TORCHINDUCTOR_COMPILE_THREADS, when set,
+    still decides."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    # Imported here, not at the top: a server that decodes eagerly never loads the compiler.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
 
 
 class CompiledDecode:
@@ -131,6 +146,7 @@ class CompiledDecode:
         SCRATCH_BLOCKS blocks per layer (the pool's block count is symbolic in the graphs, so the
         same graphs then serve the real caches), and call `on_ready(self)` once they are built.
         The engine keeps stepping eagerly meanwhile; a failure is logged and leaves it eager."""
+        _compile_in_this_process()
         real = self.kv_caches
         scratch = [torch.zeros((c.shape[0], SCRATCH_BLOCKS, *c.shape[2:]), dtype=c.dtype, device=c.device)
                    for c in real]

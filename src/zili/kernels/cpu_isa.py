@@ -65,12 +65,16 @@ def ops(isa: str | None = None):
     return getattr(torch.ops, namespace(isa))
 
 
-# A constant for torch.compile: the compiled decode step calls the kernels through `ops()`, and
-# dynamo must not trace the /proc/cpuinfo read behind this (it cannot trace `open`).
-@torch.compiler.assume_constant_result
 def selected() -> str:
     """The level this process runs (the CPU's, or lower under ZILI_CPU_ISA)."""
     return cpu_isa()
+
+
+# A constant for torch.compile: the compiled decode step calls the kernels through `ops()`, and
+# dynamo must not trace the /proc/cpuinfo read behind this (it cannot trace `open`). This is what
+# `torch.compiler.assume_constant_result` sets; the decorator itself imports torch._dynamo (and with
+# it much of Inductor: ~170 MiB resident) into every process that loads the kernels, compiling or not.
+selected._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def executable_levels() -> list[str]:

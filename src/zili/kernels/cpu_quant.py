@@ -74,18 +74,67 @@ def pack_q4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> 
     return Q4Packed(qs, dm, n, k)
 
 
+# Rows packed at once by `pack_q8` (a multiple of ROWS): bounds its float32 temporaries to a few
+# MiB per chunk instead of several copies of the whole weight (a 262k-token LM head is 671 MB in fp32).
+PACK_CHUNK_ROWS = 2048
+
+
 def pack_q8(weight: torch.Tensor) -> Q8Packed:
     """A float weight [N, K] -> int8 codes with one float16 scale per row and block of 32
     (symmetric, d = max|w| / 127: GGUF Q8_0's rule, so a dequantized Q8_0 tensor gets its own codes
-    back)."""
+    back). Packed PACK_CHUNK_ROWS rows at a time."""
     n, k = weight.shape
     kb, ng = -(-k // GROUP), -(-n // ROWS)
-    w = _pad(weight.float(), ng * ROWS, kb * GROUP).reshape(ng * ROWS, kb, GROUP)
-    d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
-    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
-    codes = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int16) + 128
-    qs = codes.to(torch.uint8).reshape(ng, ROWS, kb, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
-    return Q8Packed(qs, d.reshape(ng, ROWS, kb).permute(0, 2, 1).contiguous(), n, k)
+    qs = torch.empty((ng, kb, 8, ROWS, 4), dtype=torch.uint8)
+    d_out = torch.empty((ng, kb, ROWS), dtype=torch.float16)
+    for start in range(0, ng * ROWS, PACK_CHUNK_ROWS):
+        rows = min(PACK_CHUNK_ROWS, ng * ROWS - start)
+        w = _pad(weight[start:start + rows].float(), rows, kb * GROUP).reshape(rows, kb, GROUP)
+        d = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)
+        inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(d, dtype=torch.float32))
+        codes = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        _place_q8(qs, d_out, start, codes, d)
+    return Q8Packed(qs, d_out, n, k)
+
+
+def pack_q8_codes(codes: torch.Tensor, d: torch.Tensor) -> Q8Packed:
+    """Int8 codes [N, K] with float16 scales [N, K/32] (GGUF Q8_0 blocks as they are stored:
+    w = d * code) -> the kernel's blocks, without going through floats. ValueError on shapes that
+    do not agree or K not a multiple of 32."""
+    n, k = codes.shape
+    if k % GROUP or tuple(d.shape) != (n, k // GROUP):
+        raise ValueError(f"Q8_0 codes [N, K] need K a multiple of {GROUP} and scales [N, K/{GROUP}]; "
+                         f"got {list(codes.shape)} and {list(d.shape)}")
+    kb, ng = k // GROUP, -(-n // ROWS)
+    qs = torch.empty((ng, kb, 8, ROWS, 4), dtype=torch.uint8)
+    d_out = torch.empty((ng, kb, ROWS), dtype=torch.float16)
+    for start in range(0, ng * ROWS, PACK_CHUNK_ROWS):
+        rows = min(PACK_CHUNK_ROWS, ng * ROWS - start)
+        c = _pad(codes[start:start + rows].to(torch.int8), rows, k).reshape(rows, kb, GROUP)
+        _place_q8(qs, d_out, start, c, _pad(d[start:start + rows].to(torch.float16), rows, kb))
+    return Q8Packed(qs, d_out, n, k)
+
+
+def _place_q8(qs: torch.Tensor, d_out: torch.Tensor, start: int, codes: torch.Tensor, d: torch.Tensor) -> None:
+    """Write rows start.. (a multiple of ROWS) of int8 codes [rows, KB, 32] and scales [rows, KB]
+    into the packed qs [NG, KB, 8, 16, 4] (code + 128) and d [NG, KB, 16]."""
+    rows, kb = d.shape
+    g0, g = start // ROWS, rows // ROWS
+    biased = (codes.to(torch.int16) + 128).to(torch.uint8)
+    qs[g0:g0 + g] = biased.reshape(g, ROWS, kb, 8, 4).permute(0, 2, 3, 1, 4)
+    d_out[g0:g0 + g] = d.reshape(g, ROWS, kb).permute(0, 2, 1)
+
+
+def q8_rows(p: Q8Packed, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `ids` (int64, any shape) of the weight, dequantized: [*ids.shape, K] in `dtype`, each
+    element d * code computed in float32 (so rows of a Q8_0 tensor are its exact values). Serves an
+    embedding lookup and the LM head's top-k refinement from the packed copy alone."""
+    flat = ids.reshape(-1)
+    g, r = flat // ROWS, flat % ROWS
+    codes = p.qs[g, :, :, r, :].reshape(flat.shape[0], -1, GROUP).to(torch.int16) - 128  # [T, KB, 32]
+    scales = p.d[g, :, r].float()  # [T, KB]
+    w = (codes.float() * scales[..., None]).reshape(flat.shape[0], -1)[:, : p.in_features]
+    return w.to(dtype).reshape(*ids.shape, p.in_features)
 
 
 def dequantize_q4(p: Q4Packed) -> torch.Tensor:

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as QT
 
 from zili import envs
 from zili.kernels import cpu_isa
-from zili.kernels.cpu_quant import pack_q4, pack_q8
+from zili.kernels.cpu_quant import PACK_CHUNK_ROWS, Q8Packed, pack_q4, pack_q8, pack_q8_codes, q8_rows
 
 GROUP = 32
 # Row counts up to which the quantized kernel beats dense bf16 (measured on AVX512 CPUs; the
@@ -104,27 +104,53 @@ class Int8Weight:
     """A [N, K] float weight as 8-bit codes: per block of 32 with a float16 scale on zili's kernels
     (GGUF Q8_0's layout, so a dequantized Q8_0 tensor keeps its codes), per row on torch's."""
 
-    def __init__(self, weight: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS, isa: str | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS, isa: str | None = None,
+                 q8: Q8Packed | None = None) -> None:
         self.out_features, self.in_features = weight.shape
         self.max_rows = max_rows
         self.isa = _kernel_level(isa)
         # zili's kernels compute each activation row alone (its own int8 quantization, the same
         # block loop), so a row's result does not depend on the row count; torch's are not checked.
         self.row_invariant = self.isa is not None
+        # Whether the codes are a checkpoint's own (Q8_0 blocks), so `rows` returns its exact values.
+        self.exact = q8 is not None and self.isa is not None
         if self.isa is not None:
-            self.q8 = pack_q8(weight.detach())
+            self.q8 = q8 if q8 is not None else pack_q8(weight.detach())
             self._gemm = cpu_isa.ops(self.isa).q8_gemm
             return
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        self.scales = scale.to(torch.bfloat16)
+        # Per row, PACK_CHUNK_ROWS rows at a time: float32 temporaries of a few MiB, not of the
+        # whole weight (a 262k-token LM head is 671 MB in fp32).
+        n = weight.shape[0]
+        self.qweight = torch.empty(weight.shape, dtype=torch.int8)
+        self.scales = torch.empty(n, dtype=torch.bfloat16)
+        for start in range(0, n, PACK_CHUNK_ROWS):
+            w = weight[start:start + PACK_CHUNK_ROWS].detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            self.qweight[start:start + len(w)] = torch.round(w / scale[:, None]).clamp(-127, 127)
+            self.scales[start:start + len(w)] = scale
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.isa is not None:
             y = self._gemm(_rows(x), self.q8.qs, self.q8.d, self.out_features)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
+
+    @classmethod
+    def from_q8_0(cls, codes: torch.Tensor, d: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS,
+                  isa: str | None = None) -> Int8Weight:
+        """GGUF Q8_0 blocks as stored (int8 codes [N, K], float16 scales [N, K/32]): zili's kernels
+        take the codes unchanged (no float round trip, so `rows` gives the file's exact values);
+        torch's kernel gets them requantized per row from the dequantized weight."""
+        if _kernel_level(isa) is not None:
+            return cls(torch.empty(codes.shape, device="meta"), max_rows, isa, pack_q8_codes(codes, d))
+        n, k = codes.shape
+        weight = (codes.float().reshape(n, k // GROUP, GROUP) * d.float()[..., None]).reshape(n, k)
+        return cls(weight, max_rows, isa)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight, dequantized: [*ids.shape, K] in `dtype` (zili's kernels only;
+        the checkpoint's exact values where `exact`)."""
+        return q8_rows(self.q8, ids, dtype)
 
     def nbytes(self) -> int:
         if self.isa is not None:

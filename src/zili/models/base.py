@@ -24,13 +24,15 @@ Loader = Callable[[torch.Tensor], object]
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, k: int,
+def refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor,
+                      weight: torch.Tensor | Callable[[torch.Tensor, torch.dtype], torch.Tensor], k: int,
                       bias: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
-    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`.
+    """Overwrite, in place, each row's k largest logits with fp32 dot products against `weight`
+    ([vocab, H], or a function (ids, dtype) -> those rows: a packed copy's `rows`).
     `batch_invariant`: one [k, H] x [H] product per row, whose result cannot depend on N (a batched
     product's blocking does)."""
     top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [N, k]
-    rows = weight.detach()[top].float()  # [N, k, H]
+    rows = weight.detach()[top].float() if isinstance(weight, torch.Tensor) else weight(top, torch.float32)  # [N, k, H]
     if batch_invariant:
         states = hidden.float()
         exact = torch.stack([torch.mv(rows[i], states[i]) for i in range(rows.shape[0])]) if rows.shape[0] else \
@@ -71,7 +73,10 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden).float()
         head = self.lm_head
         if self.refine_top_k and type(head) is Linear and (hidden.dtype != torch.float32 or head.quant is not None):
-            refine_top_logits(logits, hidden, head.weight, self.refine_top_k, head.bias, head.row_tile is not None)
+            # A tied head whose dense table was released reads its rows from the packed int8 copy.
+            packed_rows = getattr(head.quant, "rows", None) if head.weight.numel() == 0 else None
+            refine_top_logits(logits, hidden, packed_rows or head.weight, self.refine_top_k, head.bias,
+                              head.row_tile is not None)
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -18,17 +18,21 @@ zili.layers.quant_calibration), quantize with those, then pre-pack the dense res
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from zili import envs
 from zili.config import QUANTIZATION_MODES
 from zili.layers import onednn
+from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear
 from zili.layers.quant import (
     DEFAULT_MAX_ROWS,
@@ -76,6 +80,7 @@ class QuantizeReport:
     how: dict[str, str] = field(default_factory=dict)
     measured: dict[str, KernelChoice] = field(default_factory=dict)
     calibration: Calibration | None = None
+    tied_table_released: bool = False  # serve_tied_embedding_from_head dropped the dense table
 
 
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
@@ -110,14 +115,19 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
         _choose_kernels(model, plan, dtype, tuned_kernels or {}, envs.calibrate() if calibrate is None else calibrate,
                         budget_s, trust_busy, report)
     report.counts = dict(quantize_model(model, mode, checkpoint, kernels=report.kernels, dtype=dtype, plan=plan))
+    if max_rows is not None and report.counts.keys() - {"dense"}:
+        set_quant_max_rows(model, max_rows)
+        report.max_rows = max_rows
+    # Before packing for oneDNN: a table held once as int8 gets no bf16 packed copy either.
+    report.tied_table_released = serve_tied_embedding_from_head(model)
+    if report.tied_table_released:
+        logger.info("weights: the tied embedding / LM head table is held once, as the checkpoint's Q8_0 codes (the "
+                    "head's int8 kernel serves every batch size; lookups and its top-k refinement read its rows)")
     # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
         report.packed_dense = onednn.pack_dense_weights(model)
         logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
     if report.counts.keys() - {"dense"}:
-        if max_rows is not None:
-            set_quant_max_rows(model, max_rows)
-            report.max_rows = max_rows
         logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
         for key, choice in report.kernels.items():
             rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \
@@ -178,6 +188,32 @@ def _plan_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> 
     return shapes
 
 
+def serve_tied_embedding_from_head(model: nn.Module) -> bool:
+    """Hold a tied embedding / LM head table once: where the head shares the embedding's weight
+    (tie_word_embeddings) and holds an int8 copy made of the checkpoint's own Q8_0 codes (so
+    `Int8Weight.rows` gives the file's exact values: lookups are bit for bit the dense table's), the
+    int8 kernel serves the head at every batch size, the embedding lookup and the head's top-k
+    refinement read rows from it, and the dense table is released (no oneDNN copy is made of it).
+
+    Memory: Gemma 3's 262,144 x 640 table was held three times (dense bf16 335 MB, oneDNN-packed
+    bf16 335 MB, int8 172 MB), now once; SmolLM2's 49,152 x 576 saves 113 MB. Speed: above the
+    int8 kernel's calibrated limit (2 rows for Gemma's head) oneDNN's AMX matmul was faster: on the
+    2-core dev VM the int8 head took 1.35x its time at 16 rows and 1.74x at 32 for Gemma's shape,
+    0.97-1.09x for SmolLM2's (benchmarks/notes/memory.md). Returns whether it released."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not Linear or not isinstance(head.quant, Int8Weight) or not head.quant.exact \
+            or head.weight.numel() == 0:
+        return False
+    tables = [m for m in model.modules() if isinstance(m, VocabEmbedding) and m.weight is head.weight]
+    if not tables:
+        return False
+    for table in tables:
+        table.rows_from = head.quant.rows
+    head.quant.max_rows = sys.maxsize
+    head.weight.data = torch.empty(0, dtype=head.weight.dtype)  # the one Parameter both modules hold
+    return True
+
+
 def plan_quantization(model: nn.Module, mode: str, checkpoint=None) -> dict[str, str]:
     """Module name -> the form `quantize_model` gives it ("int4", "int8" or "dense"), for every `Linear`."""
     if mode not in QUANTIZATION_MODES:
@@ -211,7 +247,10 @@ def quantize_model(model: nn.Module, mode: str, checkpoint=None, max_rows: int =
             types = [_raw_type_reader(checkpoint)(s) for s in shards]
             module.quant = Int4Weight(_group_quant(checkpoint, shards, types, module), rows, isa)
         elif form == "int8":
-            module.quant = Int8Weight(module.weight.detach(), rows, isa)
+            shards = _shard_names(model, name, module)
+            q8_0 = _q8_0_blocks(checkpoint, shards)
+            module.quant = Int8Weight.from_q8_0(*q8_0, rows, isa) if q8_0 is not None else \
+                Int8Weight(module.weight.detach(), rows, isa)
         counts[form] += 1
     return counts
 
@@ -238,6 +277,31 @@ def _group_quant(checkpoint, shards: list[str], types: list, module: Linear) -> 
             parts.append(gguf_group_quant(raw.data, raw.qtype, raw.shape))
         return concat_group_quants(parts)
     return float_group_quant(module.weight.detach())
+
+
+def _q8_0_blocks(checkpoint, shards: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 codes [N, K] and float16 scales [N, K/32] of shards stored as GGUF Q8_0 (rows
+    concatenated in shard order), or None unless every shard is Q8_0."""
+    if checkpoint is None or not hasattr(checkpoint, "raw_tensor"):
+        return None
+    raws = []
+    for hf in shards:
+        try:
+            raw = checkpoint.raw_tensor(hf)
+        except KeyError:
+            return None
+        if raw.qtype != QT.Q8_0 or len(raw.shape) != 2:
+            return None
+        raws.append(raw)
+    codes, scales = [], []
+    for raw in raws:
+        n, k = raw.shape
+        blocks = np.asarray(raw.data).reshape(n, k // 32, 34)
+        scales.append(torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(n, k // 32)))
+        codes.append(torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)))
+    if len(raws) == 1:
+        return codes[0], scales[0]
+    return torch.cat(codes), torch.cat(scales)
 
 
 def _raw_type_reader(checkpoint):

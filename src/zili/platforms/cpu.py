@@ -83,6 +83,18 @@ class CpuPlatform(Platform):
         if ok:
             _malloc_tuned.append(True)
 
+    def release_host_memory(self) -> None:
+        # The mallopt above keeps up to 256 MiB of free heap (and blocks up to 64 MiB on it) for the
+        # steps' sake; loading and quantizing free far more than that in such blocks (dequantized
+        # tensors, packing temporaries), which glibc would otherwise keep: malloc_trim(0) returns
+        # every free page of every arena.
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
     def total_memory(self) -> int:
         try:
             return _meminfo("MemTotal")

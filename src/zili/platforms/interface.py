@@ -71,6 +71,10 @@ class Platform:
     def prepare_host_allocator(self) -> None:
         """Set up the process's host memory allocator for inference steps (once per engine)."""
 
+    def release_host_memory(self) -> None:
+        """Hand freed host memory back to the OS (after loading, quantizing, compiling: the
+        temporaries of a one-off stage must not stay resident for the server's lifetime)."""
+
     def collective_backend(self) -> str:
         """torch.distributed backend for tensor parallelism on this device."""
         return "gloo"

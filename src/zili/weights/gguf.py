@@ -465,13 +465,26 @@ class GGUFCheckpoint:
         return self.header.tensors[self._names[name]]
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One parameter, dequantized to `dtype`, q/k rows in HF order."""
+        """One parameter, dequantized to `dtype`, q/k rows in HF order.
+
+        A matrix is dequantized DEQUANT_CHUNK_ELEMENTS at a time into its `dtype` result: `gguf`'s
+        numpy dequantization makes several float32 temporaries of its input, which for a 262k-token
+        embedding (Gemma 3) meant gigabytes of transient peak memory that glibc then kept."""
         info = self._info(name)
-        t = self._dequantize(info)
         order = self._row_order(name, info)
+        transform = self._need_layout().tensor_transform
+        if len(info.shape) == 2 and info.shape[0] * info.shape[1] > DEQUANT_CHUNK_ELEMENTS:
+            rows, (n, k) = self._rows(info), info.shape
+            out = torch.empty((n, k), dtype=dtype)
+            step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+            for start in range(0, n, step):
+                picked = rows[order[start:start + step]] if order is not None else rows[start:start + step]
+                part = dequantize_rows(picked, GGMLQuantizationType(info.qtype), (len(picked), k))
+                out[start:start + len(picked)] = transform(name, part) if transform is not None else part
+            return out
+        t = self._dequantize(info)
         if order is not None:
             t = t[torch.from_numpy(order)]
-        transform = self._need_layout().tensor_transform
         if transform is not None:
             t = transform(name, t)
         return t.to(dtype)
@@ -495,6 +508,10 @@ class GGUFCheckpoint:
         from zili.tokenizer import Tokenizer
 
         return Tokenizer.from_gguf_fields(self.metadata, source=str(self.path))
+
+
+# Elements of a matrix dequantized at once (`GGUFCheckpoint.tensor`): 4 MiB of float32 per chunk.
+DEQUANT_CHUNK_ELEMENTS = 1 << 20
 
 
 def dequantize_rows(rows: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:

@@ -19,7 +19,8 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF
 # or two the first time) and pays off over long outputs and many requests, as in `zili serve`.
 ONE_SHOT_ENGINE_OPTIONS = ("dtype", "max_model_len", "kv_cache_memory", "kv_cache_dtype", "quantization", "threads",
                            "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
-                           "reasoning_parser", "speculative_config", "enable_jump_forward")
+                           "reasoning_parser", "speculative_config", "enable_jump_forward",
+                           "structured_outputs_backend")
 ONE_SHOT_DEFAULTS = {"enforce_eager": True}
 
 

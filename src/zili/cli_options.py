@@ -79,6 +79,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
     EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
                  "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),
+    EngineOption("structured_outputs_backend", str, "auto", "The grammar library for structured output: xgrammar, "
+                 "llguidance, or auto (xgrammar, and llguidance for a JSON schema xgrammar refuses)."),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

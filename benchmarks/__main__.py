@@ -3,6 +3,7 @@
 These are the repository's tools, not part of the installed package:
 
     python -m benchmarks compare [...]      # zili against llama.cpp / transformers / the roofline, interleaved
+    python -m benchmarks compare-extract    # the extraction workload: zili serve against llama-server
     python -m benchmarks report             # BENCHMARKS.md and benchmarks/plots/*.png from benchmarks/results/
     python -m benchmarks build-peers        # build llama.cpp's llama-server and llama-bench once
     python -m benchmarks structured [...]   # structured-output masking cost (benchmarks/structured_decode.py)
@@ -16,6 +17,7 @@ import gc
 import os
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +26,7 @@ import typer
 import zili.bench.cli as zb
 import zili.bench.offline as off
 from benchmarks import compare as cmp
+from benchmarks import compare_extract as cx
 from benchmarks import peers as pr
 from benchmarks import report as rp
 from benchmarks import structured_decode
@@ -210,6 +213,90 @@ def _print_compare_summary(record: dict) -> None:
         for peer, rat in (row.get("ratios") or {}).items():
             typer.echo(f"c={row['concurrency']:<3d} zili/{peer}: output tok/s {f(rat['output_throughput'])}  "
                        f"TTFT p50 {f(rat['ttft_p50_ms'])}  ITL p50 {f(rat['itl_p50_ms'])}", err=True)
+
+
+# --- compare-extract -----------------------------------------------------------------------------
+
+LLAMA_SPEC_DEFAULT = "--spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 8"
+
+
+@app.command("compare-extract")
+def compare_extract(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m)."),
+    num_docs: int = typer.Option(10, "--num-docs", "-n", help="Generated documents (with true values)."),
+    streams: str = typer.Option("1,8", "--streams", "-c", help="Comma-separated: requests in flight."),
+    repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, llama-server, zili, ...)."),
+    max_tokens: int = typer.Option(384, "--max-tokens"),
+    threads: int = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for both servers."),
+    zili_serve_args: str = typer.Option(
+        "--speculative-config '" + zb.NGRAM_DEFAULT + "' --enable-jump-forward", "--zili-serve-args",
+        help="Arguments for `zili serve` (default: n-gram speculation and jump-forward)."),
+    llama_server_args: str = typer.Option(LLAMA_SPEC_DEFAULT, "--llama-server-args",
+                                          help="Arguments for llama-server (default: its n-gram speculation)."),
+    plain_peers: bool = typer.Option(False, "--plain-peers/--no-plain-peers",
+                                     help="Also run both servers without speculation (and zili without jump-forward)."),
+    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version"),
+    build_peers: bool = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing."),
+    seed: int = zb.SeedOpt,
+    price_per_hour: float = zb.PriceOpt,
+    watts: Optional[float] = zb.WattsOpt,
+    output: Optional[Path] = zb.OutputOpt,
+    label: Optional[str] = zb.LabelOpt,
+    note: Optional[str] = zb.NoteOpt,
+) -> None:
+    """The extraction workload (`zili bench extract`'s documents and forms) over HTTP: zili serve with
+    speculation and jump-forward against llama-server with its n-gram speculation, same GGUF, interleaved."""
+    from zili.bench import extract as ex
+
+    model = model or zb.DEFAULT_MODEL
+    path = zb._resolve_path(model)
+    levels = zb._ints(streams, "--streams")
+    basis = zb._basis(price_per_hour, watts)
+    try:
+        bin_dir = pr.ensure_llama_cpp(llama_cpp_version, build=build_peers)
+    except Exception as e:
+        zb._fail(f"llama.cpp is not available: {e}")
+    cases = ex.generated_cases(num_docs, seed)
+    warmup = ex.generated_cases(2, seed + 7919)
+    slots = max(levels)
+    ctx = 2048  # a generated document's prompt is 300-600 tokens, its form up to max_tokens
+    zili_args = shlex.split(zili_serve_args) + ["--max-model-len", str(ctx)]
+    if not any(a.startswith("--kv-cache-memory") for a in zili_args):  # llama-server's capacity (slots x ctx)
+        zili_args += ["--kv-cache-memory",
+                      str(slots * ctx * off.model_shapes(path)["config"].kv_bytes_per_token("bfloat16"))]
+    llama_args = shlex.split(llama_server_args)
+    def zili(args: list[str]) -> Callable[[], Any]:
+        # The decode step compiled before /health answers, so no round measures the eager-to-compiled switch.
+        return lambda: pr.zili_server(model, max_num_seqs=slots, extra_args=args, threads=threads,
+                                      env={"ZILI_BACKGROUND_COMPILE": "0"})
+
+    engines: dict[str, Callable[[], Any]] = {
+        "zili": zili(zili_args),
+        "llama-server": lambda: pr.llama_server(path, slots, ctx, threads, bin_dir, extra_args=llama_args)}
+    if plain_peers:
+        engines["zili-plain"] = zili(["--max-model-len", str(ctx)] + zili_args[zili_args.index("--kv-cache-memory"):])
+        engines["llama-server-plain"] = lambda: pr.llama_server(path, slots, ctx, threads, bin_dir)
+    config: dict[str, Any] = {
+        "model": model, "model_path": str(path), "num_docs": num_docs, "num_cases": len(cases), "streams": levels,
+        "repeats": repeats, "max_tokens": max_tokens, "threads": threads, "seed": seed, "ctx_per_slot": ctx,
+        "zili_serve_args": shlex.join(zili_args), "llama_server_args": shlex.join(llama_args),
+        "llama_cpp": {"version": llama_cpp_version, "bin_dir": str(bin_dir)}, "engines": list(engines)}
+    record = new_record("compare-extract", config, basis, program="python -m benchmarks")
+    record["note"] = note
+    out_path = write_record(record, output, label)
+    typer.echo(f"writing {out_path}", err=True)
+    for r in range(repeats):
+        for name, start in engines.items():
+            record["runs"] += cx.extract_round(name, start, cases, levels, max_tokens, r, warmup, cmp.log)
+            record["summary"] = cx.summarize_extract(record["runs"], levels, list(engines))
+            write_record(record, out_path)
+    for level, row in record["summary"].items():
+        for key, value in row.items():
+            if "/" in key and value["output_throughput_ratio"] is not None:
+                typer.echo(f"{level}: {key} output tok/s {value['output_throughput_ratio']:.2f}x", err=True)
+        accuracy = {e: row[e]["field_accuracy"] for e in engines}
+        typer.echo(f"{level}: field accuracy {accuracy}", err=True)
+    typer.echo(f"wrote {out_path}", err=True)
 
 
 # --- report / peers ------------------------------------------------------------------------------

@@ -151,15 +151,16 @@ def llama_server(model_path: Path, parallel: int, ctx_per_slot: int = 512, threa
 
 
 def zili_server(model: str, port: int | None = None, max_num_seqs: int | None = None,
-                extra_args: list[str] | None = None, threads: int | None = None) -> ServerProcess:
-    """`zili serve MODEL --port P`, from the same environment as this process."""
+                extra_args: list[str] | None = None, threads: int | None = None,
+                env: dict[str, str] | None = None) -> ServerProcess:
+    """`zili serve MODEL --port P`, from the same environment as this process plus `env`."""
     port = port or free_port()
     exe = Path(sys.executable).with_name("zili")
     head = [str(exe)] if exe.exists() else [sys.executable, "-m", "zili.cli"]
     argv = [*head, "serve", model, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     if max_num_seqs:
         argv += ["--max-num-seqs", str(max_num_seqs)]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return ServerProcess("zili", argv + list(extra_args or []), port, env=env)

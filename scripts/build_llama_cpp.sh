@@ -8,6 +8,9 @@
 #   PIP                  pip command used to download the sdist (default: python3 -m pip)
 #   JOBS                 parallel compile jobs (default: nproc)
 #   NICE                 niceness of the compile (default 19: the machine is shared)
+#   LLAMA_CPP_CMAKE_ARGS extra CMake arguments, after the defaults: e.g. an AVX2-only build on an
+#                        AVX-512 machine, as a proxy for an AVX2 CPU (with its own ZILI_LLAMA_CPP_DIR):
+#                        "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 #
 # Idempotent: when <root>/<version>/bin/llama-server and llama-bench exist, it prints the bin dir
 # and exits. The last line printed on stdout is always the bin directory.
@@ -55,7 +58,7 @@ nice -n "$NICE" cmake -S "$LLAMA_SRC" -B "$WORK/build" "${GENERATOR[@]}" \
     -DLLAMA_BUILD_EXAMPLES=OFF \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_COMMIT="llama-cpp-python-$VERSION" \
-    -DLLAMA_BUILD_NUMBER=0 >&2
+    -DLLAMA_BUILD_NUMBER=0 ${LLAMA_CPP_CMAKE_ARGS:-} >&2
 nice -n "$NICE" cmake --build "$WORK/build" --config Release -j "$JOBS" \
     --target llama-server llama-bench >&2
 

@@ -1,4 +1,4 @@
-"""Bad requests get OpenAI-shaped 4xx errors (401, 400, 404, 413, 422), never a 5xx."""
+"""Bad requests get OpenAI-shaped 4xx errors (401, 400, 404, 413; a wrong type is a 400, as on OpenAI's API), never a 5xx."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_413_body_too_large(http: httpx.Client):
     assert_error(r, 413, code="request_too_large")
 
 
-# ----- 422 -----
+# ----- wrong types: 400 invalid_type (FastAPI's default would be 422) -----
 
 
 @pytest.mark.parametrize("body,param", [
@@ -180,14 +180,25 @@ def test_413_body_too_large(http: httpx.Client):
     ({"messages": CHAT, "seed": 2**70}, "seed"),
     ({"messages": CHAT, "max_tokens": [1]}, "max_tokens"),
 ])
-def test_422_wrong_types(http: httpx.Client, body: dict, param: str):
-    assert_error(http.post("/v1/chat/completions", json=body), 422, param=param)
+def test_wrong_types_are_400(http: httpx.Client, body: dict, param: str):
+    assert_error(http.post("/v1/chat/completions", json=body), 400, param=param)
 
 
-def test_422_non_object_bodies(http: httpx.Client):
-    assert_error(http.post("/v1/completions", json=[1, 2, 3]), 422)
+@pytest.mark.parametrize("field,value", [("max_tokens", True), ("max_tokens", "5"), ("n", 1.0), ("logprobs", 1),
+                                         ("stream", 1), ("temperature", False), ("seed", "7")])
+def test_no_silent_coercion_of_types(http: httpx.Client, field: str, value):
+    """`max_tokens: true` is not 1 and `"5"` is not 5: OpenAI's API refuses them as invalid_type, and a
+    lax parser would run a request the client did not mean."""
+    body = {"messages": CHAT, field: value}
+    assert_error(http.post("/v1/chat/completions", json=body), 400, param=field, code="invalid_type")
+    missing = assert_error(http.post("/v1/chat/completions", json={"max_tokens": 1}), 400, param="messages")
+    assert missing["code"] == "missing_required_parameter"
+
+
+def test_non_object_bodies_are_400(http: httpx.Client):
+    assert_error(http.post("/v1/completions", json=[1, 2, 3]), 400)
     assert_error(http.post("/v1/completions", content=b"prompt=hi",
-                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 422)
+                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 400)
 
 
 def test_server_still_healthy_after_errors(server: ServerProcess, client: openai.OpenAI):

@@ -4,13 +4,21 @@ takes the server's health down.
 
 The app is the real FastAPI app (zili.server.app.build_app) over an in-process ASGI transport;
 the replicas are real Ray actors (one CPU each) running a tiny random Llama.
+
+The scenario runs in a child process (`python -m tests.integration.test_ray_replicas DIR`): the Ray
+driver's native core worker ends its process with exit status 1 when it loses its GCS (seen in a
+full suite on a machine at load 10+), which would take pytest down with it, without a report.
+The waits are readiness bounds, not speed assertions: starting two actors took over 3 minutes there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -27,6 +35,13 @@ from zili.server.app import ServerSettings, build_app  # noqa: E402
 
 
 def test_two_replicas_share_concurrent_load(tmp_path):
+    child = subprocess.run([sys.executable, "-m", "tests.integration.test_ray_replicas", str(tmp_path)],
+                           capture_output=True, text=True, timeout=1500)
+    assert child.returncode == 0, f"exit {child.returncode}\n{child.stdout[-4000:]}\n{child.stderr[-8000:]}"
+    assert "scenario passed" in child.stdout
+
+
+def scenario_two_replicas(tmp_path: Path) -> None:
     tiny = write_tiny_llama(tmp_path / "tiny")
     config = EngineConfig(model=str(tiny), dtype="float32", threads=1, block_size=4, kv_cache_memory=2**22,
                           max_num_seqs=8, use_tune_cache=False)
@@ -37,7 +52,7 @@ def test_two_replicas_share_concurrent_load(tmp_path):
 
     async def scenario() -> None:
         pool.start()
-        assert await asyncio.get_running_loop().run_in_executor(None, pool.wait_ready, 180)
+        assert await asyncio.get_running_loop().run_in_executor(None, pool.wait_ready, 900)
         assert pool.ready, pool.load_error
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://zili") as client:
@@ -58,7 +73,7 @@ def test_two_replicas_share_concurrent_load(tmp_path):
             # A replica that dies: health goes 503 and the server is told (it exits non-zero).
             ray.kill(pool.replicas[0].actor)
             killed = time.monotonic()
-            while pool.dead_error is None and time.monotonic() - killed < 30:
+            while pool.dead_error is None and time.monotonic() - killed < 180:
                 await asyncio.sleep(0.1)
             print(f"replica death noticed after {time.monotonic() - killed:.1f} s: {pool.dead_error!r}")
             assert (await client.get("/health")).status_code == 503
@@ -69,3 +84,8 @@ def test_two_replicas_share_concurrent_load(tmp_path):
         asyncio.run(scenario())
     finally:
         pool.shutdown()
+
+
+if __name__ == "__main__":
+    scenario_two_replicas(Path(sys.argv[1]))
+    print("scenario passed")

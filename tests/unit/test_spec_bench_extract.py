@@ -9,7 +9,7 @@ import json
 from typer.testing import CliRunner
 
 from tests.tiny_models import write_tiny_llama
-from zili.bench.extract import example_cases, field_matches, generated_cases
+from zili.bench.extract import example_cases, field_matches, generated_cases, score_outputs
 
 
 def test_generated_cases_are_reproducible_and_hold_their_true_values():
@@ -34,6 +34,18 @@ def test_field_matches():
     assert not field_matches("540", 540.0) and not field_matches(True, 1)
     assert field_matches("  northwind   Bakery", "Northwind Bakery") and not field_matches("Northwind", "Northwind Bakery")
     assert not field_matches(None, "x")
+
+
+def test_score_outputs_counts_fields_invalid_json_and_unfinished_forms():
+    cases = generated_cases(3, seed=5)
+    right = json.dumps(cases[0].truth)
+    wrong = dict(cases[1].truth, **{next(iter(cases[1].truth)): "not this"})
+    row = score_outputs(cases, [(right, "stop"), (json.dumps(wrong), "stop"), ('{"cut": ', "length")])
+    n0, n1, n2 = (len(c.truth) for c in cases)
+    assert row["fields"] == n0 + n1 + n2
+    assert row["fields_correct"] == n0 + n1 - 1
+    assert row["invalid_json"] == 1 and row["unfinished"] == 1 and row["num_requests"] == 3
+    assert row["field_accuracy"] == (n0 + n1 - 1) / (n0 + n1 + n2)
 
 
 def test_example_cases_read_forms_and_documents(tmp_path):

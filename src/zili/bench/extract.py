@@ -162,6 +162,25 @@ def field_matches(value: Any, truth: Any) -> bool:
     return value == truth
 
 
+def score_outputs(cases: list[ExtractionCase], outputs: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """Field accuracy of finished extractions: `outputs` are (text, finish reason) per case, in order.
+    Returns num_requests, fields, fields_correct, field_accuracy (None without true values), unfinished
+    (finish reason other than "stop"), invalid_json (texts that do not parse) and the texts."""
+    fields = correct = unfinished = invalid = 0
+    for case, (text, finish_reason) in zip(cases, outputs, strict=True):
+        unfinished += finish_reason != "stop"
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value, invalid = {}, invalid + 1
+        for key, truth in (case.truth or {}).items():
+            fields += 1
+            correct += field_matches(value.get(key) if isinstance(value, dict) else None, truth)
+    return {"num_requests": len(cases), "fields": fields, "fields_correct": correct,
+            "field_accuracy": correct / fields if fields else None, "unfinished": unfinished,
+            "invalid_json": invalid, "texts": [text for text, _ in outputs]}
+
+
 def run_workload(llm: Any, cases: list[ExtractionCase], streams: int, max_tokens: int = 384) -> dict[str, Any]:
     """Run every case through `llm` (zili.LLM), `streams` requests at a time (each group runs to its
     end before the next starts). Returns speed, field accuracy and speculation figures."""
@@ -176,27 +195,10 @@ def run_workload(llm: Any, cases: list[ExtractionCase], streams: int, max_tokens
         outputs += llm.generate([p for p, _ in group], [sp for _, sp in group], use_tqdm=False)
     duration = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
-    fields = correct = unfinished = 0
-    for case, out in zip(cases, outputs):
-        choice = out.outputs[0]
-        if choice.finish_reason != "stop":
-            unfinished += 1
-        if case.truth is None:
-            continue
-        try:
-            value = json.loads(choice.text)
-        except ValueError:
-            value = {}
-        for key, truth in case.truth.items():
-            fields += 1
-            correct += field_matches(value.get(key) if isinstance(value, dict) else None, truth)
-    row: dict[str, Any] = {
-        "num_requests": len(cases), "streams": streams, "output_tokens": n_out, "duration_s": duration,
-        "output_throughput": n_out / duration, "request_throughput": len(cases) / duration,
-        "fields": fields, "fields_correct": correct, "field_accuracy": correct / fields if fields else None,
-        "unfinished": unfinished, "load_average_before": load_before, "load_average_after": load_average(),
-        "texts": [o.outputs[0].text for o in outputs],
-    }
+    row = score_outputs(cases, [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outputs])
+    row.update({"streams": streams, "output_tokens": n_out, "duration_s": duration,
+                "output_throughput": n_out / duration, "request_throughput": len(cases) / duration,
+                "load_average_before": load_before, "load_average_after": load_average()})
     after = llm.engine.stats()
     row["num_steps"] = after.num_steps - before.num_steps  # engine steps (forward passes) the run took
     if getattr(llm.engine, "speculator", None) is not None:

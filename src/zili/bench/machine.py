@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from zili.platforms.cpu import cpu_isa
+
 # Flags worth a glance in a report; the full list is recorded too.
 NOTABLE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                  "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
@@ -98,7 +100,15 @@ def machine_info() -> dict:
         "python": sys.version.split()[0],
         "torch": torch_info(),
         "load_average": load_average(),
+        # What changes zili's kernels without showing in the command: a forced ISA level (ZILI_CPU_ISA),
+        # kernels off, calibration off... and the CPU kernel level the run used.
+        "zili_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZILI_")},
     }
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        try:
+            info["cpu_isa"] = cpu_isa()
+        except ValueError as e:  # a forced level above the CPU's
+            info["cpu_isa"] = f"invalid: {e}"
     accelerator = accelerator_name()
     if accelerator:
         info["accelerator"] = accelerator

@@ -25,7 +25,7 @@ from zili.server.errors import APIError, bad_request
 from zili.server.protocol import ErrorResponse
 
 # PostgreSQL text cannot hold NUL, and its driver's error is no ValueError (it was a 500 there):
-# every client string that reaches the database is refused with a 422 when it holds one.
+# every client string that reaches the database is refused with a 400 when it holds one.
 NO_NUL = r"^[^\x00]*$"
 Limit = Annotated[int | None, Field(ge=1, le=MAX_LIMIT)]
 ModelList = Annotated[list[Annotated[str, Field(min_length=1, max_length=256, pattern=NO_NUL)]] | None,
@@ -34,7 +34,7 @@ KeyRef = Annotated[str, Path(pattern=NO_NUL)]
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
     models: ModelList = None
     rpm: Limit = None
@@ -48,7 +48,7 @@ class KeyCreate(BaseModel):
 class KeyUpdate(BaseModel):
     """Fields to change; an explicit null removes that limit (or the model list, or the expiry)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     models: ModelList = None
     rpm: Limit = None
     tpm: Limit = None
@@ -58,7 +58,7 @@ class KeyUpdate(BaseModel):
 
 
 class PauseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     message: str = Field(default="The service is paused by its operator.", min_length=1, max_length=500,
                          pattern=NO_NUL)
     abort: bool = False
@@ -92,7 +92,7 @@ async def require_admin(request: Request,
                    headers={"WWW-Authenticate": "Bearer"})
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 422)}
+_ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404)}
 admin_router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)], responses=_ERRORS,
                          tags=["admin"])
 

@@ -108,7 +108,11 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
     every later load then waits on it forever; while we hold ours, no zili process is building here,
     so such a file is stale and is removed."""
     with open(build_dir / ".zili-build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why a start may pause here for minutes
+            logger.info("CPU kernels: another process is building %s; waiting for it", build_dir.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             (build_dir / "lock").unlink(missing_ok=True)
             yield
@@ -127,6 +131,9 @@ def _build_and_load(isa: str) -> bool:
         from torch.utils.cpp_extension import load
 
         with _build_lock(build_dir):
+            if not (build_dir / f"zili_cpu_kernels_{isa}.so").exists():
+                logger.info("CPU kernels: compiling the %s level for this checkout (once; a minute or more, "
+                            "longer on a busy machine)", isa)
             load(name=f"zili_cpu_kernels_{isa}", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
                  extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", f"-DZILI_OPS_NS={namespace(isa)}",
                                *ISA_FLAGS[isa]],

@@ -55,7 +55,7 @@ _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "abort": "end
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class TextBlock(_Block):
@@ -123,8 +123,7 @@ class MessagesRequest(_Block):
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """Anthropic's error body; a 422 (a type error) is a 400 invalid_request_error there."""
-    status = 400 if status == 422 else status
+    """Anthropic's error body."""
     kind = _ERROR_TYPES.get(status, "api_error")
     body = {"type": "error", "error": {"type": kind, "message": escape_unencodable(message)}}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -87,8 +87,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         messages.append(f"{where}: {e.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return APIError(422, "Invalid request: " + "; ".join(messages) + more, param=param,
-                    code=str(first.get("type", "invalid_value")))
+    # A 400, as OpenAI's API and vLLM answer a wrong type or a missing field (FastAPI's default is 422).
+    kind = str(first.get("type", ""))
+    code = ("missing_required_parameter" if kind == "missing" else
+            "invalid_type" if kind.endswith(("_type", "_parsing")) or kind in ("model_attributes_type", "literal_error")
+            else "invalid_value")
+    return APIError(400, "Invalid request: " + "; ".join(messages) + more, param=param, code=code)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,6 +1,7 @@
 """Request and response bodies, in the OpenAI API's shapes (plus vLLM's /tokenize, /detokenize).
 
-Types and structure are checked here (a wrong type is a 422); value ranges are checked once, by
+Types and structure are checked here, strictly as OpenAI's API does (`true`, `"5"` or `5.0` for an
+integer is a 400 invalid_type naming the field, not a silent 1 or 5); value ranges are checked once, by
 SamplingParams (a bad value is a 400 naming the parameter). Unknown fields are ignored, as the
 OpenAI API does for fields a server does not implement.
 """
@@ -15,7 +16,7 @@ _INT64 = Field(ge=-(2**63), le=2**63 - 1)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -26,7 +27,7 @@ class StreamOptions(_Request):
 
 
 class JSONSchemaFormat(_Request):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True, strict=True)
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON schema the output must match.")
@@ -44,7 +45,7 @@ class ResponseFormat(_Request):
 class StructuredOutputs(_Request):
     """Extension (vLLM's structured_outputs): constrain the output to one of these."""
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore", populate_by_name=True, strict=True)
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = Field(None, description="An EBNF grammar (xgrammar's dialect) with a `root` rule.")

@@ -32,7 +32,7 @@ from zili.server.state import ServerState
 from zili.structured.tools import tool_style
 
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": p.ErrorResponse}
-                                            for status in (400, 401, 404, 413, 422, 429, 503)}
+                                            for status in (400, 401, 404, 413, 429, 503)}
 
 router = APIRouter()
 guarded = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)

@@ -246,7 +246,7 @@ def test_engine_with_llguidance_speculation_jump_forward_and_errors(bpe_dir):
     jump-forward appends forced text; a refused schema is SamplingParamsError("structured") with its place."""
     plain = make_llm(bpe_dir, structured_outputs_backend="llguidance")
     prompts = ['{"City": "Oslo", "zip": 1234} {"City": "Oslo", "zip": 1234} {"City": "Os', "Where:", "{"]
-    params = [SamplingParams(temperature=0, max_tokens=60, structured={"json": JUMP_SCHEMAS[i % len(JUMP_SCHEMAS)]})
+    params = [SamplingParams(temperature=0, max_tokens=160, structured={"json": JUMP_SCHEMAS[i % len(JUMP_SCHEMAS)]})
               for i in range(len(prompts))]
     prompts.append("abc abc abc abc abc abc abc abc abc")
     params.append(SamplingParams(temperature=0, max_tokens=30, structured={"regex": "[a-c ]{1,40}"}))

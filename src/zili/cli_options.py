@@ -88,6 +88,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "same tokens whatever else runs beside it and whatever the prefix cache holds (slower; "
                  "the decode step runs eagerly). Dense-attention models on one device.",
                  flags=("--deterministic/--no-deterministic",)),
+    EngineOption("structured_outputs_backend", str, "auto", "The grammar library for structured output: xgrammar, "
+                 "llguidance, or auto (xgrammar, and llguidance for a JSON schema xgrammar refuses)."),
     EngineOption("tensor_parallel_size", int, 1, "Split the model across this many ranks (processes, one device "
                  "each) with torch.distributed.", flags=("--tensor-parallel-size", "-tp"), min=1),
 )}

@@ -173,6 +173,7 @@ class ModelConfig:
 # are quantized per token and KV head: each cache row holds head_dim one-byte elements, then its
 # bfloat16 scale (absmax / 127 for int8, absmax / 448 for fp8_e4m3); see zili.kernels.kv_quant.
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8_e4m3")
+STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "llguidance")  # zili.structured.backend.BACKENDS
 _QUANTIZED_KV_BY_NAME = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
 KV_SCALE_BYTES = 2
@@ -426,6 +427,10 @@ class EngineConfig:
     # was chunked or prefix-cached. Every matmul runs one kernel at a fixed row tile, every attention
     # row alone over its own context, the decode step eagerly (zili.engine.builder). Costs speed.
     deterministic: bool = False
+    # The grammar library behind structured output (vLLM's `structured_outputs_config.backend`,
+    # zili.structured.backend): "xgrammar", "llguidance", or "auto" (xgrammar, and llguidance for a
+    # JSON schema xgrammar refuses).
+    structured_outputs_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -465,3 +470,6 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"EngineConfig.deterministic must be true or false, got {self.deterministic!r}")
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(f"EngineConfig.structured_outputs_backend must be one of "
+                             f"{', '.join(STRUCTURED_OUTPUTS_BACKENDS)}, got {self.structured_outputs_backend!r}")

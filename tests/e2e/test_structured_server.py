@@ -67,6 +67,20 @@ def test_json_schema_response_format(client: openai.OpenAI):
         jsonschema.validate(json.loads(choice.message.content), PERSON)
 
 
+def test_a_schema_xgrammar_refuses_compiles_with_llguidance_under_auto(client: openai.OpenAI):
+    """The server's default --structured-outputs-backend auto: xgrammar refuses a draft-07 tuple
+    (`items` as a list); llguidance compiles it, and the output keeps to the schema."""
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "array",
+              "items": [{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["on", "off"]}],
+              "additionalItems": False}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK_PERSON, temperature=0, max_tokens=24,
+        response_format={"type": "json_schema", "json_schema": {"name": "pair", "schema": schema}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content), schema)
+
+
 def test_json_object_and_structured_outputs_in_chat_and_completions(client: openai.OpenAI):
     reply = client.chat.completions.create(model=MODEL, messages=ASK_PERSON, temperature=0, max_tokens=40,
                                            response_format={"type": "json_object"})
@@ -144,6 +158,9 @@ def test_tool_results_round_trip_through_the_template(client: openai.OpenAI, htt
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "$ref": "#/$defs/nowhere"}}}}, "response_format", "cannot be used"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {  # both libraries refuse
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 9223372036854776000}}}}}},
+     "response_format", "(at /properties/n)"),
     ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "regex"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
     ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs", "grammar"),

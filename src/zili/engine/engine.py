@@ -88,7 +88,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,
-                                     parts.num_kv_blocks, config.block_size)
+                                     parts.num_kv_blocks, config.block_size, config.structured_outputs_backend)
         # Reasoning models: thinking budgets and grammars that start after the thinking (zili.engine.thinking).
         self.reasoning_style = resolve_reasoning_parser(config.reasoning_parser, parts.tokenizer.chat_template)
         self.outputs = OutputProcessor(parts.tokenizer, parts.max_model_len,

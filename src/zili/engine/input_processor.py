@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from zili.engine.request import GrammarMatcher, Sequence
 from zili.sampling import InvalidRequestError, PoolingParams, SamplingParams, SamplingParamsError
-from zili.structured.backend import GrammarBackend, GrammarMask
+from zili.structured.backend import CompiledGrammar, GrammarBackend, GrammarMask
 from zili.structured.spec import StructuredOutput
 from zili.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    import xgrammar as xgr
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -36,7 +32,7 @@ class PreparedRequest:
     params: SamplingParams
     max_tokens: int  # params.max_tokens, or what the context leaves after the prompt
     stop_token_ids: frozenset[int]  # params.stop_token_ids plus EOS (unless ignore_eos)
-    grammar: xgr.CompiledGrammar | None = None
+    grammar: CompiledGrammar | None = None
     pooling: PoolingParams | None = None  # an embedding request (prefill only; params is a stand-in)
 
 
@@ -44,12 +40,13 @@ class InputProcessor:
     """Checks and prepares requests for one engine (its tokenizer, vocabulary and limits)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int, num_kv_blocks: int,
-                 block_size: int) -> None:
+                 block_size: int, structured_outputs_backend: str = "auto") -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self.structured_outputs_backend = structured_outputs_backend  # GrammarBackend's library choice
         self._grammar_backend: GrammarBackend | None = None  # built on the first structured request
         self._grammar_lock = threading.Lock()
 
@@ -125,17 +122,18 @@ class InputProcessor:
         """The grammar compiler and mask builder, built on first use (thread-safe)."""
         with self._grammar_lock:
             if self._grammar_backend is None:
-                self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size)
+                self._grammar_backend = GrammarBackend(self.tokenizer, self.vocab_size,
+                                                       backend=self.structured_outputs_backend)
             return self._grammar_backend
 
-    def compile_structured(self, structured: StructuredOutput) -> xgr.CompiledGrammar:
+    def compile_structured(self, structured: StructuredOutput) -> CompiledGrammar:
         """Compile a StructuredOutput for this vocabulary (cached). SamplingParamsError("structured")."""
         try:
             return self.grammar_backend.compile(structured)
         except ValueError as exc:
             raise SamplingParamsError("structured", str(exc)) from exc
 
-    def new_matcher(self, grammar: xgr.CompiledGrammar) -> GrammarMatcher:
+    def new_matcher(self, grammar: CompiledGrammar) -> GrammarMatcher:
         return self.grammar_backend.new_matcher(grammar)
 
     def grammar_mask(self, seqs: list[Sequence]) -> GrammarMask | None:

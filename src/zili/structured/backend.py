@@ -1,23 +1,43 @@
-"""GrammarBackend: StructuredOutput -> compiled xgrammar grammar -> one matcher per sequence ->
-allowed-token bitmasks applied to a batch of logits.
+"""GrammarBackend: StructuredOutput -> compiled grammar -> one matcher per sequence -> allowed-token
+bitmasks applied to a batch of logits.
 
-The tokenizer description xgrammar needs (the bytes each token id stands for) is built from our
-own Tokenizer, so nothing is fetched from the hub.
+Two grammar libraries sit behind this seam (vLLM's `structured_outputs_config.backend`; zili's
+`EngineConfig.structured_outputs_backend`):
+- "xgrammar" (xgrammar 0.2): every kind of constraint;
+- "llguidance" (zili.structured.llguidance_backend): JSON schemas, JSON objects, regexes, choices and
+  EBNF grammars; structural tags (tool calls) still compile with xgrammar, whose tag format they use;
+- "auto" (the default): xgrammar, and llguidance for a JSON schema xgrammar refuses. On the corpus of
+  real schemas in benchmarks/schema_coverage.py, each library compiles schemas the other refuses, and
+  xgrammar's path is the one the approximation table (zili.structured.approximations), jump-forward's
+  spellings and the tool-call tags were checked against: first xgrammar, then the union
+  (benchmarks/notes/structured.md has the numbers).
+Both libraries' matchers meet `StructuredMatcher` and both bitmasks are xgrammar's layout (int32
+words, bit i of word j allows token 32j + i), so one batch may mix them.
+
+The tokenizer description both need (the bytes each token id stands for) is built from our own
+Tokenizer, so nothing is fetched from the hub.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 from typing import Sequence as Seq
 
 import torch
 import xgrammar as xgr
 
+from zili.structured.llguidance_backend import LLGuidanceCompiler
 from zili.structured.spec import StructuredOutput
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "xgrammar", "llguidance")
 
 JSON_SEPARATORS = (", ", ": ")  # fixed whitespace: small models otherwise drift into endless blank space
 CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
@@ -62,6 +82,53 @@ def _vocab_decoder(vocab: dict[str, int]):
     return lambda token: token.replace("\u2581", " ").encode("utf-8")
 
 
+class StructuredMatcher(Protocol):
+    """One sequence's grammar state, as the engine uses it (xgrammar's GrammarMatcher has these; so does
+    zili.structured.llguidance_backend.LLGuidanceMatcher)."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one token; False if the grammar does not allow it (state unchanged)."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """True once an end token was accepted."""
+        ...
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> object:
+        """Write row `index` of the int32 allowed-token bitmask [batch, ceil(vocab / 32)]."""
+        ...
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens (speculative drafts, jump-forward probes)."""
+        ...
+
+    def find_jump_forward_string(self) -> str:
+        """The longest text every continuation starts with (whole UTF-8 characters); state unchanged."""
+        ...
+
+
+class CompiledGrammar(Protocol):
+    """A constraint compiled for one vocabulary by one library (`backend`); a matcher per sequence."""
+
+    @property
+    def backend(self) -> str:
+        ...
+
+    def new_matcher(self) -> StructuredMatcher:
+        ...
+
+
+@dataclass(frozen=True)
+class XGrammarGrammar:
+    """xgrammar's compiled grammar behind CompiledGrammar."""
+
+    compiled: xgr.CompiledGrammar
+    backend: str = "xgrammar"
+
+    def new_matcher(self) -> StructuredMatcher:
+        return xgr.GrammarMatcher(self.compiled)
+
+
 class GrammarMask:
     """The allowed-token bitmask rows of one step's constrained sequences, applied in one op."""
 
@@ -78,32 +145,63 @@ class GrammarMask:
 
 
 class GrammarBackend:
-    def __init__(self, tokenizer: Any, vocab_size: int, max_threads: int = 2) -> None:
+    """The grammar seam: compiles StructuredOutputs with the chosen library (`backend`, one of BACKENDS),
+    caches them, and builds each step's bitmask. `token_bytes` (per token id) is also read by
+    jump-forward decoding."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_threads: int = 2, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"structured_outputs_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
         stop = list(tokenizer.eos_token_ids) or None
         self.token_bytes = token_bytes(tokenizer, vocab_size)  # per token id; also read by jump-forward decoding
         self.info = xgr.TokenizerInfo(self.token_bytes, xgr.VocabType.RAW,
                                       vocab_size=vocab_size, stop_token_ids=stop)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
-        self._cache: OrderedDict[tuple[str, str, bool | None], xgr.CompiledGrammar] = OrderedDict()
+        self._llguidance: LLGuidanceCompiler | None = None  # built on first use
+        self._cache: OrderedDict[tuple[str, str, bool | None], CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()  # compile() may be called from a thread other than the engine's
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
+    @property
+    def llguidance(self) -> LLGuidanceCompiler:
+        with self._lock:
+            if self._llguidance is None:
+                self._llguidance = LLGuidanceCompiler(self.tokenizer, self.token_bytes)
+            return self._llguidance
+
     # ---- compiling ---------------------------------------------------------------------------
-    def compile(self, structured: StructuredOutput) -> xgr.CompiledGrammar:
-        """Compile (or fetch from the cache). ValueError names what the compiler could not accept."""
+    def compile(self, structured: StructuredOutput) -> CompiledGrammar:
+        """Compile (or fetch from the cache). ValueError names what the compiler could not accept and,
+        for a JSON schema, where in the schema."""
         key = structured.cache_key
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        try:
-            compiled = self._compile(structured)
-        except (RuntimeError, ValueError, TypeError) as e:
-            where = locate_schema_failure(structured.schema(), structured.strict is not False) \
-                if structured.kind == "json" else None
-            at = f" (at {where or '/'})" if where is not None else ""
-            raise ValueError(f"the {_NAMES[structured.kind]} cannot be used{at}: {_first_line(e)}") from None
+        if self.backend == "llguidance" and structured.kind != "structural_tag":
+            try:
+                compiled: CompiledGrammar = self.llguidance.compile(structured)
+            except ValueError as e:
+                raise ValueError(f"the {_NAMES[structured.kind]} cannot be used (llguidance): {e}") from None
+        else:
+            try:
+                compiled = XGrammarGrammar(self._compile(structured))
+            except (RuntimeError, ValueError, TypeError) as e:
+                where = locate_schema_failure(structured.schema(), structured.strict is not False) \
+                    if structured.kind == "json" else None
+                at = f" (at {where or '/'})" if where is not None else ""
+                refused = f"the {_NAMES[structured.kind]} cannot be used{at}: {_first_line(e)}"
+                if self.backend != "auto" or structured.kind != "json":
+                    raise ValueError(refused) from None
+                try:  # auto: a schema xgrammar refuses may still compile with llguidance
+                    compiled = self.llguidance.compile(structured)
+                except ValueError as second:
+                    raise ValueError(f"{refused}; llguidance: {second}") from None
+                logger.info("structured output: xgrammar refused a JSON schema (%s); compiled with llguidance",
+                            _first_line(e))
         with self._lock:
             self._cache[key] = compiled
             while len(self._cache) > CACHE_SIZE:
@@ -136,8 +234,8 @@ class GrammarBackend:
         raise ValueError(f"unknown structured-output kind {s.kind!r}")
 
     # ---- decoding ----------------------------------------------------------------------------
-    def new_matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(compiled)
+    def new_matcher(self, compiled: CompiledGrammar) -> StructuredMatcher:
+        return compiled.new_matcher()
 
     def build_mask(self, seqs: Seq[Any]) -> GrammarMask | None:
         """The bitmask for one step: rows of the sequences that carry a grammar (`seq.grammar`)."""

@@ -71,8 +71,13 @@ def test_chat_keeps_the_conversation_and_resets(tiny):
     assert answers[1] != again_alone[0]
 
 
-def test_ctrl_c_stops_an_answer_but_not_the_session(tiny):
-    proc = subprocess.Popen(ZILI + ["chat", "--model", tiny, "--max-tokens", "400", "--temperature", "0"],
+def test_ctrl_c_stops_an_answer_but_not_the_session(tmp_path):
+    # An answer that streams for seconds: the default tiny model's answer (~500 bytes, then its end token)
+    # took under a second, and on a loaded machine it was over before this process sent the SIGINT.
+    # Seed 2's random weights answer this prompt with ~7,000 bytes (about 7 s here) before an end token.
+    long = str(write_tiny_llama(tmp_path / "long", seed=2, max_position_embeddings=16384))
+    proc = subprocess.Popen(ZILI + ["chat", "--model", long, "--max-tokens", "16000", "--temperature", "0",
+                                    "--kv-cache-memory", "64MiB"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         proc.stdin.write("tell me a long story\n")

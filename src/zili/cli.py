@@ -91,12 +91,16 @@ def chat(
                                        "thinking: shown dimmed before the answer, or folded into one line."),
     max_reasoning_tokens: Optional[int] = typer.Option(None, "--max-reasoning-tokens", min=1,
                                                        help="A reasoning model's thinking budget per answer."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Answer until --max-tokens, past the model's "
+                                    "end token (vLLM's ignore_eos, llama.cpp's --ignore-eos)."),
     engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
     if max_reasoning_tokens is not None:
         params = dataclasses.replace(params, max_reasoning_tokens=max_reasoning_tokens)
+    if ignore_eos:
+        params = dataclasses.replace(params, ignore_eos=True)
     llm = _make_llm(model, engine_args or {})
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

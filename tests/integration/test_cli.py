@@ -72,12 +72,12 @@ def test_chat_keeps_the_conversation_and_resets(tiny):
 
 
 def test_ctrl_c_stops_an_answer_but_not_the_session(tmp_path):
-    # An answer that streams for seconds: the default tiny model's answer (~500 bytes, then its end token)
-    # took under a second, and on a loaded machine it was over before this process sent the SIGINT.
-    # Seed 2's random weights answer this prompt with ~7,000 bytes (about 7 s here) before an end token.
-    long = str(write_tiny_llama(tmp_path / "long", seed=2, max_position_embeddings=16384))
+    # An answer that cannot end before the SIGINT: the tiny model's own answer (~500 bytes, then its end
+    # token) was over in under a second, before this process sent the signal (in full runs, twice).
+    # --ignore-eos and a 16k context make it run for tens of seconds.
+    long = str(write_tiny_llama(tmp_path / "long", max_position_embeddings=16384))
     proc = subprocess.Popen(ZILI + ["chat", "--model", long, "--max-tokens", "16000", "--temperature", "0",
-                                    "--kv-cache-memory", "64MiB"],
+                                    "--ignore-eos", "--kv-cache-memory", "64MiB"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         proc.stdin.write("tell me a long story\n")

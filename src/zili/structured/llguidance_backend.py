@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import llguidance
 import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
-from llguidance.torch import fill_next_token_bitmask
 
 from zili.structured.spec import StructuredOutput
 
@@ -91,7 +90,13 @@ class LLGuidanceMatcher:
         return bool(self._accepted) and self._accepted[-1] in self._stop
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
-        fill_next_token_bitmask(self._m, bitmask, index)
+        # The matcher writes row `index` of the int32 [batch, ceil(vocab / 32)] CPU bitmask in place.
+        # (Not through llguidance.torch: that module runs torch.compile at import, which would pull
+        # dynamo and Inductor, ~140 MiB, into every eager server.)
+        row = bitmask[index]
+        if bitmask.dtype != torch.int32 or not row.is_contiguous() or bitmask.device.type != "cpu":
+            raise ValueError("the grammar bitmask must be a contiguous int32 CPU tensor")
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens > len(self._accepted):

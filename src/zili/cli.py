@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 from typing import Any, Optional
 
@@ -96,6 +97,9 @@ def chat(
     engine_args: dict[str, Any] | None = None,
 ) -> None:
     """Talk with a model. /reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer."""
+    # Ctrl-C must reach us as KeyboardInterrupt even when the parent ignored SIGINT (a job started with
+    # `&` from a non-interactive shell inherits SIG_IGN, and Python then leaves it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     params = _params(max_tokens, temperature, top_p, top_k, min_p, seed, repetition_penalty, None)
     if max_reasoning_tokens is not None:
         params = dataclasses.replace(params, max_reasoning_tokens=max_reasoning_tokens)

@@ -165,3 +165,62 @@ def test_an_eager_server_process_never_loads_the_compiler(tiny_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_max_decode_rows_counts_verify_rows():
+    from zili.config import EngineConfig
+    from zili.engine.builder import max_decode_rows
+
+    assert max_decode_rows(EngineConfig(max_num_seqs=8)) == 8
+    ngram = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=ngram)) == 48
+    # No proposals once 4 sequences run: at most 3 verifying sequences (18 rows), or 8 plain rows.
+    capped = dict(ngram, disable_by_batch_size=4)
+    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 18
+    capped = dict(ngram, disable_by_batch_size=2)
+    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 8
+
+
+def test_verify_steps_never_compile_after_start(tiny_dir):
+    """With speculation every decode row count a verify step can reach has its graph built at start
+    (up to max_num_seqs x (1 + k) rows): a graph first compiled on a request stalls every stream for
+    seconds (at 8 streams it made the served extraction workload 15x slower than 1 stream). The int8
+    layers' row limits split the row counts into several graphs, so the test covers that split. The
+    drafts come from an oracle (the plain greedy continuation), so nearly every step verifies k rows."""
+    from torch._dynamo.utils import counters
+
+    ngram = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    llm = make_llm(tiny_dir, dtype="bfloat16", quantization="int8", enforce_eager=False, speculative_config=ngram)
+    engine, runner = llm.engine, llm.engine.runner
+    assert runner.compiled_decode is not None
+    speculator, engine.speculator = engine.speculator, None
+    prompt_ids = [llm.tokenizer.encode(p) for p in PROMPTS]
+    plain = greedy(llm, PROMPTS, max_tokens=48)
+    engine.speculator = speculator
+    continuation = {tuple(ids): ids + out for ids, out in zip(prompt_ids, plain)}
+
+    class Oracle:
+        def propose(self, seqs, num_tokens):
+            drafts = []
+            for seq, k in zip(seqs, num_tokens):
+                full = next(v for key, v in continuation.items() if tuple(seq.token_ids[:len(key)]) == key)
+                drafts.append(full[seq.num_tokens:seq.num_tokens + k])
+            return drafts
+
+        def release(self, seq_id):
+            pass
+
+    speculator.proposer = Oracle()
+    inner, rows_seen = runner.compiled_decode, []
+
+    def counting(input_ids, positions, meta):
+        rows_seen.append(input_ids.shape[0])
+        return inner(input_ids, positions, meta)
+
+    runner.compiled_decode = counting
+    graphs_at_start = counters["stats"]["unique_graphs"]
+    greedy(llm, PROMPTS, max_tokens=48)
+    assert engine.stats().spec_decode_num_accepted_tokens > 0
+    limits = {m.quant.max_rows for m in runner.model.modules() if getattr(m, "quant", None) is not None}
+    assert max(rows_seen) > max(limits)  # verify steps went past the largest row limit (another graph)
+    assert counters["stats"]["unique_graphs"] == graphs_at_start

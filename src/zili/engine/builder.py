@@ -300,6 +300,22 @@ def _fuse_elementwise(platform: Platform) -> bool:
     return True
 
 
+MAX_GRAPH_ROWS = 256  # the largest decode graph captured for verify steps (device memory per graph grows with it)
+
+
+def max_decode_rows(config: EngineConfig) -> int:
+    """The most input rows a decode-only step can have: one per running sequence, and with
+    speculative decoding 1 + num_speculative_tokens per verifying sequence (zili.engine.spec_decode),
+    unless proposals stop at `disable_by_batch_size` sequences."""
+    spec = config.speculative_config
+    if spec is None or isinstance(spec, (str, dict)):
+        return config.max_num_seqs
+    verifying = config.max_num_seqs
+    if spec.disable_by_batch_size is not None:
+        verifying = min(verifying, spec.disable_by_batch_size - 1)
+    return max(config.max_num_seqs, verifying * (1 + spec.num_speculative_tokens))
+
+
 def _compile_decode(runner: ModelRunner, platform: Platform, attention: AttentionBackend,
                     config: EngineConfig) -> float | None:
     """Compile the decode step unless unsupported here (zili.engine.compiled_decode); the seconds it took."""
@@ -309,9 +325,11 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
         logger.info("decode step stays eager: %s", reason)
         return None
     compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
-    # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit.
+    # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit,
+    # up to the most rows a decode step can have (verify steps included: each one not built here
+    # would compile on the first request that reaches it, stalling every stream for seconds).
     limits = {m.quant.max_rows for m in model.modules() if isinstance(m, Linear) and m.quant is not None}
-    sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= config.max_num_seqs})
+    sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= max_decode_rows(config)})
     if compiles_in_background():  # serve eagerly now, switch when the graphs are built
         logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
         def switch(ready: CompiledDecode) -> None:
@@ -348,7 +366,10 @@ def _capture_decode_graphs(runner: ModelRunner, platform: Platform, attention: A
         logger.info("decode graphs: off (the %s family is not graph-safe: it routes on data)",
                     getattr(getattr(model, "config", None), "architecture", type(model).__name__))
         return None
-    ladder = [s for s in tuned if s <= config.max_num_seqs] if tuned else batch_ladder(config.max_num_seqs)
+    # Verify steps are decode rows too (k + 1 per speculating sequence): the ladder reaches them, up to
+    # MAX_GRAPH_ROWS (beyond it a step runs eagerly, as vLLM's capture-size cap does).
+    rows = max(config.max_num_seqs, min(max_decode_rows(config), MAX_GRAPH_ROWS))
+    ladder = [s for s in tuned if s <= rows] if tuned else batch_ladder(rows)
     if not ladder:
         return None
     max_blocks = -(-max_model_len // config.block_size)

@@ -81,6 +81,11 @@ def main() -> None:
     model = runner.model
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = sum(c.numel() * c.element_size() for c in runner.kv_caches)
+    from zili import envs
+
+    lean = sum(1 for m in model.modules()
+               if getattr(m, "quant", None) is not None and m.weight.numel() == 0 and m.packed is None)
+    print(f"ZILI_DENSE_WEIGHTS={envs.dense_weights()}: {lean} quantized layers hold no dense copy")
     print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
     prev = 0.0
     for name, mib in rows:

@@ -13,6 +13,10 @@ shape is a pair, a `KernelChoice`:
   - the kernel with the best geometric mean of time over the row counts where a packed kernel
     beats dense (decode's row counts: where the choice matters);
   - max_rows: the last row count, going up, where that kernel still beats dense.
+"Dense" is the path the layer takes past its limit: for zili's kernels under ZILI_DENSE_WEIGHTS=dequant
+(the default) the codes dequantized into scratch memory, then the dense matmul ("dequant" in the
+timings; no dense copy held); for torch's kernels, or with ZILI_DENSE_WEIGHTS=copy, a dense copy
+(oneDNN-packed where available, "dense").
 
 Bounded: a deadline (`budget_s`) is checked before building each shape's candidates and before
 each row count; past it, the shapes not finished get no measured choice (the caller falls back
@@ -172,6 +176,13 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor],
     return lambda x: F.linear(x, w)
 
 
+def _reference(timing: dict[str, float], kernel: str) -> float:
+    """The time of the path a layer on `kernel` takes past its row limit, from one row count's timings:
+    the dequantize-then-dense path where it was timed (zili's kernels, ZILI_DENSE_WEIGHTS=dequant), else
+    the dense copy's."""
+    return timing["dequant"] if kernel != TORCH and "dequant" in timing else timing["dense"]
+
+
 def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Best-of-`repeats` microseconds per call of each candidate, timed round-robin (the order
     rotating each round) after one warm-up call each, so a load change on a shared host hits every
@@ -191,7 +202,7 @@ def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
 def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> KernelChoice:
     """The choice from one shape's timings {rows: {candidate or "dense": us}} (see the module doc)."""
     rows = sorted(timings)
-    winning = [r for r in rows if min(timings[r][k] for k in kernels) < timings[r]["dense"]]
+    winning = [r for r in rows if any(timings[r][k] < _reference(timings[r], k) for k in kernels)]
     if not winning:
         return KernelChoice(min(kernels, key=lambda k: timings[rows[0]][k]) if rows else kernels[0], 0)
 
@@ -201,7 +212,7 @@ def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> Kern
     kernel = min(kernels, key=score)
     limit = 0
     for r in rows:
-        if timings[r][kernel] >= timings[r]["dense"]:
+        if timings[r][kernel] >= _reference(timings[r], kernel):
             break
         limit = r
     return KernelChoice(kernel, limit)
@@ -230,19 +241,23 @@ def calibrate_kernels(shapes: dict[str, tuple[str, int, int, int]], dtype: torch
                 result.cut.append(key)
                 continue
             weight = torch.randn(min(n, TIMED_MAX_OUT), k, generator=gen) * 0.05
-            calls = {kernel: _packed(form, weight, kernel).matmul for kernel in kernels}
+            packed = {kernel: _packed(form, weight, kernel) for kernel in kernels}
+            calls = {kernel: p.matmul for kernel, p in packed.items()}
             calls["dense"] = _dense(weight, dtype)
+            dequantizing = [p for p in packed.values() if getattr(p, "dequantizes", False)]
+            if dequantizing and envs.dense_weights() == "dequant":
+                calls["dequant"] = dequantizing[0].dense_matmul
             timings: dict[int, dict[str, float]] = {}
             for r in rows:
                 if clock() >= deadline:
                     break
                 x = torch.randn(r, k, generator=gen).to(dtype)
                 timings[r] = race({name: functools.partial(fn, x) for name, fn in calls.items()}, repeats)
-                if all(timings[r][kn] >= timings[r]["dense"] for kn in kernels):
+                if all(timings[r][kn] >= _reference(timings[r], kn) for kn in kernels):
                     break  # dense wins from here on: larger row counts favour it more
             result.timings_us[key] = timings
             finished = bool(timings) and (len(timings) == len(rows) or
-                                          all(timings[max(timings)][kn] >= timings[max(timings)]["dense"]
+                                          all(timings[max(timings)][kn] >= _reference(timings[max(timings)], kn)
                                               for kn in kernels))
             if finished:
                 result.choices[key] = choose(timings, kernels)

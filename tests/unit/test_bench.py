@@ -363,6 +363,16 @@ def test_repository_benchmarks_cli_lists_its_commands():
         assert cmd in result.output
 
 
+def test_compare_names_its_peers_on_a_bad_one():
+    from typer.testing import CliRunner
+
+    from benchmarks.__main__ import app
+
+    result = CliRunner().invoke(app, ["compare", "--peers", "llama.cpp,vllm", "--mode", "serve"])
+    assert result.exit_code != 0
+    assert "zili-spec" in result.output and "'llama.cpp,vllm'" in result.output
+
+
 HEALTH_SERVER = """
 import sys, http.server
 class H(http.server.BaseHTTPRequestHandler):

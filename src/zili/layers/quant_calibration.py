@@ -150,6 +150,28 @@ def default_choice() -> KernelChoice:
     return KernelChoice(forced_kernel() or TORCH, DEFAULT_MAX_ROWS)
 
 
+# Row limit of `busy_choice`: the decode batches where the packed kernel won on every calibrated machine
+# and shape so far (tune entries at the avx512 level: limits 2-16, one shape 0; the forced avx2 level
+# measured 1.45x torch's kernel on SmolLM2's single-stream decode); dense above.
+BUSY_MAX_ROWS = 4
+
+
+def busy_choice() -> KernelChoice:
+    """An overloaded host's choice (start-up calibration skipped or its timings dropped): the forced
+    kernel, else zili's kernel at this CPU's level where it runs (int8 activations and integer dot
+    products, llama.cpp's scheme, which beat torch's int4/int8 kernels at 1-4 rows on every level and
+    shape measured), up to BUSY_MAX_ROWS rows; torch's where no level runs. Unlike the uncalibrated
+    `default_choice` (`--no-calibrate`), a busy start is not a request for torch's kernels: it is the
+    same server on a machine that happened to be loaded, so it should not be the slow one."""
+    forced = forced_kernel()
+    if forced is not None:
+        return KernelChoice(forced, DEFAULT_MAX_ROWS)
+    level = cpu_isa.selected() if cpu_isa.enabled() else None
+    if level is not None and usable(level):
+        return KernelChoice(level, BUSY_MAX_ROWS)
+    return KernelChoice(TORCH, DEFAULT_MAX_ROWS)
+
+
 def row_invariant_choice() -> KernelChoice:
     """For batch-invariant mode (EngineConfig.deterministic): zili's kernel at this CPU's level where it
     runs, whose rows are each computed alone whatever the row count (`Int4Weight.row_invariant`), else

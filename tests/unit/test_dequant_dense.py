@@ -88,10 +88,13 @@ def test_calibration_limits_a_zili_kernel_against_the_path_it_will_take():
     assert choose(without, ["avx512"]).max_rows == 4  # ZILI_DENSE_WEIGHTS=copy: today's rule
 
 
-# Both layers of the tiny GGUF quantized: layer 0 mixes int8 (fused q|k|v with Q5_K / Q6_K parts) and
-# int4 (Q4_0 o_proj); layer 1 is Q4_1 with a Q8_0 down projection; the rest float.
+# Both layers of the tiny GGUF quantized with codes the packed forms hold exactly (so the dense copy and
+# the dequantized codes are the same weights): layer 0 Q4_K q|k|v and Q4_0 o_proj, layer 1 Q4_1 with a
+# Q8_0 down projection; the rest float. (A fused layer of Q5_K / Q6_K parts is requantized to int8, and
+# its copy then holds the file's values, not the codes'.)
 TYPES = {f"blk.1.{p}.weight": Q.Q4_1 for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}
 TYPES["blk.1.ffn_down.weight"] = Q.Q8_0
+TYPES["blk.0.attn_k.weight"] = TYPES["blk.0.attn_v.weight"] = Q.Q4_K
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +121,9 @@ def _prefill_logits(loaded, tokens: list[int]) -> torch.Tensor:
     from zili.kernels.attention import AttentionMetadata
 
     cfg = loaded.config
-    caches = [torch.zeros(cfg.kv_cache_shape(2, 16, loaded.dtype), dtype=loaded.dtype)
+    caches = [torch.zeros(cfg.kv_cache_shape(3, 16, loaded.dtype), dtype=loaded.dtype)
               for _ in range(cfg.num_hidden_layers)]
-    meta = AttentionMetadata.build([len(tokens)], [len(tokens)], [[0, 1]], 16)
+    meta = AttentionMetadata.build([len(tokens)], [len(tokens)], [[0, 1, 2]], 16)  # up to 48 tokens
     with torch.inference_mode():
         hidden = loaded.model(torch.tensor(tokens), torch.arange(len(tokens)), caches, meta)
         return loaded.model.compute_logits(hidden)

@@ -160,6 +160,10 @@ def default_choice() -> KernelChoice:
 # (2026-11-30, forced avx2 on the Xeon, e.g. 3072x576 at 16 rows 298 us against 604 dense). Others: 4.
 BUSY_MAX_ROWS = {"avx512": 4, "avx2": 32}
 BUSY_MAX_ROWS_OTHER = 4
+# The same when the layer holds no dense copy (ZILI_DENSE_WEIGHTS=dequant): above its limit it dequantizes
+# into scratch memory first, which zili's int4 kernel beat at 64 rows on all four SmolLM2 shapes (avx512,
+# bf16; benchmarks/notes/memory.md), so its limit goes up to the calibration's largest row count.
+BUSY_MAX_ROWS_DEQUANT = {"avx512": 64, "avx2": 64}
 
 
 def busy_choice() -> KernelChoice:
@@ -174,7 +178,8 @@ def busy_choice() -> KernelChoice:
         return KernelChoice(forced, DEFAULT_MAX_ROWS)
     level = cpu_isa.selected() if cpu_isa.enabled() else None
     if level is not None and usable(level):
-        return KernelChoice(level, BUSY_MAX_ROWS.get(level, BUSY_MAX_ROWS_OTHER))
+        limits = BUSY_MAX_ROWS_DEQUANT if envs.dense_weights() == "dequant" else BUSY_MAX_ROWS
+        return KernelChoice(level, limits.get(level, BUSY_MAX_ROWS_OTHER))
     return KernelChoice(TORCH, DEFAULT_MAX_ROWS)
 
 

@@ -99,10 +99,16 @@ def test_config_parses_like_vllm():
         EngineConfig(speculative_config={**mtp_config(), "model": "x"})
 
 
-def test_checkpoint_without_mtp_layer_is_refused(random_mtp):
-    big, _ = random_mtp  # a DeepSeek-V3 with num_nextn_predict_layers unset
-    with pytest.raises(ValueError, match=r"speculative_config\.method.*num_nextn_predict_layers"):
+def test_checkpoint_without_mtp_layer_is_refused(random_mtp, tmp_path):
+    big, _ = random_mtp  # declares num_nextn_predict_layers=1 (transformers' default) but has no MTP tensors
+    with pytest.raises(ValueError, match=r"speculative_config\.method.*MTP layer.*missing"):
         make_llm(big, speculative_config=mtp_config())
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).symlink_to(big / name)
+    config = json.loads((big / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match=r"speculative_config\.method.*num_nextn_predict_layers"):
+        make_llm(tmp_path, speculative_config=mtp_config())
 
 
 def test_prefix_hit_gives_up_its_last_block():

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from zili.config import QUANTIZED_KV_DTYPES, EngineConfig, ModelConfig, kv_cache_torch_dtype
 from zili.distributed.executor import TensorParallelExecutor
@@ -207,8 +208,10 @@ def _mtp_proposer(config: EngineConfig, platform: Platform, target: LoadedModel,
     speculative_config.method when its tensors are missing or mis-shaped."""
     assert isinstance(target.model, DeepseekForCausalLM)
     mc = target.config
+    embed = target.model.model.embed_tokens
+    assert isinstance(embed, nn.Module)
     with torch.device(platform.device), default_dtype(target.dtype):
-        mtp = DeepseekMTP(mc, target.model.model.embed_tokens, 1)
+        mtp = DeepseekMTP(mc, embed, 1)
     mtp.requires_grad_(False).eval()
     try:
         with torch.no_grad():

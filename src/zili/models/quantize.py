@@ -46,7 +46,6 @@ from zili.layers.quant import (
 )
 from zili.layers.quant_calibration import (
     BUSY_LOAD_PER_CPU,
-    BUSY_MAX_ROWS,
     DEFAULT_BUDGET_S,
     TORCH,
     Calibration,
@@ -157,7 +156,7 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
     if missing and calibrate and busy_now:
         logger.warning("packed matmuls: not calibrated, the host is busy (load average %.1f per CPU: timings would be "
                        "other processes' time slices): this CPU level's kernel up to %d rows for %d shape(s); the next "
-                       "start measures again", load_per_cpu(), BUSY_MAX_ROWS, len(missing))
+                       "start measures again", load_per_cpu(), busy_choice().max_rows, len(missing))
         fallback, why = busy_choice(), "busy host"
     elif missing and calibrate:
         cal = calibrate_kernels(missing, dtype, allowed, budget_s)
@@ -168,7 +167,7 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
         if cal.busy and not trust_busy:
             logger.warning("the host got busy while calibrating (load average %.1f per CPU): the measured choices are "
                            "dropped (this CPU level's kernel up to %d rows instead) and not cached; the next start "
-                           "measures again", cal.load_per_cpu, BUSY_MAX_ROWS)
+                           "measures again", cal.load_per_cpu, busy_choice().max_rows)
             fallback, why = busy_choice(), "busy host"
         else:
             report.measured = dict(cal.choices)

@@ -241,6 +241,57 @@ def test_cpp_kernel_matches_the_dequantized_reference(isa, name, q_dtype, n_head
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("isa", _levels())
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("d,block_size", [(64, 16), (128, 8), (64, 32)])
+def test_specialised_int8_kernel(isa, q_dtype, group, d, block_size):
+    """int8 caches with D 64/128 and block sizes divisible by 8 take the compile-time (G, D) kernel
+    (at the AVX-512 level int16-query x int8-key dot products for a bf16 query, at AVX2 fp32 FMAs) against
+    fp64 attention over the dequantized cache: contexts of every residue mod 8 and partial last
+    blocks, sliding windows starting off the 8-position grid, rows of zeros (scale 0) among the keys
+    and values, work split by sequence (the batch) and by KV head (one sequence at a time)."""
+    from tests.unit.test_cpu_attention import _gathered_reference
+    from zili.kernels import cpu_attention
+
+    if not cpu_attention.available(isa):
+        pytest.skip(f"the {isa} kernels do not build here")
+    gen = torch.Generator().manual_seed(group * 1000 + d + block_size)
+    n_kv, num_blocks = 2, 160
+    lens = [1, 7, 8, 9, 15, 33, 70, 203]
+    order, tables = torch.randperm(num_blocks, generator=gen).tolist(), []
+    for n in lens:
+        tables.append(order[: -(-n // block_size)])
+        order = order[len(tables[-1]):]
+    values = torch.randn(2, num_blocks, block_size, n_kv, d, generator=gen)
+    values *= torch.rand(2, num_blocks, block_size, n_kv, 1, generator=gen) * 4
+    values[:, :, 3::5] = 0  # whole rows of zeros: their stored scale is 0
+    cache = quantize_rows(values, torch.int8)
+    assert (row_scales(cache) == 0).any()
+    dense = dequantize_rows(cache, torch.float64)
+    q = (torch.randn(len(lens), n_kv * group, d, generator=gen) * 2).to(q_dtype)
+    q[0, 0, : d // 2] = 0  # a query with zero groups: their scale is 0 too
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    scale = d ** -0.5
+    # bf16 output rounding sets the bf16 tolerance (the int16 query adds ~1e-4); a float32 query is
+    # never quantized.
+    tol = 1e-4 if q_dtype == torch.float32 else 2e-2
+    for window in (0, 5, 12, 64):
+        if window:
+            want = torch.stack([_gathered_reference(q[b:b + 1], _window_cache(dense, tables[b], n, window, block_size),
+                                                    [list(range(-(-min(n, window) // block_size)))],
+                                                    [min(n, window)], scale)[0] for b, n in enumerate(lens)])
+        else:
+            want = _gathered_reference(q, dense, tables, lens, scale)
+        got = cpu_attention.paged_decode(q, cache, padded, torch.tensor(lens), scale, window, isa=isa)
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        for b in (2, 7):  # one sequence: the work splits by KV head
+            one = cpu_attention.paged_decode(q[b:b + 1], cache, padded[b:b + 1], torch.tensor(lens[b:b + 1]), scale,
+                                             window, isa=isa)
+            torch.testing.assert_close(one.double(), want[b:b + 1], atol=tol, rtol=tol)
+
+
 def _window_cache(dense: torch.Tensor, table: list[int], n: int, window: int, block_size: int) -> torch.Tensor:
     """A cache holding only positions n - window .. n - 1 of one sequence, from block 0 on."""
     flat = dense.flatten(1, 2)

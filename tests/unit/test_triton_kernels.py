@@ -60,6 +60,17 @@ COMPILE_SCRIPT = textwrap.dedent('''
     compile_for(ta._combine_kernel, dict(D=128, BLOCK_D=128, SPLITS=4), idx)
     k = compile_for(tm._mla_decode_kernel, dict(PAGE=64, R=512, BLOCK_R=512, DR=64, BLOCK_DR=64, BLOCK_H=16,
                                                  BLOCK_N=32, SPLITS=1, PRECISE=False), idx)
+    # Quantized caches (kv_quant's rows): int8 and fp8 e4m3 elements, a bf16 scale per row.
+    for cache_type, qmax in (("*i8", 127.0), ("*fp8e4nv", 448.0)):
+        qidx = dict(idx, cache_ptr=cache_type)
+        compile_for(ta._write_kv_kernel, dict(PAGE=16, D=128, BLOCK_D=128, QUANT=True, QMAX=qmax,
+                                              INT8=cache_type == "*i8"), qidx)
+        compile_for(ta._prefill_kernel, dict(PAGE=16, GROUP=4, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64,
+                                             PRECISE=False, WINDOW=0, QUANT=True), qidx)
+        compile_for(ta._decode_kernel, dict(PAGE=16, GROUP=4, BLOCK_G=16, D=128, BLOCK_D=128, BLOCK_N=64, SPLITS=4,
+                                            PRECISE=False, WINDOW=0, QUANT=True), qidx)
+        compile_for(tm._mla_decode_kernel, dict(PAGE=64, R=512, BLOCK_R=512, DR=64, BLOCK_DR=64, BLOCK_H=16,
+                                                BLOCK_N=32, SPLITS=1, PRECISE=False, QUANT=True), qidx)
     print("ok", k.metadata.shared)
 ''')
 

@@ -282,7 +282,8 @@ def compare_extract(
         "zili": zili(zili_args),
         "llama-server": lambda: pr.llama_server(path, slots, ctx, threads, bin_dir, extra_args=llama_args)}
     if plain_peers:
-        engines["zili-plain"] = zili(["--max-model-len", str(ctx)] + zili_args[zili_args.index("--kv-cache-memory"):])
+        engines["zili-plain"] = zili(["--max-model-len", str(ctx), "--speculative-config", "off"]
+                                     + zili_args[zili_args.index("--kv-cache-memory"):])
         engines["llama-server-plain"] = lambda: pr.llama_server(path, slots, ctx, threads, bin_dir)
     config: dict[str, Any] = {
         "model": model, "model_path": str(path), "num_docs": num_docs, "num_cases": len(cases), "streams": levels,

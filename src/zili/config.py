@@ -67,6 +67,9 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    # DeepSeek-V3's multi-token-prediction modules stored after the decoder layers (HF config.json's
+    # `num_nextn_predict_layers`; 0: none). They do not decode; speculative method "deepseek_mtp" drafts with them.
+    num_nextn_predict_layers: int = 0
     # Sliding-window attention (Mistral, Gemma 2/3): a sliding layer attends to the last
     # `sliding_window` positions only. `layer_types` names each layer "sliding_attention" or
     # "full_attention" (HF's field); empty: every layer slides when sliding_window is set.
@@ -273,7 +276,9 @@ def check_load_format(value: object, field: str = "load_format") -> str:
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 # Speculative decoding (zili.engine.spec_decode): the proposal methods zili runs.
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "deepseek_mtp")
+# Other spellings of a method (vLLM's): "[ngram]" is its older name for ngram, "mtp" its newer name for the MTP methods.
+SPECULATIVE_METHOD_ALIASES = {"[ngram]": "ngram", "mtp": "deepseek_mtp"}
 DEFAULT_NUM_SPECULATIVE_TOKENS = 5  # what `--speculative-model` alone proposes a step
 
 
@@ -290,6 +295,11 @@ class SpeculativeConfig:
     method "draft_model": a smaller model of the same tokenizer (`model`: a path or alias) runs beside the
     target in the same process with its own KV cache and proposes num_speculative_tokens tokens a step
     greedily (Leviathan et al. 2023; vLLM's `draft_model`, `--speculative-model`).
+
+    method "deepseek_mtp" (alias "mtp", as vLLM spells both): the target checkpoint's own
+    multi-token-prediction layer (DeepSeek-V3 report, section 2.2; `num_nextn_predict_layers` >= 1)
+    proposes num_speculative_tokens tokens a step from the target's last hidden state, reusing itself
+    recursively past its one prediction depth (zili.engine.mtp).
 
     requests: which requests speculate, "all" or "structured" (only those with a structured output
     format: a JSON schema, a regex, a grammar; zili's own setting, which `SPECULATIVE_AUTO`, the engine's
@@ -340,8 +350,8 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
         raise ValueError(f"{field}.model must be a model path or alias (a non-empty string), got {model!r}")
     # As vLLM: a `model` without a method is a draft model.
     method = value.get("method", "ngram" if model is None else "draft_model")
-    if method == "[ngram]":  # vLLM's older spelling
-        method = "ngram"
+    if isinstance(method, str):
+        method = SPECULATIVE_METHOD_ALIASES.get(method, method)
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"{field}.method {method!r} is not supported; supported: {', '.join(SPECULATIVE_METHODS)}")
     if method == "draft_model" and model is None:
@@ -349,6 +359,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if method == "ngram" and model is not None:
         raise ValueError(f"{field}.model is not used by method 'ngram' (drafts come from the prompt); "
                          "use method 'draft_model'")
+    if method == "deepseek_mtp" and model is not None:
+        raise ValueError(f"{field}.model is not used by method 'deepseek_mtp' (the MTP layer is read from the "
+                         "target's own checkpoint)")
 
     def positive(key: str, default: int | None, limit: int = 64) -> int | None:
         v = value.get(key, default)

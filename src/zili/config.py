@@ -148,10 +148,11 @@ class ModelConfig:
 
         MLA stores one latent per token instead: the normalised compressed kv, then the roped key.
         A quantized `dtype` (int8, float8_e4m3fn; see KV_CACHE_DTYPES) widens each row by
-        KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements."""
+        KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements; a
+        latent row by two scales, one per part (zili.kernels.kv_quant)."""
         extra = KV_SCALE_BYTES if dtype in QUANTIZED_KV_DTYPES else 0
         if self.use_mla:
-            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + extra)
+            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + 2 * extra)
         return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim + extra)
 
     def kv_bytes_per_token(self, dtype: torch.dtype | str) -> int:

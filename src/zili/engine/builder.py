@@ -304,18 +304,21 @@ def resolve_max_model_len(requested: int | None, model_len: int) -> int:
 def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: AttentionBackend,
                    tensor_parallel: bool, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type for EngineConfig.kv_cache_dtype; ValueError naming the field where a
-    quantized cache cannot run (a backend without kernels for it, MLA's latent cache, tensor parallelism)."""
+    quantized cache cannot run (a backend without kernels for it, or for MLA's latent rows; tensor parallelism)."""
     dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype)
     if dtype not in QUANTIZED_KV_DTYPES:
         return dtype
     name = f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r}"
-    if config.kv_cache_dtype not in attention.kv_cache_dtypes:
+    if model_config.use_mla:
+        if config.kv_cache_dtype not in attention.mla_kv_cache_dtypes:
+            supported = ", ".join(attention.mla_kv_cache_dtypes) or "none"
+            raise ValueError(f"{name} is not supported for MLA models ({model_config.architecture}'s latent cache) "
+                             f"by the {attention.name!r} attention backend (its quantized latent caches: "
+                             f"{supported}); choose another attention_backend or kv_cache_dtype='auto'")
+    elif config.kv_cache_dtype not in attention.kv_cache_dtypes:
         supported = ", ".join(attention.kv_cache_dtypes) or "none"
         raise ValueError(f"{name} is not supported by the {attention.name!r} attention backend (its quantized "
                          f"caches: {supported}); choose another attention_backend or kv_cache_dtype='auto'")
-    if model_config.use_mla:
-        raise ValueError(f"{name} is not supported for MLA models ({model_config.architecture}'s latent cache) "
-                         "yet; use kv_cache_dtype='auto'")
     if tensor_parallel:
         raise ValueError(f"{name} is not supported with tensor parallelism yet; use kv_cache_dtype='auto'")
     return dtype

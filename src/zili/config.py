@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+
 # Reasoning parsers (zili.reasoning): how a reasoning model's thinking is delimited in its output.
 REASONING_PARSERS = ("auto", "deepseek-r1", "qwen3", "none")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
@@ -173,10 +175,6 @@ class ModelConfig:
 # field it was given.
 # --------------------------------------------------------------------------------------------
 
-# KV cache element types (vLLM's `kv_cache_dtype` names). "auto": the model's dtype. int8 and fp8_e4m3
-# are quantized per token and KV head: each cache row holds head_dim one-byte elements, then its
-# bfloat16 scale (absmax / 127 for int8, absmax / 448 for fp8_e4m3); see zili.kernels.kv_quant.
-KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8_e4m3")
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "llguidance")  # zili.structured.backend.BACKENDS
 _QUANTIZED_KV_BY_NAME = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
@@ -194,9 +192,7 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
 
 
-# Canonical floating-point dtype names, then the aliases users write for them.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-DTYPES = ("auto", *DTYPE_NAMES)
+# The aliases users write for the canonical dtype names (zili.choices.DTYPES).
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32",
                   "bf16": "bfloat16",
                   "fp16": "float16", "f16": "float16", "half": "float16"}
@@ -262,18 +258,11 @@ def parse_memory_size(value: object, field: str = "memory size") -> int | float:
     raise ValueError(f"{field} must be bytes (int or a size string) or a fraction (float), got {value!r}")
 
 
-# How checkpoints are read: "auto" reads the weights; "dummy" (vLLM's name) fills seeded random
-# weights on the checkpoint's architecture.
-LOAD_FORMATS = ("auto", "dummy")
-
-
 def check_load_format(value: object, field: str = "load_format") -> str:
     """`value` if it is one of LOAD_FORMATS; ValueError naming `field` otherwise."""
     if value not in LOAD_FORMATS:
         raise ValueError(f"{field} must be one of {', '.join(LOAD_FORMATS)}, got {value!r}")
     return value
-
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 
 # Speculative decoding (zili.engine.spec_decode): the proposal methods zili runs.
 SPECULATIVE_METHODS = ("ngram", "draft_model", "deepseek_mtp")

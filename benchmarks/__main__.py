@@ -45,7 +45,8 @@ def compare(
     mode: str = typer.Option("offline,serve", "--mode", help="offline (pp / tg single stream), serve, or both."),
     peers: str = typer.Option("llama.cpp", "--peers", help="Comma-separated: llama.cpp, transformers "
                               "(offline only; fp32 and bf16), roofline (offline: the memory-bandwidth bound of "
-                              "tgN, measured each round). On a GPU use transformers,roofline."),
+                              "tgN, measured each round), zili-spec (serve only: zili serve with n-gram "
+                              "speculation, against zili without). On a GPU use transformers,roofline."),
     repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, peer, zili, peer, ...)."),
     concurrency: str = typer.Option("1,4,16,32", "--concurrency", "-c"),
     input_len: str = typer.Option("128", "--input-len"),
@@ -80,8 +81,8 @@ def compare(
     peer_list = [p.strip() for p in peers.split(",") if p.strip()]
     if not modes <= {"offline", "serve"}:
         zb._fail(f"--mode takes offline and/or serve, got {mode!r}")
-    if not set(peer_list) <= {"llama.cpp", "transformers", "roofline"}:
-        zb._fail(f"--peers takes llama.cpp, transformers and/or roofline, got {peers!r}")
+    if not set(peer_list) <= {"llama.cpp", "transformers", "roofline", "zili-spec"}:
+        zb._fail(f"--peers takes llama.cpp, transformers, roofline and/or zili-spec, got {peers!r}")
     levels = zb._ints(concurrency, "--concurrency")
     in_len, out_len = zb._lengths(input_len, "--input-len"), zb._lengths(output_len, "--output-len")
     basis = zb._basis(price_per_hour, watts)
@@ -132,7 +133,14 @@ def compare(
             # neither engine wins throughput or loses memory by holding a bigger cache.
             zili_args += ["--kv-cache-memory", str(max(levels) * ctx * shapes["config"].kv_bytes_per_token("bfloat16"))]
         config["serve"]["zili_serve_args"] = shlex.join(zili_args)
-        engines = {"zili": lambda: pr.zili_server(model, extra_args=zili_args, threads=threads)}
+        # The decode step compiled before /health answers, so no round measures the eager-to-compiled switch.
+        steady = {"ZILI_BACKGROUND_COMPILE": "0"}
+        config["serve"]["zili_env"] = steady
+        engines = {"zili": lambda: pr.zili_server(model, extra_args=zili_args, threads=threads, env=steady)}
+        if "zili-spec" in peer_list:  # issue 20: speculation must not slow plain chat (ratio zili / zili-spec)
+            spec_args = zili_args + ["--speculative-config", zb.NGRAM_DEFAULT]
+            config["serve"]["zili_spec_serve_args"] = shlex.join(spec_args)
+            engines["zili-spec"] = lambda: pr.zili_server(model, extra_args=spec_args, threads=threads, env=steady)
         if "llama.cpp" in peer_list:
             engines["llama.cpp"] = lambda: pr.llama_server(path, max(levels), ctx, threads, bin_dir,
                                                            extra_args=shlex.split(llama_server_args))
@@ -274,7 +282,8 @@ def compare_extract(
         "zili": zili(zili_args),
         "llama-server": lambda: pr.llama_server(path, slots, ctx, threads, bin_dir, extra_args=llama_args)}
     if plain_peers:
-        engines["zili-plain"] = zili(["--max-model-len", str(ctx)] + zili_args[zili_args.index("--kv-cache-memory"):])
+        engines["zili-plain"] = zili(["--max-model-len", str(ctx), "--speculative-config", "off"]
+                                     + zili_args[zili_args.index("--kv-cache-memory"):])
         engines["llama-server-plain"] = lambda: pr.llama_server(path, slots, ctx, threads, bin_dir)
     config: dict[str, Any] = {
         "model": model, "model_path": str(path), "num_docs": num_docs, "num_cases": len(cases), "streams": levels,

@@ -77,7 +77,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
                  "(draftless n-gram proposals from the request's own prompt and output), or "
                  '\'{"method": "draft_model", "model": "PATH", "num_speculative_tokens": 4}\' (a smaller model of the '
-                 "same tokenizer proposes). Default: off."),
+                 "same tokenizer proposes). Default: auto (n-gram, 5 tokens, n 2-4, for structured-output "
+                 "requests only: JSON schema, regex, grammar); off: none."),
     EngineOption("speculative_model", str | None, None, "A draft model (path or alias) of the same tokenizer "
                  "proposes 5 tokens a step, verified by MODEL: shorthand for --speculative-config "
                  '\'{"method": "draft_model", "model": X, "num_speculative_tokens": 5}\'.'),

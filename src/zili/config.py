@@ -288,8 +288,11 @@ class SpeculativeConfig:
 
     method "draft_model": a smaller model of the same tokenizer (`model`: a path or alias) runs beside the
     target in the same process with its own KV cache and proposes num_speculative_tokens tokens a step
-    greedily (Leviathan et al. 2023; vLLM's `draft_model`, `--speculative-model`). Build it with
-    `parse_speculative_config`, which names a bad field."""
+    greedily (Leviathan et al. 2023; vLLM's `draft_model`, `--speculative-model`).
+
+    requests: which requests speculate, "all" or "structured" (only those with a structured output
+    format: a JSON schema, a regex, a grammar; zili's own setting, which `SPECULATIVE_AUTO`, the engine's
+    default, uses). Build it with `parse_speculative_config`, which names a bad field."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 5
@@ -297,16 +300,27 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     disable_by_batch_size: int | None = None
     model: str | None = None  # the draft model (method "draft_model")
+    requests: str = "all"  # "all" or "structured" (SPECULATIVE_REQUESTS)
+
+
+SPECULATIVE_REQUESTS = ("all", "structured")
+# The engine's default ("auto"): n-gram speculation for structured-output requests only. Extraction-style
+# requests copy names and numbers from their prompt (4-8x llama-server's tokens/s on the extraction workload,
+# benchmarks/notes/extract-vs-llama.md); free chat keeps plain decoding unless asked. "off" (or None) turns it off.
+SPECULATIVE_AUTO = SpeculativeConfig("ngram", 5, 4, 2, requests="structured")
 
 
 def parse_speculative_config(value: object, field: str = "speculative_config") -> SpeculativeConfig | None:
-    """A SpeculativeConfig from a dict, a JSON object string, a SpeculativeConfig or None (off).
+    """A SpeculativeConfig from a dict, a JSON object string, a SpeculativeConfig, "auto"
+    (`SPECULATIVE_AUTO`), or None / "off" (off).
 
     Follows vLLM: `num_speculative_tokens` is required; of prompt_lookup_min / max, one given sets
     the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type
     or an out-of-range value."""
     if value is None or isinstance(value, SpeculativeConfig):
         return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "off", "none"):
+        return SPECULATIVE_AUTO if value.strip().lower() == "auto" else None
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -316,7 +330,7 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if not isinstance(value, dict):
         raise ValueError(f"{field} must be a JSON object (dict), got {type(value).__name__}")
     known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
-             "model"}
+             "model", "requests"}
     unknown = sorted(str(k) for k in value if k not in known)
     if unknown:
         raise ValueError(f"{field}.{unknown[0]} is not a known setting; known: {', '.join(sorted(known))}")
@@ -351,7 +365,10 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if lo > hi:
         raise ValueError(f"{field}.prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
     batch = positive("disable_by_batch_size", None, 1 << 20)
-    return SpeculativeConfig(method, k, hi, lo, batch, model)  # type: ignore[arg-type]
+    requests = value.get("requests", "all")
+    if requests not in SPECULATIVE_REQUESTS:
+        raise ValueError(f"{field}.requests must be one of {', '.join(SPECULATIVE_REQUESTS)}, got {requests!r}")
+    return SpeculativeConfig(method, k, hi, lo, batch, model, requests)  # type: ignore[arg-type]
 
 
 def _with_speculative_model(spec: SpeculativeConfig | None, model: object) -> SpeculativeConfig:
@@ -412,7 +429,9 @@ class EngineConfig:
     # Speculative decoding (zili.engine.spec_decode), vLLM's `speculative_config`: a dict, a JSON object
     # string or a SpeculativeConfig, e.g. {"method": "ngram", "num_speculative_tokens": 5,
     # "prompt_lookup_max": 4, "prompt_lookup_min": 2}. None: off.
-    speculative_config: SpeculativeConfig | dict | str | None = None
+    # "auto" (the default): n-gram speculation for structured-output requests only (SPECULATIVE_AUTO);
+    # None or "off": none.
+    speculative_config: SpeculativeConfig | dict | str | None = "auto"
     # vLLM's shorthand for a draft model: the same as speculative_config {"method": "draft_model",
     # "model": speculative_model, "num_speculative_tokens": 5}.
     speculative_model: str | None = None
@@ -461,6 +480,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory, "EngineConfig.kv_cache_memory")
         self.speculative_config = parse_speculative_config(self.speculative_config, "EngineConfig.speculative_config")
+        if self.speculative_model is not None and self.speculative_config is SPECULATIVE_AUTO:
+            self.speculative_config = None  # a draft model asked for replaces the default
         if self.speculative_model is not None:
             self.speculative_config = _with_speculative_model(self.speculative_config, self.speculative_model)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -341,6 +341,18 @@ def test_machine_info_parses_cpuinfo():
     assert info["model"] == "Test CPU" and info["notable_flags"] == ["avx2", "avx512f", "amx_tile"]
 
 
+def test_machine_info_records_forced_isa_levels(monkeypatch):
+    """A forced-AVX2 run is only comparable when the record says torch's kernels were lowered too."""
+    from zili.bench.machine import machine_info
+
+    monkeypatch.setenv("ZILI_CPU_ISA", "avx2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    info = machine_info()
+    assert info["zili_env"]["ZILI_CPU_ISA"] == "avx2"
+    assert info["isa_env"]["ATEN_CPU_CAPABILITY"] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in info["isa_env"]
+
+
 def test_cli_help_lists_commands():
     from typer.testing import CliRunner
 
@@ -361,6 +373,16 @@ def test_repository_benchmarks_cli_lists_its_commands():
     assert result.exit_code == 0
     for cmd in ("compare", "report", "build-peers", "structured"):
         assert cmd in result.output
+
+
+def test_compare_names_its_peers_on_a_bad_one():
+    from typer.testing import CliRunner
+
+    from benchmarks.__main__ import app
+
+    result = CliRunner().invoke(app, ["compare", "--peers", "llama.cpp,vllm", "--mode", "serve"])
+    assert result.exit_code != 0
+    assert "zili-spec" in result.output and "'llama.cpp,vllm'" in result.output
 
 
 HEALTH_SERVER = """

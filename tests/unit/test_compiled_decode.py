@@ -171,7 +171,8 @@ def test_max_decode_rows_counts_verify_rows():
     from zili.config import EngineConfig
     from zili.engine.builder import max_decode_rows
 
-    assert max_decode_rows(EngineConfig(max_num_seqs=8)) == 8
+    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config="off")) == 8
+    assert max_decode_rows(EngineConfig(max_num_seqs=8)) == 48  # the default speculates (structured requests)
     ngram = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=ngram)) == 48
     # No proposals once 4 sequences run: at most 3 verifying sequences (18 rows), or 8 plain rows.

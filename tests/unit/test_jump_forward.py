@@ -83,6 +83,7 @@ def write_tiny_bpe_llama(path: Path, seed: int = 0) -> Path:
 
 
 def make_llm(model_dir: Path, **kw) -> LLM:
+    kw.setdefault("speculative_config", None)  # plain decoding unless a test asks (the default speculates)
     return make_engine_llm(model_dir, attention_backend="sdpa", **kw)
 
 

@@ -137,21 +137,27 @@ def test_untuned_engine_calibrates_once_logs_and_caches(tiny_dir, cache_path, mo
 
 
 def test_busy_host_is_not_calibrated(tiny_dir, cache_path, monkeypatch, caplog):
-    """Load above one per CPU: timings would be other processes' time slices, so no measurement, the
-    defaults, nothing cached; a host that gets busy during the measurement drops its result."""
+    """Load above one per CPU: timings would be other processes' time slices, so no measurement and
+    nothing cached; a host that gets busy during the measurement drops its result. Either way the
+    layers get this CPU level's kernel up to BUSY_MAX_ROWS rows, not the uncalibrated defaults
+    (torch's, up to 16): a loaded host is not a request for torch's kernels."""
     loads = iter([3.0])
     monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: next(loads, 3.0))
     monkeypatch.setattr("zili.models.quantize.load_per_cpu", quant_calibration.load_per_cpu)
     with caplog.at_level(logging.WARNING):
         busy = _layers(_engine(tiny_dir, calibrate=True))
-    assert "the host is busy" in caplog.text and set(busy.values()) == {("torch", 16)}
+    level = cpu_isa.selected() if cpu_isa.enabled() and quant_calibration.usable(cpu_isa.selected()) else None
+    expected = {(level, quant_calibration.BUSY_MAX_ROWS.get(level, 4))} if level else {("torch", 16)}
+    assert "the host is busy" in caplog.text and set(busy.values()) == expected
     assert load_tuning(CpuPlatform()) is None
     caplog.clear()
     loads = iter([0.1, 0.1])  # idle before (the builder's check, the calibration's own), busy after
     with caplog.at_level(logging.WARNING):
         dropped = _layers(_engine(tiny_dir, calibrate=True))
-    assert "got busy while calibrating" in caplog.text and set(dropped.values()) == {("torch", 16)}
+    assert "got busy while calibrating" in caplog.text and set(dropped.values()) == expected
     assert load_tuning(CpuPlatform()) is None
+    # Not calibrating on request keeps the defaults (torch's kernels).
+    assert set(_layers(_engine(tiny_dir, calibrate=False)).values()) == {("torch", 16)}
 
 
 @pytest.mark.skipif(len(cpu_isa.executable_levels()) < 2, reason="one kernel level on this CPU: nothing lower")

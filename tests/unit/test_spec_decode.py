@@ -37,7 +37,13 @@ def test_config_parses_like_vllm():
         SpeculativeConfig("ngram", 2, 5, 5)
     assert parse_speculative_config(None) is None
     assert EngineConfig(speculative_config=json.dumps(NGRAM)).speculative_config == SpeculativeConfig("ngram", 5, 4, 2)
-    assert EngineConfig().speculative_config is None  # off by default
+    # The default: n-gram speculation for structured-output requests only; "off" / None: none.
+    assert EngineConfig().speculative_config == SpeculativeConfig("ngram", 5, 4, 2, requests="structured")
+    assert EngineConfig(speculative_config="off").speculative_config is None
+    assert EngineConfig(speculative_config=None).speculative_config is None
+    assert parse_speculative_config({**NGRAM, "requests": "structured"}).requests == "structured"
+    # A draft model asked for replaces the default rather than contradicting it.
+    assert EngineConfig(speculative_model="x").speculative_config.method == "draft_model"
 
 
 @pytest.mark.parametrize("value, field", [
@@ -49,6 +55,7 @@ def test_config_parses_like_vllm():
     ({"num_speculative_tokens": 5, "prompt_lookup_max": -1}, "prompt_lookup_max"),
     ({"num_speculative_tokens": 5, "method": "eagle"}, "method"),
     ({"num_speculative_tokens": 5, "num_spec_tokens": 5}, "num_spec_tokens"),
+    ({"num_speculative_tokens": 5, "requests": "chat"}, "requests"),
     ("{not json", "speculative_config"),
     ("[1, 2]", "speculative_config"),
     (7, "speculative_config"),
@@ -105,7 +112,7 @@ def token_lists(results) -> list[list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def plain(tiny_dir):
-    return make_llm(tiny_dir)
+    return make_llm(tiny_dir, speculative_config=None)
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +379,21 @@ def test_structured_output_drafts_go_through_the_grammar(tiny_dir, plain):
                     json.loads(text)
                 else:
                     assert re.fullmatch(params.structured.spec, text), text
+
+
+def test_default_speculates_for_structured_requests_only(tiny_dir, plain):
+    """The engine's default ("auto"): structured-output requests get n-gram drafts, free text none;
+    greedy output equals plain decoding either way."""
+    llm = make_llm(tiny_dir)  # no speculative_config: the default
+    assert llm.engine.speculator is not None and llm.engine.speculator.config.requests == "structured"
+    free = outputs(llm, PROMPTS[:4])
+    assert llm.engine.stats().spec_decode_num_drafts == 0
+    assert token_lists(free) == token_lists(outputs(plain, PROMPTS[:4]))
+    params = SamplingParams(temperature=0, max_tokens=30, structured={"regex": "(abc )+(abc)?"})
+    prompts = ["abc abc abc abc abc abc abc", REPEATS]
+    assert token_lists(llm.generate(prompts, params)) == token_lists(plain.generate(prompts, params))
+    assert llm.engine.stats().spec_decode_num_drafts > 0
+    assert_pool_free(llm)
 
 
 @pytest.mark.slow

@@ -244,7 +244,7 @@ def bpe_dir(tmp_path_factory):
 def test_engine_with_llguidance_speculation_jump_forward_and_errors(bpe_dir):
     """structured_outputs_backend="llguidance": outputs validate; speculative == plain under greedy;
     jump-forward appends forced text; a refused schema is SamplingParamsError("structured") with its place."""
-    plain = make_llm(bpe_dir, structured_outputs_backend="llguidance")
+    plain = make_llm(bpe_dir, structured_outputs_backend="llguidance", speculative_config=None)
     prompts = ['{"City": "Oslo", "zip": 1234} {"City": "Oslo", "zip": 1234} {"City": "Os', "Where:", "{"]
     params = [SamplingParams(temperature=0, max_tokens=160, structured={"json": JUMP_SCHEMAS[i % len(JUMP_SCHEMAS)]})
               for i in range(len(prompts))]
@@ -259,7 +259,8 @@ def test_engine_with_llguidance_speculation_jump_forward_and_errors(bpe_dir):
                                         "prompt_lookup_min": 1})
     assert [r.outputs[0].token_ids for r in spec.generate(prompts, params)] == [o.token_ids for o in alone]
     assert spec.engine.stats().spec_decode_num_drafts > 0
-    jumping = make_llm(bpe_dir, structured_outputs_backend="llguidance", enable_jump_forward=True)
+    jumping = make_llm(bpe_dir, structured_outputs_backend="llguidance", enable_jump_forward=True,
+                       speculative_config=None)
     sampled = [SamplingParams(temperature=t, seed=s, max_tokens=120, structured={"json": JUMP_SCHEMAS[1]})
                for t in (0.0, 1.0) for s in range(2)]
     for r in jumping.generate(["Where:"] * len(sampled), sampled):

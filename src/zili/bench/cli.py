@@ -402,7 +402,7 @@ def extract(
     else:
         engines = {"zili+spec": _zili_llm(model, engine_args)}
     if compare:
-        engines["zili"] = _zili_llm(model, {k: v for k, v in engine_args.items() if k != "speculative_config"})
+        engines["zili"] = _zili_llm(model, {**engine_args, "speculative_config": None})  # not the default's
     for level in levels:
         for rep in range(repetitions):
             for name, llm in engines.items():  # interleaved: the machine's state is shared alike

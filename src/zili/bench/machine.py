@@ -15,6 +15,9 @@ NOTABLE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx5
                  "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def load_average() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -103,6 +106,8 @@ def machine_info() -> dict:
         # What changes zili's kernels without showing in the command: a forced ISA level (ZILI_CPU_ISA),
         # kernels off, calibration off... and the CPU kernel level the run used.
         "zili_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ZILI_")},
+        # The same for torch's own kernels: a lowered ATen / oneDNN / MKL instruction set (a forced-AVX2 run).
+        "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
     }
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         try:

@@ -214,10 +214,11 @@ class Speculator:
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) >= limit:
             return
+        structured_only = self.config.requests == "structured"
         asked: list[Sequence] = []
         lengths: list[int] = []
         for seq in running:
-            if not self.eligible(seq):
+            if not self.eligible(seq) or (structured_only and seq.request.params.structured is None):
                 continue
             state = self.states.get(seq.seq_id)
             if state is None:

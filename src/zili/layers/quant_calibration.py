@@ -150,6 +150,30 @@ def default_choice() -> KernelChoice:
     return KernelChoice(forced_kernel() or TORCH, DEFAULT_MAX_ROWS)
 
 
+# Row limit of `busy_choice` per kernel level, dense above: where the packed kernel won on the shapes
+# calibrated so far. avx512 (bf16 activations, dense bf16 on AMX/oneDNN): tune entries' limits 2-16.
+# avx2 (fp32 activations, dense fp32): SmolLM2's int4 shapes beat MKL's fp32 matmul up to 32-64 rows
+# (2026-11-30, forced avx2 on the Xeon, e.g. 3072x576 at 16 rows 298 us against 604 dense). Others: 4.
+BUSY_MAX_ROWS = {"avx512": 4, "avx2": 32}
+BUSY_MAX_ROWS_OTHER = 4
+
+
+def busy_choice() -> KernelChoice:
+    """An overloaded host's choice (start-up calibration skipped or its timings dropped): the forced
+    kernel, else zili's kernel at this CPU's level where it runs (int8 activations and integer dot
+    products, llama.cpp's scheme, which beat torch's int4/int8 kernels at 1-4 rows on every level and
+    shape measured), up to BUSY_MAX_ROWS[level] rows; torch's where no level runs. Unlike the uncalibrated
+    `default_choice` (`--no-calibrate`), a busy start is not a request for torch's kernels: it is the
+    same server on a machine that happened to be loaded, so it should not be the slow one."""
+    forced = forced_kernel()
+    if forced is not None:
+        return KernelChoice(forced, DEFAULT_MAX_ROWS)
+    level = cpu_isa.selected() if cpu_isa.enabled() else None
+    if level is not None and usable(level):
+        return KernelChoice(level, BUSY_MAX_ROWS.get(level, BUSY_MAX_ROWS_OTHER))
+    return KernelChoice(TORCH, DEFAULT_MAX_ROWS)
+
+
 def row_invariant_choice() -> KernelChoice:
     """For batch-invariant mode (EngineConfig.deterministic): zili's kernel at this CPU's level where it
     runs, whose rows are each computed alone whatever the row count (`Int4Weight.row_invariant`), else

@@ -50,6 +50,7 @@ from zili.layers.quant_calibration import (
     TORCH,
     Calibration,
     KernelChoice,
+    busy_choice,
     calibrate_kernels,
     candidates,
     default_choice,
@@ -96,9 +97,10 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     checkpoints (a tensor-parallel rank passes its sharded view); `max_rows`: one tuned row limit
     for every layer (overrides the per-shape ones); `tuned_kernels`: shape_key -> KernelChoice from
     the tune cache; shapes it lacks are measured (`calibrate_kernels`, within `budget_s` seconds)
-    unless `calibrate` is False (None: ZILI_CALIBRATE) or the host is overloaded (unless `trust_busy`:
-    `zili tune`, which records the load), else get `default_choice()`. `row_invariant` (batch-invariant
-    mode): every shape gets `row_invariant_choice()`, nothing is measured. ValueError for an unknown mode."""
+    unless `calibrate` is False (None: ZILI_CALIBRATE; they get `default_choice()`) or the host is
+    overloaded (unless `trust_busy`: `zili tune`, which records the load; they get `busy_choice()`).
+    `row_invariant` (batch-invariant mode): every shape gets `row_invariant_choice()`, nothing is
+    measured. ValueError for an unknown mode."""
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_MODES)}, got {mode!r}")
     if matmul_backend != "cpu-packed":
@@ -149,11 +151,13 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
         if choice is not None and choice.kernel in allowed and usable(choice.kernel):
             report.kernels[key], report.how[key] = choice, "tune cache"
     missing = {k: v for k, v in shapes.items() if k not in report.kernels}
+    fallback, why = default_choice(), "default"  # uncalibrated, or cut by the budget
     busy_now = load_per_cpu() > BUSY_LOAD_PER_CPU and not trust_busy
     if missing and calibrate and busy_now:
         logger.warning("packed matmuls: not calibrated, the host is busy (load average %.1f per CPU: timings would be "
-                       "other processes' time slices): defaults for %d shape(s); the next start measures again",
-                       load_per_cpu(), len(missing))
+                       "other processes' time slices): this CPU level's kernel up to %d rows for %d shape(s); the next "
+                       "start measures again", load_per_cpu(), busy_choice().max_rows, len(missing))
+        fallback, why = busy_choice(), "busy host"
     elif missing and calibrate:
         cal = calibrate_kernels(missing, dtype, allowed, budget_s)
         report.calibration = cal
@@ -162,7 +166,9 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
                     f"; past the budget, defaults for {', '.join(cal.cut)}" if cal.cut else "")
         if cal.busy and not trust_busy:
             logger.warning("the host got busy while calibrating (load average %.1f per CPU): the measured choices are "
-                           "dropped for the defaults and not cached; the next start measures again", cal.load_per_cpu)
+                           "dropped (this CPU level's kernel up to %d rows instead) and not cached; the next start "
+                           "measures again", cal.load_per_cpu, busy_choice().max_rows)
+            fallback, why = busy_choice(), "busy host"
         else:
             report.measured = dict(cal.choices)
             report.kernels.update(cal.choices)
@@ -172,7 +178,7 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
                     len(missing))
     for key in shapes:
         if key not in report.kernels:
-            report.kernels[key], report.how[key] = default_choice(), "default"
+            report.kernels[key], report.how[key] = fallback, why
 
 
 def _plan_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> dict[str, tuple[str, int, int, int]]:

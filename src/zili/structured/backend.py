@@ -292,10 +292,31 @@ _LOOSE_JSON_CHAR = r'[^\"\\\r\n]'
 _STRICT_JSON_CHAR = r'[^\"\\\0-\x1f]'
 
 
+# xgrammar's JSON numbers (its basic_integer / basic_number rules) take any number of digits, and a
+# small model under greedy decoding can keep appending zeros to "2.2" until max_tokens: an unfinished,
+# unparseable form (seen on the extraction workload, benchmarks/notes/extract-accuracy.md).
+# llama.cpp's JSON-schema grammar bounds each part of a number to 16 digits (integral-part
+# [1-9] [0-9]{0,15}, decimal-part [0-9]{1,16}; common/json-schema-to-grammar.cpp); so do we.
+# Numbers with a minimum / maximum get xgrammar's own range rules, already bounded.
+MAX_NUMBER_PART_DIGITS = 16
+_BOUNDED_NUMBER_PARTS = {
+    "[1-9] [0-9]*": f"[1-9] [0-9]{{0, {MAX_NUMBER_PART_DIGITS - 1}}}",  # integral part
+    "basic_number_digits{1, -1}": f"basic_number_digits{{1, {MAX_NUMBER_PART_DIGITS}}}",  # fraction, exponent
+}
+# Scanned left to right: a number part, else a quoted EBNF literal (an enum value, a key) or a character
+# class (which may hold a quote), both left alone whatever they spell.
+_NUMBER_PART_OR_LITERAL = re.compile("|".join(re.escape(k) for k in _BOUNDED_NUMBER_PARTS)
+                                     + r'|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+
+
 def json_safe(grammar: xgr.Grammar) -> xgr.Grammar | str:
-    """The grammar, with JSON string characters that exclude U+0000-U+001F (EBNF text if changed)."""
+    """The grammar, with JSON string characters that exclude U+0000-U+001F and JSON numbers of at most
+    MAX_NUMBER_PART_DIGITS digits in each part (integral, fraction, exponent), as llama.cpp's grammar
+    has them (EBNF text if changed)."""
     text = str(grammar)
-    return text.replace(_LOOSE_JSON_CHAR, _STRICT_JSON_CHAR) if _LOOSE_JSON_CHAR in text else grammar
+    fixed = _NUMBER_PART_OR_LITERAL.sub(lambda m: _BOUNDED_NUMBER_PARTS.get(m.group(0), m.group(0)),
+                                        text.replace(_LOOSE_JSON_CHAR, _STRICT_JSON_CHAR))
+    return grammar if fixed == text else fixed
 
 
 def choice_ebnf(options: list[str]) -> str:

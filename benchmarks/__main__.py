@@ -35,19 +35,26 @@ from zili.bench.results import new_record, write_record
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="zili against its peers (llama.cpp, transformers, roofline) and the benchmark report.")
 
+# Options more than one command takes (the record's own: zili.bench.cli's SeedOpt, PriceOpt, ...).
+ModelOpt = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m); every engine "
+                        "loads this same file.")
+RepeatsOpt = typer.Option(3, "--repeats", help="Interleaved rounds (zili, peer, zili, peer, ...).")
+ThreadsOpt = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for every engine.")
+LlamaCppVersionOpt = typer.Option("0.3.36", "--llama-cpp-version", help="llama-cpp-python sdist version.")
+BuildPeersOpt = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing.")
+
 
 # --- compare -------------------------------------------------------------------------------------
 
 @app.command()
 def compare(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m); "
-                                        "both engines load this same file."),
+    model: Optional[str] = ModelOpt,
     mode: str = typer.Option("offline,serve", "--mode", help="offline (pp / tg single stream), serve, or both."),
     peers: str = typer.Option("llama.cpp", "--peers", help="Comma-separated: llama.cpp, transformers "
                               "(offline only; fp32 and bf16), roofline (offline: the memory-bandwidth bound of "
                               "tgN, measured each round), zili-spec (serve only: zili serve with n-gram "
                               "speculation, against zili without). On a GPU use transformers,roofline."),
-    repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, peer, zili, peer, ...)."),
+    repeats: int = RepeatsOpt,
     concurrency: str = typer.Option("1,4,16,32", "--concurrency", "-c"),
     input_len: str = typer.Option("128", "--input-len"),
     output_len: str = typer.Option("128", "--output-len"),
@@ -60,9 +67,9 @@ def compare(
     pp: int = typer.Option(512, "--pp"),
     tg: int = typer.Option(128, "--tg"),
     repetitions: int = typer.Option(2, "--repetitions", "-r", help="Single-stream repetitions inside each round."),
-    threads: int = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for every engine."),
-    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version", help="llama-cpp-python sdist version."),
-    build_peers: bool = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing."),
+    threads: int = ThreadsOpt,
+    llama_cpp_version: str = LlamaCppVersionOpt,
+    build_peers: bool = BuildPeersOpt,
     zili_serve_args: str = typer.Option("", "--zili-serve-args", help="Extra arguments for `zili serve`."),
     llama_server_args: str = typer.Option("", "--llama-server-args", help="Extra arguments for llama-server."),
     timeout: float = typer.Option(900.0, "--timeout", help="Per-request timeout in seconds."),
@@ -230,12 +237,12 @@ LLAMA_SPEC_DEFAULT = "--spec-type ngram-simple --spec-ngram-simple-size-n 3 --sp
 
 @app.command("compare-extract")
 def compare_extract(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file or alias (default smollm2-135m)."),
+    model: Optional[str] = ModelOpt,
     num_docs: int = typer.Option(10, "--num-docs", "-n", help="Generated documents (with true values)."),
     streams: str = typer.Option("1,8", "--streams", "-c", help="Comma-separated: requests in flight."),
-    repeats: int = typer.Option(3, "--repeats", help="Interleaved rounds (zili, llama-server, zili, ...)."),
+    repeats: int = RepeatsOpt,
     max_tokens: int = typer.Option(384, "--max-tokens"),
-    threads: int = typer.Option(os.cpu_count() or 2, "--threads", "-t", help="Threads for both servers."),
+    threads: int = ThreadsOpt,
     zili_serve_args: str = typer.Option(
         "--speculative-config '" + zb.NGRAM_DEFAULT + "' --enable-jump-forward", "--zili-serve-args",
         help="Arguments for `zili serve` (default: n-gram speculation and jump-forward)."),
@@ -243,8 +250,8 @@ def compare_extract(
                                           help="Arguments for llama-server (default: its n-gram speculation)."),
     plain_peers: bool = typer.Option(False, "--plain-peers/--no-plain-peers",
                                      help="Also run both servers without speculation (and zili without jump-forward)."),
-    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version"),
-    build_peers: bool = typer.Option(True, "--build-peers/--no-build-peers", help="Build llama.cpp when missing."),
+    llama_cpp_version: str = LlamaCppVersionOpt,
+    build_peers: bool = BuildPeersOpt,
     seed: int = zb.SeedOpt,
     price_per_hour: float = zb.PriceOpt,
     watts: Optional[float] = zb.WattsOpt,
@@ -296,7 +303,7 @@ def compare_extract(
     typer.echo(f"writing {out_path}", err=True)
     for r in range(repeats):
         for name, start in engines.items():
-            record["runs"] += cx.extract_round(name, start, cases, levels, max_tokens, r, warmup, cmp.log)
+            record["runs"] += cx.extract_round(name, start, cases, levels, max_tokens, r, warmup)
             record["summary"] = cx.summarize_extract(record["runs"], levels, list(engines))
             write_record(record, out_path)
     for level, row in record["summary"].items():
@@ -324,7 +331,7 @@ def report(
 
 @app.command("build-peers")
 def build_peers_cmd(
-    llama_cpp_version: str = typer.Option("0.3.36", "--llama-cpp-version"),
+    llama_cpp_version: str = LlamaCppVersionOpt,
 ) -> None:
     """Build llama.cpp's llama-server and llama-bench (once; reused from the cache afterwards)."""
 

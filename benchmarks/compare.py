@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from zili.bench.cost import CostBasis, cost_figures, dollars_per_million
 from zili.bench.machine import load_average
@@ -86,17 +86,40 @@ class ServeWorkload:
     timeout_s: float = 600.0
 
 
-def serve_round(name: str, start_server: Callable[[], Any], workload: ServeWorkload, round_index: int,
-                basis: CostBasis) -> list[dict]:
-    """Start one engine's server, warm it up, run every level, stop it. One row per level."""
-    rows = []
+def server_round(name: str, start_server: Callable[[], Any], round_index: int,
+                 levels: Callable[[Any], Iterator[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Start one engine's server (`start_server()`: a context manager giving a ServerProcess), run
+    `levels(server)`, stop the server. `levels` warms the server up, then yields one row per level;
+    each row is stamped with `engine`, `round`, the server's `startup_s` and its `peak_rss_mib` so far
+    before `levels` resumes (so it may log them). A server that will not start, or a level that raises,
+    ends the round with a row marked "failed" (recorded, not fatal: the other engines still run)."""
+    rows: list[dict[str, Any]] = []
     try:
         server_cm = start_server()
         server = server_cm.__enter__()
-    except Exception as e:  # a peer that will not start is recorded, not fatal
+    except Exception as e:
         log(f"[{name}] failed to start: {e}")
         return [{"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000]}]
     try:
+        for row in levels(server):
+            rss = server.peak_rss_bytes()
+            row.update(engine=name, round=round_index, startup_s=server.startup_s,
+                       peak_rss_mib=rss / 2**20 if rss else None)
+            rows.append(row)
+    except Exception as e:
+        log(f"[{name}] run failed: {type(e).__name__}: {e}\n{server.log_tail()}")
+        rows.append({"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000],
+                     "server_log_tail": server.log_tail()})
+    finally:
+        server_cm.__exit__(None, None, None)
+    return rows
+
+
+def serve_round(name: str, start_server: Callable[[], Any], workload: ServeWorkload, round_index: int,
+                basis: CostBasis) -> list[dict]:
+    """One engine's round of the serving comparison (server_round): warm-up, then every concurrency level."""
+
+    def levels(server: Any) -> Iterator[dict[str, Any]]:
         model = asyncio.run(discover_model_name(server.url))
         warm = make_requests(workload.warmup, LengthSpec(16, 16), LengthSpec(8, 8), vocab_size=workload.vocab_size,
                              seed=10_000_000 + round_index)
@@ -110,21 +133,13 @@ def serve_round(name: str, start_server: Callable[[], Any], workload: ServeWorkl
             reqs = make_requests(n, workload.input_len, workload.output_len, vocab_size=workload.vocab_size,
                                  seed=workload.seed + 1000 * round_index + level)
             row = asyncio.run(run_load(server.url, model, reqs, LoadSpec(concurrency=c), timeout_s=workload.timeout_s))
-            rss = server.peak_rss_bytes()
-            row.update(engine=name, round=round_index, startup_s=server.startup_s,
-                       peak_rss_mib=rss / 2**20 if rss else None)
-            rows.append(with_cost(row, basis))
+            yield with_cost(row, basis)
             log(f"[round {round_index}] {name:10s} c={c:<3d} out {row['output_throughput']:.1f} tok/s  "
                 f"TTFT p50 {_fmt(row['ttft_ms']['p50'])} ms  ITL p50 {_fmt(row['itl_ms']['p50'])} ms  "
                 f"errors {row['errors']}  short {row['short_outputs']}  peak RSS {_fmt(row['peak_rss_mib'])} MiB  "
                 f"load {row['load_average_after']}")
-    except Exception as e:
-        log(f"[{name}] run failed: {e}\n{server.log_tail()}")
-        rows.append({"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000],
-                     "server_log_tail": server.log_tail()})
-    finally:
-        server_cm.__exit__(None, None, None)
-    return rows
+
+    return server_round(name, start_server, round_index, levels)
 
 
 def compare_serve(engines: dict[str, Callable[[], Any]], workload: ServeWorkload, repeats: int,

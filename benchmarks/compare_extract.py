@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 
+from benchmarks.compare import log, server_round
 from zili.bench.extract import ExtractionCase, score_outputs
 from zili.bench.machine import load_average
 from zili.bench.serve import discover_model_name
@@ -98,38 +99,24 @@ async def run_extract_http(url: str, cases: list[ExtractionCase], streams: int, 
 
 
 def extract_round(name: str, start_server: Callable[[], Any], cases: list[ExtractionCase], levels: list[int],
-                  max_tokens: int, round_index: int, warmup: list[ExtractionCase], log: Callable[[str], None]
-                  ) -> list[dict[str, Any]]:
-    """Start one engine's server, warm it up on `warmup` (other documents: no prefix-cache help),
-    run every stream level, stop it. One row per level; a failure is a row with "failed"."""
-    rows: list[dict[str, Any]] = []
-    try:
-        server_cm = start_server()
-        server = server_cm.__enter__()
-    except Exception as e:
-        log(f"[{name}] failed to start: {e}")
-        return [{"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000]}]
-    try:
+                  max_tokens: int, round_index: int, warmup: list[ExtractionCase]) -> list[dict[str, Any]]:
+    """One engine's round (benchmarks.compare.server_round): warm the server up on `warmup` (other
+    documents: no prefix-cache help), then run every stream level. One row per level."""
+
+    def run_levels(server: Any) -> Iterator[dict[str, Any]]:
         asyncio.run(run_extract_http(server.url, warmup, 1, max_tokens))
         for c in levels:
             row = asyncio.run(run_extract_http(server.url, cases, c, max_tokens))
-            rss = server.peak_rss_bytes()
-            row.update(engine=name, round=round_index, test=f"extract-c{c}", startup_s=server.startup_s,
-                       peak_rss_mib=rss / 2**20 if rss else None)
-            rows.append(row)
+            row["test"] = f"extract-c{c}"
+            yield row
             acc = "n/a" if row["field_accuracy"] is None else f"{row['field_accuracy']:.1%}"
             spec = row.get("spec_decode")
             spec_text = f"  accepted {spec['acceptance_rate']:.0%} of {spec['num_draft_tokens']}" if spec else ""
             log(f"[round {round_index}] {name:12s} c={c:<3d} out {row['output_throughput']:.1f} tok/s  "
                 f"{row['request_throughput']:.3f} req/s  fields {acc}  invalid {row['invalid_json']}  "
                 f"unfinished {row['unfinished']}{spec_text}  load {row['load_average_after']}")
-    except Exception as e:
-        log(f"[{name}] run failed: {type(e).__name__}: {e}\n{server.log_tail()}")
-        rows.append({"engine": name, "round": round_index, "failed": True, "error": str(e)[:2000],
-                     "server_log_tail": server.log_tail()})
-    finally:
-        server_cm.__exit__(None, None, None)
-    return rows
+
+    return server_round(name, start_server, round_index, run_levels)
 
 
 def summarize_extract(runs: list[dict[str, Any]], levels: list[int], engines: list[str]) -> dict[str, Any]:

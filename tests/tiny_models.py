@@ -102,3 +102,46 @@ def write_tiny_deepseek(path: Path, version: str = "v3", seed: int = 0, init_std
                 t.copy_(1.0 + noise if "norm" in tname else noise)
     model.save_pretrained(path)
     return path
+
+
+def write_tiny_deepseek_mtp(root: Path, main_layers: int = 3, branch_scale: float | None = None) -> tuple[Path, Path]:
+    """A tiny random DeepSeek-V3 with one multi-token-prediction layer (num_nextn_predict_layers=1), as
+    HF checkpoints ship it. Returns (big, path): `big` is a random (main_layers + 1)-layer model; `path`
+    declares main_layers layers, so big's last layer becomes the MTP block (MoE, as in V3), and holds
+    enorm, hnorm, eh_proj, shared_head.{norm,head} and a copy of the embedding under
+    model.layers.{main_layers}.
+
+    `branch_scale` (None: all random) makes the MTP layer a good predictor, for acceptance tests: every
+    attention and MLP output projection (main and MTP) is scaled by it, so the main model is close to a
+    bigram model (its next token a function of the current one), and the MTP layer reads only the
+    embedding of the token it is given (eh_proj = [I, 0]) through the main model's final norm and LM
+    head: its prediction of the token after next is then close to the main model's next prediction."""
+    from safetensors.torch import load_file, save_file
+
+    big = write_tiny_deepseek(root / "big", "v3", num_hidden_layers=main_layers + 1)
+    path = root / "main"
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_text((big / name).read_text())
+    config = json.loads((big / "config.json").read_text())
+    config.update(num_hidden_layers=main_layers, num_nextn_predict_layers=1)
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(big / "model.safetensors")
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    gen = torch.Generator().manual_seed(11)
+    prefix = f"model.layers.{main_layers}"
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{prefix}.{name}.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
+    tensors[f"{prefix}.eh_proj.weight"] = 0.1 * torch.randn(hidden, 2 * hidden, generator=gen)
+    tensors[f"{prefix}.shared_head.head.weight"] = 0.1 * torch.randn(vocab, hidden, generator=gen)
+    tensors[f"{prefix}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    if branch_scale is not None:
+        for name in tensors:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[name] = tensors[name] * branch_scale
+        tensors[f"{prefix}.eh_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+        tensors[f"{prefix}.enorm.weight"] = torch.ones(hidden)
+        tensors[f"{prefix}.shared_head.norm.weight"] = tensors["model.norm.weight"].clone()
+        tensors[f"{prefix}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return big, path

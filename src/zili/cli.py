@@ -1,17 +1,95 @@
-"""The `zili` command: generate, chat, models, serve, bench, keys, usage."""
+"""The `zili` command: generate, chat, models, serve, bench, tune, keys, usage, extract."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import signal
 import sys
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from zili.cli_options import engine_options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+@dataclasses.dataclass(frozen=True)
+class LazyCommand:
+    """A subcommand whose module is imported only when it runs (or when its own --help is asked for).
+
+    `target` is "module:attribute": a typer command function or a typer.Typer sub-app. `help` is what
+    `zili --help` lists for it without importing the module."""
+
+    target: str
+    help: str
+
+    def load(self, name: str) -> Any:
+        """The click command typer builds for the target (imports its module)."""
+        module, _, attribute = self.target.partition(":")
+        target = getattr(importlib.import_module(module), attribute)
+        command: Any
+        if isinstance(target, typer.Typer):
+            command = typer.main.get_group(target)  # a sub-app: no completion options of its own
+        else:  # a command function: typer builds it as a one-command app
+            one = typer.Typer(add_completion=False)
+            one.command(name, help=self.help)(target)
+            command = typer.main.get_command(one)
+        command.name, command.help = name, self.help
+        return command
+
+
+# The subcommands that live in modules of their own, imported only when one runs: `zili --help`,
+# `zili models`, `zili keys` do not pay for torch, the engine, FastAPI or SQLAlchemy they do not use.
+LAZY_COMMANDS = {  # in the order `zili --help` lists them
+    "serve": LazyCommand("zili.server.launcher:serve", "Start the OpenAI-compatible HTTP server."),
+    "tune": LazyCommand("zili.tune:tune", "Measure kernels and settings on this device; save the winners."),
+    "usage": LazyCommand("zili.governance.cli:usage",
+                         "Requests, tokens and cost per day, model or key, from the usage ledger."),
+    "extract": LazyCommand("zili.extract:extract", "Fill a JSON schema from a document; the output always validates."),
+    "bench": LazyCommand("zili.bench.cli:bench_app", "Benchmarks: offline, serving, and side by side with peers."),
+    "keys": LazyCommand("zili.governance.cli:keys_app", "API keys with quotas, kept in zili's database."),
+}
+
+
+class _Commands(dict[str, Any]):
+    """A group's commands by name; a LAZY_COMMANDS one is built on its first `commands[name]`."""
+
+    def __missing__(self, name: str) -> Any:
+        if name not in LAZY_COMMANDS:
+            raise KeyError(name)
+        self[name] = command = LAZY_COMMANDS[name].load(name)
+        return command
+
+
+class LazyGroup(TyperGroup):
+    """The `zili` group: its own commands plus LAZY_COMMANDS (click's lazily loaded subcommands, with a
+    placeholder carrying the name and help for listings, so `zili --help` imports none of them)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands = _Commands(self.commands)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*self.commands, *(name for name in LAZY_COMMANDS if name not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        lazy = LAZY_COMMANDS.get(cmd_name)
+        return TyperCommand(cmd_name, help=lazy.help) if lazy else None
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name in LAZY_COMMANDS:
+            _ = self.commands[name]  # this one runs: build the real command
+        elif name and not name.startswith("-") and name not in self.commands:
+            for lazy in LAZY_COMMANDS:  # an unknown name: "did you mean" looks through every command
+                _ = self.commands[lazy]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True,
                   help="zili (自立): self-hosted LLM inference. Runs open-weight models on the machine you have.")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF checkpoint directory, or an alias "
@@ -205,26 +283,6 @@ def models() -> None:
     for alias, (description, where) in list_aliases().items():
         typer.echo(f"{alias:16} {description}\n{'':16} {where}")
 
-
-def _register_subcommands() -> None:
-    from zili.bench.cli import bench_app
-    from zili.governance.cli import keys_app, usage
-    from zili.server.launcher import serve
-    from zili.tune import tune
-
-    app.command("serve", help="Start the OpenAI-compatible HTTP server.")(serve)
-    app.add_typer(bench_app, name="bench", help="Benchmarks: offline, serving, and side by side with peers.")
-    app.command("tune", help="Measure kernels and settings on this device; save the winners.")(tune)
-    app.add_typer(keys_app, name="keys", help="API keys with quotas, kept in zili's database.")
-    app.command("usage", help="Requests, tokens and cost per day, model or key, from the usage ledger.")(usage)
-    try:
-        from zili.extract import extract
-    except ImportError:  # structured output needs xgrammar
-        return
-    app.command("extract", help="Fill a JSON schema from a document; the output always validates.")(extract)
-
-
-_register_subcommands()
 
 if __name__ == "__main__":
     app()

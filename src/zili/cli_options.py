@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
-from zili.config import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+
 # Reasoning parsers (zili.reasoning): how a reasoning model's thinking is delimited in its output.
 REASONING_PARSERS = ("auto", "deepseek-r1", "qwen3", "none")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
@@ -67,6 +69,9 @@ class ModelConfig:
     topk_group: int = 1
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    # DeepSeek-V3's multi-token-prediction modules stored after the decoder layers (HF config.json's
+    # `num_nextn_predict_layers`; 0: none). They do not decode; speculative method "deepseek_mtp" drafts with them.
+    num_nextn_predict_layers: int = 0
     # Sliding-window attention (Mistral, Gemma 2/3): a sliding layer attends to the last
     # `sliding_window` positions only. `layer_types` names each layer "sliding_attention" or
     # "full_attention" (HF's field); empty: every layer slides when sliding_window is set.
@@ -145,10 +150,11 @@ class ModelConfig:
 
         MLA stores one latent per token instead: the normalised compressed kv, then the roped key.
         A quantized `dtype` (int8, float8_e4m3fn; see KV_CACHE_DTYPES) widens each row by
-        KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements."""
+        KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements; a
+        latent row by two scales, one per part (zili.kernels.kv_quant)."""
         extra = KV_SCALE_BYTES if dtype in QUANTIZED_KV_DTYPES else 0
         if self.use_mla:
-            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + extra)
+            return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + 2 * extra)
         return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim + extra)
 
     def kv_bytes_per_token(self, dtype: torch.dtype | str) -> int:
@@ -169,10 +175,6 @@ class ModelConfig:
 # field it was given.
 # --------------------------------------------------------------------------------------------
 
-# KV cache element types (vLLM's `kv_cache_dtype` names). "auto": the model's dtype. int8 and fp8_e4m3
-# are quantized per token and KV head: each cache row holds head_dim one-byte elements, then its
-# bfloat16 scale (absmax / 127 for int8, absmax / 448 for fp8_e4m3); see zili.kernels.kv_quant.
-KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8_e4m3")
 STRUCTURED_OUTPUTS_BACKENDS = ("auto", "xgrammar", "llguidance")  # zili.structured.backend.BACKENDS
 _QUANTIZED_KV_BY_NAME = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
@@ -190,9 +192,7 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
 
 
-# Canonical floating-point dtype names, then the aliases users write for them.
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-DTYPES = ("auto", *DTYPE_NAMES)
+# The aliases users write for the canonical dtype names (zili.choices.DTYPES).
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32",
                   "bf16": "bfloat16",
                   "fp16": "float16", "f16": "float16", "half": "float16"}
@@ -258,21 +258,16 @@ def parse_memory_size(value: object, field: str = "memory size") -> int | float:
     raise ValueError(f"{field} must be bytes (int or a size string) or a fraction (float), got {value!r}")
 
 
-# How checkpoints are read: "auto" reads the weights; "dummy" (vLLM's name) fills seeded random
-# weights on the checkpoint's architecture.
-LOAD_FORMATS = ("auto", "dummy")
-
-
 def check_load_format(value: object, field: str = "load_format") -> str:
     """`value` if it is one of LOAD_FORMATS; ValueError naming `field` otherwise."""
     if value not in LOAD_FORMATS:
         raise ValueError(f"{field} must be one of {', '.join(LOAD_FORMATS)}, got {value!r}")
     return value
 
-QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
-
 # Speculative decoding (zili.engine.spec_decode): the proposal methods zili runs.
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "deepseek_mtp")
+# Other spellings of a method (vLLM's): "[ngram]" is its older name for ngram, "mtp" its newer name for the MTP methods.
+SPECULATIVE_METHOD_ALIASES = {"[ngram]": "ngram", "mtp": "deepseek_mtp"}
 DEFAULT_NUM_SPECULATIVE_TOKENS = 5  # what `--speculative-model` alone proposes a step
 
 
@@ -289,6 +284,11 @@ class SpeculativeConfig:
     method "draft_model": a smaller model of the same tokenizer (`model`: a path or alias) runs beside the
     target in the same process with its own KV cache and proposes num_speculative_tokens tokens a step
     greedily (Leviathan et al. 2023; vLLM's `draft_model`, `--speculative-model`).
+
+    method "deepseek_mtp" (alias "mtp", as vLLM spells both): the target checkpoint's own
+    multi-token-prediction layer (DeepSeek-V3 report, section 2.2; `num_nextn_predict_layers` >= 1)
+    proposes num_speculative_tokens tokens a step from the target's last hidden state, reusing itself
+    recursively past its one prediction depth (zili.engine.mtp).
 
     requests: which requests speculate, "all" or "structured" (only those with a structured output
     format: a JSON schema, a regex, a grammar; zili's own setting, which `SPECULATIVE_AUTO`, the engine's
@@ -339,8 +339,8 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
         raise ValueError(f"{field}.model must be a model path or alias (a non-empty string), got {model!r}")
     # As vLLM: a `model` without a method is a draft model.
     method = value.get("method", "ngram" if model is None else "draft_model")
-    if method == "[ngram]":  # vLLM's older spelling
-        method = "ngram"
+    if isinstance(method, str):
+        method = SPECULATIVE_METHOD_ALIASES.get(method, method)
     if method not in SPECULATIVE_METHODS:
         raise ValueError(f"{field}.method {method!r} is not supported; supported: {', '.join(SPECULATIVE_METHODS)}")
     if method == "draft_model" and model is None:
@@ -348,6 +348,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if method == "ngram" and model is not None:
         raise ValueError(f"{field}.model is not used by method 'ngram' (drafts come from the prompt); "
                          "use method 'draft_model'")
+    if method == "deepseek_mtp" and model is not None:
+        raise ValueError(f"{field}.model is not used by method 'deepseek_mtp' (the MTP layer is read from the "
+                         "target's own checkpoint)")
 
     def positive(key: str, default: int | None, limit: int = 64) -> int | None:
         v = value.get(key, default)

@@ -582,7 +582,7 @@ def tune(
     engine_args: dict[str, Any] | None = None,  # dtype, quantization, load_format (zili.cli_options)
 ) -> None:
     """Measure kernels and settings on this device at the model's shapes; save the winners for `zili serve`."""
-    from zili.config import QUANTIZATION_MODES
+    from zili.choices import QUANTIZATION_MODES
 
     engine_args = engine_args or {}  # TuneOptions fields, like EngineConfig's
     if engine_args.get("quantization", TuneOptions.quantization) not in QUANTIZATION_MODES:

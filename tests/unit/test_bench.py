@@ -375,6 +375,54 @@ def test_repository_benchmarks_cli_lists_its_commands():
         assert cmd in result.output
 
 
+class _FakeServer:
+    """What benchmarks.compare.server_round reads of a ServerProcess; counts its starts and stops."""
+
+    url, startup_s = "http://fake", 1.5
+
+    def __init__(self, fail_start: bool = False) -> None:
+        self.fail_start, self.entered, self.exited = fail_start, 0, 0
+
+    def __enter__(self):
+        if self.fail_start:
+            raise RuntimeError("no binary")
+        self.entered += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.exited += 1
+
+    def peak_rss_bytes(self) -> int:
+        return 3 * 2**20
+
+    def log_tail(self) -> str:
+        return "the server's last words"
+
+
+def test_server_round_stamps_rows_records_failures_and_always_stops_the_server():
+    from benchmarks.compare import server_round
+
+    server, seen = _FakeServer(), []
+
+    def levels(s):
+        for c in (1, 4):
+            row = {"concurrency": c}
+            yield row
+            seen.append(dict(row))  # stamped before the level resumes, so it can log them
+        raise RuntimeError("level 16 broke")
+
+    rows = server_round("zili", lambda: server, 2, levels)
+    assert [r.get("concurrency") for r in rows] == [1, 4, None]
+    assert seen == rows[:2] and all(r["engine"] == "zili" and r["round"] == 2 for r in rows)
+    assert rows[0]["startup_s"] == 1.5 and rows[0]["peak_rss_mib"] == 3.0
+    assert rows[2]["failed"] and "level 16 broke" in rows[2]["error"] and "last words" in rows[2]["server_log_tail"]
+    assert server.entered == server.exited == 1
+
+    never = _FakeServer(fail_start=True)
+    rows = server_round("llama.cpp", lambda: never, 0, levels)
+    assert rows == [{"engine": "llama.cpp", "round": 0, "failed": True, "error": "no binary"}]
+
+
 def test_compare_names_its_peers_on_a_bad_one():
     from typer.testing import CliRunner
 

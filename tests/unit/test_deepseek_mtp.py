@@ -7,7 +7,6 @@ eh_proj and the shared head, all with the checkpoint's weights."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tests.tiny_models import write_tiny_deepseek
+from tests.tiny_models import write_tiny_deepseek_mtp
 from zili.kernels.attention import AttentionMetadata
 from zili.models.deepseek import DeepseekMTP
 from zili.models.loader import load_model, open_checkpoint
@@ -25,27 +24,8 @@ MAIN_LAYERS = 3
 
 @pytest.fixture(scope="module")
 def mtp_checkpoint(tmp_path_factory):
-    """A tiny random DeepSeek-V3 with num_nextn_predict_layers=1, as HF checkpoints ship it: a
-    4-layer random model's layer 3 becomes the MTP block (MoE, as in V3), and enorm, hnorm, eh_proj,
-    shared_head.{norm,head} and a copy of the embedding are added under model.layers.3."""
-    root = tmp_path_factory.mktemp("deepseek-mtp")
-    big = write_tiny_deepseek(root / "big", "v3", num_hidden_layers=MAIN_LAYERS + 1)
-    path = root / "main"
-    shutil.copytree(big, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(num_hidden_layers=MAIN_LAYERS, num_nextn_predict_layers=1)
-    (path / "config.json").write_text(json.dumps(config))
-    tensors = load_file(path / "model.safetensors")
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    gen = torch.Generator().manual_seed(11)
-    prefix = f"model.layers.{MAIN_LAYERS}"
-    for name in ("enorm", "hnorm", "shared_head.norm"):
-        tensors[f"{prefix}.{name}.weight"] = 1.0 + 0.1 * torch.randn(hidden, generator=gen)
-    tensors[f"{prefix}.eh_proj.weight"] = 0.1 * torch.randn(hidden, 2 * hidden, generator=gen)
-    tensors[f"{prefix}.shared_head.head.weight"] = 0.1 * torch.randn(vocab, hidden, generator=gen)
-    tensors[f"{prefix}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return big, path
+    """A tiny random DeepSeek-V3 with num_nextn_predict_layers=1 (tests.tiny_models.write_tiny_deepseek_mtp)."""
+    return write_tiny_deepseek_mtp(tmp_path_factory.mktemp("deepseek-mtp"), MAIN_LAYERS)
 
 
 def reference_logits(big, path, ids: torch.Tensor) -> torch.Tensor:

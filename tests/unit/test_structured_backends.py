@@ -272,3 +272,33 @@ def test_engine_with_llguidance_speculation_jump_forward_and_errors(bpe_dir):
     assert refused.value.field == "structured"
     for llm in (plain, spec, jumping):
         assert_pool_free(llm)
+
+
+def accepts(backend: GrammarBackend, compiled, text: str) -> bool:
+    """Whether the matcher takes every token of `text` (the tokenizer's own spelling)."""
+    matcher = backend.new_matcher(compiled)
+    return all(matcher.accept_token(t) for t in backend.tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_json_numbers_are_bounded_to_16_digits_a_part_as_in_llama_cpp(backends):
+    # Unbounded digits let a small model append zeros to 2.2 until max_tokens (the extraction workload,
+    # benchmarks/notes/extract-accuracy.md); llama.cpp's grammar allows 16 digits a part.
+    backend = backends["xgrammar"]
+    schema = {"type": "object", "properties": {"x": {"type": "number"}, "n": {"type": "integer"},
+                                               "e": {"enum": ["[1-9] [0-9]*", 'q"[1-9] [0-9]*']}},
+              "required": ["x", "n", "e"]}
+    for structured in (StructuredOutput.json(schema), StructuredOutput.json_object()):
+        compiled = backend.compile(structured)
+        assert accepts(backend, compiled, '{"x": 2.' + "0" * 16)
+        assert not accepts(backend, compiled, '{"x": 2.' + "0" * 17)
+        assert accepts(backend, compiled, '{"x": -' + "9" * 16)
+        assert not accepts(backend, compiled, '{"x": ' + "9" * 17)
+        assert accepts(backend, compiled, '{"x": 1.5e' + "1" * 16)
+        assert not accepts(backend, compiled, '{"x": 1.5e' + "1" * 17)
+    compiled = backend.compile(StructuredOutput.json(schema))
+    assert accepts(backend, compiled, '{"x": 1, "n": ' + "7" * 16 + ', "e": "')
+    assert not accepts(backend, compiled, '{"x": 1, "n": ' + "7" * 17)
+    # enum values that spell the rewritten rule are literals and stay as they are
+    for value in schema["properties"]["e"]["enum"]:
+        assert accepts(backend, compiled, '{"x": 1, "n": 2, "e": ' + json.dumps(value) + "}")
+    assert not accepts(backend, compiled, '{"x": 1, "n": 2, "e": "[1-9] [0-9]{0, 15}"}')

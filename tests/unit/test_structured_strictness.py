@@ -17,6 +17,7 @@ from tests.tiny_models import write_tiny_llama
 from tests.unit.test_structured import make_llm
 from zili import SamplingParams
 from zili.sampling import SamplingParamsError
+from zili.structured import spec
 from zili.structured.approximations import approximations
 from zili.structured.backend import locate_schema_failure
 from zili.structured.spec import Limits, StructuredOutput, as_json_schema_reads
@@ -244,3 +245,38 @@ def test_as_json_schema_reads_writes_the_defaults_out():
     assert read["$defs"]["t"]["additionalProperties"] is True and read["anyOf"][0]["additionalProperties"] is True
     assert "additionalProperties" not in schema  # a copy
     assert as_json_schema_reads({"type": "string"}) == {"type": "string"}
+
+
+def test_as_strict_closes_what_the_schema_leaves_open():
+    schema = {"type": "object", "properties": {"t": {"prefixItems": [{"type": "integer"}]},
+                                               "m": {"type": "object", "patternProperties": {"^x": {}}}},
+              "dependentSchemas": {"t": {"properties": {"u": {"type": "string"}}}}}
+    closed = spec.as_strict(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["t"]["items"] is False
+    assert "additionalProperties" not in closed["properties"]["m"]  # patternProperties decide there
+    assert closed["dependentSchemas"]["t"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a copy
+
+
+def test_the_schema_walker_finds_the_deepest_failing_place():
+    """spec.locate_schema_failure with a predicate of our own: a schema "fails" when it holds a
+    `"bad": true` or a reference to the bad definition (outside its `$defs`), so the walker must go
+    down to the innermost one, through the reference."""
+
+    def fails(node):
+        own = json.dumps({k: v for k, v in node.items() if k != "$defs"})
+        return '"bad": true' in own or '"$ref": "#/$defs/a~1b"' in own
+
+    schema = {"$defs": {"a/b": {"properties": {"x": {"bad": True}}}},
+              "properties": {"ok": {"type": "string"}, "p~q": {"$ref": "#/$defs/a~1b"}}}
+    assert spec.locate_schema_failure(schema, fails) == "/$defs/a~1b/properties/x"
+    defs_free = {"anyOf": [{"type": "null"}, {"items": {"bad": True}}]}
+    assert spec.locate_schema_failure(defs_free, fails) == "/anyOf/1/items"
+    assert spec.locate_schema_failure({"bad": True}, fails) == ""
+    assert spec.locate_schema_failure({"type": "integer"}, fails) is None
+    assert spec.locate_schema_failure(True, fails) is None
+    # Each sub-schema is judged with the root's $defs beside it (so its references resolve).
+    seen = []
+    spec.locate_schema_failure({"$defs": {"d": {}}, "bad": True, "properties": {"a": {}}},
+                               lambda node: seen.append(sorted(node)) or True)
+    assert ["$defs"] in seen

@@ -1,7 +1,9 @@
 """Cases for the Triton attention kernels under TRITON_INTERPRET=1, against the torch reference, at
 small shapes: the cache write, prefill over variable-length chunks with a cached prefix (mixed with
-decode rows), decode with and without context splits, MLA decode over the latent cache, and a tiny
-model generating the same greedy tokens through either backend.
+decode rows), decode with and without context splits, MLA decode over the latent cache, the same
+over int8 / fp8 caches (kv_quant's rows: the write kernel's bytes equal quantize_rows', attention
+equals the torch reference's over the dequantized cache), and tiny models generating the same greedy
+tokens through either backend.
 
 The interpreter must be on before triton is first imported (triton's own library functions are
 built at import), and other tests import it earlier (transformers does), so this file runs in a
@@ -26,7 +28,10 @@ import triton  # noqa: E402,F401
 
 from zili.kernels.attention import AttentionMetadata, sdpa_paged_attention  # noqa: E402
 from zili.kernels.attention import write_kv_cache as reference_write  # noqa: E402
+from zili.kernels.kv_quant import dequantize_rows, quantize_latent_rows, quantize_rows  # noqa: E402
 from zili.kernels.mla_attention import mla_decode_absorbed  # noqa: E402
+
+QUANTIZED = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +185,127 @@ def test_mla_decode_matches_reference(kernels, dtype, splits):
     if splits == 1:
         torch.testing.assert_close(tm.mla_decode(q_nope, q_rope, cache, tables, seq_lens, 33, w, 0.1).float(),
                                    expected.float(), **tol(dtype))
+
+
+# ---- quantized caches (zili.kernels.kv_quant) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_write_stores_the_reference_bytes(kernels, name):
+    """The write kernel's int8 / fp8 rows and bf16 scales are quantize_rows' bytes: rows spanning
+    11 decades, exact rounding ties, zero and negative-zero rows, and a padded row (slot -1) skipped."""
+    ta, _ = kernels
+    gen = torch.Generator().manual_seed(7)
+    T, n_kv, d = 12, 2, 24
+    k = torch.randn(T, n_kv, d, generator=gen) * torch.logspace(-6, 5, T)[:, None, None]
+    k[1] = (k[1] * 4).round() / 4  # halves and quarters: ties for the int8 grid
+    k[2, 0], k[2, 1] = 0.0, -0.0
+    k[3] = torch.linspace(-448, 448, d) / 448 * 3.0  # e4m3's grid points and the ties between them
+    v = torch.randn(T, n_kv, d, generator=gen)
+    cache = torch.zeros(2, 6, 8, n_kv, d + 2, dtype=QUANTIZED[name], device=DEVICE)
+    slots = torch.tensor([5, 40, 3, 17, 0, 9, 22, 31, 47, 12, 29, -1], device=DEVICE)
+    k, v = k.to(DEVICE), v.to(DEVICE)
+    expected = cache.clone()
+    reference_write(k[:-1], v[:-1], expected, slots[:-1])
+    ta.write_kv_cache(k, v, cache, slots)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+
+
+def _quantized(cache: torch.Tensor, name: str) -> torch.Tensor:
+    """A float cache's values as packed int8 / fp8 rows, rows scaled differently so scales matter."""
+    rows = cache.float() * torch.logspace(-1, 1, cache.shape[2], device=cache.device)[:, None, None]
+    return quantize_rows(rows, QUANTIZED[name])
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_quantized_prefill_and_decode_match_the_reference(kernels, name):
+    """Over an int8 / fp8 cache: a mixed step through the backend entry point (prefill kernel) and
+    decode with and without splits, a sliding window too, against the torch reference, which
+    attends over the dequantized rows; both write the step's rows first and agree on every byte."""
+    ta, _ = kernels
+    meta, cache, q, k, v = make_batch([5, 1, 20], [5, 41, 50], head_dim=24, page=8, num_blocks=28)
+    cache = _quantized(cache, name)
+    c_ref, c_tri = cache.clone(), cache.clone()
+    expected = sdpa_paged_attention(q, k, v, c_ref, meta, 0.3)
+    got = ta.paged_attention(q, k, v, c_tri, meta, 0.3)
+    assert torch.equal(c_ref.view(torch.uint8), c_tri.view(torch.uint8))
+    torch.testing.assert_close(got, expected, **tol(torch.float32))
+    dmeta, dcache, dq, dk, dv = make_batch([1, 1, 1], [3, 70, 17], heads=8, kv_heads=2, num_blocks=12)
+    dcache = _quantized(dcache, name)
+    for window in (None, 20):
+        expected = sdpa_paged_attention(dq, dk, dv, dcache.clone(), dmeta, 0.125, window=window)
+        if window is None:
+            ta.write_kv_cache(dk, dv, dcache, dmeta.slot_mapping)
+        for splits in (1, 4):
+            got = ta.paged_decode(dq, dcache, dmeta.block_tables, dmeta.seq_lens, 0.125, splits=splits, block_n=16,
+                                  window=window)
+            torch.testing.assert_close(got, expected, **tol(torch.float32))
+
+
+def test_quantized_decode_bf16_queries(kernels):
+    """bf16 queries over an int8 cache (the GPU's case: tiles converted to bf16 for the dot)."""
+    ta, _ = kernels
+    meta, cache, q, k, v = make_batch([1, 1], [9, 40], heads=4, kv_heads=2, num_blocks=8)
+    cache = _quantized(cache, "int8")
+    q = q.bfloat16()
+    ta.write_kv_cache(k, v, cache, meta.slot_mapping)
+    dense = dequantize_rows(cache, torch.float32)
+    expected = sdpa_paged_attention(q.float(), k[:0], v[:0], dense, _no_new_rows(meta), 0.125)
+    got = ta.paged_decode(q, cache, meta.block_tables, meta.seq_lens, 0.125, splits=2, block_n=16)
+    torch.testing.assert_close(got.float(), expected, **tol(torch.bfloat16))
+
+
+def _no_new_rows(meta: AttentionMetadata) -> AttentionMetadata:
+    """The same step with nothing left to write (the rows are in the cache already)."""
+    import dataclasses
+
+    return dataclasses.replace(meta, slot_mapping=meta.slot_mapping[:0])
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+@pytest.mark.parametrize("splits", [1, 2])
+def test_quantized_mla_decode_matches_reference(kernels, name, splits):
+    """MLA decode over packed latent rows (two scales: the latent's, the rope key's) against the torch
+    reference over the same cache; the rope part is scaled 20x so a shared scale would show."""
+    _, tm = kernels
+    q_nope, q_rope, cache, tables, seq_lens, w = make_mla([5, 33, 17])
+    cache = quantize_latent_rows(cache[..., :32], cache[..., 32:] * 20, QUANTIZED[name])
+    assert cache.shape[-1] == 32 + 16 + 4
+    expected = mla_decode_absorbed(q_nope, q_rope, cache, tables, seq_lens, 33, w, 0.1)
+    q_latent = torch.einsum("bhd,hdr->bhr", q_nope, w[:, :24])
+    latent = tm.mla_decode_latent(q_latent, q_rope, cache, tables, seq_lens, 0.1, splits=splits, block_n=16)
+    torch.testing.assert_close(torch.einsum("bhr,hvr->bhv", latent, w[:, 24:]), expected, **tol(torch.float32))
+
+
+def test_tiny_deepseek_int8_cache_same_greedy_tokens_through_triton(kernels, tmp_path, monkeypatch):
+    """A one-layer DeepSeek-V3 with an int8 latent cache: the engine's MLA decode runs the backend's
+    kernel (Triton's here, the torch reference under sdpa) and both give the same greedy tokens."""
+    from tests.tiny_models import write_tiny_deepseek
+    from zili import LLM, SamplingParams
+    from zili.platforms.cpu import CpuPlatform
+
+    tiny = write_tiny_deepseek(tmp_path / "ds", num_hidden_layers=1)
+    monkeypatch.setenv("ZILI_TUNE_CACHE", str(tmp_path / "none.json"))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(CpuPlatform, "attention_backends", lambda self: ["sdpa", "triton"])
+    calls = {"n": 0}
+    _, tm = kernels
+    inner = tm.mla_decode_latent
+
+    def counting(*args, **kw):
+        calls["n"] += 1
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(tm, "mla_decode_latent", counting)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = {}
+    for name in ("sdpa", "triton"):
+        llm = LLM(str(tiny), dtype="float32", attention_backend=name, kv_cache_dtype="int8", kv_cache_memory=2**20,
+                  threads=1)
+        assert llm.engine.runner.kv_caches[0].dtype == torch.int8
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(["Hello there", "abc"], params, use_tqdm=False)]
+    assert calls["n"] >= 3  # the decode steps went through the Triton kernel
+    assert outs["triton"] == outs["sdpa"]
 
 
 def test_tiny_llama_same_greedy_tokens_through_triton(kernels, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from zili.config import QUANTIZED_KV_DTYPES, EngineConfig, ModelConfig, kv_cache_torch_dtype
 from zili.distributed.executor import TensorParallelExecutor
@@ -24,6 +25,7 @@ from zili.engine.draft_model import DraftModelProposer, check_same_vocab
 from zili.engine.engine import Engine
 from zili.engine.executor import Executor
 from zili.engine.kv_cache import KVCacheManager
+from zili.engine.mtp import MTPProposer
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
 from zili.engine.spec_decode import Proposer
 from zili.kernels.backends import (
@@ -36,9 +38,10 @@ from zili.kernels.backends import (
 from zili.layers import fused
 from zili.layers.linear import Linear, set_batch_invariant
 from zili.layers.quant_calibration import KernelChoice
+from zili.models.deepseek import DeepseekForCausalLM, DeepseekMTP
 from zili.models.loader import LoadedModel, load_model, open_checkpoint
 from zili.models.quantize import quantize_and_calibrate
-from zili.models.registry import capabilities_of
+from zili.models.registry import capabilities_of, default_dtype
 from zili.platforms import current_platform
 from zili.platforms.interface import Platform
 from zili.platforms.tuning import TuneCache, TunedSettings, load_tuning, model_key
@@ -113,10 +116,14 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     if config.deterministic:
         _make_batch_invariant(loaded.model, mc)
     cache_config = tp_executor.cache_config(mc) if tp_executor is not None else mc
+    spec = config.speculative_config
+    mtp = spec is not None and not isinstance(spec, (str, dict)) and spec.method == "deepseek_mtp"
     try:
+        if mtp:
+            _check_mtp(config, loaded, tp_executor is not None)
         max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
         kv_dtype = kv_cache_dtype(config, mc, attention, tp_executor is not None, loaded.dtype)
-        num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len)
+        num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len, extra_layers=int(mtp))
         runner = ModelRunner(loaded.model, cache_config, num_blocks, config.block_size, loaded.dtype,
                              tp_executor.device if tp_executor is not None else platform.device, attention, kv_dtype)
         executor: Executor = tp_executor.attach(runner, num_blocks) if tp_executor is not None else runner
@@ -126,10 +133,11 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         raise
     parts = EngineParts(config, platform, mc, cache_config, loaded.tokenizer, loaded.dtype, executor, tp_executor,
                         num_blocks, max_model_len, attention.name, quantized)
-    spec = config.speculative_config
     if spec is not None and not isinstance(spec, (str, dict)) and spec.method == "draft_model":
         parts.proposer = _draft_model_proposer(config, platform, attention, loaded, num_blocks, max_model_len,
                                                tp_executor is not None)
+    if mtp:
+        parts.proposer = _mtp_proposer(config, platform, loaded, runner)
     # Decode-step speed-ups, none under tensor parallelism (its ranks run eagerly): a compiled step
     # (CPUs) or captured device graphs with fused elementwise kernels (GPUs).
     eager = tp_executor is not None or config.deterministic or (config.enforce_eager if config.enforce_eager is not None
@@ -173,6 +181,50 @@ def _draft_model_proposer(config: EngineConfig, platform: Platform, attention: A
                 spec.num_speculative_tokens)
     return DraftModelProposer(runner, KVCacheManager(blocks, config.block_size, config.enable_prefix_caching),
                               target.config.vocab_size, min(max_model_len, draft.config.max_position_embeddings))
+
+
+MTP_FIELD = "EngineConfig.speculative_config.method"
+
+
+def _check_mtp(config: EngineConfig, target: LoadedModel, tensor_parallel: bool) -> None:
+    """ValueError naming speculative_config.method where DeepSeek MTP cannot propose for this target."""
+    mc = target.config
+    name = f"{MTP_FIELD}='deepseek_mtp'"
+    if not isinstance(target.model, DeepseekForCausalLM) or mc.num_nextn_predict_layers < 1:
+        raise ValueError(f"{name}: the checkpoint ({mc.hf_architecture or mc.architecture}) has no multi-token-"
+                         "prediction layer (num_nextn_predict_layers is 0 or absent in its HF config.json; GGUF files are "
+                         "read without it); "
+                         "use method 'ngram' or 'draft_model'")
+    if tensor_parallel:
+        raise ValueError(f"{name} does not run under tensor parallelism yet; use tensor_parallel_size=1 or "
+                         "method 'ngram'")
+    if config.load_format == "dummy":
+        raise ValueError(f"{name} needs the MTP layer's weights from the checkpoint, not load_format='dummy'")
+
+
+def _mtp_proposer(config: EngineConfig, platform: Platform, target: LoadedModel, runner: ModelRunner) -> MTPProposer:
+    """The checkpoint's first MTP layer (DeepseekMTP, sharing the target's embedding) with a latent cache
+    of the target pool's blocks (zili.engine.mtp); `_check_mtp` has passed. ValueError naming
+    speculative_config.method when its tensors are missing or mis-shaped."""
+    assert isinstance(target.model, DeepseekForCausalLM)
+    mc = target.config
+    embed = target.model.model.embed_tokens
+    assert isinstance(embed, nn.Module)
+    with torch.device(platform.device), default_dtype(target.dtype):
+        mtp = DeepseekMTP(mc, embed, 1)
+    mtp.requires_grad_(False).eval()
+    try:
+        with torch.no_grad():
+            mtp.load_weights(open_checkpoint(target.source).tensors(target.dtype))
+    except ValueError as exc:
+        raise ValueError(f"{MTP_FIELD}='deepseek_mtp': the checkpoint's MTP layer "
+                         f"(model.layers.{mc.num_hidden_layers}) cannot be loaded: {exc}") from exc
+    quantize_and_calibrate(mtp, config.quantization, target.dtype, platform.matmul_backend(), None, calibrate=False)
+    cache = torch.zeros_like(runner.kv_caches[0])
+    logger.info("DeepSeek MTP: layer %d proposes %d token(s) a step (its latent cache: %.1f MiB in the target's "
+                "blocks)", mc.num_hidden_layers, config.speculative_config.num_speculative_tokens,  # type: ignore[union-attr]
+                cache.numel() * cache.element_size() / 2**20)
+    return MTPProposer(mtp, cache, runner.attention, config.block_size, mc.vocab_size)
 
 
 # ---- batch-invariant mode (EngineConfig.deterministic) ------------------------------------------
@@ -252,29 +304,34 @@ def resolve_max_model_len(requested: int | None, model_len: int) -> int:
 def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: AttentionBackend,
                    tensor_parallel: bool, model_dtype: torch.dtype) -> torch.dtype:
     """The KV cache's element type for EngineConfig.kv_cache_dtype; ValueError naming the field where a
-    quantized cache cannot run (a backend without kernels for it, MLA's latent cache, tensor parallelism)."""
+    quantized cache cannot run (a backend without kernels for it, or for MLA's latent rows; tensor parallelism)."""
     dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype)
     if dtype not in QUANTIZED_KV_DTYPES:
         return dtype
     name = f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r}"
-    if config.kv_cache_dtype not in attention.kv_cache_dtypes:
+    if model_config.use_mla:
+        if config.kv_cache_dtype not in attention.mla_kv_cache_dtypes:
+            supported = ", ".join(attention.mla_kv_cache_dtypes) or "none"
+            raise ValueError(f"{name} is not supported for MLA models ({model_config.architecture}'s latent cache) "
+                             f"by the {attention.name!r} attention backend (its quantized latent caches: "
+                             f"{supported}); choose another attention_backend or kv_cache_dtype='auto'")
+    elif config.kv_cache_dtype not in attention.kv_cache_dtypes:
         supported = ", ".join(attention.kv_cache_dtypes) or "none"
         raise ValueError(f"{name} is not supported by the {attention.name!r} attention backend (its quantized "
                          f"caches: {supported}); choose another attention_backend or kv_cache_dtype='auto'")
-    if model_config.use_mla:
-        raise ValueError(f"{name} is not supported for MLA models ({model_config.architecture}'s latent cache) "
-                         "yet; use kv_cache_dtype='auto'")
     if tensor_parallel:
         raise ValueError(f"{name} is not supported with tensor parallelism yet; use kv_cache_dtype='auto'")
     return dtype
 
 
 def num_kv_blocks(config: EngineConfig, platform: Platform, cache_config: ModelConfig, dtype: torch.dtype,
-                  max_model_len: int) -> int:
+                  max_model_len: int, extra_layers: int = 0) -> int:
     """KV blocks the pool gets: `kv_cache_memory` bytes (an int), or that fraction of free memory
     (a float; default: the platform's share), never more than every sequence at full length needs.
-    ValueError when not even one block fits."""
+    `extra_layers`: caches of that many more layers share the pool's blocks (DeepSeek MTP's), counted
+    in the budget. ValueError when not even one block fits."""
     per_block = kv_bytes_per_block(cache_config, config.block_size, dtype)
+    per_block += per_block * extra_layers // cache_config.num_hidden_layers
     mem = config.kv_cache_memory
     assert not isinstance(mem, str)  # EngineConfig parsed a size string into bytes
     if mem is None or isinstance(mem, float):

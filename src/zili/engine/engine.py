@@ -24,7 +24,15 @@ from zili.engine.request import Request, RequestDelta, Sequence, TokenLogprob
 from zili.engine.runner import StepInput
 from zili.engine.sampler import Sampler, sequence_seed
 from zili.engine.scheduler import ScheduledBatch, Scheduler
-from zili.engine.spec_decode import SpecDecodeStats, Speculator, VerifiedStep, expand_rows, grammar_rows
+from zili.engine.spec_decode import (
+    HiddenStateProposer,
+    SpecDecodeStats,
+    Speculator,
+    TargetRows,
+    VerifiedStep,
+    expand_rows,
+    grammar_rows,
+)
 from zili.engine.thinking import ThinkingOutputs
 from zili.reasoning import resolve_reasoning_parser
 from zili.sampling import PoolingParams, SamplingParams
@@ -84,7 +92,12 @@ class Engine:
         self.quantized = parts.quantized
         self.compile_seconds, self.graph_batch_sizes = parts.compile_seconds, parts.graph_batch_sizes
         self.fused_elementwise = parts.fused_elementwise
-        self.kv_cache = KVCacheManager(parts.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        # A proposer drafting from the target's hidden states (DeepSeek MTP) keeps its KV entries in these blocks.
+        self.hidden_proposer = parts.proposer if isinstance(parts.proposer, HiddenStateProposer) else None
+        self.kv_cache = KVCacheManager(parts.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                       recompute_last_hit_block=self.hidden_proposer is not None)
+        if self.hidden_proposer is not None:
+            self.hidden_proposer.bind_kv_cache(self.kv_cache)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,
@@ -192,6 +205,10 @@ class Engine:
                 if delta.finished:
                     del self.requests[delta.request_id]
             outputs += deltas
+        if self.hidden_proposer is not None:  # its KV entries for this step's positions, from the target's states
+            extras = self.runner.step_extras()
+            assert extras is not None and extras.hidden_states is not None
+            self.hidden_proposer.observe(extras.hidden_states, self._target_rows(batch, num_rejected))
         # After the new tokens are appended (the prefix cache hashes them), before finished ones free blocks.
         self.scheduler.on_step_done(batch, num_rejected)
         for seq in finished:
@@ -253,7 +270,22 @@ class Engine:
             pooling = seq.request.pooling
             pools.append(pooling.pooling if pooling is not None and seq.index == 0 and num_new else None)
         return StepInput(token_ids, starts, tables, sample, scoring if any(scoring) else None,
-                         pools if any(pools) else None), sampling
+                         pools if any(pools) else None, keep_hidden=self.hidden_proposer is not None), sampling
+
+    def _target_rows(self, batch: ScheduledBatch, num_rejected: list[int] | None) -> list[TargetRows]:
+        """Per batch entry, the step rows the target kept whose next token is known (all but rejected
+        verify rows and a prefill-only prompt's last row), for `HiddenStateProposer.observe`. Call it
+        after the new tokens are appended, before `Scheduler.on_step_done` advances computed counts."""
+        rows: list[TargetRows] = []
+        first_row = 0
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            kept = num_new - (num_rejected[i] if num_rejected is not None else 0)
+            num_rows = min(kept, len(seq.token_ids) - start - 1)
+            if num_rows > 0 and seq.seq_id in self.kv_cache.tables:
+                rows.append(TargetRows(seq, start, first_row, num_rows))
+            first_row += num_new
+        return rows
 
     # ---- scoring and pooling (zili.engine.prompt_outputs) -------------------------------------
     def _take_extras(self, batch: ScheduledBatch, step: StepInput, extras: StepExtras | None) -> None:

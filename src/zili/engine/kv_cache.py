@@ -39,7 +39,17 @@ class BlockTable:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    """The block pool of one model's KV cache (see the module docstring).
+
+    `recompute_last_hit_block`: a prefix-cache hit gives up its last block, which the sequence then
+    computes afresh into a block of its own. A proposer that keeps KV entries in these blocks computed
+    from the target's hidden states (DeepSeek MTP, zili.engine.mtp) needs it: its entry at a position
+    depends on the token after it, so the entry at the end of a hit was made for another continuation
+    (or never made), and the target's hidden state there is needed again (vLLM drops the last hit
+    block for EAGLE / MTP for the same reason)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 recompute_last_hit_block: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got num_blocks={num_blocks}")
         if block_size < 1:
@@ -47,6 +57,7 @@ class KVCacheManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.recompute_last_hit_block = recompute_last_hit_block
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, least recently freed first. Cached ones stay hittable here.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -94,6 +105,8 @@ class KVCacheManager:
                 break
             hits.append(block_id)
             parent = h
+        if self.recompute_last_hit_block and hits:
+            hits.pop()
         self.prefix_queries += max_blocks * bs
         self.prefix_hits += len(hits) * bs
         return hits

@@ -52,6 +52,9 @@ class StepExtras:
 
     prompt_logprobs: dict[int, ScoredRows] = field(default_factory=dict)
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # [hidden] float32 on the host
+    # The step's final hidden states [rows, hidden] (after the final norm, rows in StepInput order, on the
+    # device), when StepInput.keep_hidden asked for them; else None.
+    hidden_states: torch.Tensor | None = None
 
 
 def compute_step_extras(model: CausalLM, hidden: torch.Tensor, query_lens: list[int],

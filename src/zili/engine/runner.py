@@ -38,10 +38,13 @@ class StepInput:
     # pool its rows' hidden states ("mean", "cls", "last"); the results come from `ModelRunner.step_extras()`.
     prompt_scoring: list[PromptScoring | None] | None = None
     pooling: list[str | None] | None = None
+    # Keep the step's final hidden states (`StepExtras.hidden_states`, every row, no copy) for a proposer
+    # that drafts from them (DeepSeek MTP, zili.engine.mtp). Off: nothing is kept.
+    keep_hidden: bool = False
 
     @property
     def wants_extras(self) -> bool:
-        return self.prompt_scoring is not None or self.pooling is not None
+        return self.prompt_scoring is not None or self.pooling is not None or self.keep_hidden
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -104,6 +107,8 @@ class ModelRunner:
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         if step.wants_extras:
             self._step_extras = compute_step_extras(self.model, hidden, query_lens, step.prompt_scoring, step.pooling)
+            if step.keep_hidden:
+                self._step_extras.hidden_states = hidden
         last_rows, end = [], 0
         for q, sample in zip(query_lens, step.sample):
             end += q

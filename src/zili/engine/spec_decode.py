@@ -1,8 +1,10 @@
 """Speculative decoding: drafts from a proposer, verified in the batch's step.
 
-Proposers (`Proposer`, the seam): draftless n-gram lookup (`NgramProposer`, below) and a draft model
-(`zili.engine.draft_model.DraftModelProposer`, Leviathan et al. 2023). `Speculator` decides who gets
-drafts and how many, asks the proposer, and verifies; it knows nothing of how drafts are made.
+Proposers (`Proposer`, the seam): draftless n-gram lookup (`NgramProposer`, below), a draft model
+(`zili.engine.draft_model.DraftModelProposer`, Leviathan et al. 2023) and DeepSeek's multi-token-prediction
+layer (`zili.engine.mtp.MTPProposer`, a `HiddenStateProposer`: it drafts from the target's hidden
+states). `Speculator` decides who gets drafts and how many, asks the proposer, and verifies; it knows
+nothing of how drafts are made.
 
 N-gram proposals. A sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked
 up earlier in its own prompt and output; the tokens that followed the most recent earlier occurrence
@@ -60,6 +62,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from zili.config import SpeculativeConfig
+from zili.engine.kv_cache import KVCacheManager
 from zili.engine.request import GrammarMatcher, Sequence, SequenceStatus, TokenLogprob
 
 MAX_PAUSE_STEPS = 32  # the longest pause in proposals after repeated misses
@@ -127,6 +130,36 @@ class Proposer(Protocol):
 
     def release(self, seq_id: str) -> None:
         """Forget a sequence (idempotent)."""
+        ...
+
+
+@dataclass
+class TargetRows:
+    """One sequence's rows of a step that the target computed and kept (verified), each with its next token
+    known: positions start .. start + num_rows - 1, whose final hidden states are rows first_row ..
+    first_row + num_rows - 1 of the step's hidden states (StepInput order), and whose next tokens are
+    seq.token_ids[start + 1 .. start + num_rows]."""
+
+    seq: Sequence
+    start: int
+    first_row: int
+    num_rows: int
+
+
+@runtime_checkable
+class HiddenStateProposer(Proposer, Protocol):
+    """A proposer that drafts from the target's final hidden states and keeps its KV entries in the
+    target's own blocks (DeepSeek MTP, zili.engine.mtp): the engine asks the runner for every step's hidden
+    states (`StepInput.keep_hidden`), hands them over after verification, and makes its KV pool recompute
+    a prefix hit's last block (`KVCacheManager.recompute_last_hit_block`)."""
+
+    def bind_kv_cache(self, kv: KVCacheManager) -> None:
+        """The target's block bookkeeping (called once by the engine, before any step)."""
+        ...
+
+    def observe(self, hidden: torch.Tensor, rows: list[TargetRows]) -> None:
+        """After each step's verification, before rejected slots are rolled back and finished sequences
+        free their blocks: the step's hidden states [step rows, hidden] and the rows to take from them."""
         ...
 
 

@@ -29,8 +29,13 @@ class AttentionBackend:
     mla_decode: Callable[..., Any]  # drop-in for mla_attention.mla_decode_absorbed
     graph_safe_decode: bool  # a decode step reads no host-side lengths, so it may be graph-captured
     configure: Callable[[dict | None], None] | None = None  # installs tuned launch settings
-    # Quantized KV caches (EngineConfig.kv_cache_dtype names, zili.kernels.kv_quant) its kernels read.
+    # Quantized KV caches (EngineConfig.kv_cache_dtype names, zili.kernels.kv_quant) its kernels read:
+    # per-head rows for paged_attention, and MLA's latent rows for mla_decode.
     kv_cache_dtypes: tuple[str, ...] = ()
+    mla_kv_cache_dtypes: tuple[str, ...] = ()
+
+
+_QUANTIZED = ("int8", "fp8_e4m3")
 
 
 def _sdpa() -> AttentionBackend:
@@ -38,7 +43,7 @@ def _sdpa() -> AttentionBackend:
     from zili.kernels.mla_attention import mla_decode_absorbed
 
     return AttentionBackend("sdpa", sdpa_paged_attention, mla_decode_absorbed, graph_safe_decode=False,
-                            kv_cache_dtypes=("int8", "fp8_e4m3"))
+                            kv_cache_dtypes=_QUANTIZED, mla_kv_cache_dtypes=_QUANTIZED)
 
 
 def _cpp() -> AttentionBackend:
@@ -46,14 +51,15 @@ def _cpp() -> AttentionBackend:
     from zili.kernels.mla_attention import mla_decode_absorbed
 
     return AttentionBackend("cpp", cpu_paged_attention, mla_decode_absorbed, graph_safe_decode=False,
-                            kv_cache_dtypes=("int8", "fp8_e4m3"))
+                            kv_cache_dtypes=_QUANTIZED, mla_kv_cache_dtypes=_QUANTIZED)
 
 
 def _triton() -> AttentionBackend:
     from zili.kernels import triton_attention, triton_mla
 
     return AttentionBackend("triton", triton_attention.paged_attention, triton_mla.mla_decode, graph_safe_decode=True,
-                            configure=triton_attention.set_config)
+                            configure=triton_attention.set_config, kv_cache_dtypes=_QUANTIZED,
+                            mla_kv_cache_dtypes=_QUANTIZED)
 
 
 def batch_invariant(backend: AttentionBackend, cpu_kernel: bool) -> AttentionBackend:
@@ -67,7 +73,7 @@ def batch_invariant(backend: AttentionBackend, cpu_kernel: bool) -> AttentionBac
 
     attention = functools.partial(batch_invariant_paged_attention, cpu_kernel=cpu_kernel)
     return dataclasses.replace(backend, paged_attention=attention, graph_safe_decode=False,
-                               kv_cache_dtypes=("int8", "fp8_e4m3"))
+                               kv_cache_dtypes=_QUANTIZED)
 
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton, "cpp": _cpp}

@@ -17,6 +17,11 @@ kv_b_proj's weight, viewed per head as w_kv_b [H, d_nope + d_v, r], splits into 
 
 Both give the same numbers (up to rounding); a batch may mix them: sequences with one new token
 attend absorbed, all in one batched pass; longer query chunks attend expanded, one at a time.
+
+A quantized cache (int8 / float8_e4m3fn) stores each row as `kv_quant.quantize_latent_rows` packs it
+(one-byte elements, a bf16 scale for the latent part and one for the rope part, C + 4 bytes); the
+readers here dequantize what they gather. Decode runs the step's attention backend's `mla_decode`
+(the Triton kernel on a GPU), this module's torch version when the step names none.
 """
 
 from __future__ import annotations
@@ -25,13 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from zili.kernels.attention import AttentionMetadata
+from zili.kernels.kv_quant import dequantize_latent_rows, is_quantized, quantize_latent_rows
 
 
 def write_latent_cache(latent: torch.Tensor, k_rope: torch.Tensor, cache: torch.Tensor,
                        slot_mapping: torch.Tensor) -> None:
-    """Store new rows [latent (r) | k_rope (d_rope)] of T tokens at their slots."""
+    """Store new rows [latent (r) | k_rope (d_rope)] of T tokens at their slots (packed with their
+    two scales on an int8 / fp8 cache, kv_quant.quantize_latent_rows)."""
     num_blocks, block_size, width = cache.shape
-    rows = torch.cat((latent, k_rope), dim=-1).to(cache.dtype)  # [T, C]
+    if is_quantized(cache):  # written as bytes (CPU float8 tensors have no index_copy_)
+        rows = quantize_latent_rows(latent, k_rope, cache.dtype).view(torch.uint8)
+        cache = cache.view(torch.uint8)
+    else:
+        rows = torch.cat((latent, k_rope), dim=-1).to(cache.dtype)  # [T, C]
     cache.view(num_blocks * block_size, width).index_copy_(0, slot_mapping, rows)
 
 
@@ -60,20 +71,19 @@ def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tens
     write_latent_cache(latent, k_rope, cache, meta.slot_mapping)
     # MLA has no tensor-only (compiled) decode step: the host lengths are always there.
     assert meta.query_lens_cpu is not None and meta.seq_lens_cpu is not None
+    decode = getattr(meta.backend, "mla_decode", None) or mla_decode_absorbed
     if meta.is_decode_only:
-        return mla_decode_absorbed(q_nope, q_rope, cache, meta.block_tables, meta.seq_lens,
-                                   max(meta.seq_lens_cpu), w_kv_b, scale)
+        return decode(q_nope, q_rope, cache, meta.block_tables, meta.seq_lens, max(meta.seq_lens_cpu), w_kv_b, scale)
     T, H, _ = q_nope.shape
     d_v = w_kv_b.shape[1] - q_nope.shape[-1]
     out = q_nope.new_empty(T, H, d_v)
     starts = meta.query_start_loc.tolist()
-    decode = [i for i, q in enumerate(meta.query_lens_cpu) if q == 1]
-    if decode:
-        rows = torch.tensor([starts[i] for i in decode], dtype=torch.long, device=q_nope.device)
-        seqs = torch.tensor(decode, dtype=torch.long, device=q_nope.device)
-        out[rows] = mla_decode_absorbed(q_nope[rows], q_rope[rows], cache, meta.block_tables[seqs],
-                                        meta.seq_lens[seqs], max(meta.seq_lens_cpu[i] for i in decode),
-                                        w_kv_b, scale)
+    singles = [i for i, q in enumerate(meta.query_lens_cpu) if q == 1]
+    if singles:
+        rows = torch.tensor([starts[i] for i in singles], dtype=torch.long, device=q_nope.device)
+        seqs = torch.tensor(singles, dtype=torch.long, device=q_nope.device)
+        out[rows] = decode(q_nope[rows], q_rope[rows], cache, meta.block_tables[seqs], meta.seq_lens[seqs],
+                           max(meta.seq_lens_cpu[i] for i in singles), w_kv_b, scale)
     for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if qlen > 1:
             s = starts[i]
@@ -84,12 +94,12 @@ def mla_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tens
 
 def mla_prefill_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, context: torch.Tensor,
                          w_kv_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The last qlen tokens of one sequence attend over its whole context [S, C], expanded to
-    per-head keys and values. Returns [qlen, H, d_v]."""
+    """The last qlen tokens of one sequence attend over its whole context [S, C] (cache rows, packed
+    ones dequantized here), expanded to per-head keys and values. Returns [qlen, H, d_v]."""
     qlen, H, d_nope = q_nope.shape
     S = context.shape[0]
     r = w_kv_b.shape[-1]
-    context = context.to(q_nope.dtype)
+    context = dequantize_latent_rows(context, r, q_nope.dtype)
     kv = torch.einsum("sr,hdr->hsd", context[:, :r], w_kv_b)  # [H, S, d_nope + d_v]
     k_nope, v = kv[..., :d_nope], kv[..., d_nope:]
     k = torch.cat((k_nope, context[None, :, r:].expand(H, S, -1)), dim=-1)  # [H, S, d_nope + d_rope]
@@ -103,7 +113,8 @@ def mla_prefill_expanded(q_nope: torch.Tensor, q_rope: torch.Tensor, context: to
 
 def mla_decode_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, max_seq_len: int, w_kv_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence (B of them), attending over latents. Returns [B, H, d_v]."""
+    """One query token per sequence (B of them), attending over latents (a quantized cache's rows
+    dequantized as gathered). Returns [B, H, d_v]."""
     B, H, d_nope = q_nope.shape
     block_size, width = cache.shape[1], cache.shape[2]
     r = w_kv_b.shape[-1]
@@ -112,7 +123,7 @@ def mla_decode_absorbed(q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch
     query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, C]: the key is the cached row itself
     nblocks = -(-max_seq_len // block_size)
     context = gather_latent_blocks(cache, block_tables[:, :nblocks]).reshape(B, nblocks * block_size, width)
-    context = context.to(q_nope.dtype)
+    context = dequantize_latent_rows(context, r, q_nope.dtype)  # [B, S, C]
     scores = torch.einsum("bhc,bsc->bhs", query, context) * scale  # [B, H, S]
     valid = torch.arange(nblocks * block_size, device=q_nope.device)[None, :] < seq_lens[:, None]  # [B, S]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))

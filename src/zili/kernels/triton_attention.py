@@ -23,6 +23,13 @@ see, so the keys that slid out are never read.
 Keys are visited in tiles of BLOCK_N tokens gathered through the block table, so the page size
 need not match the tile. Softmax runs in base 2 (exp2) on fp32 accumulators.
 
+A quantized cache (int8 / float8_e4m3fn, `zili.kernels.kv_quant`) has rows of head_dim one-byte
+elements and the row's bf16 scale in the last two bytes (QUANT=True). The write kernel quantizes
+each row as `kv_quant.quantize_rows` does (same roundings, so the stored bytes agree with the torch
+reference's); the attention kernels load the one-byte tile, convert it exactly to the dot's type
+and apply the row scales on the other side of the dot: a key's scale multiplies its score column,
+a value's scale its probability column (P diag(s) V_q = P V), so no dequantized tile is built.
+
 Tested on the CPU under TRITON_INTERPRET=1 against the torch reference. The interpreter computes
 bf16 dots wrongly, and fp32 inputs want IEEE dots, so PRECISE mode upcasts dot operands there.
 """
@@ -73,26 +80,88 @@ def _dot(a, b, PRECISE: tl.constexpr):
         return tl.dot(a, b)
 
 
+# ---- quantized rows ------------------------------------------------------------------------------
+
+_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # kv_quant's: int8's range, e4m3's largest finite
+
+
+@triton.jit
+def _load_quantized(row_ptrs, d, n_mask, d_mask, D: tl.constexpr):
+    """A tile of quantized cache rows: their elements as fp32 (exact: int8 and e4m3 values are
+    bf16 values too) [N, BLOCK_D], and each row's scale, the bf16 in bytes D, D + 1 (low byte
+    first), as fp32 [N]. Both 0 where masked. The loads take no `other` (it cannot be cast to fp8)."""
+    mask = n_mask[:, None] & d_mask[None, :]
+    x = tl.where(mask, tl.load(row_ptrs[:, None] + d[None, :], mask=mask).to(tl.float32), 0.0)
+    lo = tl.load(row_ptrs + D, mask=n_mask).to(tl.uint8, bitcast=True).to(tl.int32)
+    hi = tl.load(row_ptrs + D + 1, mask=n_mask).to(tl.uint8, bitcast=True).to(tl.int32)
+    scale = tl.where(n_mask, ((hi << 8 | lo) << 16).to(tl.float32, bitcast=True), 0.0)
+    return x, scale
+
+
+@triton.jit
+def _store_quantized_row(row_ptr, x, d, slot, D: tl.constexpr, QMAX: tl.constexpr, INT8: tl.constexpr):
+    """Quantize one row x [BLOCK_D] (lanes >= D hold 0) as kv_quant.quantize_rows and store its D
+    elements and bf16 scale at row_ptr; nothing when `slot` < 0 (a padded row). Every rounding is
+    spelled out (IEEE divisions, round-half-even on the bit patterns), so the stored bytes equal the
+    torch reference's on the GPU and under the interpreter, whose float conversions truncate."""
+    xf = x.to(tl.float32)
+    scale_bits = tl.div_rn(tl.max(tl.abs(xf), 0), QMAX).to(tl.int32, bitcast=True)  # >= 0
+    scale_bits = (scale_bits + 0x7FFF + ((scale_bits >> 16) & 1)) & -65536  # to bf16, ties to even
+    scale = scale_bits.to(tl.float32, bitcast=True)
+    scaled = tl.div_rn(xf, tl.maximum(scale, 1.1754943508222875e-38))  # float32's tiny: zero rows stay 0
+    if INT8:
+        # Adding and removing 1.5 * 2**23 rounds to an integer, half to even (|scaled| <= 127.5).
+        rounded = (scaled + 12582912.0) - 12582912.0
+        q = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+    else:
+        scaled = tl.minimum(tl.maximum(scaled, -QMAX), QMAX)
+        # Round to e4m3's grid first, so the conversion below is exact: 3 mantissa bits for normal
+        # values (|x| >= 2**-6), steps of 2**-9 below (1.5 * 2**14 added to and removed from |x|,
+        # then the sign put back: torch keeps -0.0).
+        bits = scaled.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        small = (tl.abs(scaled) + 24576.0) - 24576.0
+        subnormal = tl.where(bits < 0, -small, small)
+        q = tl.where(tl.abs(scaled) < 0.015625, subnormal, normal).to(tl.float8e4nv)
+    tl.store(row_ptr + d, q, mask=(d < D) & (d * 0 + slot >= 0))
+    two = tl.arange(0, 2)
+    byte = tl.where(two == 0, (scale_bits >> 16) & 0xFF, scale_bits >> 24).to(tl.uint8)
+    tl.store(row_ptr + D + two, byte.to(row_ptr.dtype.element_ty, bitcast=True), mask=two * 0 + slot >= 0)
+
+
 # ---- writing the cache -----------------------------------------------------------------------
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_ckv, stride_cblk, stride_cslot, stride_chead,
-                     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                     PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr = False,
+                     QMAX: tl.constexpr = 127.0, INT8: tl.constexpr = True):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t)
     d = tl.arange(0, BLOCK_D)
     mask = (d < D) & (d * 0 + slot >= 0)  # broadcast the scalar test (the interpreter needs a block)
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    dst = cache_ptr + (slot // PAGE) * stride_cblk + (slot % PAGE) * stride_cslot + h * stride_chead + d
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask, other=0.0)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask, other=0.0)
+    row = cache_ptr + (slot // PAGE) * stride_cblk + (slot % PAGE) * stride_cslot + h * stride_chead
+    if QUANT:
+        _store_quantized_row(row, k, d, slot, D, QMAX, INT8)
+        _store_quantized_row(row + stride_ckv, v, d, slot, D, QMAX, INT8)
+    else:
+        tl.store(row + d, k.to(cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(row + stride_ckv + d, v.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+def _quant_args(cache: torch.Tensor) -> dict[str, Any]:
+    """The compile-time constants saying whether (and how) a cache's rows are quantized."""
+    if cache.dtype not in _QMAX:
+        return {"QUANT": False}
+    return {"QUANT": True, "QMAX": _QMAX[cache.dtype], "INT8": cache.dtype == torch.int8}
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values [T, n_kv, d] at their slots (slot < 0: skipped)."""
+    """Store new keys/values [T, n_kv, d] at their slots (slot < 0: skipped); on an int8 / fp8
+    cache ([..., d + 2]) each row is quantized with its own scale (zili.kernels.kv_quant)."""
     T, n_kv, d = k.shape
     if T == 0:
         return
@@ -100,7 +169,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     _write_kv_kernel[(T, n_kv)](
         k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        PAGE=kv_cache.shape[2], D=d, BLOCK_D=triton.next_power_of_2(d))
+        PAGE=kv_cache.shape[2], D=d, BLOCK_D=triton.next_power_of_2(d), **_quant_args(kv_cache))
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +183,8 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
                     PAGE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, WINDOW: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, WINDOW: tl.constexpr,
+                    QUANT: tl.constexpr = False):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -145,9 +215,15 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
         blk = tl.load(tables_ptr + seq * stride_tb + n // PAGE, mask=n_mask, other=0)
         row = blk * stride_cblk + (n % PAGE) * stride_cslot + kv_head * stride_chead
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if QUANT:
+            k, k_scale = _load_quantized(cache_ptr + row, d, n_mask, d_mask, D)
+            v, v_scale = _load_quantized(cache_ptr + stride_ckv + row, d, n_mask, d_mask, D)
+        else:
+            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype)), PRECISE) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        if QUANT:
+            s = s * k_scale[None, :]
         visible = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if WINDOW > 0:
             visible = visible & (n[None, :] > q_pos[:, None] - WINDOW)
@@ -157,7 +233,10 @@ def _prefill_kernel(q_ptr, cache_ptr, out_ptr, tables_ptr, qsl_ptr, seq_lens_ptr
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
+        if QUANT:
+            acc = acc * alpha[:, None] + _dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), PRECISE)
+        else:
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
@@ -181,8 +260,8 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         PAGE=kv_cache.shape[2], GROUP=H // n_kv, D=d, BLOCK_D=_pow2(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), num_warps=CONFIG["prefill_warps"],
-        num_stages=CONFIG["prefill_stages"])
+        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), QUANT=kv_cache.dtype in _QMAX,
+        num_warps=CONFIG["prefill_warps"], num_stages=CONFIG["prefill_stages"])
     return out
 
 
@@ -194,7 +273,7 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_acc
                    stride_ckv, stride_cblk, stride_cslot, stride_chead, stride_tb,
                    PAGE: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PRECISE: tl.constexpr,
-                   WINDOW: tl.constexpr):
+                   WINDOW: tl.constexpr, QUANT: tl.constexpr = False):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -221,15 +300,24 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_acc
         blk = tl.load(tables_ptr + seq * stride_tb + n // PAGE, mask=n_mask, other=0)
         row = blk * stride_cblk + (n % PAGE) * stride_cslot + kv_head * stride_chead
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if QUANT:
+            k, k_scale = _load_quantized(cache_ptr + row, d, n_mask, d_mask, D)
+            v, v_scale = _load_quantized(cache_ptr + stride_ckv + row, d, n_mask, d_mask, D)
+        else:
+            k = tl.load(cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(cache_ptr + stride_ckv + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k.to(q.dtype)), PRECISE) * qk_scale  # [BLOCK_G, BLOCK_N]
+        if QUANT:
+            s = s * k_scale[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
+        if QUANT:
+            acc = acc * alpha[:, None] + _dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), PRECISE)
+        else:
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISE)
         m_i = m_new
     _finish_split(acc, m_i, l_i, seq, heads, g_mask, d, d_mask, split, tl.num_programs(1) * GROUP,
                   out_ptr, stride_ob, stride_oh, part_acc_ptr, part_ml_ptr, BLOCK_D, SPLITS)
@@ -327,7 +415,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         PAGE=page, GROUP=group, BLOCK_G=_pow2(group), D=d, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), num_warps=CONFIG["decode_warps"])
+        PRECISE=_precise(q.dtype), WINDOW=int(window or 0), QUANT=kv_cache.dtype in _QMAX,
+        num_warps=CONFIG["decode_warps"])
     if splits > 1:
         _combine_kernel[(B * H,)](part_acc, part_ml, out, H, out.stride(0), out.stride(1),
                                   D=d, BLOCK_D=block_d, SPLITS=splits)

@@ -89,6 +89,7 @@ def deepseek_config_fields(cfg: dict[str, Any], version: str) -> dict[str, Any]:
     fields["n_group"] = int(cfg.get("n_group") or 1)
     fields["topk_group"] = int(cfg.get("topk_group") or 1)
     fields["moe_layer_freq"] = int(cfg.get("moe_layer_freq") or 1)
+    fields["num_nextn_predict_layers"] = int(cfg.get("num_nextn_predict_layers") or 0)
     # V2 always rotates interleaved pairs; V3 says which.
     fields["rope_interleave"] = True if version == "v2" else bool(cfg.get("rope_interleave", True))
     # Keys and values are per attention head, expanded from the shared latent.

@@ -28,10 +28,10 @@ from torch import nn
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata, paged_attention
 from zili.layers import fused
-from zili.layers.activation import act_and_mul
 from zili.layers.parallel import TensorParallel, column_linear, lm_head, row_linear, split_heads, vocab_embedding
 from zili.layers.rotary import RotaryEmbedding
 from zili.models.base import CausalLM
+from zili.models.llama import LlamaMLP
 from zili.weights.errors import UnsupportedModelError
 from zili.weights.gguf import LLAMA_BLOCK_NAMES, GGUFCheckpoint, GGUFLayout
 
@@ -87,24 +87,12 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(out.reshape(T, self.q_size))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
-        super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = column_linear(config.hidden_size, [inter, inter], tp)
-        self.down_proj = row_linear(inter, config.hidden_size, tp)
-        self.act = act_and_mul(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.is_sliding = config.layer_window(layer_idx) is not None
         self.self_attn = Gemma3Attention(config, layer_idx, tp)
-        self.mlp = Gemma3MLP(config, tp)
+        self.mlp = LlamaMLP(config, tp)  # GeGLU: the gated MLP with config.hidden_act
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)

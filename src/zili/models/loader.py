@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from zili.config import LOAD_FORMATS, ModelConfig, check_load_format, normalize_dtype, parse_dtype
+from zili.choices import LOAD_FORMATS
+from zili.config import ModelConfig, check_load_format, normalize_dtype, parse_dtype
 from zili.layers.norm import RMSNorm
 from zili.layers.parallel import TensorParallel, active
 from zili.models.base import CausalLM

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from zili import envs
-from zili.config import QUANTIZATION_MODES
+from zili.choices import QUANTIZATION_MODES
 from zili.layers import onednn
 from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear, release_dense_weights

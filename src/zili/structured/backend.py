@@ -32,6 +32,7 @@ from typing import Sequence as Seq
 import torch
 import xgrammar as xgr
 
+from zili.structured import spec
 from zili.structured.llguidance_backend import LLGuidanceCompiler
 from zili.structured.spec import StructuredOutput
 
@@ -260,66 +261,20 @@ def json_schema_grammar(schema: str, strict: bool = True) -> xgr.Grammar:
     return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=strict)
 
 
-# Where a schema holds sub-schemas: keyword -> "one" (a schema), "list" (schemas), "map" (name -> schema).
-_SUBSCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
-               "items": "one", "additionalProperties": "one", "additionalItems": "one", "contains": "one",
-               "propertyNames": "one", "not": "one", "if": "one", "then": "one", "else": "one",
-               "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list"}
-
-
 def locate_schema_failure(schema: Any, strict: bool = True) -> str | None:
-    """The JSON pointer of the deepest sub-schema the grammar library refuses on its own ("" for the
-    root), None when the root itself converts (the failure was elsewhere, e.g. in compiling).
+    """The JSON pointer of the deepest sub-schema xgrammar refuses to convert on its own ("" for the
+    root), None when the root itself converts (the failure was elsewhere, e.g. in compiling); the walk
+    is zili.structured.spec.locate_schema_failure. Only the conversion runs (no vocabulary), which
+    takes milliseconds."""
 
-    The library's messages name no place in the schema; a client with a large schema needs one.
-    Each sub-schema is converted alone, with the root's `$defs` / `definitions` beside it so that
-    its references resolve. Only the conversion runs (no vocabulary), which takes milliseconds."""
-    defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema, dict) and k in schema}
-
-    def fails(node: Any) -> bool:
-        if not isinstance(node, dict):
-            return False
+    def fails(node: dict[str, Any]) -> bool:
         try:
-            json_schema_grammar(json.dumps({**defs, **node}), strict)
+            json_schema_grammar(json.dumps(node), strict)
         except (RuntimeError, ValueError, TypeError):
             return True
         return False
 
-    if not fails(schema):
-        return None
-    pointer, node, seen = "", schema, {""}
-    while True:
-        for key, shape in _SUBSCHEMAS.items():
-            value = node.get(key)
-            children = (list(value.items()) if shape == "map" and isinstance(value, dict) else
-                        list(enumerate(value)) if shape == "list" and isinstance(value, list) else
-                        [(None, value)] if shape == "one" and isinstance(value, dict) else [])
-            bad = next(((name, child) for name, child in children if fails(child)), None)
-            if bad is not None:
-                name, node = bad
-                step = key if name is None else f"{key}/{str(name).replace('~', '~0').replace('/', '~1')}"
-                pointer = f"{pointer}/{step}"
-                break
-        else:
-            ref = node.get("$ref")  # a local reference that fails: the place is its target
-            target = _resolve_pointer(schema, ref[1:]) if isinstance(ref, str) and ref.startswith("#/") else None
-            if not isinstance(target, dict) or ref[1:] in seen or not fails(target):
-                return pointer
-            pointer, node = ref[1:], target
-            seen.add(pointer)
-
-
-def _resolve_pointer(document: Any, pointer: str) -> Any:
-    """The value at an RFC 6901 JSON pointer ("/a/0/b"), None when there is none."""
-    for part in pointer.split("/")[1:]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(document, dict) and part in document:
-            document = document[part]
-        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
-            document = document[int(part)]
-        else:
-            return None
-    return document
+    return spec.locate_schema_failure(schema, fails)
 
 
 def _first_line(e: BaseException) -> str:
@@ -337,10 +292,31 @@ _LOOSE_JSON_CHAR = r'[^\"\\\r\n]'
 _STRICT_JSON_CHAR = r'[^\"\\\0-\x1f]'
 
 
+# xgrammar's JSON numbers (its basic_integer / basic_number rules) take any number of digits, and a
+# small model under greedy decoding can keep appending zeros to "2.2" until max_tokens: an unfinished,
+# unparseable form (seen on the extraction workload, benchmarks/notes/extract-accuracy.md).
+# llama.cpp's JSON-schema grammar bounds each part of a number to 16 digits (integral-part
+# [1-9] [0-9]{0,15}, decimal-part [0-9]{1,16}; common/json-schema-to-grammar.cpp); so do we.
+# Numbers with a minimum / maximum get xgrammar's own range rules, already bounded.
+MAX_NUMBER_PART_DIGITS = 16
+_BOUNDED_NUMBER_PARTS = {
+    "[1-9] [0-9]*": f"[1-9] [0-9]{{0, {MAX_NUMBER_PART_DIGITS - 1}}}",  # integral part
+    "basic_number_digits{1, -1}": f"basic_number_digits{{1, {MAX_NUMBER_PART_DIGITS}}}",  # fraction, exponent
+}
+# Scanned left to right: a number part, else a quoted EBNF literal (an enum value, a key) or a character
+# class (which may hold a quote), both left alone whatever they spell.
+_NUMBER_PART_OR_LITERAL = re.compile("|".join(re.escape(k) for k in _BOUNDED_NUMBER_PARTS)
+                                     + r'|"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+
+
 def json_safe(grammar: xgr.Grammar) -> xgr.Grammar | str:
-    """The grammar, with JSON string characters that exclude U+0000-U+001F (EBNF text if changed)."""
+    """The grammar, with JSON string characters that exclude U+0000-U+001F and JSON numbers of at most
+    MAX_NUMBER_PART_DIGITS digits in each part (integral, fraction, exponent), as llama.cpp's grammar
+    has them (EBNF text if changed)."""
     text = str(grammar)
-    return text.replace(_LOOSE_JSON_CHAR, _STRICT_JSON_CHAR) if _LOOSE_JSON_CHAR in text else grammar
+    fixed = _NUMBER_PART_OR_LITERAL.sub(lambda m: _BOUNDED_NUMBER_PARTS.get(m.group(0), m.group(0)),
+                                        text.replace(_LOOSE_JSON_CHAR, _STRICT_JSON_CHAR))
+    return grammar if fixed == text else fixed
 
 
 def choice_ebnf(options: list[str]) -> str:

@@ -29,17 +29,10 @@ import llguidance
 import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from zili.structured.spec import StructuredOutput
+from zili.structured.spec import StructuredOutput, as_strict, locate_schema_failure
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
-
-# Where a schema holds sub-schemas: keyword -> "one" (a schema), "list" (schemas), "map" (name -> schema).
-_SUBSCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
-               "items": "one", "additionalProperties": "one", "additionalItems": "one", "contains": "one",
-               "propertyNames": "one", "not": "one", "if": "one", "then": "one", "else": "one",
-               "prefixItems": "list", "anyOf": "list", "oneOf": "list", "allOf": "list"}
-
 
 class _Vocabulary:
     """What llguidance's TokenizerWrapper reads: token bytes, special ids, the end token and an encoder."""
@@ -150,7 +143,7 @@ class LLGuidanceCompiler:
             if s.strict is False:
                 return self._json(schema, lenient=True)
             try:
-                return self._json(closed(schema), lenient=s.strict is None)
+                return self._json(as_strict(schema), lenient=s.strict is None)
             except ValueError:
                 if s.strict:
                     raise
@@ -197,59 +190,15 @@ class LLGuidanceCompiler:
             raise ValueError(matcher.get_error().strip().splitlines()[0])
         return LLGuidanceGrammar(self.tokenizer, grammar, self.stop_token_ids, tuple(messages))
 
-    def _fails(self, node: Any, lenient: bool) -> bool:
-        try:
-            grammar = self._schema_grammar(node, lenient)
-        except ValueError:
-            return True
-        return llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)[0]
-
     def locate_failure(self, schema: Any, lenient: bool) -> str | None:
         """The JSON pointer of the deepest sub-schema llguidance refuses on its own ("" for the root),
-        None when the root itself compiles. Each sub-schema is compiled alone with the root's `$defs` /
-        `definitions` beside it, so that its references resolve."""
-        defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema, dict) and k in schema}
-        if not isinstance(schema, dict) or not self._fails(schema, lenient):
-            return None
-        pointer, node = "", schema
-        while True:
-            for key, shape in _SUBSCHEMAS.items():
-                value = node.get(key)
-                children = (list(value.items()) if shape == "map" and isinstance(value, dict) else
-                            list(enumerate(value)) if shape == "list" and isinstance(value, list) else
-                            [(None, value)] if shape == "one" and isinstance(value, dict) else [])
-                bad = next(((name, child) for name, child in children
-                            if isinstance(child, dict) and self._fails({**defs, **child}, lenient)), None)
-                if bad is not None:
-                    name, node = bad
-                    step = key if name is None else f"{key}/{str(name).replace('~', '~0').replace('/', '~1')}"
-                    pointer = f"{pointer}/{step}"
-                    break
-            else:
-                return pointer
+        None when the root itself compiles (zili.structured.spec.locate_schema_failure walks)."""
 
+        def fails(node: dict[str, Any]) -> bool:
+            try:
+                grammar = self._schema_grammar(node, lenient)
+            except ValueError:
+                return True
+            return llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)[0]
 
-def closed(schema: Any) -> Any:
-    """`schema` in strict mode (OpenAI's structured outputs; xgrammar's strict_mode): every object
-    schema that sets neither `additionalProperties` nor `unevaluatedProperties` gets
-    `additionalProperties: false`, every array schema without `items` gets `items: false` unless it
-    has `prefixItems` (then `items: false` closes the tuple). A copy; `schema` is not changed."""
-    if isinstance(schema, list):
-        return [closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key, shape in _SUBSCHEMAS.items():
-        value = out.get(key)
-        if shape == "map" and isinstance(value, dict):
-            out[key] = {name: closed(item) for name, item in value.items()}
-        elif value is not None and shape != "map":
-            out[key] = closed(value)
-    declared = out.get("type")
-    types = {t for t in (declared if isinstance(declared, list) else [declared]) if isinstance(t, str)}
-    if ("object" in types or "properties" in out) and "additionalProperties" not in out \
-            and "unevaluatedProperties" not in out and "patternProperties" not in out:
-        out["additionalProperties"] = False
-    if ("array" in types or "prefixItems" in out) and "items" not in out:
-        out["items"] = False
-    return out
+        return locate_schema_failure(schema, fails)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,11 +247,32 @@ def check_exact(schema: Any) -> None:
 
 
 # Where a schema holds sub-schemas (JSON Schema 2020-12 and drafts 4-7): keyword -> "one" | "list" | "map".
-_SUB_SCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
-                "dependentSchemas": "map", "items": "one", "additionalProperties": "one", "additionalItems": "one",
-                "unevaluatedProperties": "one", "unevaluatedItems": "one", "contains": "one", "propertyNames": "one",
-                "not": "one", "if": "one", "then": "one", "else": "one", "prefixItems": "list", "anyOf": "list",
-                "oneOf": "list", "allOf": "list"}
+# "one" is a schema (draft 4-7 `items` may also be a list of them), "list" a list of schemas, "map" name -> schema.
+SUB_SCHEMAS = {"properties": "map", "patternProperties": "map", "$defs": "map", "definitions": "map",
+               "dependentSchemas": "map", "items": "one", "additionalProperties": "one", "additionalItems": "one",
+               "unevaluatedProperties": "one", "unevaluatedItems": "one", "contains": "one", "propertyNames": "one",
+               "not": "one", "if": "one", "then": "one", "else": "one", "prefixItems": "list", "anyOf": "list",
+               "oneOf": "list", "allOf": "list"}
+
+
+def rewrite_schema(schema: Any, patch: Callable[[dict[str, Any], set[str]], None]) -> Any:
+    """A copy of `schema` in which every schema object, innermost first, has been passed to
+    `patch(node, types)` (`node` a fresh dict `patch` may change in place; `types` the type names its
+    `type` keyword declares). Sub-schemas are found through SUB_SCHEMAS; `schema` is not changed."""
+    if isinstance(schema, list):
+        return [rewrite_schema(item, patch) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, shape in SUB_SCHEMAS.items():
+        value = out.get(key)
+        if shape == "map" and isinstance(value, dict):
+            out[key] = {name: rewrite_schema(item, patch) for name, item in value.items()}
+        elif value is not None and shape != "map":
+            out[key] = rewrite_schema(value, patch)
+    declared = out.get("type")
+    patch(out, {t for t in (declared if isinstance(declared, list) else [declared]) if isinstance(t, str)})
+    return out
 
 
 def as_json_schema_reads(schema: Any) -> Any:
@@ -263,25 +285,89 @@ def as_json_schema_reads(schema: Any) -> Any:
     `unevaluatedProperties`, `items: true` on every array schema without `items`, and
     `additionalItems: true` beside a draft 4-7 tuple `items` list, so a strict compiler reads the
     schema as JSON Schema does. A copy; `schema` is not changed."""
-    if isinstance(schema, list):
-        return [as_json_schema_reads(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key, shape in _SUB_SCHEMAS.items():
-        value = out.get(key)
-        if shape == "map" and isinstance(value, dict):
-            out[key] = {name: as_json_schema_reads(item) for name, item in value.items()}
-        elif value is not None and shape != "map":
-            out[key] = as_json_schema_reads(value)
-    declared = out.get("type")
-    types = {t for t in (declared if isinstance(declared, list) else [declared]) if isinstance(t, str)}
-    if ("object" in types or "properties" in out or "patternProperties" in out) \
-            and "additionalProperties" not in out and "unevaluatedProperties" not in out:
-        out["additionalProperties"] = True
-    if "array" in types or "prefixItems" in out:
-        if "items" not in out:
-            out["items"] = True
-        elif isinstance(out["items"], list) and "additionalItems" not in out:
-            out["additionalItems"] = True
-    return out
+    return rewrite_schema(schema, _open_defaults)
+
+
+def _open_defaults(node: dict[str, Any], types: set[str]) -> None:
+    if ("object" in types or "properties" in node or "patternProperties" in node) \
+            and "additionalProperties" not in node and "unevaluatedProperties" not in node:
+        node["additionalProperties"] = True
+    if "array" in types or "prefixItems" in node:
+        if "items" not in node:
+            node["items"] = True
+        elif isinstance(node["items"], list) and "additionalItems" not in node:
+            node["additionalItems"] = True
+
+
+def as_strict(schema: Any) -> Any:
+    """`schema` in strict mode (OpenAI's structured outputs; xgrammar's strict_mode), for a compiler
+    that reads JSON Schema's defaults (llguidance): every object schema that sets none of
+    `additionalProperties`, `unevaluatedProperties` and `patternProperties` gets
+    `additionalProperties: false`, every array schema without `items` gets `items: false` (with
+    `prefixItems`, that closes the tuple). A copy; `schema` is not changed."""
+    return rewrite_schema(schema, _close)
+
+
+def _close(node: dict[str, Any], types: set[str]) -> None:
+    if ("object" in types or "properties" in node) and "additionalProperties" not in node \
+            and "unevaluatedProperties" not in node and "patternProperties" not in node:
+        node["additionalProperties"] = False
+    if ("array" in types or "prefixItems" in node) and "items" not in node:
+        node["items"] = False
+
+
+def locate_schema_failure(schema: Any, fails: Callable[[dict[str, Any]], bool]) -> str | None:
+    """The RFC 6901 JSON pointer of the deepest sub-schema of `schema` that `fails` on its own ("" for
+    the root), None when `schema` is not an object or `fails(schema)` is false (the failure was elsewhere).
+
+    A grammar library's messages name no place in the schema; a client with a large schema needs one.
+    `fails(node)` says whether the library refuses `node` (a schema object); each sub-schema is passed
+    with the root's `$defs` / `definitions` beside it, so that its references resolve. The walk goes
+    down the first failing sub-schema (SUB_SCHEMAS order) at each level; where none fails, a local
+    `$ref` whose target fails on its own moves the place to that target."""
+    if not isinstance(schema, dict) or not fails(schema):
+        return None
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+
+    def fails_alone(node: Any) -> bool:
+        return isinstance(node, dict) and fails({**defs, **node})
+
+    pointer, node, seen = "", schema, {""}
+    while True:
+        for key, shape in SUB_SCHEMAS.items():
+            value = node.get(key)
+            children = (list(value.items()) if shape == "map" and isinstance(value, dict) else
+                        list(enumerate(value)) if shape == "list" and isinstance(value, list) else
+                        [(None, value)] if shape == "one" and isinstance(value, dict) else [])
+            bad = next(((name, child) for name, child in children if fails_alone(child)), None)
+            if bad is not None:
+                name, node = bad
+                pointer = f"{pointer}/{key}" if name is None else f"{pointer}/{key}/{_escape(str(name))}"
+                break
+        else:
+            ref = node.get("$ref")  # a local reference that fails: the place is its target
+            if not isinstance(ref, str) or not ref.startswith("#/") or ref[1:] in seen:
+                return pointer
+            target = resolve_pointer(schema, ref[1:])
+            if not fails_alone(target):
+                return pointer
+            pointer, node = ref[1:], target
+            seen.add(pointer)
+
+
+def _escape(name: str) -> str:
+    # RFC 6901: "~" and "/" inside one reference token
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def resolve_pointer(document: Any, pointer: str) -> Any:
+    """The value at an RFC 6901 JSON pointer ("/a/0/b"), None when there is none."""
+    for part in pointer.split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(document, dict) and part in document:
+            document = document[part]
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return None
+    return document

@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from zili import envs
 from zili.weights.errors import ModelNotFoundError, UnsupportedModelError
-from zili.weights.gguf import check_gguf_supported, read_gguf_header
 
 DEFAULT_ALIAS = "smollm2-135m"
 
@@ -189,6 +188,10 @@ def _resolve_gguf(ref: str, path: Path, check: ArchitectureCheck | None) -> Mode
         raise UnsupportedModelError(
             f"Model file {ref!r} is not a GGUF file (no GGUF magic).{hint} Supported: {_supported_refs()}."
         )
+    # Imported here, not at the top: the GGUF reader needs numpy, torch and gguf, and `zili models`
+    # lists the aliases (this module) without any of them.
+    from zili.weights.gguf import check_gguf_supported, read_gguf_header
+
     header = read_gguf_header(path)
     check_gguf_supported(header, path)
     source = ModelSource(ref, "gguf", path.resolve())

@@ -27,7 +27,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -371,6 +371,251 @@ Bf16ItemFn bf16_item(int64_t G, int64_t D, int64_t BS) {
 }
 #endif
 
+// ---- int8 caches with compile-time (G, D) ----------------------------------------------------------
+// The quantized counterpart of decode_item_bf16: rows are D int8 elements and a bf16 scale (66 bytes
+// at D 64), read in place. Positions go 8 at a time within one block (the caller checks BS % 8 == 0
+// and aligns `first` down to 8, `skip` positions of weight zero), the rows a few positions ahead are
+// prefetched (blocks sit at random places), each key row is scaled once (its 8 finished scores times
+// the row's scale), and each value row's scale is folded into its softmax weight.
+#if defined(__AVX2__) || defined(__AVX512F__)
+constexpr int64_t kQ8PrefetchAhead = 16;  // positions
+
+// Brings position p's rows (keys and values, KV heads [h0, h1)) towards the core.
+inline void prefetch_q8_rows(const int8_t* cache, const int64_t* table, int64_t p, int64_t h0, int64_t h1,
+                             int64_t RW, int64_t BS, int64_t token_stride, int64_t block_stride, int64_t half) {
+  const int8_t* row = cache + table[p / BS] * block_stride + (p % BS) * token_stride + h0 * RW;
+  const int64_t bytes = (h1 - h0) * RW;
+  for (int64_t off = 0; off < bytes; off += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + off), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + half + off), _MM_HINT_T1);
+  }
+  _mm_prefetch(reinterpret_cast<const char*>(row + bytes - 1), _MM_HINT_T0);  // rows end off a line boundary
+  _mm_prefetch(reinterpret_cast<const char*>(row + half + bytes - 1), _MM_HINT_T1);
+}
+
+// The 8 horizontal sums of v[0..7] (8-lane vectors) as one vector.
+inline __m256 hsum8x8(const __m256* w) {
+  const __m256 t0 = _mm256_hadd_ps(w[0], w[1]), t1 = _mm256_hadd_ps(w[2], w[3]);
+  const __m256 t2 = _mm256_hadd_ps(w[4], w[5]), t3 = _mm256_hadd_ps(w[6], w[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Softmax over scores[h * len + s] for every head, positions before `skip` given weight zero.
+template <typename Softmax>
+inline void softmax_skipping(float* scores, int64_t nh, int64_t len, int64_t skip, Softmax softmax) {
+  for (int64_t h = 0; h < nh; ++h) {
+    for (int64_t s = 0; s < skip; ++s) scores[h * len + s] = -std::numeric_limits<float>::infinity();
+    softmax(scores + h * len, len);
+    for (int64_t s = 0; s < skip; ++s) scores[h * len + s] = 0.0f;
+  }
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// Scores as integer dot products: the scaled query is quantized once per item to int16 with one
+// scale per head (a step of 1/32767 of the head's largest element: finer than the bf16 query it
+// comes from, so the scores keep the accuracy of the fp32 path; an int8 query, one vpdpbusd per 64
+// elements, measured 5% output error on sharp softmaxes), the key rows widen int8 -> int16 once
+// (shared by the G heads) and vpdpwssd sums pairs of products into int32 lanes. The lanes convert to
+// fp32 once per position and head; the key row's scale and the head's scale are applied to the 8
+// finished scores. Values stay fp32 FMAs on the softmax weight times the row's scale.
+template <int G, int CH>  // D = 64 * CH
+void decode_item_i8_vnni(const int8_t* cache, const int64_t* table, int64_t first, int64_t skip, int64_t len,
+                         const float* qf, float* scores, float* acc, int64_t h0, int64_t h1, int64_t BS,
+                         int64_t token_stride, int64_t block_stride, int64_t half) {
+  constexpr int D = 64 * CH;
+  constexpr int W = 2 * CH;  // 32-element (int16) chunks per row
+  constexpr int64_t RW = D + 2;
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    alignas(64) int16_t qi[G][D];
+    float qs[G];
+    for (int g = 0; g < G; ++g) {
+      const float* x = qf + (hb + g) * D;
+      float amax = 0.0f;
+      for (int i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[i]));
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      for (int i = 0; i < D; ++i)
+        qi[g][i] = static_cast<int16_t>(std::max(-32767.0f, std::min(32767.0f, std::nearbyint(x[i] * inv))));
+      qs[g] = amax / 32767.0f;
+    }
+    for (int64_t s0 = 0; s0 < len; s0 += 8) {
+      const int64_t n = std::min<int64_t>(8, len - s0);
+      const int64_t p0 = first + s0;  // a multiple of 8: the 8 positions share a block
+      const int8_t* kb = cache + table[p0 / BS] * block_stride + (p0 % BS) * token_stride + kh * RW;
+      if (kh == h0)
+        for (int64_t t = 0; t < 8 && s0 + kQ8PrefetchAhead + t < len; ++t)
+          prefetch_q8_rows(cache, table, first + s0 + kQ8PrefetchAhead + t, h0, h1, RW, BS, token_stride,
+                           block_stride, half);
+      __m512i kw[8][W];
+      alignas(32) float ks[8];
+      for (int t = 0; t < 8; ++t) {
+        ks[t] = t < n ? bf16_bytes_to_float(kb + t * token_stride + D) : 0.0f;
+        for (int c = 0; c < W; ++c)
+          kw[t][c] = t < n ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + t * token_stride + 32 * c)))
+                           : _mm512_setzero_si512();
+      }
+      const __m256 kscale = _mm256_load_ps(ks);
+      for (int g = 0; g < G; ++g) {
+        __m512 part[8];
+        for (int t = 0; t < 8; ++t) {
+          __m512i dot = _mm512_setzero_si512();
+          for (int c = 0; c < W; ++c) dot = _mm512_dpwssd_epi32(dot, kw[t][c], _mm512_load_si512(qi[g] + 32 * c));
+          part[t] = _mm512_cvtepi32_ps(dot);
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8(part), _mm256_mul_ps(kscale, _mm256_set1_ps(qs[g]))));
+        for (int64_t t = 0; t < n; ++t) scores[(hb + g) * len + s0 + t] = sums[t];
+      }
+    }
+  }
+  softmax_skipping(scores, (h1 - h0) * G, len, skip, softmax_avx512);
+  constexpr int VC = 4 * CH;  // 16-lane chunks per row
+  constexpr int GB = std::max(1, std::min(G, 24 / VC));
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    for (int g0 = 0; g0 < G; g0 += GB) {
+      __m512 out[GB][VC];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < VC; ++c) out[g][c] = _mm512_setzero_ps();
+      for (int64_t s = skip; s < len; ++s) {
+        const int64_t p = first + s;
+        const int8_t* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * RW;
+        const float vscale = bf16_bytes_to_float(v + D);
+        __m512 w[GB];
+        for (int g = 0; g < GB; ++g)
+          w[g] = g0 + g < G ? _mm512_set1_ps(scores[(hb + g0 + g) * len + s] * vscale) : _mm512_setzero_ps();
+        for (int c = 0; c < VC; ++c) {
+          const __m512 vc = load16(v + 16 * c);
+          for (int g = 0; g < GB; ++g) out[g][c] = _mm512_fmadd_ps(w[g], vc, out[g][c]);
+        }
+      }
+      for (int g = 0; g < GB && g0 + g < G; ++g)
+        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc + (hb + g0 + g) * D + 16 * c, out[g][c]);
+    }
+  }
+}
+#define ZILI_Q8_ITEM decode_item_i8_vnni
+#define ZILI_Q8_D_UNIT 64
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: scores in fp32 FMAs on 8-lane vectors, each key chunk converted once and used by the G heads
+// (the integer route of the AVX-512 kernel, vpmaddwd on an int16 query, is not written for this level
+// yet), values as in the AVX-512 kernel.
+inline __m256 load8_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline void softmax_avx2(float* x, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  softmax_tail(x, n, mx);
+}
+
+template <int G, int CH>  // D = 64 * CH
+void decode_item_i8_avx2(const int8_t* cache, const int64_t* table, int64_t first, int64_t skip, int64_t len,
+                         const float* qf, float* scores, float* acc, int64_t h0, int64_t h1, int64_t BS,
+                         int64_t token_stride, int64_t block_stride, int64_t half) {
+  constexpr int D = 64 * CH;
+  constexpr int VC = D / 8;  // 8-lane chunks per row
+  constexpr int64_t RW = D + 2;
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    const float* qh = qf + hb * D;
+    for (int64_t s0 = 0; s0 < len; s0 += 8) {
+      const int64_t n = std::min<int64_t>(8, len - s0);
+      const int64_t p0 = first + s0;
+      const int8_t* kb = cache + table[p0 / BS] * block_stride + (p0 % BS) * token_stride + kh * RW;
+      if (kh == h0)
+        for (int64_t t = 0; t < 8 && s0 + kQ8PrefetchAhead + t < len; ++t)
+          prefetch_q8_rows(cache, table, first + s0 + kQ8PrefetchAhead + t, h0, h1, RW, BS, token_stride,
+                           block_stride, half);
+      alignas(32) float ks[8];
+      __m256 part[G][8];
+      for (int t = 0; t < 8; ++t) {
+        __m256 a[G];
+        for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps();
+        if (t < n) {
+          const int8_t* k = kb + t * token_stride;
+          for (int c = 0; c < VC; ++c) {
+            const __m256 kc = load8_i8(k + 8 * c);
+            for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * c), kc, a[g]);
+          }
+        }
+        ks[t] = t < n ? bf16_bytes_to_float(kb + t * token_stride + D) : 0.0f;
+        for (int g = 0; g < G; ++g) part[g][t] = a[g];
+      }
+      const __m256 kscale = _mm256_load_ps(ks);
+      for (int g = 0; g < G; ++g) {
+        float sums[8];
+        _mm256_storeu_ps(sums, _mm256_mul_ps(hsum8x8(part[g]), kscale));
+        for (int64_t t = 0; t < n; ++t) scores[(hb + g) * len + s0 + t] = sums[t];
+      }
+    }
+  }
+  softmax_skipping(scores, (h1 - h0) * G, len, skip, softmax_avx2);
+  constexpr int GB = std::max(1, std::min(G, 12 / VC));
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    for (int g0 = 0; g0 < G; g0 += GB) {
+      __m256 out[GB][VC];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < VC; ++c) out[g][c] = _mm256_setzero_ps();
+      for (int64_t s = skip; s < len; ++s) {
+        const int64_t p = first + s;
+        const int8_t* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * RW;
+        const float vscale = bf16_bytes_to_float(v + D);
+        __m256 w[GB];
+        for (int g = 0; g < GB; ++g)
+          w[g] = g0 + g < G ? _mm256_set1_ps(scores[(hb + g0 + g) * len + s] * vscale) : _mm256_setzero_ps();
+        for (int c = 0; c < VC; ++c) {
+          const __m256 vc = load8_i8(v + 8 * c);
+          for (int g = 0; g < GB; ++g) out[g][c] = _mm256_fmadd_ps(w[g], vc, out[g][c]);
+        }
+      }
+      for (int g = 0; g < GB && g0 + g < G; ++g)
+        for (int c = 0; c < VC; ++c) _mm256_storeu_ps(acc + (hb + g0 + g) * D + 8 * c, out[g][c]);
+    }
+  }
+}
+#define ZILI_Q8_ITEM decode_item_i8_avx2
+#endif
+
+#if defined(ZILI_Q8_ITEM)
+using Q8ItemFn = void (*)(const int8_t*, const int64_t*, int64_t, int64_t, int64_t, const float*, float*, float*,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+template <int CH>
+Q8ItemFn q8_item_for_group(int64_t G) {
+  switch (G) {
+    case 1: return ZILI_Q8_ITEM<1, CH>;
+    case 2: return ZILI_Q8_ITEM<2, CH>;
+    case 3: return ZILI_Q8_ITEM<3, CH>;
+    case 4: return ZILI_Q8_ITEM<4, CH>;
+    case 5: return ZILI_Q8_ITEM<5, CH>;
+    case 6: return ZILI_Q8_ITEM<6, CH>;
+    case 7: return ZILI_Q8_ITEM<7, CH>;
+    case 8: return ZILI_Q8_ITEM<8, CH>;
+    default: return nullptr;
+  }
+}
+
+// The specialised int8 kernel for (G, D), or nullptr (the generic paths then run). At the AVX-512
+// level it quantizes the query (to int16), which only a bf16 / fp16 query (8 / 11 significant bits)
+// takes: a float32 one keeps the exact generic path.
+Q8ItemFn q8_item(int64_t G, int64_t D, int64_t BS, bool float32_query) {
+  if (BS % 8 != 0) return nullptr;
+#if defined(__AVX512F__)
+  if (float32_query) return nullptr;
+#else
+  (void)float32_query;
+#endif
+  if (D == 64) return q8_item_for_group<1>(G);
+  if (D == 128) return q8_item_for_group<2>(G);
+  return nullptr;
+}
+#endif
+
 template <typename T, typename C>
 void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, const int64_t* lens, T* out,
                          int64_t B, int64_t H, int64_t D, int64_t NB, int64_t BS, int64_t KVH, int64_t W,
@@ -386,6 +631,9 @@ void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, cons
 #if defined(__AVX512BF16__)
   const Bf16ItemFn bf16_fn =
       std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value ? bf16_item(G, D, BS) : nullptr;
+#endif
+#if defined(ZILI_Q8_ITEM)
+  const Q8ItemFn q8_fn = std::is_same<C, int8_t>::value ? q8_item(G, D, BS, std::is_same<T, float>::value) : nullptr;
 #endif
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), row(KVH * D), scores;
@@ -417,6 +665,18 @@ void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, cons
 #endif
       load_row(q + (b * H + qh0) * D, qf.data(), nh * D);
       for (int64_t i = 0; i < nh * D; ++i) qf[i] *= scale;
+#if defined(ZILI_Q8_ITEM)
+      if constexpr (std::is_same<C, int8_t>::value) {
+        if (q8_fn != nullptr) {
+          const int64_t aligned = first & ~int64_t{7};
+          scores.resize(nh * (total - aligned));
+          q8_fn(cache, tables + b * W, aligned, first - aligned, total - aligned, qf.data(), scores.data(),
+                acc.data(), h0, h1, BS, token_stride, block_stride, half);
+          for (int64_t i = 0; i < nh * D; ++i) o[i] = T(acc[i]);
+          continue;
+        }
+      }
+#endif
       scores.assign(nh * len, 0.0f);
       const int64_t* table = tables + b * W;
 #if defined(__AVX512F__)

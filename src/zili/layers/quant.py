@@ -12,7 +12,8 @@ ZILI_CPU_KERNELS=0) torch's own kernels run: `aten._weight_int4pack_mm_for_cpu` 
 `_weight_int8pack_mm`, fed bf16 activations (with fp32 input they fall onto a path 10-80x slower).
 
 GGUF Q4_0, Q4_1 and Q4_K blocks map onto int4 without touching the codes: each 32-element group
-has w = q * d + m (float16 scales on zili's kernels: exact for Q4_0/Q4_1; bf16 on torch's).
+has w = q * d + m (float16 scales on zili's kernels: exact for Q4_0/Q4_1, Q4_K's sub-block products
+d * sc and dmin * m rounded to within 2^-11; bf16 on torch's).
 Q8_0, Q5_K and Q6_K, whose codes do not fit in 4 bits, become int8. Float checkpoints can be
 quantized on load to either form.
 

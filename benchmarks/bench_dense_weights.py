@@ -71,11 +71,18 @@ def main() -> None:
             if key in seen:
                 continue
             seen.add(key)
+            # The dequant path's two parts: dequantizing (one row: the matmul is next to nothing) and the
+            # dense matmul on a plain (not pre-packed) weight, which oneDNN re-blocks on every call.
+            plain = b.quant.dense_matmul(torch.eye(a.in_features, dtype=torch.bfloat16)).t().contiguous()
+            one = torch.randn(1, a.in_features).to(torch.bfloat16)
             for m in rows:
                 x = torch.randn(m, a.in_features).to(torch.bfloat16)
                 t = race({"packed kernel": functools.partial(a.quant.matmul, x),
                           "dense copy": functools.partial(a.packed.matmul, x),
-                          "dequant+dense": functools.partial(b.quant.dense_matmul, x)}, args.rounds)
+                          "dequant+dense": functools.partial(b.quant.dense_matmul, x),
+                          "dequant alone": functools.partial(b.quant.dense_matmul, one),
+                          "plain-weight matmul": functools.partial(torch.nn.functional.linear, x, plain)},
+                         args.rounds)
                 print(f"{key[0]} {key[1]}x{key[2]} rows {m:4d}: " + "  ".join(f"{k} {v:8.1f} us" for k, v in t.items())
                       + f"  dequant/copy {t['dequant+dense'] / t['dense copy']:.2f}x", flush=True)
         cfg = copy.config

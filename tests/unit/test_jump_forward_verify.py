@@ -290,7 +290,7 @@ def test_smollm2_extraction_is_the_same_as_without_jump_forward():
               enable_prefix_caching=False, speculative_config=None)
     speculator = llm.engine.speculator
     assert speculator is not None and speculator.forced is llm.engine.jump_forward  # the default: verify
-    requests = [extraction_request(llm, c.schema, c.document, max_tokens=64) for c in generated_cases(2, seed=0)]
+    requests = [extraction_request(llm, c.schema, c.document, max_tokens=40) for c in generated_cases(2, seed=0)]
     prompts, params = [p for p, _ in requests], [sp for _, sp in requests]
     speculator.forced = None
     expected, plain_steps = run(llm, prompts, params)

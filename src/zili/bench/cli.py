@@ -413,6 +413,7 @@ def extract(
                 row = with_cost({"engine": name, "test": f"extract-c{level}", "repetition": rep,
                                  **ex.run_workload(llm, cases, level, max_tokens)}, basis)
                 record["runs"].append(row)
+                _save(record, output, label, quiet=True)  # after each run: a cut-short run keeps what it measured
                 acc = "n/a" if row["field_accuracy"] is None else f"{row['field_accuracy']:.1%}"
                 typer.echo(f"{name:10s} c={level:<3d} out {row['output_throughput']:.1f} tok/s  "
                            f"{row['request_throughput']:.3f} req/s  field accuracy {acc}", err=True)

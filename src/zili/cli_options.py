@@ -54,7 +54,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "KV pool size: bytes (512MiB, 2GiB, 1GB) or a fraction of free memory (0.2)."),
     EngineOption("kv_cache_dtype", str, "auto",
                  f"KV cache element type: {', '.join(KV_CACHE_DTYPES)}; int8 and fp8_e4m3 are quantized per token and "
-                 "KV head (about twice the tokens in the same --kv-cache-memory; auto: the model's dtype)."),
+                 "KV head (about twice the tokens in the same --kv-cache-memory; auto: the model's dtype, or bf16 rows "
+                 "where an automatic dtype is fp32 on a CPU without native bf16)."),
     EngineOption("quantization", str, "auto",
                  f"Weights kept quantized in memory: {', '.join(QUANTIZATION_MODES)} (auto follows the GGUF)."),
     EngineOption("threads", int | None, None, "CPU threads (default: physical cores, or tuned).", min=1),

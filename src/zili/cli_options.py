@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
-from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+from zili.choices import DTYPES, JUMP_FORWARD_MODES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,8 +84,12 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "proposes 5 tokens a step, verified by MODEL: shorthand for --speculative-config "
                  '\'{"method": "draft_model", "model": X, "num_speculative_tokens": 5}\'.'),
     EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
-                 "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
+                 "forces (JSON keys, punctuation) comes in one step (default: on, in verify mode).",
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),
+    EngineOption("jump_forward_mode", str | None, None, f"{' or '.join(JUMP_FORWARD_MODES)}: verify (default) "
+                 "proposes the forced text's tokens as speculative drafts the model checks under the grammar, so "
+                 "greedy output is the same as without jump-forward; append adds the tokenizer's spelling of it "
+                 "unverified (SGLang's jump-forward)."),
     EngineOption("deterministic", bool | None, None, "Batch-invariant kernels: a greedy or seeded request gets the "
                  "same tokens whatever else runs beside it and whatever the prefix cache holds (slower; "
                  "the decode step runs eagerly). Dense-attention models on one device.",

@@ -174,15 +174,23 @@ def test_max_decode_rows_counts_verify_rows():
     from zili.config import EngineConfig
     from zili.engine.builder import max_decode_rows
 
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config="off")) == 8
-    assert max_decode_rows(EngineConfig(max_num_seqs=8)) == 48  # the default speculates (structured requests)
+    def rows(**kw) -> int:
+        return max_decode_rows(EngineConfig(max_num_seqs=8, **kw))
+
+    assert rows(speculative_config="off", enable_jump_forward=False) == 8
+    # The default speculates (structured requests) and verifies up to 16 forced drafts a sequence (jump-forward).
+    assert rows() == 8 * (1 + 16 + 5)
+    assert rows(enable_jump_forward=False) == 48
+    assert rows(jump_forward_mode="append") == 48
+    assert rows(speculative_config="off") == 8 * (1 + 16)
     ngram = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=ngram)) == 48
+    assert rows(speculative_config=ngram, enable_jump_forward=False) == 48
     # No proposals once 4 sequences run: at most 3 verifying sequences (18 rows), or 8 plain rows.
     capped = dict(ngram, disable_by_batch_size=4)
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 18
+    assert rows(speculative_config=capped, enable_jump_forward=False) == 18
     capped = dict(ngram, disable_by_batch_size=2)
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 8
+    assert rows(speculative_config=capped, enable_jump_forward=False) == 8
+    assert rows(speculative_config=capped) == 8 * (1 + 16)  # forced drafts do not stop at disable_by_batch_size
 
 
 def test_verify_steps_never_compile_after_start(tiny_dir):

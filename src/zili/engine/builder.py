@@ -27,7 +27,7 @@ from zili.engine.executor import Executor
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.mtp import MTPProposer
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
-from zili.engine.spec_decode import Proposer
+from zili.engine.spec_decode import MAX_FORCED_DRAFT_TOKENS, Proposer
 from zili.kernels.backends import (
     AttentionBackend,
     batch_invariant,
@@ -368,14 +368,16 @@ MAX_GRAPH_ROWS = 256  # the largest decode graph captured for verify steps (devi
 def max_decode_rows(config: EngineConfig) -> int:
     """The most input rows a decode-only step can have: one per running sequence, and with
     speculative decoding 1 + num_speculative_tokens per verifying sequence (zili.engine.spec_decode),
-    unless proposals stop at `disable_by_batch_size` sequences."""
+    unless proposals stop at `disable_by_batch_size` sequences; jump-forward's forced drafts ("verify"
+    mode) add up to MAX_FORCED_DRAFT_TOKENS per sequence, in steps of any size."""
     spec = config.speculative_config
+    forced = MAX_FORCED_DRAFT_TOKENS if config.enable_jump_forward and config.jump_forward_mode == "verify" else 0
     if spec is None or isinstance(spec, (str, dict)):
-        return config.max_num_seqs
+        return config.max_num_seqs * (1 + forced)
     verifying = config.max_num_seqs
     if spec.disable_by_batch_size is not None:
         verifying = min(verifying, spec.disable_by_batch_size - 1)
-    return max(config.max_num_seqs, verifying * (1 + spec.num_speculative_tokens))
+    return max(config.max_num_seqs * (1 + forced), verifying * (1 + forced + spec.num_speculative_tokens))
 
 
 def _compile_decode(runner: ModelRunner, platform: Platform, attention: AttentionBackend,

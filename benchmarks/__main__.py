@@ -244,8 +244,12 @@ def compare_extract(
     max_tokens: int = typer.Option(384, "--max-tokens"),
     threads: int = ThreadsOpt,
     zili_serve_args: str = typer.Option(
-        "--speculative-config '" + zb.NGRAM_DEFAULT + "' --enable-jump-forward", "--zili-serve-args",
-        help="Arguments for `zili serve` (default: n-gram speculation and jump-forward)."),
+        "--speculative-config '" + zb.NGRAM_DEFAULT + "' --enable-jump-forward --jump-forward-mode verify",
+        "--zili-serve-args", help="Arguments for `zili serve` (default: n-gram speculation and jump-forward)."),
+    zili_jump_forward_modes: str = typer.Option(
+        "", "--zili-jump-forward-modes",
+        help="Also run zili with these jump-forward settings (comma-separated: verify, append, off), each as one "
+             "more engine `zili-jf-MODE` with --zili-serve-args plus that setting, interleaved."),
     llama_server_args: str = typer.Option(LLAMA_SPEC_DEFAULT, "--llama-server-args",
                                           help="Arguments for llama-server (default: its n-gram speculation)."),
     plain_peers: bool = typer.Option(False, "--plain-peers/--no-plain-peers",
@@ -288,6 +292,15 @@ def compare_extract(
     engines: dict[str, Callable[[], Any]] = {
         "zili": zili(zili_args),
         "llama-server": lambda: pr.llama_server(path, slots, ctx, threads, bin_dir, extra_args=llama_args)}
+    for mode in [m.strip() for m in zili_jump_forward_modes.split(",") if m.strip()]:
+        if mode not in ("verify", "append", "off"):
+            zb._fail(f"--zili-jump-forward-modes: {mode!r} is not verify, append or off")
+        extra = ["--no-enable-jump-forward"] if mode == "off" else ["--enable-jump-forward", "--jump-forward-mode", mode]
+        base = [a for a in zili_args if a not in ("--enable-jump-forward", "--no-enable-jump-forward")]
+        if "--jump-forward-mode" in base:
+            i = base.index("--jump-forward-mode")
+            del base[i:i + 2]
+        engines[f"zili-jf-{mode}"] = zili(base + extra)
     if plain_peers:
         engines["zili-plain"] = zili(["--max-model-len", str(ctx), "--speculative-config", "off"]
                                      + zili_args[zili_args.index("--kv-cache-memory"):])

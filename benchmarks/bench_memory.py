@@ -1,10 +1,13 @@
 """Where a `zili serve` process's memory goes, stage by stage, at the default model and the KV
 capacity `python -m benchmarks compare` gives both engines (32 slots x 512 tokens).
 
-    python benchmarks/bench_memory.py [--compile] [--kv-tokens 16384]
+    python benchmarks/bench_memory.py [--compile] [--kv-tokens 16384] [--requests 32 --prompt-len 64 --output-len 32]
 
 Prints resident memory (VmRSS) after each stage of building a server's engine in this process and
-the bytes each kind of tensor holds, so that each ~50 MB has a name. Set ZILI_CPU_ISA to see another
+the bytes each kind of tensor holds, so that each ~50 MB has a name. `--requests` then runs that many
+requests through the engine at once (what a served load adds: step temporaries, logits, the
+allocator's kept heap) and prints the peak per step; `--smaps` splits the final resident memory by
+mapping (shared libraries' file pages, the heap, anonymous mappings). Set ZILI_CPU_ISA to see another
 kernel level (its dtype: fp32 below AVX-512, so dense weights and the KV pool double).
 """
 
@@ -39,6 +42,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="path or alias (default: the default model)")
     ap.add_argument("--no-tune-cache", action="store_true", help="ignore the tune cache (zili serve reads it)")
     ap.add_argument("--timeline", action="store_true", help="print VmRSS / VmHWM beside every log line of the build")
+    ap.add_argument("--requests", type=int, default=0, help="then run this many requests at once (greedy)")
+    ap.add_argument("--prompt-len", type=int, default=64, help="tokens per request's prompt (random ids)")
+    ap.add_argument("--output-len", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--smaps", action="store_true", help="split the final resident memory by mapping")
     args = ap.parse_args()
     rows: list[tuple[str, float]] = [("python", rss_mib())]
     import torch
@@ -81,6 +88,11 @@ def main() -> None:
     model = runner.model
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = sum(c.numel() * c.element_size() for c in runner.kv_caches)
+    from zili import envs
+
+    lean = sum(1 for m in model.modules()
+               if getattr(m, "quant", None) is not None and m.weight.numel() == 0 and m.packed is None)
+    print(f"ZILI_DENSE_WEIGHTS={envs.dense_weights()}: {lean} quantized layers hold no dense copy")
     print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
     prev = 0.0
     for name, mib in rows:
@@ -92,6 +104,56 @@ def main() -> None:
           f"oneDNN-packed only {packed_only_bytes(model) / 2**20:.1f} MiB, KV pool {kv / 2**20:.1f} MiB")
     print(f"modules loaded: torch._inductor {'torch._inductor' in sys.modules}, "
           f"torch._dynamo {'torch._dynamo' in sys.modules}")
+    if args.requests:
+        run_load(engine, model_config.vocab_size, args.requests, args.prompt_len, args.output_len)
+    if args.smaps:
+        print_smaps()
+
+
+def run_load(engine, vocab: int, requests: int, prompt_len: int, output_len: int) -> None:
+    """All requests queued at once, stepped to the end: VmRSS after the first steps and the peak."""
+    import torch
+
+    from zili.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    before = rss_mib()
+    for i in range(requests):
+        engine.add_request(f"load-{i}", torch.randint(3, vocab, (prompt_len,), generator=gen).tolist(), params)
+    steps, peak_rss = 0, before
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        now = rss_mib()
+        if steps <= 3 or now > peak_rss + 1:
+            print(f"  step {steps:4d}: rss {now:7.1f} hwm {hwm_mib():7.1f} MiB")
+        peak_rss = max(peak_rss, now)
+    print(f"load: {requests} x ({prompt_len} prompt + {output_len} output) tokens in {steps} steps: rss {before:.1f} "
+          f"-> peak {peak_rss:.1f} -> {rss_mib():.1f} MiB after; VmHWM {hwm_mib():.1f} MiB")
+
+
+def print_smaps() -> None:
+    """Resident MiB per mapping kind from /proc/self/smaps: file-backed pages per library (shared
+    with other processes mapping the same file, but counted in every one's RSS), heap, anonymous."""
+    groups: dict[str, float] = {}
+    name = "?"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                path = head[5] if len(head) > 5 else "[anonymous]"
+                name = path.rsplit("/", 1)[-1] if path.startswith("/") else path
+                if ".cpython-" in name or name.endswith(".so") or ".so." in name:
+                    name = name if name.startswith(("libtorch", "libgomp", "libmkl", "libdnnl", "zili_cpu")) \
+                        else "other shared libraries"
+            elif head and head[0] == "Rss:":
+                groups[name] = groups.get(name, 0.0) + int(head[1]) / 1024
+    total = sum(groups.values())
+    print(f"resident by mapping (smaps, {total:.1f} MiB):")
+    for key, mib in sorted(groups.items(), key=lambda kv: -kv[1]):
+        if mib >= 1:
+            print(f"  {mib:8.1f} MiB  {key}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from zili.extract import extraction_messages
 
 # zili's counters on /metrics (zili.server.metrics), read before and after a run.
 _SPEC_COUNTERS = ("zili_spec_decode_num_draft_tokens_total", "zili_spec_decode_num_accepted_tokens_total",
-                  "zili_generation_tokens_total")
+                  "zili_generation_tokens_total", "zili_jump_forward_num_jumps_total",
+                  "zili_jump_forward_num_forced_tokens_total", "zili_jump_forward_num_forced_draft_tokens_total")
 
 
 def extraction_body(model: str, case: ExtractionCase, max_tokens: int) -> dict[str, Any]:
@@ -95,6 +96,10 @@ async def run_extract_http(url: str, cases: list[ExtractionCase], streams: int, 
         accepted = int(after.get(_SPEC_COUNTERS[1], 0) - before.get(_SPEC_COUNTERS[1], 0))
         row["spec_decode"] = {"num_draft_tokens": drafted, "num_accepted_tokens": accepted,
                               "acceptance_rate": accepted / drafted}
+    jumps = {name: int(after.get(f"zili_jump_forward_{name}_total", 0) - before.get(f"zili_jump_forward_{name}_total", 0))
+             for name in ("num_jumps", "num_forced_tokens", "num_forced_draft_tokens")}
+    if jumps["num_jumps"]:  # zili's jump-forward: steps saved (forced tokens without a step) and forced drafts
+        row["jump_forward"] = jumps
     return row
 
 

@@ -22,3 +22,8 @@ LOAD_FORMATS = ("auto", "dummy")
 
 # Weights kept quantized in memory; "auto" follows the checkpoint (a GGUF's quantized tensors).
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
+
+# What jump-forward structured decoding does with the text a grammar forces (zili.engine.jump_forward):
+# "verify" proposes it as speculative drafts the model verifies (greedy output identical to decoding
+# without jump-forward); "append" appends the tokenizer's spelling of it unverified.
+JUMP_FORWARD_MODES = ("verify", "append")

@@ -99,7 +99,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Path to a .gguf file, an HF
 ONE_SHOT_ENGINE_OPTIONS = ("dtype", "max_model_len", "kv_cache_memory", "kv_cache_dtype", "quantization", "threads",
                            "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
                            "reasoning_parser", "speculative_config", "speculative_model",
-                           "enable_jump_forward", "deterministic", "structured_outputs_backend")
+                           "enable_jump_forward", "jump_forward_mode", "deterministic", "structured_outputs_backend")
 ONE_SHOT_DEFAULTS = {"enforce_eager": True}
 
 

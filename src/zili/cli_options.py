@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
-from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+from zili.choices import DTYPES, JUMP_FORWARD_MODES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,7 +54,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "KV pool size: bytes (512MiB, 2GiB, 1GB) or a fraction of free memory (0.2)."),
     EngineOption("kv_cache_dtype", str, "auto",
                  f"KV cache element type: {', '.join(KV_CACHE_DTYPES)}; int8 and fp8_e4m3 are quantized per token and "
-                 "KV head (about twice the tokens in the same --kv-cache-memory; auto: the model's dtype)."),
+                 "KV head (about twice the tokens in the same --kv-cache-memory; auto: the model's dtype, or bf16 rows "
+                 "where an automatic dtype is fp32 on a CPU without native bf16)."),
     EngineOption("quantization", str, "auto",
                  f"Weights kept quantized in memory: {', '.join(QUANTIZATION_MODES)} (auto follows the GGUF)."),
     EngineOption("threads", int | None, None, "CPU threads (default: physical cores, or tuned).", min=1),
@@ -83,8 +84,12 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  "proposes 5 tokens a step, verified by MODEL: shorthand for --speculative-config "
                  '\'{"method": "draft_model", "model": X, "num_speculative_tokens": 5}\'.'),
     EngineOption("enable_jump_forward", bool | None, None, "Jump-forward structured decoding: text the grammar "
-                 "forces (JSON keys, punctuation) is appended in one step, spelled as the tokenizer spells it.",
+                 "forces (JSON keys, punctuation) comes in one step (default: on, in verify mode).",
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),
+    EngineOption("jump_forward_mode", str | None, None, f"{' or '.join(JUMP_FORWARD_MODES)}: verify (default) "
+                 "proposes the forced text's tokens as speculative drafts the model checks under the grammar, so "
+                 "greedy output is the same as without jump-forward; append adds the tokenizer's spelling of it "
+                 "unverified (SGLang's jump-forward)."),
     EngineOption("deterministic", bool | None, None, "Batch-invariant kernels: a greedy or seeded request gets the "
                  "same tokens whatever else runs beside it and whatever the prefix cache holds (slower; "
                  "the decode step runs eagerly). Dense-attention models on one device.",

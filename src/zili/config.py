@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from zili.choices import DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
+from zili.choices import DTYPES, JUMP_FORWARD_MODES, KV_CACHE_DTYPES, LOAD_FORMATS, QUANTIZATION_MODES
 
 # Reasoning parsers (zili.reasoning): how a reasoning model's thinking is delimited in its output.
 REASONING_PARSERS = ("auto", "deepseek-r1", "qwen3", "none")
@@ -441,9 +441,14 @@ class EngineConfig:
     # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
     # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
-    # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces is
-    # appended in one step, spelled as the tokenizer spells it.
-    enable_jump_forward: bool = False
+    # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces comes
+    # in one step. On by default: in the default "verify" mode its tokens are speculative drafts the model
+    # verifies under the grammar mask, so greedy output is the same as without it, in fewer steps.
+    enable_jump_forward: bool = True
+    # JUMP_FORWARD_MODES: "verify" (forced text as verified drafts, also with speculative_config off) or
+    # "append" (the tokenizer's spelling appended unverified, SGLang's jump-forward). None: "verify" when
+    # jump-forward is on (it stays None when off).
+    jump_forward_mode: str | None = None
     # Batch-invariant kernels (vLLM's batch-invariant mode, SGLang's deterministic inference): a greedy
     # or seeded request gets the same tokens whatever else runs in its steps and however its prompt
     # was chunked or prefix-cached. Every matmul runs one kernel at a fixed row tile, every attention
@@ -492,6 +497,14 @@ class EngineConfig:
                              f"got {self.kv_cache_dtype!r}")
         if not isinstance(self.enable_jump_forward, bool):
             raise ValueError(f"EngineConfig.enable_jump_forward must be true or false, got {self.enable_jump_forward!r}")
+        if self.jump_forward_mode is not None and self.jump_forward_mode not in JUMP_FORWARD_MODES:
+            raise ValueError(f"EngineConfig.jump_forward_mode must be one of {', '.join(JUMP_FORWARD_MODES)}, "
+                             f"got {self.jump_forward_mode!r}")
+        if self.jump_forward_mode is not None and not self.enable_jump_forward:
+            raise ValueError(f"EngineConfig.jump_forward_mode={self.jump_forward_mode!r} needs enable_jump_forward "
+                             "(it is off)")
+        if self.jump_forward_mode is None and self.enable_jump_forward:
+            self.jump_forward_mode = "verify"
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"EngineConfig.deterministic must be true or false, got {self.deterministic!r}")
         if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:

@@ -66,6 +66,12 @@ ZILI_PACKED_KERNELS = EnvVar(
     "ZILI_PACKED_KERNELS", "str", None,
     "Force the packed int4/int8 matmul of every quantized layer: 'zili' (zili's kernel at this CPU's level) or "
     "'torch' (torch's own); unset or 'auto': chosen per layer shape by measurement (tune cache, else ZILI_CALIBRATE).")
+ZILI_DENSE_WEIGHTS = EnvVar(
+    "ZILI_DENSE_WEIGHTS", "str", "dequant",
+    "How a layer served by zili's packed int4/int8 kernel runs batches past its row limit (prefill, large decode "
+    "batches): 'dequant' (default) dequantizes its codes a few MiB at a time into a scratch buffer for the dense "
+    "matmul, so no dense copy of the weight is held; 'copy' keeps a dense (oneDNN-packed bf16) copy beside the codes: "
+    "~200 MiB more for SmolLM2-135M, prefill matmuls ~1.1-1.3x faster (benchmarks/notes/memory.md).")
 ZILI_CALIBRATE = EnvVar(
     "ZILI_CALIBRATE", "bool", True,
     "At engine start, measure the packed-matmul choice of layer shapes the tune cache lacks (a few seconds, "
@@ -89,8 +95,8 @@ ZILI_STRUCTURED_MAX_REGEX_REPEAT = EnvVar(
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
     ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
-    ZILI_PACKED_KERNELS, ZILI_CALIBRATE, ZILI_STRUCTURED_MAX_SPEC_CHARS, ZILI_STRUCTURED_MAX_SCHEMA_DEPTH,
-    ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
+    ZILI_PACKED_KERNELS, ZILI_DENSE_WEIGHTS, ZILI_CALIBRATE, ZILI_STRUCTURED_MAX_SPEC_CHARS,
+    ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -180,6 +186,17 @@ def cpu_isa() -> str | None:
 def calibrate() -> bool:
     """ZILI_CALIBRATE."""
     return get_bool(ZILI_CALIBRATE)
+
+
+DENSE_WEIGHT_MODES = ("dequant", "copy")
+
+
+def dense_weights() -> str:
+    """ZILI_DENSE_WEIGHTS, lower-cased: "dequant" or "copy"; ValueError naming the variable otherwise."""
+    value = (get_str(ZILI_DENSE_WEIGHTS) or "dequant").lower()
+    if value not in DENSE_WEIGHT_MODES:
+        raise ValueError(f"{ZILI_DENSE_WEIGHTS.name} must be one of {', '.join(DENSE_WEIGHT_MODES)}, got {value!r}")
+    return value
 
 
 def onednn_enabled() -> bool:

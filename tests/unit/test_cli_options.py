@@ -75,7 +75,8 @@ def test_serve_keeps_its_engine_defaults():
                 "tensor_parallel_size": 1,
                 "max_model_len": None, "max_num_seqs": None, "kv_cache_memory": None, "threads": None,
                 "speculative_config": None, "speculative_model": None, "kv_cache_dtype": "auto",
-                "enable_jump_forward": None, "deterministic": None, "structured_outputs_backend": "auto"}
+                "enable_jump_forward": None, "jump_forward_mode": None, "deterministic": None,
+                "structured_outputs_backend": "auto"}
     assert {name: p.default for name, p in params.items()} == expected
     # one-shot commands start eagerly (a per-command override of the same declaration)
     assert _engine_params("generate")["enforce_eager"].default is True

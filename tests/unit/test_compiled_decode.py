@@ -5,6 +5,9 @@ set-ups it does not cover staying eager."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -171,15 +174,23 @@ def test_max_decode_rows_counts_verify_rows():
     from zili.config import EngineConfig
     from zili.engine.builder import max_decode_rows
 
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config="off")) == 8
-    assert max_decode_rows(EngineConfig(max_num_seqs=8)) == 48  # the default speculates (structured requests)
+    def rows(**kw) -> int:
+        return max_decode_rows(EngineConfig(max_num_seqs=8, **kw))
+
+    assert rows(speculative_config="off", enable_jump_forward=False) == 8
+    # The default speculates (structured requests) and verifies up to 16 forced drafts a sequence (jump-forward).
+    assert rows() == 8 * (1 + 16 + 5)
+    assert rows(enable_jump_forward=False) == 48
+    assert rows(jump_forward_mode="append") == 48
+    assert rows(speculative_config="off") == 8 * (1 + 16)
     ngram = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=ngram)) == 48
+    assert rows(speculative_config=ngram, enable_jump_forward=False) == 48
     # No proposals once 4 sequences run: at most 3 verifying sequences (18 rows), or 8 plain rows.
     capped = dict(ngram, disable_by_batch_size=4)
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 18
+    assert rows(speculative_config=capped, enable_jump_forward=False) == 18
     capped = dict(ngram, disable_by_batch_size=2)
-    assert max_decode_rows(EngineConfig(max_num_seqs=8, speculative_config=capped)) == 8
+    assert rows(speculative_config=capped, enable_jump_forward=False) == 8
+    assert rows(speculative_config=capped) == 8 * (1 + 16)  # forced drafts do not stop at disable_by_batch_size
 
 
 def test_verify_steps_never_compile_after_start(tiny_dir):
@@ -225,3 +236,46 @@ def test_verify_steps_never_compile_after_start(tiny_dir):
     limits = {m.quant.max_rows for m in runner.model.modules() if getattr(m, "quant", None) is not None}
     assert max(rows_seen) > max(limits)  # verify steps went past the largest row limit (another graph)
     assert counters["stats"]["unique_graphs"] == graphs_at_start
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="per-thread nice values are a POSIX/Linux feature")
+def test_background_compile_yields_to_the_serving_thread(monkeypatch):
+    """A background compile must not slow what is served meanwhile (issue 22, start-up): its thread
+    runs at a raised nice value and a short GIL switch interval, and the process's interval is
+    restored once it is done, also when the compile fails."""
+    from zili.engine import compiled_decode as cd
+
+    seen = {}
+
+    def fake_warm_up(self, batch_sizes, scratch_block):
+        tid = threading.get_native_id()
+        seen["tid"] = tid
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, tid)
+        seen["switch"] = sys.getswitchinterval()
+        seen["scratch_blocks"] = self.kv_caches[0].shape[1]
+        if seen.get("fail"):
+            raise RuntimeError("compiler unavailable")
+        return 0.0
+
+    monkeypatch.setattr(cd.CompiledDecode, "warm_up", fake_warm_up)
+    calls = []  # (which, who, value): the nice value asked for, visible even where the caller's is already 19
+    real_setpriority = os.setpriority
+    monkeypatch.setattr(os, "setpriority", lambda *a: (calls.append(a), real_setpriority(*a))[1])
+    compiled = cd.CompiledDecode.__new__(cd.CompiledDecode)
+    real = [torch.zeros(2, 64, 4, 1, 8)]
+    compiled.kv_caches = real
+    before = sys.getswitchinterval()
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ready = []
+    for fail in (False, True):
+        seen.clear()
+        seen["fail"] = fail
+        compiled.start_in_background([1, 2], ready.append).join(timeout=60)
+        assert (os.PRIO_PROCESS, seen["tid"], max(main_nice, cd.BACKGROUND_NICE)) in calls
+        assert seen["nice"] == max(main_nice, cd.BACKGROUND_NICE)
+        assert seen["switch"] == pytest.approx(min(before, cd.BACKGROUND_SWITCH_INTERVAL_S))
+        assert seen["scratch_blocks"] == cd.SCRATCH_BLOCKS  # it compiled against scratch caches
+        assert sys.getswitchinterval() == pytest.approx(before)  # restored for the process
+        assert compiled.kv_caches is real
+    assert ready == [compiled]  # on_ready only after the compile that succeeded
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # the caller is untouched

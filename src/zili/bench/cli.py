@@ -352,7 +352,8 @@ NGRAM_DEFAULT = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup
 
 @bench_app.command()
 @engine_options("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "quantization", "attention_backend",
-                "use_tune_cache", "enforce_eager", "speculative_config", defaults={"enforce_eager": False})
+                "use_tune_cache", "enforce_eager", "speculative_config", "enable_jump_forward", "jump_forward_mode",
+                defaults={"enforce_eager": False})
 def extract(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A .gguf file, an HF checkpoint dir or an "
                                         "alias (default smollm2-135m)."),
@@ -366,7 +367,8 @@ def extract(
                                  help="Also run an engine without speculation, interleaved with the speculating one."),
     compare_jump_forward: bool = typer.Option(
         False, "--compare-jump-forward/--no-compare-jump-forward",
-        help="Instead, run jump-forward structured decoding on and off (both with --speculative-config), interleaved."),
+        help="Instead, run jump-forward structured decoding in verify mode, in append mode and off (all with "
+             "--speculative-config), interleaved."),
     seed: int = SeedOpt,
     price_per_hour: float = PriceOpt,
     watts: Optional[float] = WattsOpt,
@@ -397,8 +399,10 @@ def extract(
     record["note"] = note
     if compare_jump_forward:
         compare = False
-        engines = {"zili+jf": _zili_llm(model, {**engine_args, "enable_jump_forward": True}),
-                   "zili": _zili_llm(model, {**engine_args, "enable_jump_forward": False})}
+        on = {**engine_args, "enable_jump_forward": True}
+        engines = {"zili+jf": _zili_llm(model, {**on, "jump_forward_mode": "verify"}),
+                   "zili+jf-append": _zili_llm(model, {**on, "jump_forward_mode": "append"}),
+                   "zili": _zili_llm(model, {**engine_args, "enable_jump_forward": False, "jump_forward_mode": None})}
     else:
         engines = {"zili+spec": _zili_llm(model, engine_args)}
     if compare:
@@ -409,6 +413,7 @@ def extract(
                 row = with_cost({"engine": name, "test": f"extract-c{level}", "repetition": rep,
                                  **ex.run_workload(llm, cases, level, max_tokens)}, basis)
                 record["runs"].append(row)
+                _save(record, output, label, quiet=True)  # after each run: a cut-short run keeps what it measured
                 acc = "n/a" if row["field_accuracy"] is None else f"{row['field_accuracy']:.1%}"
                 typer.echo(f"{name:10s} c={level:<3d} out {row['output_throughput']:.1f} tok/s  "
                            f"{row['request_throughput']:.3f} req/s  field accuracy {acc}", err=True)
@@ -416,8 +421,9 @@ def extract(
                     typer.echo(f"{'':10s} speculation {spec_decode_line(row['spec_decode'])}", err=True)
                 if "jump_forward" in row:
                     jf = row["jump_forward"]
+                    drafted = f" of {jf['num_forced_draft_tokens']} drafted" if "num_forced_draft_tokens" in jf else ""
                     typer.echo(f"{'':10s} steps {row['num_steps']}  jumps {jf['num_jumps']}  forced tokens "
-                               f"{jf['num_forced_tokens']}", err=True)
+                               f"{jf['num_forced_tokens']}{drafted} ({jf['mode']})", err=True)
     for llm in engines.values():
         llm.engine.close()
     record["summary"]["speculation_speedup"] = speedups = {}
@@ -434,27 +440,34 @@ def extract(
 
 
 def _jump_forward_summary(runs: list[dict], levels: list[int]) -> dict[str, Any]:
-    """Per stream level, jump-forward on / off: output tokens/s (ratio of medians and per-repetition
-    ratios, the runs being interleaved), steps, output tokens and field accuracy of each."""
+    """Per stream level, jump-forward in verify mode ("zili+jf") and append mode ("zili+jf-append")
+    against off ("zili"): output tokens/s (ratio of medians and per-repetition ratios, the runs being
+    interleaved), steps, output tokens and field accuracy of each."""
     from zili.bench.stats import median
 
     out: dict[str, Any] = {}
     for level in levels:
-        on = [r for r in runs if r["engine"] == "zili+jf" and r["test"] == f"extract-c{level}"]
-        off = [r for r in runs if r["engine"] == "zili" and r["test"] == f"extract-c{level}"]
-        tps_on, tps_off = median([r["output_throughput"] for r in on]), median([r["output_throughput"] for r in off])
-        out[f"c{level}"] = {
-            "output_throughput_ratio": tps_on / tps_off if tps_on is not None and tps_off else None,
-            "output_throughput_ratios": [a["output_throughput"] / b["output_throughput"] for a, b in zip(on, off)],
-            "steps": {"on": [r["num_steps"] for r in on], "off": [r["num_steps"] for r in off]},
-            "output_tokens": {"on": [r["output_tokens"] for r in on], "off": [r["output_tokens"] for r in off]},
-            "field_accuracy": {"on": [r["field_accuracy"] for r in on], "off": [r["field_accuracy"] for r in off]},
-            "duration_ratios": [a["duration_s"] / b["duration_s"] for a, b in zip(on, off)],
+        test = f"extract-c{level}"
+        by = {name: [r for r in runs if r["engine"] == name and r["test"] == test]
+              for name in ("zili+jf", "zili+jf-append", "zili")}
+        tps = {name: median([r["output_throughput"] for r in rows]) for name, rows in by.items()}
+        off = by["zili"]
+        row: dict[str, Any] = {
+            "steps": {name: [r["num_steps"] for r in rows] for name, rows in by.items()},
+            "output_tokens": {name: [r["output_tokens"] for r in rows] for name, rows in by.items()},
+            "field_accuracy": {name: [r["field_accuracy"] for r in rows] for name, rows in by.items()},
         }
-        ratio = out[f"c{level}"]["output_throughput_ratio"]
-        shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
-        typer.echo(f"c={level}: jump-forward on / off = {shown} output tokens/s (median of {len(on)}), steps "
-                   f"{sum(r['num_steps'] for r in on)} / {sum(r['num_steps'] for r in off)}", err=True)
+        for name, key in (("zili+jf", "verify"), ("zili+jf-append", "append")):
+            on = by[name]
+            row[f"{key}/off"] = {
+                "output_throughput_ratio": tps[name] / tps["zili"] if tps[name] is not None and tps["zili"] else None,
+                "output_throughput_ratios": [a["output_throughput"] / b["output_throughput"] for a, b in zip(on, off)],
+                "duration_ratios": [a["duration_s"] / b["duration_s"] for a, b in zip(on, off)]}
+            ratio = row[f"{key}/off"]["output_throughput_ratio"]
+            shown = f"{ratio:.2f}x" if ratio is not None else "n/a"
+            typer.echo(f"c={level}: jump-forward {key} / off = {shown} output tokens/s (median of {len(on)}), "
+                       f"steps {sum(r['num_steps'] for r in on)} / {sum(r['num_steps'] for r in off)}", err=True)
+        out[f"c{level}"] = row
     return out
 
 

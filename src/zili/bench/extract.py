@@ -201,10 +201,22 @@ def run_workload(llm: Any, cases: list[ExtractionCase], streams: int, max_tokens
                 "load_average_before": load_before, "load_average_after": load_average()})
     after = llm.engine.stats()
     row["num_steps"] = after.num_steps - before.num_steps  # engine steps (forward passes) the run took
-    if getattr(llm.engine, "speculator", None) is not None:
+    if getattr(getattr(llm.engine, "speculator", None), "config", None) is not None:  # speculative decoding on
         row["spec_decode"] = spec_decode_row(before, after)
-    if getattr(llm.engine, "jump_forward", None) is not None:
-        row["jump_forward"] = {"num_jumps": after.jump_forward_num_jumps - before.jump_forward_num_jumps,
-                               "num_forced_tokens": after.jump_forward_num_forced_tokens
-                               - before.jump_forward_num_forced_tokens}
+    jump_forward = getattr(llm.engine, "jump_forward", None)
+    if jump_forward is not None:
+        row["jump_forward"] = jump_forward_row(jump_forward.mode, before, after)
+    return row
+
+
+def jump_forward_row(mode: str, before: Any, after: Any) -> dict[str, Any]:
+    """Jump-forward's figures between two EngineStats snapshots: jumps, forced tokens that took no step
+    of their own (steps saved), and in "verify" mode forced drafts proposed and their acceptance rate."""
+    jumps = after.jump_forward_num_jumps - before.jump_forward_num_jumps
+    saved = after.jump_forward_num_forced_tokens - before.jump_forward_num_forced_tokens
+    drafted = after.jump_forward_num_forced_draft_tokens - before.jump_forward_num_forced_draft_tokens
+    row: dict[str, Any] = {"mode": mode, "num_jumps": jumps, "num_forced_tokens": saved}
+    if mode == "verify":
+        row.update({"num_forced_draft_tokens": drafted, "num_accepted_forced_tokens": saved,
+                    "forced_acceptance_rate": saved / drafted if drafted else None})
     return row

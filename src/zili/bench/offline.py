@@ -88,7 +88,7 @@ def zili_throughput(llm, requests: Sequence[RequestSpec]) -> dict[str, Any]:
     row = _throughput_row(len(requests), n_in, n_out, duration, load_before,
                           short_outputs=sum(1 for o, r in zip(outputs, requests)
                                             if len(o.outputs[0].token_ids) != r.output_len))
-    if getattr(llm.engine, "speculator", None) is not None:
+    if getattr(getattr(llm.engine, "speculator", None), "config", None) is not None:  # speculative decoding on
         row["spec_decode"] = spec_decode_row(before, llm.engine.stats())
     return row
 

@@ -27,7 +27,7 @@ from zili.engine.executor import Executor
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.mtp import MTPProposer
 from zili.engine.runner import ModelRunner, kv_bytes_per_block
-from zili.engine.spec_decode import Proposer
+from zili.engine.spec_decode import MAX_FORCED_DRAFT_TOKENS, Proposer
 from zili.kernels.backends import (
     AttentionBackend,
     batch_invariant,
@@ -122,7 +122,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         if mtp:
             _check_mtp(config, loaded, tp_executor is not None)
         max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
-        kv_dtype = kv_cache_dtype(config, mc, attention, tp_executor is not None, loaded.dtype)
+        kv_dtype = kv_cache_dtype(config, mc, attention, tp_executor is not None, loaded.dtype, platform)
         num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len, extra_layers=int(mtp))
         runner = ModelRunner(loaded.model, cache_config, num_blocks, config.block_size, loaded.dtype,
                              tp_executor.device if tp_executor is not None else platform.device, attention, kv_dtype)
@@ -302,9 +302,14 @@ def resolve_max_model_len(requested: int | None, model_len: int) -> int:
 
 
 def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: AttentionBackend,
-                   tensor_parallel: bool, model_dtype: torch.dtype) -> torch.dtype:
+                   tensor_parallel: bool, model_dtype: torch.dtype, platform: Platform | None = None) -> torch.dtype:
     """The KV cache's element type for EngineConfig.kv_cache_dtype; ValueError naming the field where a
-    quantized cache cannot run (a backend without kernels for it, or for MLA's latent rows; tensor parallelism)."""
+    quantized cache cannot run (a backend without kernels for it, or for MLA's latent rows; tensor parallelism).
+    "auto" is the model's dtype, or the platform's storage type for it when the model's dtype was
+    "auto" too (`Platform.default_kv_cache_dtype`: bf16 rows for an fp32 model on CPUs without native bf16)."""
+    if config.kv_cache_dtype == "auto" and config.dtype == "auto" and platform is not None \
+            and not model_config.use_mla and not tensor_parallel:
+        return platform.default_kv_cache_dtype(model_dtype)
     dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype)
     if dtype not in QUANTIZED_KV_DTYPES:
         return dtype
@@ -363,14 +368,16 @@ MAX_GRAPH_ROWS = 256  # the largest decode graph captured for verify steps (devi
 def max_decode_rows(config: EngineConfig) -> int:
     """The most input rows a decode-only step can have: one per running sequence, and with
     speculative decoding 1 + num_speculative_tokens per verifying sequence (zili.engine.spec_decode),
-    unless proposals stop at `disable_by_batch_size` sequences."""
+    unless proposals stop at `disable_by_batch_size` sequences; jump-forward's forced drafts ("verify"
+    mode) add up to MAX_FORCED_DRAFT_TOKENS per sequence, in steps of any size."""
     spec = config.speculative_config
+    forced = MAX_FORCED_DRAFT_TOKENS if config.enable_jump_forward and config.jump_forward_mode == "verify" else 0
     if spec is None or isinstance(spec, (str, dict)):
-        return config.max_num_seqs
+        return config.max_num_seqs * (1 + forced)
     verifying = config.max_num_seqs
     if spec.disable_by_batch_size is not None:
         verifying = min(verifying, spec.disable_by_batch_size - 1)
-    return max(config.max_num_seqs, verifying * (1 + spec.num_speculative_tokens))
+    return max(config.max_num_seqs * (1 + forced), verifying * (1 + forced + spec.num_speculative_tokens))
 
 
 def _compile_decode(runner: ModelRunner, platform: Platform, attention: AttentionBackend,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,17 @@ SCRATCH_BLOCKS = 4
 
 
 COMPILE_THREAD_NAME = "zili-compile-decode"  # the background compile's thread (the server's shutdown looks for it)
+
+# A background compile must not slow the requests served meanwhile. Two things made it do so:
+# - The GIL: every torch op the serving thread dispatches releases it, and taking it back from a
+#   thread that is tracing or generating code costs up to one switch interval (CPython's default is
+#   5 ms), so an eager decode step of a few hundred ops waited seconds. While compiling, the interval
+#   is BACKGROUND_SWITCH_INTERVAL_S.
+# - The cores: the compile thread (and the C++ compiler it starts) took a core from the intra-op
+#   thread pool, whose every parallel region then waited on a descheduled worker. The compile thread
+#   runs at BACKGROUND_NICE (Linux nice values are per thread, and a compiler it forks inherits it).
+BACKGROUND_SWITCH_INTERVAL_S = 1e-4
+BACKGROUND_NICE = 19
 
 
 def eager_by_default() -> bool:
@@ -85,6 +97,16 @@ def _compile_in_this_process() -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
+
+
+def _lower_this_threads_priority() -> None:
+    """Raise the calling thread's nice value to BACKGROUND_NICE (Linux: per thread; elsewhere, or
+    without permission, a no-op). It is never lowered back: the thread ends after the compile."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICE))
+    except (AttributeError, OSError):
+        pass
 
 
 class CompiledDecode:
@@ -155,6 +177,9 @@ class CompiledDecode:
 
         def run() -> None:
             self.kv_caches = scratch
+            _lower_this_threads_priority()
+            switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch_interval, BACKGROUND_SWITCH_INTERVAL_S))
             try:
                 seconds = self.warm_up(batch_sizes, scratch_block=0)
             except Exception as exc:  # a torch/compiler limitation must not stop the engine
@@ -162,6 +187,7 @@ class CompiledDecode:
                 return
             finally:
                 self.kv_caches = real
+                sys.setswitchinterval(switch_interval)
             logger.info("compiled the decode step for batch sizes %s in %.1f s (in the background); "
                         "decode steps run compiled from now on", batch_sizes, seconds)
             on_ready(self)

@@ -61,7 +61,8 @@ class EngineStats:
     spec_decode_num_accepted_tokens: int = 0
     # Jump-forward structured decoding (zili.engine.jump_forward); 0 when it is off.
     jump_forward_num_jumps: int = 0
-    jump_forward_num_forced_tokens: int = 0
+    jump_forward_num_forced_tokens: int = 0  # forced tokens that took no step of their own (steps saved)
+    jump_forward_num_forced_draft_tokens: int = 0  # "verify" mode: forced tokens proposed as drafts
     num_steps: int = 0  # steps that ran a forward pass
 
     @property
@@ -110,10 +111,13 @@ class Engine:
         # lookup or the proposer the builder made (a draft model).
         spec = config.speculative_config
         assert spec is None or isinstance(spec, SpeculativeConfig)  # EngineConfig parsed it
-        self.speculator = Speculator(spec, parts.max_model_len, parts.proposer) if spec is not None else None
-        # Jump-forward structured decoding (EngineConfig.enable_jump_forward): forced text in one step.
-        self.jump_forward = JumpForward(parts.tokenizer, lambda: self.inputs.grammar_backend) \
-            if config.enable_jump_forward else None
+        # Jump-forward structured decoding (EngineConfig.enable_jump_forward): forced text in one step,
+        # as verified drafts (the speculator's forced proposer) or appended after sampling.
+        self.jump_forward = JumpForward(parts.tokenizer, lambda: self.inputs.grammar_backend,
+                                        config.jump_forward_mode or "verify") if config.enable_jump_forward else None
+        forced = self.jump_forward if self.jump_forward is not None and self.jump_forward.mode == "verify" else None
+        self.speculator = Speculator(spec, parts.max_model_len, parts.proposer, forced) \
+            if spec is not None or forced is not None else None
         self.num_steps = 0
         self.requests: dict[str, Request] = {}
         self._aborted: list[RequestDelta] = []  # final deltas of requests aborted between steps
@@ -197,7 +201,7 @@ class Engine:
         finished: list[Sequence] = []
         if sampling:
             verified, num_rejected = self._sample(logits, sampling, batch)
-            if self.jump_forward is not None:
+            if self.jump_forward is not None and self.jump_forward.mode == "append":
                 verified = self.jump_forward.extend(verified)
             deltas, finished = self.outputs.process(verified.seqs, verified.token_ids, verified.logprobs)
             self.generation_tokens_total += sum(len(c.token_ids) for d in deltas for c in d.outputs)
@@ -336,6 +340,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             **self._spec_stats(),
             jump_forward_num_jumps=jf.num_jumps, jump_forward_num_forced_tokens=jf.num_forced_tokens,
+            jump_forward_num_forced_draft_tokens=jf.num_forced_draft_tokens,
             num_steps=self.num_steps,
         )
 

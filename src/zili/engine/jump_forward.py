@@ -1,5 +1,6 @@
-"""Jump-forward structured decoding: text the grammar forces is appended in one step, as the model's
-tokenizer would spell it.
+"""Jump-forward structured decoding: text the grammar forces comes in one step, as the model's
+tokenizer would spell it, either verified as speculative drafts ("verify", the default) or appended
+("append").
 
 Where a grammar admits a single continuation (a JSON object's keys and punctuation, a tool call's
 `{"name": "get_weather", "arguments": ` prefix), masked decoding still spends one step per token on
@@ -9,7 +10,24 @@ text that follows. Jump-forward decoding (Zheng et al. 2024, "SGLang: Efficient 
 Structured Language Model Programs", the compressed finite-state machine; SGLang's jump-forward with
 re-tokenization) appends the forced text itself.
 
-After a step, for each constrained sequence whose grammar can roll back (`RollbackGrammar`):
+"verify" mode (`JumpForward.forced_drafts`, a `zili.engine.spec_decode.ForcedProposer`). Appending
+changes the context from the first forced token on: where the model would have written `{` then `"`,
+it now reads `{"`, and its later near-tie choices can flip (on the extraction workload this cost 2
+fields of 66, benchmarks/notes/extract-accuracy.md). So by default the forced text's tokens are
+drafts instead: before each step, a decoding sequence's grammar is asked for its forced continuation,
+which is spelled by the tokenizer (the text alone: the sequence's last token is the model's and stays)
+and proposed to the `Speculator` ahead of any n-gram drafts. The step verifies them under the grammar
+mask: every token the model agrees with is kept in one forward pass, and where it would split the
+text differently the draft is rejected and the model's own token kept. The output is what decoding
+without jump-forward gives, token for token under greedy decoding and in distribution under sampling
+(a deterministic proposal, so `Speculator.verify`'s rule is the exact rejection rule), and each
+forced token accepted is a step saved. The last forced token is held back when the grammar allows a
+longer token starting with it (as in "append" mode, below): the model's next token decides there
+anyway, and holding it back saves a row that would mostly be rejected. Forced drafts carry the
+model's own logprobs, as any sampled token.
+
+"append" mode (`JumpForward.extend`): after a step, for each constrained sequence whose grammar can
+roll back (`RollbackGrammar`):
 
 1. The grammar is advanced over the step's tokens and asked for its forced continuation
    (xgrammar's `find_jump_forward_string`: complete UTF-8 characters only).
@@ -27,15 +45,16 @@ After a step, for each constrained sequence whose grammar can roll back (`Rollba
 
 The grammar is left where it was: the output processor advances it over the appended tokens.
 
-Logprobs. A forced token carries logprob 0.0 and itself as its only alternative: the constrained
+Logprobs ("append" mode). A forced token carries logprob 0.0 and itself as its only alternative: the constrained
 process chose it with probability 1 (as the thinking budget's forced closing tokens do,
 zili.engine.thinking). The model's own probability of a forced token is not computed: doing so
 costs the forward pass jump-forward saves. When re-tokenization merges the sampled token with forced
 text (`{` sampled, `{"` appended), the merged token carries the sampled token's logprob and
 alternatives: the text it adds beyond the sampled token was forced, with probability 1.
 
-Seeded sampling consumes a sequence's random stream once per step, so a seeded request's output
-with jump-forward differs from its output without (it stays reproducible for the same setting).
+Seeded sampling consumes a sequence's random stream once per step (once per verify row in "verify"
+mode), so a seeded request's output with jump-forward differs from its output without (it stays
+reproducible for the same setting).
 """
 
 from __future__ import annotations
@@ -48,7 +67,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from zili.engine.request import Sequence, SequenceStatus, TokenLogprob
-from zili.engine.spec_decode import RollbackGrammar, VerifiedStep
+from zili.engine.spec_decode import ForcedProposer, RollbackGrammar, VerifiedStep
 
 
 @runtime_checkable
@@ -64,26 +83,83 @@ class JumpGrammar(RollbackGrammar, Protocol):
 class JumpForwardStats:
     """Counters since the engine started."""
 
-    num_jumps: int = 0  # steps in which a sequence got forced text appended
-    num_forced_tokens: int = 0  # tokens appended beyond the sampled ones (net of boundary merges)
+    num_jumps: int = 0  # steps in which a sequence got forced text appended ("append") or verified ("verify")
+    # Forced tokens that took no step of their own (steps saved): "append": appended beyond the sampled
+    # ones (net of boundary merges); "verify": forced drafts accepted.
+    num_forced_tokens: int = 0
+    num_forced_draft_tokens: int = 0  # "verify": forced tokens proposed as drafts and verified
+
+    @property
+    def acceptance_rate(self) -> float:
+        """"verify": accepted / proposed forced drafts (0 before any)."""
+        n = self.num_forced_draft_tokens
+        return self.num_forced_tokens / n if n else 0.0
 
 
-class JumpForward:
-    """Appends grammar-forced text to a step's sampled tokens (see the module docstring).
+class JumpForward(ForcedProposer):
+    """Grammar-forced text as verified drafts (`forced_drafts`, mode "verify") or appended to a step's
+    sampled tokens (`extend`, mode "append"); see the module docstring.
 
     `grammar_backend` returns the engine's `zili.structured.backend.GrammarBackend` (built lazily
     by the input processor; only called once a constrained sequence is seen): its `token_bytes`
-    spell each token id and its bitmasks tell which tokens the grammar allows."""
+    spell each token id and its bitmasks tell which tokens the grammar allows. `mode`: one of
+    zili.choices.JUMP_FORWARD_MODES."""
 
-    def __init__(self, tokenizer: Any, grammar_backend: Callable[[], Any]) -> None:
+    def __init__(self, tokenizer: Any, grammar_backend: Callable[[], Any], mode: str = "verify") -> None:
         self.tokenizer = tokenizer
+        self.mode = mode
         self._backend_of = grammar_backend
         self._token_bytes: list[bytes] | None = None
         self._extensions: dict[int, torch.Tensor] | None = None
         self._bitmask: torch.Tensor | None = None
         self.stats = JumpForwardStats()
 
-    # ---- the step ------------------------------------------------------------------------------
+    # ---- "verify": forced drafts --------------------------------------------------------------
+    def forced_drafts(self, seq: Sequence, max_tokens: int) -> tuple[list[int], bool]:
+        """The tokenizer's spelling of the text the sequence's grammar forces after its tokens, at most
+        `max_tokens`, each accepted by the grammar (left as it was), the last held back where the
+        grammar could extend it; and whether a proposer may draft after them (they spell the whole
+        forced text). ([], True) when nothing is forced or the sequence is not eligible."""
+        grammar = seq.grammar
+        if not self.eligible(seq) or grammar.is_terminated():  # type: ignore[union-attr]
+            return [], True
+        assert isinstance(grammar, JumpGrammar)
+        forced = grammar.find_jump_forward_string()
+        if not forced:
+            return [], True
+        ids = self._encode(forced.encode("utf-8"))
+        if ids is None:
+            return [], False
+        stops = seq.request.stop_token_ids
+        accepted = 0
+        try:
+            for t in ids[:max_tokens]:
+                if t in stops or not grammar.accept_token(t):
+                    break
+                accepted += 1
+                if grammar.is_terminated():  # no verify row may be masked by a finished grammar
+                    grammar.rollback(1)
+                    accepted -= 1
+                    break
+            whole = accepted == len(ids)
+            while accepted:  # hold back trailing tokens the grammar could extend (the model decides there)
+                grammar.rollback(1)
+                if not self._extendable(grammar, ids[accepted - 1]):
+                    grammar.accept_token(ids[accepted - 1])
+                    break
+                accepted -= 1
+                whole = False
+            return ids[:accepted], whole
+        finally:
+            if accepted:
+                grammar.rollback(accepted)
+
+    def record_forced(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        self.stats.num_jumps += 1
+        self.stats.num_forced_draft_tokens += proposed
+        self.stats.num_forced_tokens += accepted
+
+    # ---- "append": the step --------------------------------------------------------------------
     def extend(self, step: VerifiedStep) -> VerifiedStep:
         """The step with forced tokens appended after each eligible sequence's last token (which
         re-tokenization may replace). Sequences keep their order; a sequence's entries stay adjacent."""

@@ -48,6 +48,20 @@ drafts one by one while the rows' bitmasks are filled, then rolls them back), so
 what plain constrained decoding would draw after the same tokens, and the output processor advances
 the matcher over the accepted tokens as it does over sampled ones.
 
+Forced drafts (jump-forward structured decoding in "verify" mode, zili.engine.jump_forward). Where a
+sequence's grammar admits a single continuation, a `ForcedProposer` spells it as the tokenizer would;
+those tokens lead the sequence's drafts, and a `ContinuingProposer` (the n-gram lookup) may add its own
+drafts after them. They are verified like any draft: the model keeps its own token where it would
+split the forced text differently, so the output is the same as decoding without them (greedy: token
+for token; sampled: in distribution, the forced drafts being a deterministic proposal). Their budget
+is separate from num_speculative_tokens (at most MAX_FORCED_DRAFT_TOKENS): num_speculative_tokens
+bounds guesses, adaptively, because a missed guess wastes its row, while forced text is what the
+grammar allows byte for byte, rejected only where the model splits it differently (at its first or
+last token, as a rule), so a long forced run is accepted nearly whole and saves that many steps.
+They are counted in the forced proposer's statistics, not in `SpecDecodeStats` (whose acceptance
+rate stays the proposer's), and the proposer's adaptive length and pauses see only its own drafts
+(and only in steps where every forced draft before them was accepted, so that they were verified).
+
 Sequences that do not speculate: those with repetition / presence / frequency penalties or a pending
 min_tokens (both change with every position of the draft), a thinking budget (the engine may replace
 a token mid-step), or a grammar still held back while a reasoning model thinks; they decode one token
@@ -66,6 +80,9 @@ from zili.engine.kv_cache import KVCacheManager
 from zili.engine.request import GrammarMatcher, Sequence, SequenceStatus, TokenLogprob
 
 MAX_PAUSE_STEPS = 32  # the longest pause in proposals after repeated misses
+# The most forced drafts (jump-forward "verify" mode) a sequence carries into one step: a JSON key with its
+# punctuation is 3-8 tokens, a tool call's `{"name": "get_weather", "arguments": {"` about 12.
+MAX_FORCED_DRAFT_TOKENS = 16
 
 
 @runtime_checkable
@@ -88,18 +105,21 @@ class NgramIndex:
         self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.indexed = 0  # n-grams ending (exclusive) before this position are in `ends`
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], k: int, known: int | None = None) -> list[int]:
         """Up to `k` tokens that followed the most recent earlier occurrence of the longest suffix of
         `tokens` found (none when no suffix of at least min_n tokens occurred before). A match that
-        runs into the end of `tokens` continues periodically (the repeat continues the repeat)."""
+        runs into the end of `tokens` continues periodically (the repeat continues the repeat).
+        `known`: only `tokens[:known]` are the sequence's for good (the rest are drafts that may be
+        rejected): occurrences are indexed from those alone."""
         length = len(tokens)
-        # Index occurrences whose continuation starts inside `tokens` (end <= length - 1); the
+        limit = length if known is None else min(known, length)
+        # Index occurrences whose continuation starts inside the known tokens (end <= limit - 1); the
         # suffix itself (end == length) is not an earlier occurrence.
-        for end in range(max(self.indexed, 1), length):
+        for end in range(max(self.indexed, 1), limit):
             for n in self.sizes:
                 if end >= n:
                     self.ends[n][tuple(tokens[end - n:end])] = end
-        self.indexed = max(self.indexed, length)
+        self.indexed = max(self.indexed, limit)
         for n in self.sizes:
             if length <= n:
                 continue
@@ -130,6 +150,33 @@ class Proposer(Protocol):
 
     def release(self, seq_id: str) -> None:
         """Forget a sequence (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class ContinuingProposer(Proposer, Protocol):
+    """A proposer that can also draft after hypothetical tokens (the n-gram lookup): used to continue
+    after forced drafts."""
+
+    def propose_after(self, seqs: list[Sequence], heads: list[list[int]], num_tokens: list[int]) -> list[list[int]]:
+        """As `propose`, for tokens that follow `seqs[i].token_ids + heads[i]`."""
+        ...
+
+
+@runtime_checkable
+class ForcedProposer(Protocol):
+    """Proposes the tokens a sequence's grammar forces next (zili.engine.jump_forward.JumpForward in
+    "verify" mode) and keeps the counts of what verification made of them."""
+
+    def forced_drafts(self, seq: Sequence, max_tokens: int) -> tuple[list[int], bool]:
+        """At most `max_tokens` (>= 1) tokens of the text the sequence's grammar forces after its tokens,
+        each accepted by the grammar (which is left as it was), and whether another proposer may draft
+        after them (False where they stop short of the forced text's end). ([], True) when nothing is
+        forced. A deterministic function of the sequence's tokens."""
+        ...
+
+    def record_forced(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """After verification: `proposed` forced drafts of the sequence were checked, `accepted` kept."""
         ...
 
 
@@ -179,6 +226,15 @@ class NgramProposer:
             out.append(index.propose(seq.token_ids, k))
         return out
 
+    def propose_after(self, seqs: list[Sequence], heads: list[list[int]], num_tokens: list[int]) -> list[list[int]]:
+        out = []
+        for seq, head, k in zip(seqs, heads, num_tokens):
+            index = self.indexes.get(seq.seq_id)
+            if index is None:
+                index = self.indexes[seq.seq_id] = NgramIndex(self.min_n, self.max_n)
+            out.append(index.propose([*seq.token_ids, *head], k, known=len(seq.token_ids)))
+        return out
+
     def release(self, seq_id: str) -> None:
         self.indexes.pop(seq_id, None)
 
@@ -223,16 +279,21 @@ class VerifiedStep:
 
 class Speculator:
     """Gets drafts for running decode sequences from a `Proposer` (default: n-gram lookup per `config`)
-    and verifies them after the forward pass."""
+    and, where a `ForcedProposer` is given, the grammar's forced text before them; verifies them after
+    the forward pass. `config` None: forced drafts only (speculative decoding off, jump-forward's
+    "verify" mode on)."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, proposer: Proposer | None = None) -> None:
+    def __init__(self, config: SpeculativeConfig | None, max_model_len: int, proposer: Proposer | None = None,
+                 forced: ForcedProposer | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer: Proposer = proposer if proposer is not None else \
+        self.proposer: Proposer | None = proposer if proposer is not None or config is None else \
             NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.forced = forced
         self.states: dict[str, SpecState] = {}
         self.proposing: set[str] = set()  # sequences the proposer may hold state for
-        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.num_forced: dict[str, int] = {}  # per sequence: how many of its drafts this step are forced
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * (config.num_speculative_tokens if config else 0))
 
     # ---- proposals ---------------------------------------------------------------------------------
     def propose(self, running: list[Sequence]) -> None:
@@ -240,39 +301,61 @@ class Speculator:
         scheduler may shorten or drop it to fit the step's budget and the KV pool)."""
         for seq in running:  # last step's proposals are spent or stale
             seq.draft_token_ids = []
+        self.num_forced = {}
         live = {seq.seq_id for seq in running}
-        for seq_id in self.proposing - live:  # preempted since: give back what the proposer holds
-            self.proposer.release(seq_id)
+        if self.proposer is not None:
+            for seq_id in self.proposing - live:  # preempted since: give back what the proposer holds
+                self.proposer.release(seq_id)
         self.proposing &= live
-        limit = self.config.disable_by_batch_size
-        if limit is not None and len(running) >= limit:
-            return
-        structured_only = self.config.requests == "structured"
+        config = self.config
+        limit = config.disable_by_batch_size if config is not None else None
+        proposer_on = self.proposer is not None and (limit is None or len(running) < limit)
+        structured_only = config is not None and config.requests == "structured"
         asked: list[Sequence] = []
         lengths: list[int] = []
         for seq in running:
-            if not self.eligible(seq) or (structured_only and seq.request.params.structured is None):
-                continue
-            state = self.states.get(seq.seq_id)
-            if state is None:
-                state = self.states[seq.seq_id] = SpecState(self.config.num_speculative_tokens)
-            if state.pause > 0:
-                state.pause -= 1
+            if not self.eligible(seq):
                 continue
             req = seq.request
             room = min(req.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-            k = min(state.draft_len, room)
+            if room <= 0:
+                continue
+            forced, may_continue = [], True
+            if self.forced is not None:
+                forced, may_continue = self.forced.forced_drafts(seq, min(room, MAX_FORCED_DRAFT_TOKENS))
+                if forced:
+                    seq.draft_token_ids = forced
+                    self.num_forced[seq.seq_id] = len(forced)
+            if not proposer_on or (structured_only and req.params.structured is None):
+                continue
+            if forced and not (may_continue and isinstance(self.proposer, ContinuingProposer)):
+                continue
+            state = self.states.get(seq.seq_id)
+            if state is None:
+                assert config is not None
+                state = self.states[seq.seq_id] = SpecState(config.num_speculative_tokens)
+            if state.pause > 0:
+                state.pause -= 1
+                continue
+            k = min(state.draft_len, room - len(forced))
             if k > 0:
                 asked.append(seq)
                 lengths.append(k)
         if not asked:
             return
+        assert self.proposer is not None
         self.proposing.update(seq.seq_id for seq in asked)
-        for seq, k, drafts in zip(asked, lengths, self.proposer.propose(asked, lengths)):
+        heads = [seq.draft_token_ids for seq in asked]
+        if any(heads):
+            assert isinstance(self.proposer, ContinuingProposer)
+            proposals = self.proposer.propose_after(asked, heads, lengths)
+        else:
+            proposals = self.proposer.propose(asked, lengths)
+        for seq, k, head, drafts in zip(asked, lengths, heads, proposals):
             drafts = drafts[:k]
             if drafts and isinstance(seq.grammar, RollbackGrammar):
-                drafts = grammar_prefix(seq.grammar, drafts)
-            seq.draft_token_ids = drafts
+                drafts = grammar_prefix(seq.grammar, [*head, *drafts])[len(head):]
+            seq.draft_token_ids = [*head, *drafts]
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -288,7 +371,8 @@ class Speculator:
         """Forget a finished or aborted sequence (and give back what the proposer holds for it)."""
         self.states.pop(seq.seq_id, None)
         self.proposing.discard(seq.seq_id)
-        self.proposer.release(seq.seq_id)
+        if self.proposer is not None:
+            self.proposer.release(seq.seq_id)
 
     # ---- verification ------------------------------------------------------------------------------
     def verify(self, sampled_ids: list[int], logprobs: list[TokenLogprob | None],
@@ -310,8 +394,13 @@ class Speculator:
                 out.seqs.append(seq)
                 out.token_ids.append(sampled_ids[row + j])
                 out.logprobs.append(logprobs[row + j])
-            if drafts:
-                self._record(seq, len(drafts), accepted)
+            # The scheduler may have cut the drafts: the forced ones lead, so they are cut last.
+            forced = min(self.num_forced.get(seq.seq_id, 0), len(drafts))
+            if forced:
+                assert self.forced is not None
+                self.forced.record_forced(seq, forced, min(accepted, forced))
+            if len(drafts) > forced and accepted >= forced:  # the proposer's drafts were reached and checked
+                self._record(seq, len(drafts) - forced, accepted - forced)
             num_rejected.append(len(drafts) - accepted)
             row += 1 + len(drafts)
         return out, num_rejected
@@ -329,7 +418,7 @@ class Speculator:
         for pos in range(accepted):
             stats.accepted_per_pos[pos] += 1
         state = self.states.get(seq.seq_id)
-        if state is None:
+        if state is None or self.config is None:
             return
         k_max = self.config.num_speculative_tokens
         if accepted == proposed:

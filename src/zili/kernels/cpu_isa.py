@@ -169,3 +169,11 @@ def _register_fakes(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::q8_gemm")
     def _(x, qs, d, n_out):
         return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake(f"{ns}::q4_dequant_linear")
+    def _(x, qs, dm, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake(f"{ns}::q8_dequant_linear")
+    def _(x, qs, d, n_out):
+        return x.new_empty(x.shape[0], n_out)

@@ -58,9 +58,11 @@ def _pad(t: torch.Tensor, rows: int, cols: int, value: float = 0) -> torch.Tenso
 
 def pack_q4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> Q4Packed:
     """codes [N, K] (integers 0..15), scale and minimum [N, ceil(K/32)] (w = code * scale + minimum
-    per group of 32 input features) -> the kernel's blocks. Scales are stored as float16 (GGUF's own
-    type for Q4_0/Q4_1/Q4_K scales: exact for those). ValueError on codes outside 0..15 or shapes
-    that do not agree."""
+    per group of 32 input features) -> the kernel's blocks. Scales and mins are stored as float16 (GGUF's
+    own type for Q4_0/Q4_1 scales and mins: exact for those). Q4_K's are products of a float16 super-block
+    scale and a 6-bit integer (up to 17 significant bits): rounded here, within 2^-11 of each (relative),
+    so its weights are not the file's bit for bit. ValueError on codes outside 0..15 or shapes that do
+    not agree."""
     n, k = codes.shape
     kb, ng = -(-k // GROUP), -(-n // ROWS)
     if scale.shape != (n, kb) or minimum.shape != (n, kb):

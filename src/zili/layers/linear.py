@@ -28,6 +28,15 @@ class QuantizedWeight(Protocol):
     def nbytes(self) -> int: ...
 
 
+class DequantizingWeight(QuantizedWeight, Protocol):
+    """A packed copy that can also serve any row count by the dense matmul on its codes dequantized
+    into scratch memory (zili.layers.quant on zili's kernels), so the layer needs no dense weight."""
+
+    dequantizes: bool
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor: ...  # [T, in] -> [T, out], bias not added
+
+
 class PrepackedWeight(Protocol):
     """The dense weight in the device matmul library's own layout (zili.layers.onednn.PackedDense)."""
 
@@ -47,7 +56,9 @@ class Linear(nn.Module):
         # Uninitialised on purpose: every value comes from the checkpoint.
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
-        # A packed copy of the weight (zili.layers.quant), used up to its `max_rows` input rows.
+        # A packed copy of the weight (zili.layers.quant), used up to its `max_rows` input rows; past
+        # them the dense weight serves, or, where `weight` was released (`release_dense_weights`), the
+        # packed copy's own dequantize-then-dense path.
         self.quant: QuantizedWeight | None = None
         # The dense weight pre-packed for the device's matmul library (zili.layers.onednn): when
         # set, it serves every row count the quantized form does not (and `weight` may be empty).
@@ -66,6 +77,9 @@ class Linear(nn.Module):
             return y + self.bias if self.bias is not None else y
         if self.packed is not None:
             return self.packed.matmul(x, self.bias)
+        if quant is not None and self.weight.numel() == 0:  # no dense copy held: `release_dense_weights`
+            y = quant.dense_matmul(x)  # type: ignore[attr-defined]
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
 
     def _forward_batch_invariant(self, x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -130,4 +144,27 @@ def set_batch_invariant(model: nn.Module, tile: int | None) -> int:
         if isinstance(module, Linear):
             module.row_tile = tile
             count += 1
+    return count
+
+
+def release_dense_weights(model: nn.Module) -> int:
+    """Drop the dense weight of every `Linear` whose packed copy can serve every row count itself
+    (`DequantizingWeight.dequantizes`): past its row limit the layer then dequantizes into scratch
+    memory instead of reading a dense copy (and `onednn.pack_dense_weights` makes none). Weights
+    another module reads stay: the model's `dense_weight_readers` (an LM head's fp32 refinement, MLA's
+    kv_b_proj) and weights shared between modules (tied embeddings). Returns how many were released."""
+    keep = set(getattr(model, "dense_weight_readers", ()))
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    count = 0
+    for name, module in model.named_modules():
+        if type(module) is not Linear or module.weight.numel() == 0 or module.packed is not None:
+            continue
+        if not getattr(module.quant, "dequantizes", False):
+            continue
+        if name in keep or name.rpartition(".")[2] in keep or owners.get(id(module.weight), 0) > 1:
+            continue
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+        count += 1
     return count

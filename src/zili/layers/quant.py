@@ -12,14 +12,17 @@ ZILI_CPU_KERNELS=0) torch's own kernels run: `aten._weight_int4pack_mm_for_cpu` 
 `_weight_int8pack_mm`, fed bf16 activations (with fp32 input they fall onto a path 10-80x slower).
 
 GGUF Q4_0, Q4_1 and Q4_K blocks map onto int4 without touching the codes: each 32-element group
-has w = q * d + m (float16 scales on zili's kernels: exact for Q4_0/Q4_1; bf16 on torch's).
+has w = q * d + m (float16 scales on zili's kernels: exact for Q4_0/Q4_1, Q4_K's sub-block products
+d * sc and dmin * m rounded to within 2^-11; bf16 on torch's).
 Q8_0, Q5_K and Q6_K, whose codes do not fit in 4 bits, become int8. Float checkpoints can be
 quantized on load to either form.
 
 Quantized kernels win at small row counts (decode); at larger ones (prefill, big batches) the
-dense matmul is faster, so a layer keeps its dense weight and switches by row count. Which packed
-kernel each layer shape runs, and up to which row count, is measured per machine
-(zili.layers.quant_calibration).
+dense matmul is faster, so a layer switches by row count. Past the limit a layer on zili's kernels
+dequantizes its codes into a scratch buffer for the dense matmul (`dense_matmul`: no dense copy
+held, ZILI_DENSE_WEIGHTS=dequant, the default); one on torch's kernels, or with ZILI_DENSE_WEIGHTS=copy,
+keeps a dense copy. Which packed kernel each layer shape runs, and up to which row count, is
+measured per machine (zili.layers.quant_calibration).
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ class Int4Weight:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
         return y.to(x.dtype)
 
+    @property
+    def dequantizes(self) -> bool:
+        """Whether `dense_matmul` runs here (zili's kernels: their build has the dequantize op)."""
+        return self.isa is not None
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T like `matmul`, by the dense matmul (oneDNN / MKL) on the weight dequantized a few MiB
+        at a time into a per-thread scratch buffer: for row counts past `max_rows`, where the dense
+        product is faster, without holding a dense copy. zili's kernels only (`dequantizes`)."""
+        y = cpu_isa.ops(self.isa).q4_dequant_linear(_rows(x), self.q4.qs, self.q4.dm, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def nbytes(self) -> int:
         if self.isa is not None:
             return self.q4.nbytes()
@@ -134,6 +149,17 @@ class Int8Weight:
             y = self._gemm(_rows(x), self.q8.qs, self.q8.d, self.out_features)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
+
+    @property
+    def dequantizes(self) -> bool:
+        """Whether `dense_matmul` runs here (zili's kernels: their build has the dequantize op)."""
+        return self.isa is not None
+
+    def dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T by the dense matmul on the weight dequantized into a scratch buffer (see
+        `Int4Weight.dense_matmul`). zili's kernels only (`dequantizes`)."""
+        y = cpu_isa.ops(self.isa).q8_dequant_linear(_rows(x), self.q8.qs, self.q8.d, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @classmethod
     def from_q8_0(cls, codes: torch.Tensor, d: torch.Tensor, max_rows: int = DEFAULT_MAX_ROWS,

@@ -13,6 +13,10 @@ shape is a pair, a `KernelChoice`:
   - the kernel with the best geometric mean of time over the row counts where a packed kernel
     beats dense (decode's row counts: where the choice matters);
   - max_rows: the last row count, going up, where that kernel still beats dense.
+"Dense" is the path the layer takes past its limit: for zili's kernels under ZILI_DENSE_WEIGHTS=dequant
+(the default) the codes dequantized into scratch memory, then the dense matmul ("dequant" in the
+timings; no dense copy held); for torch's kernels, or with ZILI_DENSE_WEIGHTS=copy, a dense copy
+(oneDNN-packed where available, "dense").
 
 Bounded: a deadline (`budget_s`) is checked before building each shape's candidates and before
 each row count; past it, the shapes not finished get no measured choice (the caller falls back
@@ -156,6 +160,10 @@ def default_choice() -> KernelChoice:
 # (2026-11-30, forced avx2 on the Xeon, e.g. 3072x576 at 16 rows 298 us against 604 dense). Others: 4.
 BUSY_MAX_ROWS = {"avx512": 4, "avx2": 32}
 BUSY_MAX_ROWS_OTHER = 4
+# The same when the layer holds no dense copy (ZILI_DENSE_WEIGHTS=dequant): above its limit it dequantizes
+# into scratch memory first, which zili's int4 kernel beat at 64 rows on all four SmolLM2 shapes (avx512,
+# bf16; benchmarks/notes/memory.md), so its limit goes up to the calibration's largest row count.
+BUSY_MAX_ROWS_DEQUANT = {"avx512": 64, "avx2": 64}
 
 
 def busy_choice() -> KernelChoice:
@@ -170,7 +178,8 @@ def busy_choice() -> KernelChoice:
         return KernelChoice(forced, DEFAULT_MAX_ROWS)
     level = cpu_isa.selected() if cpu_isa.enabled() else None
     if level is not None and usable(level):
-        return KernelChoice(level, BUSY_MAX_ROWS.get(level, BUSY_MAX_ROWS_OTHER))
+        limits = BUSY_MAX_ROWS_DEQUANT if envs.dense_weights() == "dequant" else BUSY_MAX_ROWS
+        return KernelChoice(level, limits.get(level, BUSY_MAX_ROWS_OTHER))
     return KernelChoice(TORCH, DEFAULT_MAX_ROWS)
 
 
@@ -196,6 +205,13 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor],
     return lambda x: F.linear(x, w)
 
 
+def _reference(timing: dict[str, float], kernel: str) -> float:
+    """The time of the path a layer on `kernel` takes past its row limit, from one row count's timings:
+    the dequantize-then-dense path where it was timed (zili's kernels, ZILI_DENSE_WEIGHTS=dequant), else
+    the dense copy's."""
+    return timing["dequant"] if kernel != TORCH and "dequant" in timing else timing["dense"]
+
+
 def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Best-of-`repeats` microseconds per call of each candidate, timed round-robin (the order
     rotating each round) after one warm-up call each, so a load change on a shared host hits every
@@ -215,7 +231,7 @@ def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
 def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> KernelChoice:
     """The choice from one shape's timings {rows: {candidate or "dense": us}} (see the module doc)."""
     rows = sorted(timings)
-    winning = [r for r in rows if min(timings[r][k] for k in kernels) < timings[r]["dense"]]
+    winning = [r for r in rows if any(timings[r][k] < _reference(timings[r], k) for k in kernels)]
     if not winning:
         return KernelChoice(min(kernels, key=lambda k: timings[rows[0]][k]) if rows else kernels[0], 0)
 
@@ -225,7 +241,7 @@ def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> Kern
     kernel = min(kernels, key=score)
     limit = 0
     for r in rows:
-        if timings[r][kernel] >= timings[r]["dense"]:
+        if timings[r][kernel] >= _reference(timings[r], kernel):
             break
         limit = r
     return KernelChoice(kernel, limit)
@@ -254,19 +270,23 @@ def calibrate_kernels(shapes: dict[str, tuple[str, int, int, int]], dtype: torch
                 result.cut.append(key)
                 continue
             weight = torch.randn(min(n, TIMED_MAX_OUT), k, generator=gen) * 0.05
-            calls = {kernel: _packed(form, weight, kernel).matmul for kernel in kernels}
+            packed = {kernel: _packed(form, weight, kernel) for kernel in kernels}
+            calls = {kernel: p.matmul for kernel, p in packed.items()}
             calls["dense"] = _dense(weight, dtype)
+            dequantizing = [p for p in packed.values() if getattr(p, "dequantizes", False)]
+            if dequantizing and envs.dense_weights() == "dequant":
+                calls["dequant"] = dequantizing[0].dense_matmul
             timings: dict[int, dict[str, float]] = {}
             for r in rows:
                 if clock() >= deadline:
                     break
                 x = torch.randn(r, k, generator=gen).to(dtype)
                 timings[r] = race({name: functools.partial(fn, x) for name, fn in calls.items()}, repeats)
-                if all(timings[r][kn] >= timings[r]["dense"] for kn in kernels):
+                if all(timings[r][kn] >= _reference(timings[r], kn) for kn in kernels):
                     break  # dense wins from here on: larger row counts favour it more
             result.timings_us[key] = timings
             finished = bool(timings) and (len(timings) == len(rows) or
-                                          all(timings[max(timings)][kn] >= timings[max(timings)]["dense"]
+                                          all(timings[max(timings)][kn] >= _reference(timings[max(timings)], kn)
                                               for kn in kernels))
             if finished:
                 result.choices[key] = choose(timings, kernels)

@@ -12,7 +12,9 @@ agreement fell to 84% on SmolLM2); it gets int8 whenever the others are quantize
 `quantize_and_calibrate` is the one path from a loaded model to its serving weights, used by the
 single-process engine's builder and by every tensor-parallel shard (zili.distributed.weights):
 choose each layer shape's packed kernel and row limit (tune cache, else measured now:
-zili.layers.quant_calibration), quantize with those, then pre-pack the dense rest for oneDNN.
+zili.layers.quant_calibration), quantize with those, release the dense weights that zili's kernels
+make unnecessary (ZILI_DENSE_WEIGHTS=dequant: past a layer's row limit its codes are dequantized into
+scratch memory), then pre-pack the dense rest for oneDNN.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from zili import envs
 from zili.choices import QUANTIZATION_MODES
 from zili.layers import onednn
 from zili.layers.embedding import VocabEmbedding
-from zili.layers.linear import Linear
+from zili.layers.linear import Linear, release_dense_weights
 from zili.layers.quant import (
     DEFAULT_MAX_ROWS,
     INT4_GGUF_TYPES,
@@ -82,6 +84,7 @@ class QuantizeReport:
     measured: dict[str, KernelChoice] = field(default_factory=dict)
     calibration: Calibration | None = None
     tied_table_released: bool = False  # serve_tied_embedding_from_head dropped the dense table
+    dequantized_dense: int = 0  # layers whose dense weight was released (release_dense_weights)
 
 
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
@@ -125,6 +128,14 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     if report.tied_table_released:
         logger.info("weights: the tied embedding / LM head table is held once, as the checkpoint's Q8_0 codes (the "
                     "head's int8 kernel serves every batch size; lookups and its top-k refinement read its rows)")
+    # Layers on zili's kernels serve batches past their row limit from their codes (dequantized into
+    # scratch memory): their dense weights go before oneDNN would pack a copy of them.
+    if envs.dense_weights() == "dequant":
+        report.dequantized_dense = release_dense_weights(model)
+        if report.dequantized_dense:
+            logger.info("weights: %d quantized projections hold no dense copy (past their row limit they dequantize "
+                        "into a scratch buffer for the dense matmul; ZILI_DENSE_WEIGHTS=copy keeps copies)",
+                        report.dequantized_dense)
     # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
         report.packed_dense = onednn.pack_dense_weights(model)

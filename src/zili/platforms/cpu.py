@@ -59,6 +59,15 @@ class CpuPlatform(Platform):
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
         return torch.bfloat16 if native_bf16 and cpu_isa() == "avx512" else torch.float32
 
+    def default_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        # Where the platform computes in fp32 because bf16 would be emulated (AVX2), the cache is
+        # still stored in bf16, as llama.cpp stores an f16 cache: a decode step at 64 sequences
+        # mostly reads the KV pool, the kernels widen a bf16 row with one shift, and the pool holds
+        # twice the tokens. Forced AVX2 on the dev VM, 64 sequences x 256+128 tokens: 1.29x the
+        # output tok/s of the fp32 cache (benchmarks/notes/cpu-speed.md). Asking for dtype="float32"
+        # keeps an fp32 cache (the exact path the HF comparisons use).
+        return torch.bfloat16 if model_dtype == torch.float32 else model_dtype
+
     def set_num_threads(self, threads: int | None) -> None:
         # One thread per physical core: SMT siblings share the FMA units and only add
         # synchronisation cost to the matmuls.

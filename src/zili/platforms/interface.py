@@ -45,6 +45,12 @@ class Platform:
     def default_dtype(self) -> torch.dtype:
         return torch.float32
 
+    def default_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type for kv_cache_dtype="auto" when the model's dtype was also
+        left to the platform (`default_dtype`): the model's own, unless a platform stores it
+        narrower (see CpuPlatform)."""
+        return model_dtype
+
     def total_memory(self) -> int:
         raise NotImplementedError
 

@@ -86,7 +86,8 @@ class _DrainingServer(uvicorn.Server):
 SERVE_ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "kv_cache_dtype", "quantization",
                         "threads", "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
                         "reasoning_parser", "tensor_parallel_size", "speculative_config",
-                        "speculative_model", "enable_jump_forward", "deterministic", "structured_outputs_backend")
+                        "speculative_model", "enable_jump_forward", "jump_forward_mode", "deterministic",
+                        "structured_outputs_backend")
 
 
 @engine_options(*SERVE_ENGINE_OPTIONS)

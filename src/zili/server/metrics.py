@@ -54,6 +54,13 @@ class _EngineStatsCollector(Collector):
              getattr(stats, "spec_decode_num_draft_tokens", 0)),
             ("zili_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
              getattr(stats, "spec_decode_num_accepted_tokens", 0)),
+            # Jump-forward structured decoding (zili.engine.jump_forward).
+            ("zili_jump_forward_num_jumps", "Steps in which a sequence's grammar-forced text was verified as drafts "
+             "or appended.", getattr(stats, "jump_forward_num_jumps", 0)),
+            ("zili_jump_forward_num_forced_tokens", "Forced tokens that took no step of their own (steps saved): "
+             "forced drafts accepted, or forced tokens appended.", getattr(stats, "jump_forward_num_forced_tokens", 0)),
+            ("zili_jump_forward_num_forced_draft_tokens", "Forced tokens proposed as drafts and verified (verify mode).",
+             getattr(stats, "jump_forward_num_forced_draft_tokens", 0)),
         ]
         for name, doc, value in counters:
             counter = CounterMetricFamily(name, doc, labels=["model_name"])

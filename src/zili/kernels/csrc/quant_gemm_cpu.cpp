@@ -311,6 +311,158 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scal
   return y;
 }
 
+// ---- Dequantize-then-dense: the path for row counts where a dense matmul beats the integer kernel ----
+//
+// A layer served by the kernels above has no dense copy of its weight. For batches past its packed
+// kernel's row limit (prefill, large decode batches) the weight is dequantized chunk by chunk into a
+// per-thread scratch buffer in x's dtype (at most kScratchBytes: one layer of a small model, or a slice
+// of a large one) and multiplied by the device BLAS (oneDNN / MKL through at::linear), so the only
+// weight-sized memory a layer holds is its packed codes.
+
+constexpr int64_t kScratchBytes = int64_t(4) << 20;
+
+inline void store32(float* dst, const float* v, int64_t n) { std::memcpy(dst, v, n * sizeof(float)); }
+inline void store32(c10::BFloat16* dst, const float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(v[i]);
+}
+
+// Row `i` of group `g`, block `b` of a packed weight -> 32 floats (w = d * code + m, or d * code).
+template <bool Q4>
+inline void block_values(const uint8_t* wq, const uint16_t* wd, int64_t KB, int64_t g, int64_t b, int64_t i,
+                         float* v) {
+  if constexpr (Q4) {
+    const uint8_t* blk = wq + (g * KB + b) * 4 * R * 4;
+    const uint16_t* sb = wd + (g * KB + b) * 2 * R;
+    const float d = half_to_float(sb[i]), m = half_to_float(sb[R + i]);
+    for (int64_t o = 0; o < 4; ++o)
+      for (int64_t t = 0; t < 4; ++t) {
+        const uint8_t byte = blk[(o * R + i) * 4 + t];
+        v[8 * o + t] = d * static_cast<float>(byte & 0x0F) + m;
+        v[8 * o + 4 + t] = d * static_cast<float>(byte >> 4) + m;
+      }
+  } else {
+    const uint8_t* blk = wq + (g * KB + b) * 8 * R * 4;
+    const float d = half_to_float(wd[(g * KB + b) * R + i]);
+    for (int64_t j = 0; j < 8; ++j)
+      for (int64_t t = 0; t < 4; ++t) v[4 * j + t] = d * static_cast<float>(static_cast<int32_t>(blk[(j * R + i) * 4 + t]) - 128);
+  }
+}
+
+#if defined(ZILI_ISA_AVX512)
+// The same 32 values as block_values, in two vectors (elements 0..15, 16..31).
+template <bool Q4>
+inline void block_vectors(const uint8_t* wq, const uint16_t* wd, int64_t KB, int64_t g, int64_t b, int64_t i,
+                          __m512& f0, __m512& f1) {
+  if constexpr (Q4) {
+    const uint8_t* blk = wq + (g * KB + b) * 4 * R * 4;
+    const uint16_t* sb = wd + (g * KB + b) * 2 * R;
+    const __m512 dv = _mm512_set1_ps(half_to_float(sb[i])), mv = _mm512_set1_ps(half_to_float(sb[R + i]));
+    const __m128i v = _mm_set_epi32(load_quad(reinterpret_cast<const int8_t*>(blk + (3 * R + i) * 4)),
+                                    load_quad(reinterpret_cast<const int8_t*>(blk + (2 * R + i) * 4)),
+                                    load_quad(reinterpret_cast<const int8_t*>(blk + (1 * R + i) * 4)),
+                                    load_quad(reinterpret_cast<const int8_t*>(blk + (0 * R + i) * 4)));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+    // octet o = low nibbles of its quad, then high nibbles: interleave the quads of lo and hi
+    f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi32(lo, hi))), dv, mv);
+    f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi32(lo, hi))), dv, mv);
+  } else {
+    const uint8_t* blk = wq + (g * KB + b) * 8 * R * 4;
+    const __m512 dv = _mm512_set1_ps(half_to_float(wd[(g * KB + b) * R + i]));
+    int32_t quads[8];
+    for (int j = 0; j < 8; ++j) quads[j] = load_quad(reinterpret_cast<const int8_t*>(blk + (j * R + i) * 4));
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i c = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(quads)), flip);  // code
+    f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))), dv);
+    f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1))), dv);
+  }
+}
+
+inline void store_vec(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+inline void store_vec(c10::BFloat16* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+#endif
+
+// Rows [n0, n0 + nc) of the weight (n0 a multiple of R) -> w [nc, K] in T.
+template <bool Q4, typename T>
+void dequant_rows(const uint8_t* wq, const uint16_t* wd, int64_t K, int64_t n0, int64_t nc, T* w) {
+  const int64_t KB = (K + QK - 1) / QK;
+  const int64_t g0 = n0 / R, g1 = (n0 + nc + R - 1) / R;
+  at::parallel_for(g0, g1, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float v[QK];
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t row = g * R + i - n0;
+        if (row >= nc) break;
+        T* out = w + row * K;
+        for (int64_t b = 0; b < KB; ++b) {
+          const int64_t n = std::min<int64_t>(QK, K - b * QK);
+#if defined(ZILI_ISA_AVX512)
+          if (n == QK) {
+            __m512 f0, f1;
+            block_vectors<Q4>(wq, wd, KB, g, b, i, f0, f1);
+            store_vec(out + b * QK, f0);
+            store_vec(out + b * QK + 16, f1);
+            continue;
+          }
+#endif
+          block_values<Q4>(wq, wd, KB, g, b, i, v);
+          store32(out + b * QK, v, n);
+        }
+      }
+  });
+}
+
+at::Tensor dequant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, int64_t n_out, bool q4) {
+  TORCH_CHECK(x.dim() == 2, "dequant linear: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "dequant linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "dequant linear: scales must be float16");
+  const int64_t M = x.size(0), K = x.size(1), KB = (K + QK - 1) / QK, NG = (n_out + R - 1) / R;
+  const int64_t per_block = q4 ? 4 * R * 4 : 8 * R * 4;
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.numel() == NG * KB * per_block,
+              "dequant linear: qs must be uint8 holding ceil(N/16) * ceil(K/32) * ", per_block, " bytes");
+  TORCH_CHECK(scales.numel() == NG * KB * (q4 ? 2 : 1) * R, "dequant linear: wrong number of scales");
+  auto xc = x.contiguous();
+  auto qc = qs.contiguous();
+  auto sc = scales.contiguous();
+  if (M == 0 || n_out == 0 || K == 0) return at::zeros({M, n_out}, x.options());
+  const int64_t elt = x.element_size();
+  const int64_t chunk = std::min(n_out, std::max<int64_t>(R, kScratchBytes / (K * elt) / R * R));
+  // One buffer per calling thread, reused by every layer and step (never more than kScratchBytes,
+  // or one chunk of R rows for a very wide K).
+  thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.scalar_type() != x.scalar_type() || scratch.numel() < chunk * K)
+    scratch = at::empty({chunk * K}, x.options());
+  const auto* wq = reinterpret_cast<const uint8_t*>(qc.data_ptr());
+  const auto* wd = reinterpret_cast<const uint16_t*>(sc.data_ptr());
+  at::Tensor y = chunk == n_out ? at::Tensor() : at::empty({M, n_out}, x.options());
+  for (int64_t n0 = 0; n0 < n_out; n0 += chunk) {
+    const int64_t nc = std::min(chunk, n_out - n0);
+    if (x.scalar_type() == at::kFloat) {
+      if (q4) dequant_rows<true>(wq, wd, K, n0, nc, scratch.data_ptr<float>());
+      else dequant_rows<false>(wq, wd, K, n0, nc, scratch.data_ptr<float>());
+    } else {
+      using B = c10::BFloat16;
+      if (q4) dequant_rows<true>(wq, wd, K, n0, nc, scratch.data_ptr<B>());
+      else dequant_rows<false>(wq, wd, K, n0, nc, scratch.data_ptr<B>());
+    }
+    at::Tensor part = at::linear(xc, scratch.narrow(0, 0, nc * K).view({nc, K}));
+    if (chunk == n_out) return part;
+    y.narrow(1, n0, nc).copy_(part);
+  }
+  return y;
+}
+
+at::Tensor q4_dequant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& dm, int64_t n_out) {
+  return dequant_linear(x, qs, dm, n_out, true);
+}
+
+at::Tensor q8_dequant_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t n_out) {
+  return dequant_linear(x, qs, d, n_out, false);
+}
+
 at::Tensor q4_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& dm, int64_t n_out) {
   return run(x, qs, dm, n_out, true);
 }
@@ -329,10 +481,14 @@ int64_t isa_level() { return kIsaLevel; }
 ZILI_FRAGMENT(ZILI_OPS_NS, m) {
   m.def("q4_gemm(Tensor x, Tensor qs, Tensor dm, int n_out) -> Tensor");
   m.def("q8_gemm(Tensor x, Tensor qs, Tensor d, int n_out) -> Tensor");
+  m.def("q4_dequant_linear(Tensor x, Tensor qs, Tensor dm, int n_out) -> Tensor");
+  m.def("q8_dequant_linear(Tensor x, Tensor qs, Tensor d, int n_out) -> Tensor");
   m.def("isa_level() -> int", &isa_level);
 }
 
 ZILI_IMPL(ZILI_OPS_NS, CPU, m) {
   m.impl("q4_gemm", &q4_gemm);
   m.impl("q8_gemm", &q8_gemm);
+  m.impl("q4_dequant_linear", &q4_dequant_linear);
+  m.impl("q8_dequant_linear", &q8_dequant_linear);
 }

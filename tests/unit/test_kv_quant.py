@@ -5,6 +5,7 @@ and clear errors where it is not supported."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -244,21 +245,27 @@ def test_cpp_kernel_matches_the_dequantized_reference(isa, name, q_dtype, n_head
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("isa", _levels())
-@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 3, 4, 8])
-@pytest.mark.parametrize("d,block_size", [(64, 16), (128, 8), (64, 32)])
-def test_specialised_int8_kernel(isa, q_dtype, group, d, block_size):
-    """int8 caches with D 64/128 and block sizes divisible by 8 take the compile-time (G, D) kernel
-    (at the AVX-512 level int16-query x int8-key dot products for a bf16 query, at AVX2 fp32 FMAs) against
-    fp64 attention over the dequantized cache: contexts of every residue mod 8 and partial last
-    blocks, sliding windows starting off the 8-position grid, rows of zeros (scale 0) among the keys
-    and values, work split by sequence (the batch) and by KV head (one sequence at a time)."""
-    from tests.unit.test_cpu_attention import _gathered_reference
-    from zili.kernels import cpu_attention
+def _int8_kernel_cases() -> list:
+    """(isa, q_dtype, group, d, block_size): every (G, D, block) shape where the compile-time (G, D) int8
+    kernel runs (AVX2: any query; AVX-512: a bf16 / fp16 query, a float32 one keeps the exact generic
+    path), two shapes elsewhere (the generic loops, also covered shape by shape by the test above)."""
+    shapes = [(g, d, bs) for g in (1, 3, 4, 8) for d, bs in ((64, 16), (128, 8), (64, 32))]
+    cases = []
+    for isa in _levels():
+        for q_dtype in (torch.float32, torch.bfloat16):
+            specialised = isa == "avx2" or (isa == "avx512" and q_dtype != torch.float32)
+            for group, d, bs in shapes if specialised else [(3, 64, 16), (8, 128, 8)]:
+                cases.append(pytest.param(isa, q_dtype, group, d, bs,
+                                          id=f"{isa}-{str(q_dtype)[6:]}-g{group}-d{d}-bs{bs}"))
+    return cases
 
-    if not cpu_attention.available(isa):
-        pytest.skip(f"the {isa} kernels do not build here")
+
+@functools.lru_cache(maxsize=None)
+def _int8_case(q_dtype: torch.dtype, group: int, d: int, block_size: int):
+    """The inputs of one test_specialised_int8_kernel shape and the fp64 oracle per window, built once
+    and shared by the levels (the oracle costs more than the kernels); nothing here is mutated."""
+    from tests.unit.test_cpu_attention import _gathered_reference
+
     gen = torch.Generator().manual_seed(group * 1000 + d + block_size)
     n_kv, num_blocks = 2, 160
     lens = [1, 7, 8, 9, 15, 33, 70, 203]
@@ -277,16 +284,34 @@ def test_specialised_int8_kernel(isa, q_dtype, group, d, block_size):
     width = max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     scale = d ** -0.5
+    wants = {}
+    for window in (0, 5, 12, 64):
+        if window:
+            wants[window] = torch.stack([
+                _gathered_reference(q[b:b + 1], _window_cache(dense, tables[b], n, window, block_size),
+                                    [list(range(-(-min(n, window) // block_size)))], [min(n, window)], scale)[0]
+                for b, n in enumerate(lens)])
+        else:
+            wants[window] = _gathered_reference(q, dense, tables, lens, scale)
+    return cache, q, padded, lens, scale, wants
+
+
+@pytest.mark.parametrize("isa,q_dtype,group,d,block_size", _int8_kernel_cases())
+def test_specialised_int8_kernel(isa, q_dtype, group, d, block_size):
+    """int8 caches with D 64/128 and block sizes divisible by 8 take the compile-time (G, D) kernel
+    (at the AVX-512 level int16-query x int8-key dot products for a bf16 query, at AVX2 fp32 FMAs) against
+    fp64 attention over the dequantized cache: contexts of every residue mod 8 and partial last
+    blocks, sliding windows starting off the 8-position grid, rows of zeros (scale 0) among the keys
+    and values, work split by sequence (the batch) and by KV head (one sequence at a time)."""
+    from zili.kernels import cpu_attention
+
+    if not cpu_attention.available(isa):
+        pytest.skip(f"the {isa} kernels do not build here")
+    cache, q, padded, lens, scale, wants = _int8_case(q_dtype, group, d, block_size)
     # bf16 output rounding sets the bf16 tolerance (the int16 query adds ~1e-4); a float32 query is
     # never quantized.
     tol = 1e-4 if q_dtype == torch.float32 else 2e-2
-    for window in (0, 5, 12, 64):
-        if window:
-            want = torch.stack([_gathered_reference(q[b:b + 1], _window_cache(dense, tables[b], n, window, block_size),
-                                                    [list(range(-(-min(n, window) // block_size)))],
-                                                    [min(n, window)], scale)[0] for b, n in enumerate(lens)])
-        else:
-            want = _gathered_reference(q, dense, tables, lens, scale)
+    for window, want in wants.items():
         got = cpu_attention.paged_decode(q, cache, padded, torch.tensor(lens), scale, window, isa=isa)
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
         for b in (2, 7):  # one sequence: the work splits by KV head

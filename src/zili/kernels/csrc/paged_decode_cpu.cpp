@@ -255,6 +255,78 @@ bool decode_item_avx512(const T* cache, const int64_t* table, int64_t first, int
 }
 #endif
 
+// ---- the value sum of the specialised kernels, written once for every vector width ----------------
+// A vector type's traits: its fp32 lane count, how many accumulators fit in its register file (the
+// rest hold the weights and the loaded chunk), and the five operations the sum uses. load() converts
+// one chunk of cache elements (bf16, int8: unscaled) to fp32 lanes.
+#if defined(__AVX512F__)
+struct Vec16 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kAccumulators = 24;  // of 32 registers
+  static V zero() { return _mm512_setzero_ps(); }
+  static V broadcast(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  template <typename T>
+  static V load(const T* p) { return load16(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+#elif defined(__AVX2__)
+inline __m256 load8(const int8_t* p) {  // 8 elements as float32 lanes, unscaled
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+struct Vec8 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kAccumulators = 12;  // of 16 registers
+  static V zero() { return _mm256_setzero_ps(); }
+  static V broadcast(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V load(const int8_t* p) { return load8(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+// acc[h] = sum over positions s in [skip, len) of scores[h * len + s] * V[first + s], for the G query
+// heads of every KV head in [h0, h1), with D (a compile-time multiple of Vec::kLanes) and the value
+// rows of a cache of element type C read in place (a quantized row's scale folded into its weight).
+// Heads go in passes of GB so that the GB x D / kLanes accumulators stay in registers.
+template <typename Vec, int G, int D, typename C>
+inline void sum_values(const C* cache, const int64_t* table, int64_t first, int64_t skip, int64_t len,
+                       const float* scores, float* acc, int64_t h0, int64_t h1, int64_t BS, int64_t token_stride,
+                       int64_t block_stride, int64_t half) {
+  using V = typename Vec::V;
+  constexpr int VC = D / Vec::kLanes;  // chunks per row
+  static_assert(VC * Vec::kLanes == D, "D must be a multiple of the lane count");
+  constexpr int GB = std::max(1, std::min(G, Vec::kAccumulators / VC));
+  constexpr int64_t RW = D + CacheRow<C>::kExtra;
+  for (int64_t kh = h0; kh < h1; ++kh) {
+    const int64_t hb = (kh - h0) * G;
+    for (int g0 = 0; g0 < G; g0 += GB) {
+      V out[GB][VC];
+      for (int g = 0; g < GB; ++g)
+        for (int c = 0; c < VC; ++c) out[g][c] = Vec::zero();
+      for (int64_t s = skip; s < len; ++s) {
+        const int64_t p = first + s;
+        const C* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * RW;
+        const float vscale = CacheRow<C>::scale(v, D);  // 1 for a float cache
+        V w[GB];
+        for (int g = 0; g < GB; ++g)
+          w[g] = g0 + g < G ? Vec::broadcast(scores[(hb + g0 + g) * len + s] * vscale) : Vec::zero();
+        for (int c = 0; c < VC; ++c) {
+          const V vc = Vec::load(v + Vec::kLanes * c);
+          for (int g = 0; g < GB; ++g) out[g][c] = Vec::fma(w[g], vc, out[g][c]);
+        }
+      }
+      for (int g = 0; g < GB && g0 + g < G; ++g)
+        for (int c = 0; c < VC; ++c) Vec::store(acc + (hb + g0 + g) * D + Vec::kLanes * c, out[g][c]);
+    }
+  }
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 caches with D = 32 * CH and G query heads per KV head, all compile-time so that every loop
 // below unrolls into registers. Scores use the dot-product instruction on bf16 pairs (vdpbf16ps:
@@ -318,30 +390,7 @@ void decode_item_bf16(const c10::BFloat16* cache, const int64_t* table, int64_t 
   for (int64_t h = 0; h < nh; ++h) softmax_avx512(scores + h * len, len);
   for (int64_t h = 0; h < nh; ++h)
     for (int64_t s = 0; s < skip; ++s) scores[h * len + s] = 0.0f;
-  // Values: heads in passes of GB so that GB * 2CH fp32 accumulators stay in registers.
-  constexpr int VC = 2 * CH;  // 16-lane chunks per row
-  constexpr int GB = std::max(1, std::min(G, 24 / VC));
-  for (int64_t kh = h0; kh < h1; ++kh) {
-    const int64_t hb = (kh - h0) * G;
-    for (int g0 = 0; g0 < G; g0 += GB) {
-      __m512 out[GB][VC];
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < VC; ++c) out[g][c] = _mm512_setzero_ps();
-      for (int64_t s = skip; s < len; ++s) {
-        const int64_t p = first + s;
-        const c10::BFloat16* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * D;
-        __m512 w[GB];
-        for (int g = 0; g < GB; ++g)
-          w[g] = g0 + g < G ? _mm512_set1_ps(scores[(hb + g0 + g) * len + s]) : _mm512_setzero_ps();
-        for (int c = 0; c < VC; ++c) {
-          const __m512 vc = load16(v + 16 * c);
-          for (int g = 0; g < GB; ++g) out[g][c] = _mm512_fmadd_ps(w[g], vc, out[g][c]);
-        }
-      }
-      for (int g = 0; g < GB && g0 + g < G; ++g)
-        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc + (hb + g0 + g) * D + 16 * c, out[g][c]);
-    }
-  }
+  sum_values<Vec16, G, D>(cache, table, first, skip, len, scores, acc, h0, h1, BS, token_stride, block_stride, half);
 }
 
 using Bf16ItemFn = void (*)(const c10::BFloat16*, const int64_t*, int64_t, int64_t, int64_t, const c10::BFloat16*,
@@ -471,41 +520,14 @@ void decode_item_i8_vnni(const int8_t* cache, const int64_t* table, int64_t firs
     }
   }
   softmax_skipping(scores, (h1 - h0) * G, len, skip, softmax_avx512);
-  constexpr int VC = 4 * CH;  // 16-lane chunks per row
-  constexpr int GB = std::max(1, std::min(G, 24 / VC));
-  for (int64_t kh = h0; kh < h1; ++kh) {
-    const int64_t hb = (kh - h0) * G;
-    for (int g0 = 0; g0 < G; g0 += GB) {
-      __m512 out[GB][VC];
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < VC; ++c) out[g][c] = _mm512_setzero_ps();
-      for (int64_t s = skip; s < len; ++s) {
-        const int64_t p = first + s;
-        const int8_t* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * RW;
-        const float vscale = bf16_bytes_to_float(v + D);
-        __m512 w[GB];
-        for (int g = 0; g < GB; ++g)
-          w[g] = g0 + g < G ? _mm512_set1_ps(scores[(hb + g0 + g) * len + s] * vscale) : _mm512_setzero_ps();
-        for (int c = 0; c < VC; ++c) {
-          const __m512 vc = load16(v + 16 * c);
-          for (int g = 0; g < GB; ++g) out[g][c] = _mm512_fmadd_ps(w[g], vc, out[g][c]);
-        }
-      }
-      for (int g = 0; g < GB && g0 + g < G; ++g)
-        for (int c = 0; c < VC; ++c) _mm512_storeu_ps(acc + (hb + g0 + g) * D + 16 * c, out[g][c]);
-    }
-  }
+  sum_values<Vec16, G, D>(cache, table, first, skip, len, scores, acc, h0, h1, BS, token_stride, block_stride, half);
 }
 #define ZILI_Q8_ITEM decode_item_i8_vnni
 #define ZILI_Q8_D_UNIT 64
 #elif defined(__AVX2__) && !defined(__AVX512F__)
 // AVX2: scores in fp32 FMAs on 8-lane vectors, each key chunk converted once and used by the G heads
 // (the integer route of the AVX-512 kernel, vpmaddwd on an int16 query, is not written for this level
-// yet), values as in the AVX-512 kernel.
-inline __m256 load8_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
+// yet), values through sum_values as in the AVX-512 kernels.
 inline void softmax_avx2(float* x, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
@@ -538,7 +560,7 @@ void decode_item_i8_avx2(const int8_t* cache, const int64_t* table, int64_t firs
         if (t < n) {
           const int8_t* k = kb + t * token_stride;
           for (int c = 0; c < VC; ++c) {
-            const __m256 kc = load8_i8(k + 8 * c);
+            const __m256 kc = load8(k + 8 * c);
             for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + g * D + 8 * c), kc, a[g]);
           }
         }
@@ -554,29 +576,7 @@ void decode_item_i8_avx2(const int8_t* cache, const int64_t* table, int64_t firs
     }
   }
   softmax_skipping(scores, (h1 - h0) * G, len, skip, softmax_avx2);
-  constexpr int GB = std::max(1, std::min(G, 12 / VC));
-  for (int64_t kh = h0; kh < h1; ++kh) {
-    const int64_t hb = (kh - h0) * G;
-    for (int g0 = 0; g0 < G; g0 += GB) {
-      __m256 out[GB][VC];
-      for (int g = 0; g < GB; ++g)
-        for (int c = 0; c < VC; ++c) out[g][c] = _mm256_setzero_ps();
-      for (int64_t s = skip; s < len; ++s) {
-        const int64_t p = first + s;
-        const int8_t* v = cache + half + table[p / BS] * block_stride + (p % BS) * token_stride + kh * RW;
-        const float vscale = bf16_bytes_to_float(v + D);
-        __m256 w[GB];
-        for (int g = 0; g < GB; ++g)
-          w[g] = g0 + g < G ? _mm256_set1_ps(scores[(hb + g0 + g) * len + s] * vscale) : _mm256_setzero_ps();
-        for (int c = 0; c < VC; ++c) {
-          const __m256 vc = load8_i8(v + 8 * c);
-          for (int g = 0; g < GB; ++g) out[g][c] = _mm256_fmadd_ps(w[g], vc, out[g][c]);
-        }
-      }
-      for (int g = 0; g < GB && g0 + g < G; ++g)
-        for (int c = 0; c < VC; ++c) _mm256_storeu_ps(acc + (hb + g0 + g) * D + 8 * c, out[g][c]);
-    }
-  }
+  sum_values<Vec8, G, D>(cache, table, first, skip, len, scores, acc, h0, h1, BS, token_stride, block_stride, half);
 }
 #define ZILI_Q8_ITEM decode_item_i8_avx2
 #endif

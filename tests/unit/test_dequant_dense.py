@@ -172,19 +172,22 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
-def _build(path, dtype: torch.dtype, dense_weights: str, isa: str, monkeypatch):
+def _build(path, dtype: torch.dtype, dense_weights: str, isa: str, monkeypatch, defer: bool = False,
+           kernels: str = "zili"):
+    """Load + quantize as the engine does; `defer`: with the loader's `defer_packed` (the engine's way)."""
     from zili.models.loader import load_model, open_checkpoint
     from zili.models.quantize import quantize_and_calibrate
 
     with monkeypatch.context() as m:
         m.setenv("ZILI_DENSE_WEIGHTS", dense_weights)
-        m.setenv("ZILI_PACKED_KERNELS", "zili")
+        m.setenv("ZILI_PACKED_KERNELS", kernels)
         m.setenv("ZILI_CPU_ISA", isa)
-        loaded = load_model(str(path), dtype=str(dtype).removeprefix("torch."))
+        loaded = load_model(str(path), dtype=str(dtype).removeprefix("torch."), defer_packed="auto" if defer else None)
         report = quantize_and_calibrate(loaded.model, "auto", dtype, "cpu-packed",
                                         lambda: open_checkpoint(loaded.source), max_rows=2, calibrate=False)
     quantized = [m for m in loaded.model.modules() if type(m) is Linear and m.quant is not None]
-    assert quantized and {m.quant.isa for m in quantized} == {isa}
+    assert quantized and {m.quant.isa for m in quantized} == {isa if kernels == "zili" else None}
+    assert not any(m.weight_deferred for m in loaded.model.modules() if isinstance(m, Linear))
     return loaded, report
 
 
@@ -262,3 +265,67 @@ def test_greedy_tokens_equal_with_and_without_dense_copies(tiny_gguf, monkeypatc
         assert held and (all(h == 0 for h in held) if mode == "dequant" else all(h > 0 for h in held))
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs["copy"] == outs["dequant"]
+
+
+# The projections of the tiny GGUF that are packed from its codes (Q4_0/Q4_1/Q4_K -> int4, Q8_0 -> int8):
+# fused layers' checkpoint tensors, as the loader reads them.
+CODE_TENSORS = {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"} | {
+    f"model.layers.1.{p}.weight" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def _reads(monkeypatch) -> list[str]:
+    """Records every tensor the GGUF loader dequantizes (by HF name)."""
+    from zili.weights.gguf import GGUFCheckpoint
+
+    read: list[str] = []
+    original = GGUFCheckpoint.tensor
+
+    def tensor(self, name, dtype=torch.float32):
+        read.append(name)
+        return original(self, name, dtype)
+    monkeypatch.setattr(GGUFCheckpoint, "tensor", tensor)
+    return read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deferred_load_never_reads_packed_projections_dense_and_gives_the_same_logits(tiny_gguf, dtype, monkeypatch):
+    """The engine's load (`defer_packed`): the projections packed from the GGUF's codes with no dense copy
+    kept are never dequantized into a dense weight (the build's peak, issue 22 item 4), and the model
+    is the one loaded dense then released: the same forms, the same held weights, the same logits bit for bit."""
+    if dtype == torch.bfloat16 and LEVELS[-1] != "avx512":
+        pytest.skip("bf16 serving needs AVX-512 BF16")
+    isa = LEVELS[-1]
+    old, old_report = _build(tiny_gguf, dtype, "dequant", isa, monkeypatch)
+    read = _reads(monkeypatch)
+    new, report = _build(tiny_gguf, dtype, "dequant", isa, monkeypatch, defer=True)
+    assert read and not CODE_TENSORS & set(read)
+    assert "model.embed_tokens.weight" in read  # the tied table stays dense (the head's refinement reads it)
+    assert report.counts == old_report.counts and report.dequantized_dense == old_report.dequantized_dense > 0
+    assert report.tied_table_released == old_report.tied_table_released
+    olds, news = dict(old.model.named_modules()), dict(new.model.named_modules())
+    for name, module in news.items():
+        if isinstance(module, Linear):
+            assert torch.equal(module.weight, olds[name].weight), name
+            assert (module.packed is None) == (olds[name].packed is None), name
+    tokens = list(range(3, 40))  # past every layer's 2-row limit: the dequantize path too
+    assert torch.equal(_prefill_logits(new, tokens), _prefill_logits(old, tokens))
+    assert torch.equal(_prefill_logits(new, tokens[:2]), _prefill_logits(old, tokens[:2]))  # the packed kernels
+
+
+@pytest.mark.parametrize("dense_weights, kernels", [("copy", "zili"), ("dequant", "torch")])
+def test_deferred_weights_are_loaded_where_a_dense_copy_stays(tiny_gguf, dense_weights, kernels, monkeypatch):
+    """Where the dense weight is kept after all (ZILI_DENSE_WEIGHTS=copy: nothing is deferred; torch's
+    packed kernels cannot dequantize: deferred, then read after packing) it is the plain load's exactly."""
+    isa = LEVELS[-1]
+    old, old_report = _build(tiny_gguf, torch.float32, dense_weights, isa, monkeypatch, kernels=kernels)
+    read = _reads(monkeypatch)
+    new, report = _build(tiny_gguf, torch.float32, dense_weights, isa, monkeypatch, defer=True, kernels=kernels)
+    assert CODE_TENSORS <= set(read) and report.dequantized_dense == old_report.dequantized_dense == 0
+    olds = dict(old.model.named_modules())
+    for name, module in new.model.named_modules():
+        if isinstance(module, Linear):
+            assert torch.equal(module.weight, olds[name].weight), name
+            assert module.weight.numel() > 0 or name == "lm_head", name  # the tied Q8_0 table is held once
+    tokens = list(range(3, 40))
+    assert torch.equal(_prefill_logits(new, tokens), _prefill_logits(old, tokens))

@@ -98,8 +98,10 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         loaded, quantized = tp_executor.load_shard()
         config = _apply_model_tuning(config, tuning, loaded)
     elif loaded is None:
+        # Projections packed from a GGUF's codes are not loaded dense first (the build's peak memory).
+        defer = config.quantization if platform.matmul_backend() == "cpu-packed" else None
         loaded = load_model(config.model, dtype=config.dtype, device=platform.device,
-                            load_format=config.load_format, seed=config.seed)
+                            load_format=config.load_format, seed=config.seed, defer_packed=defer)
         config = _apply_model_tuning(config, tuning, loaded)
         source = loaded.source
         report = quantize_and_calibrate(loaded.model, config.quantization, loaded.dtype, platform.matmul_backend(),

@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Stands in for a checkpoint tensor the loader did not read: the weight of a projection that will be
+# packed from the checkpoint's own codes and hold no dense copy (`zili.models.loader.load_model`'s
+# `defer_packed`). `Linear.load` leaves such a weight unallocated (`Linear.weight_deferred`).
+NOT_LOADED = torch.empty(0)
+
 
 class QuantizedWeight(Protocol):
     """A packed low-bit copy of a weight (zili.layers.quant: Int4Weight, Int8Weight)."""
@@ -67,6 +72,10 @@ class Linear(nn.Module):
         # kernel at exactly `row_tile` rows (padded, looped), so a row's result never depends on how
         # many rows share the call. None: the fastest kernel for the row count.
         self.row_tile: int | None = None
+        # True while `weight` is an empty placeholder for a dense weight that was never loaded (the
+        # loader's `defer_packed`): `release_dense_weights` drops it for good, otherwise
+        # `zili.models.quantize.load_deferred_weights` reads it from the checkpoint after all.
+        self.weight_deferred = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tile is not None:
@@ -108,6 +117,10 @@ class Linear(nn.Module):
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         """Copy one checkpoint tensor (`weight` or `bias`, shard `shard`) into place."""
+        if tensor is NOT_LOADED:
+            if not (param_name == "weight" and self.weight_deferred):
+                raise ValueError(f"{param_name} of this projection was not deferred but came unread")
+            return
         param = getattr(self, param_name)
         start = sum(self.output_sizes[:shard])
         size = self.output_sizes[shard]
@@ -152,19 +165,22 @@ def release_dense_weights(model: nn.Module) -> int:
     (`DequantizingWeight.dequantizes`): past its row limit the layer then dequantizes into scratch
     memory instead of reading a dense copy (and `onednn.pack_dense_weights` makes none). Weights
     another module reads stay: the model's `dense_weight_readers` (an LM head's fp32 refinement, MLA's
-    kv_b_proj) and weights shared between modules (tied embeddings). Returns how many were released."""
+    kv_b_proj) and weights shared between modules (tied embeddings). A weight the loader deferred
+    (`Linear.weight_deferred`, never allocated) counts as released here. Returns how many were released."""
     keep = set(getattr(model, "dense_weight_readers", ()))
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         owners[id(p)] = owners.get(id(p), 0) + 1
     count = 0
     for name, module in model.named_modules():
-        if type(module) is not Linear or module.weight.numel() == 0 or module.packed is not None:
+        if type(module) is not Linear or module.packed is not None or \
+                (module.weight.numel() == 0 and not module.weight_deferred):
             continue
         if not getattr(module.quant, "dequantizes", False):
             continue
         if name in keep or name.rpartition(".")[2] in keep or owners.get(id(module.weight), 0) > 1:
             continue
         module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+        module.weight_deferred = False
         count += 1
     return count

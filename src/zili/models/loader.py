@@ -17,10 +17,12 @@ from rich.console import Console
 
 from zili.choices import LOAD_FORMATS
 from zili.config import ModelConfig, check_load_format, normalize_dtype, parse_dtype
+from zili.layers.linear import NOT_LOADED, Linear
 from zili.layers.norm import RMSNorm
 from zili.layers.parallel import TensorParallel, active
 from zili.models.base import CausalLM
 from zili.models.hf_config import model_config_from_hf
+from zili.models.quantize import deferrable_projections
 from zili.models.registry import SUPPORTED, build_model, default_dtype, gguf_family, hf_family, model_class
 from zili.models.sharding import shard_specs, sharded_tensors
 from zili.platforms import current_platform
@@ -112,6 +114,7 @@ def load_model(
     tp: TensorParallel | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    defer_packed: str | None = None,
 ) -> LoadedModel:
     """Resolve `ref` (path or alias; None = the default model), build the model and load its weights.
 
@@ -121,7 +124,13 @@ def load_model(
     load_format "dummy" (vLLM's name) reads only the architecture (an HF directory's config.json
     is enough) and fills the weights with seeded random values: for speed work on model shapes
     whose weights are not on the machine. Without a tokenizer.json it gets a placeholder tokenizer
-    (one made-up word per token id), so prompts must be token ids."""
+    (one made-up word per token id), so prompts must be token ids.
+
+    `defer_packed` (a quantization mode; only for a caller that runs `quantize_and_calibrate` with it on
+    the cpu-packed matmul backend next): the projections of a GGUF checkpoint that will be packed from
+    its own codes and keep no dense copy (`quantize.deferrable_projections`) are not read here: their
+    weights stay unallocated (`Linear.weight_deferred`) instead of all being held dense at once before
+    packing, the peak of the build. Ignored with `tp` and for other formats."""
     check_load_format(load_format, "load_format")
     dummy = load_format == "dummy"
     torch_dtype = resolve_dtype(dtype)
@@ -139,7 +148,9 @@ def load_model(
         else:
             model = build_model(config, torch_dtype, device)
             if not dummy:
-                weights = checkpoint.tensors(torch_dtype)
+                deferred = _defer_weights(model, defer_packed, checkpoint) if defer_packed is not None else set()
+                weights = checkpoint.tensors(torch_dtype, skip=deferred, placeholder=NOT_LOADED) if deferred \
+                    else checkpoint.tensors(torch_dtype)
         with torch.no_grad():
             if dummy:
                 fill_dummy_weights(model, seed)
@@ -147,6 +158,22 @@ def load_model(
                 model.load_weights(weights)
         model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, dtype=torch_dtype)
+
+
+def _defer_weights(model: CausalLM, mode: str, checkpoint: Checkpoint) -> set[str]:
+    """Mark the weights `deferrable_projections` names unread (an empty placeholder, `weight_deferred`);
+    returns the checkpoint tensor names the loader then skips."""
+    if not isinstance(checkpoint, GGUFCheckpoint):
+        return set()
+    modules = dict(model.named_modules())
+    names: set[str] = set()
+    for module_name, shards in deferrable_projections(model, mode, checkpoint).items():
+        module = modules[module_name]
+        assert isinstance(module, Linear)
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+        module.weight_deferred = True
+        names.update(shards)
+    return names
 
 
 def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:

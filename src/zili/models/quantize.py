@@ -109,6 +109,7 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     if matmul_backend != "cpu-packed":
         if mode != "none":
             logger.info("weights: dense (no packed int4/int8 matmul on this device)")
+        _load_deferred(model, open_checkpoint)
         return QuantizeReport({})
     checkpoint = open_checkpoint() if mode != "none" and open_checkpoint is not None else None
     plan = plan_quantization(model, mode, checkpoint)
@@ -136,6 +137,9 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
             logger.info("weights: %d quantized projections hold no dense copy (past their row limit they dequantize "
                         "into a scratch buffer for the dense matmul; ZILI_DENSE_WEIGHTS=copy keeps copies)",
                         report.dequantized_dense)
+    # A projection the loader deferred but that keeps its dense weight after all (its kernel cannot
+    # dequantize, ZILI_DENSE_WEIGHTS=copy) reads it now, before oneDNN packs it.
+    _load_deferred(model, open_checkpoint, checkpoint)
     # Dense weights pre-packed for oneDNN after quantizing (which reads them).
     if onednn.available(dtype):
         report.packed_dense = onednn.pack_dense_weights(model)
@@ -148,6 +152,65 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
             logger.info("packed matmul %s: %s kernel %s, dense above (%s)", key,
                         "zili's " + choice.kernel if choice.kernel != TORCH else "torch's", rows, report.how[key])
     return report
+
+
+def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str, list[str]]:
+    """Module name -> checkpoint tensor names, for the projections whose dense weight need not be loaded
+    before `quantize_and_calibrate`: those it will pack from the GGUF checkpoint's own codes (int4 from
+    Q4_0/Q4_1/Q4_K, int8 from Q8_0) and whose dense copy `release_dense_weights` will then drop
+    (ZILI_DENSE_WEIGHTS=dequant; not the model's `dense_weight_readers`, not a weight shared with another
+    module). Loading them dense first (bf16, or fp32 on AVX2) was the peak of the whole build: SmolLM2's
+    projections are ~200 MiB in bf16 against 92 MiB packed (benchmarks/notes/memory.md). Empty for
+    float checkpoints, mode "none" and ZILI_DENSE_WEIGHTS=copy. Assumes the cpu-packed matmul backend."""
+    if mode == "none" or envs.dense_weights() != "dequant" or not hasattr(checkpoint, "raw_tensor"):
+        return {}
+    keep = set(getattr(model, "dense_weight_readers", ()))
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    raw_types = _raw_type_reader(checkpoint)
+    modules = dict(model.named_modules())
+    deferred: dict[str, list[str]] = {}
+    for name, form in plan_quantization(model, mode, checkpoint).items():
+        module = modules[name]
+        if type(module) is not Linear or name in keep or name.rpartition(".")[2] in keep or owners[id(module.weight)] > 1:
+            continue
+        shards = _shard_names(model, name, module)
+        types = [raw_types(s) for s in shards]
+        from_codes = (form == "int4" and all(t in INT4_GGUF_TYPES for t in types)) or \
+            (form == "int8" and _all_q8_0(checkpoint, shards))
+        if from_codes:
+            deferred[name] = shards
+    return deferred
+
+
+def _all_q8_0(checkpoint, shards: list[str]) -> bool:
+    """Whether `_q8_0_blocks` takes these shards' codes (every one a 2-D Q8_0 tensor), without reading them."""
+    for hf in shards:
+        try:
+            raw = checkpoint.raw_tensor(hf)
+        except KeyError:
+            return False
+        if raw.qtype != QT.Q8_0 or len(raw.shape) != 2:
+            return False
+    return True
+
+
+def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None, checkpoint=None) -> int:
+    """Read the dense weight of every projection still `weight_deferred` (see `deferrable_projections`)
+    from the checkpoint, as the loader would have. Returns how many."""
+    pending = [(n, m) for n, m in _linears(model) if m.weight_deferred]
+    if not pending:
+        return 0
+    if checkpoint is None:
+        if open_checkpoint is None:
+            raise ValueError("the loader deferred dense weights but no checkpoint was given to read them from")
+        checkpoint = open_checkpoint()
+    for name, module in pending:
+        dtype = module.weight.dtype
+        module.weight.data = torch.empty(module.out_features, module.in_features, dtype=dtype, device=module.weight.device)
+        for shard, hf in enumerate(_shard_names(model, name, module)):
+            module.load("weight", checkpoint.tensor(hf, dtype), shard)
+        module.weight_deferred = False
+    return len(pending)
 
 
 def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, tuned: dict[str, KernelChoice],

@@ -20,7 +20,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -489,11 +489,17 @@ class GGUFCheckpoint:
             t = transform(name, t)
         return t.to(dtype)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor dequantized to `dtype`) for every parameter, in file order."""
+    def tensors(self, dtype: torch.dtype = torch.float32, skip: Container[str] = (),
+                placeholder: torch.Tensor | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor dequantized to `dtype`) for every parameter, in file order; the names in
+        `skip` come with `placeholder` instead, unread (their layer is packed from the codes later)."""
         self._need_layout()
         for name in self._names:
-            yield name, self.tensor(name, dtype)
+            if name in skip:
+                assert placeholder is not None, "skip needs a placeholder"
+                yield name, placeholder
+            else:
+                yield name, self.tensor(name, dtype)
 
     # ---- tokenizer ----
 

@@ -35,6 +35,13 @@ def hwm_mib() -> float:
     return float("nan")
 
 
+
+def _holds_no_dense_copy(module: object) -> bool:
+    import torch  # here, not at the top: the script measures what importing torch costs
+
+    weight, packed = getattr(module, "weight", None), getattr(module, "packed", None)
+    return isinstance(weight, torch.Tensor) and weight.numel() == 0 and packed is None
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile", action="store_true", help="compile the decode step (as zili serve does)")
@@ -91,7 +98,7 @@ def main() -> None:
     from zili import envs
 
     lean = sum(1 for m in model.modules()
-               if getattr(m, "quant", None) is not None and m.weight.numel() == 0 and m.packed is None)
+               if getattr(m, "quant", None) is not None and _holds_no_dense_copy(m))
     print(f"ZILI_DENSE_WEIGHTS={envs.dense_weights()}: {lean} quantized layers hold no dense copy")
     print(f"threads {torch.get_num_threads()}, kernel level {__import__('zili.kernels.cpu_isa', fromlist=['x']).selected()}")
     prev = 0.0

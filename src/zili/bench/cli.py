@@ -399,9 +399,9 @@ def extract(
     record["note"] = note
     if compare_jump_forward:
         compare = False
-        on = {**engine_args, "enable_jump_forward": True}
-        engines = {"zili+jf": _zili_llm(model, {**on, "jump_forward_mode": "verify"}),
-                   "zili+jf-append": _zili_llm(model, {**on, "jump_forward_mode": "append"}),
+        jf_on = {**engine_args, "enable_jump_forward": True}
+        engines = {"zili+jf": _zili_llm(model, {**jf_on, "jump_forward_mode": "verify"}),
+                   "zili+jf-append": _zili_llm(model, {**jf_on, "jump_forward_mode": "append"}),
                    "zili": _zili_llm(model, {**engine_args, "enable_jump_forward": False, "jump_forward_mode": None})}
     else:
         engines = {"zili+spec": _zili_llm(model, engine_args)}
@@ -439,6 +439,10 @@ def extract(
     _save(record, output, label)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _jump_forward_summary(runs: list[dict], levels: list[int]) -> dict[str, Any]:
     """Per stream level, jump-forward in verify mode ("zili+jf") and append mode ("zili+jf-append")
     against off ("zili"): output tokens/s (ratio of medians and per-repetition ratios, the runs being
@@ -460,7 +464,7 @@ def _jump_forward_summary(runs: list[dict], levels: list[int]) -> dict[str, Any]
         for name, key in (("zili+jf", "verify"), ("zili+jf-append", "append")):
             on = by[name]
             row[f"{key}/off"] = {
-                "output_throughput_ratio": tps[name] / tps["zili"] if tps[name] is not None and tps["zili"] else None,
+                "output_throughput_ratio": _ratio(tps[name], tps["zili"]),
                 "output_throughput_ratios": [a["output_throughput"] / b["output_throughput"] for a, b in zip(on, off)],
                 "duration_ratios": [a["duration_s"] / b["duration_s"] for a, b in zip(on, off)]}
             ratio = row[f"{key}/off"]["output_throughput_ratio"]

@@ -320,7 +320,8 @@ class Speculator:
             room = min(req.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             if room <= 0:
                 continue
-            forced, may_continue = [], True
+            forced: list[int] = []
+            may_continue = True
             if self.forced is not None:
                 forced, may_continue = self.forced.forced_drafts(seq, min(room, MAX_FORCED_DRAFT_TOKENS))
                 if forced:

@@ -148,9 +148,10 @@ def load_model(
         else:
             model = build_model(config, torch_dtype, device)
             if not dummy:
-                deferred = _defer_weights(model, defer_packed, checkpoint) if defer_packed is not None else set()
-                weights = checkpoint.tensors(torch_dtype, skip=deferred, placeholder=NOT_LOADED) if deferred \
-                    else checkpoint.tensors(torch_dtype)
+                deferred = _defer_weights(model, defer_packed, checkpoint) \
+                    if defer_packed is not None and isinstance(checkpoint, GGUFCheckpoint) else set()
+                weights = checkpoint.tensors(torch_dtype, skip=deferred, placeholder=NOT_LOADED) \
+                    if isinstance(checkpoint, GGUFCheckpoint) else checkpoint.tensors(torch_dtype)
         with torch.no_grad():
             if dummy:
                 fill_dummy_weights(model, seed)
@@ -160,11 +161,9 @@ def load_model(
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, source=source, dtype=torch_dtype)
 
 
-def _defer_weights(model: CausalLM, mode: str, checkpoint: Checkpoint) -> set[str]:
+def _defer_weights(model: CausalLM, mode: str, checkpoint: GGUFCheckpoint) -> set[str]:
     """Mark the weights `deferrable_projections` names unread (an empty placeholder, `weight_deferred`);
     returns the checkpoint tensor names the loader then skips."""
-    if not isinstance(checkpoint, GGUFCheckpoint):
-        return set()
     modules = dict(model.named_modules())
     names: set[str] = set()
     for module_name, shards in deferrable_projections(model, mode, checkpoint).items():

@@ -7,7 +7,7 @@ HF tensors ("shards"); `load` copies one shard at a time, as the checkpoint hand
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -160,6 +160,19 @@ def set_batch_invariant(model: nn.Module, tile: int | None) -> int:
     return count
 
 
+def dense_weight_keeper(model: nn.Module) -> Callable[[str, nn.Module], bool]:
+    """A predicate (module name, module) -> whether that layer's dense weight must stay: another module
+    reads it (the model's `dense_weight_readers`, by full or leaf name) or shares it (tied embeddings)."""
+    keep = set(getattr(model, "dense_weight_readers", ()))
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+
+    def keeps(name: str, module: nn.Module) -> bool:
+        return name in keep or name.rpartition(".")[2] in keep or owners.get(id(module.weight), 0) > 1
+    return keeps
+
+
 def release_dense_weights(model: nn.Module) -> int:
     """Drop the dense weight of every `Linear` whose packed copy can serve every row count itself
     (`DequantizingWeight.dequantizes`): past its row limit the layer then dequantizes into scratch
@@ -167,10 +180,7 @@ def release_dense_weights(model: nn.Module) -> int:
     another module reads stay: the model's `dense_weight_readers` (an LM head's fp32 refinement, MLA's
     kv_b_proj) and weights shared between modules (tied embeddings). A weight the loader deferred
     (`Linear.weight_deferred`, never allocated) counts as released here. Returns how many were released."""
-    keep = set(getattr(model, "dense_weight_readers", ()))
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    keeps = dense_weight_keeper(model)
     count = 0
     for name, module in model.named_modules():
         if type(module) is not Linear or module.packed is not None or \
@@ -178,7 +188,7 @@ def release_dense_weights(model: nn.Module) -> int:
             continue
         if not getattr(module.quant, "dequantizes", False):
             continue
-        if name in keep or name.rpartition(".")[2] in keep or owners.get(id(module.weight), 0) > 1:
+        if keeps(name, module):
             continue
         module.weight.data = torch.empty(0, dtype=module.weight.dtype)
         module.weight_deferred = False

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from zili import envs
-from zili.layers.linear import Linear
+from zili.layers.linear import Linear, dense_weight_keeper
 
 # handle -> packed weight; an entry lives as long as its PackedDense (dropped when that is collected,
 # so a discarded engine's weights do not stay behind in this registry).
@@ -99,18 +99,14 @@ def pack_dense_weights(model: nn.Module) -> int:
     """Pack every plain `Linear` with a bf16 weight (the caller checked `available`); returns how
     many were packed. Dense weights are released afterwards except for the model's
     `dense_weight_readers` and weights shared with another module (tied embeddings)."""
-    keep = set(getattr(model, "dense_weight_readers", ()))
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    keeps = dense_weight_keeper(model)
     count = 0
     for name, module in model.named_modules():
         if type(module) is not Linear or module.weight.dtype != torch.bfloat16 or module.weight.numel() == 0:
             continue
         module.packed = PackedDense(module.weight)
         count += 1
-        leaf = name.rpartition(".")[2]
-        if name in keep or leaf in keep or owners.get(id(module.weight), 0) > 1:
+        if keeps(name, module):
             continue
         module.weight.data = torch.empty(0, dtype=module.weight.dtype)  # the packed copy replaces it
     return count

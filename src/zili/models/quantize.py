@@ -35,7 +35,7 @@ from zili import envs
 from zili.choices import QUANTIZATION_MODES
 from zili.layers import onednn
 from zili.layers.embedding import VocabEmbedding
-from zili.layers.linear import Linear, release_dense_weights
+from zili.layers.linear import Linear, dense_weight_keeper, release_dense_weights
 from zili.layers.quant import (
     DEFAULT_MAX_ROWS,
     INT4_GGUF_TYPES,
@@ -164,34 +164,38 @@ def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str,
     float checkpoints, mode "none" and ZILI_DENSE_WEIGHTS=copy. Assumes the cpu-packed matmul backend."""
     if mode == "none" or envs.dense_weights() != "dequant" or not hasattr(checkpoint, "raw_tensor"):
         return {}
-    keep = set(getattr(model, "dense_weight_readers", ()))
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    keeps = dense_weight_keeper(model)
     raw_types = _raw_type_reader(checkpoint)
     modules = dict(model.named_modules())
     deferred: dict[str, list[str]] = {}
     for name, form in plan_quantization(model, mode, checkpoint).items():
         module = modules[name]
-        if type(module) is not Linear or name in keep or name.rpartition(".")[2] in keep or owners[id(module.weight)] > 1:
+        if type(module) is not Linear or keeps(name, module):
             continue
         shards = _shard_names(model, name, module)
         types = [raw_types(s) for s in shards]
         from_codes = (form == "int4" and all(t in INT4_GGUF_TYPES for t in types)) or \
-            (form == "int8" and _all_q8_0(checkpoint, shards))
+            (form == "int8" and _q8_0_raws(checkpoint, shards) is not None)
         if from_codes:
             deferred[name] = shards
     return deferred
 
 
-def _all_q8_0(checkpoint, shards: list[str]) -> bool:
-    """Whether `_q8_0_blocks` takes these shards' codes (every one a 2-D Q8_0 tensor), without reading them."""
+def _q8_0_raws(checkpoint, shards: list[str]) -> list | None:
+    """The shards' raw GGUF tensors if every one is a 2-D Q8_0 tensor (the form `_q8_0_blocks` takes),
+    else None; their codes are not read."""
+    if checkpoint is None or not hasattr(checkpoint, "raw_tensor"):
+        return None
+    raws = []
     for hf in shards:
         try:
             raw = checkpoint.raw_tensor(hf)
         except KeyError:
-            return False
+            return None
         if raw.qtype != QT.Q8_0 or len(raw.shape) != 2:
-            return False
-    return True
+            return None
+        raws.append(raw)
+    return raws
 
 
 def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None, checkpoint=None) -> int:
@@ -362,17 +366,9 @@ def _group_quant(checkpoint, shards: list[str], types: list, module: Linear) -> 
 def _q8_0_blocks(checkpoint, shards: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The int8 codes [N, K] and float16 scales [N, K/32] of shards stored as GGUF Q8_0 (rows
     concatenated in shard order), or None unless every shard is Q8_0."""
-    if checkpoint is None or not hasattr(checkpoint, "raw_tensor"):
+    raws = _q8_0_raws(checkpoint, shards)
+    if raws is None:
         return None
-    raws = []
-    for hf in shards:
-        try:
-            raw = checkpoint.raw_tensor(hf)
-        except KeyError:
-            return None
-        if raw.qtype != QT.Q8_0 or len(raw.shape) != 2:
-            return None
-        raws.append(raw)
     codes, scales = [], []
     for raw in raws:
         n, k = raw.shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import weakref
 
 import jsonschema
 import numpy as np
@@ -81,16 +82,28 @@ def allowed(matcher, vocab_size: int) -> np.ndarray:
     return np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
 
 
+_VOCABULARY_FACTS: weakref.WeakKeyDictionary[GrammarBackend, tuple[np.ndarray, int]] = weakref.WeakKeyDictionary()
+
+
+def _vocabulary_facts(backend: GrammarBackend) -> tuple[np.ndarray, int]:
+    """(which ids hold a closing `"`, `}`, `]`; the tokenizer's own vocabulary size), once per backend:
+    rebuilding the 49k-entry vocabulary dict at every step of every walk cost most of these tests' time."""
+    if backend not in _VOCABULARY_FACTS:
+        closing = np.array([any(c in b for c in b'"}]') for b in backend.token_bytes])
+        _VOCABULARY_FACTS[backend] = closing, len(backend.tokenizer.backend.get_vocab())
+    return _VOCABULARY_FACTS[backend]
+
+
 def walk(backend: GrammarBackend, compiled, rng: random.Random, max_tokens: int = 120) -> bytes | None:
     """A random walk through the mask (half the time a token holding a closing `"`, `}`, `]`); the end
     token as soon as it is allowed. The output's bytes, None if it did not end in `max_tokens`."""
     eos = backend.tokenizer.eos_token_ids[0]
-    closing = np.array([any(c in b for c in b'"}]') for b in backend.token_bytes])
+    closing, vocab_size = _vocabulary_facts(backend)
     matcher = backend.new_matcher(compiled)
     out: list[int] = []
     for _ in range(max_tokens):
         ok = allowed(matcher, backend.vocab_size)
-        assert not ok[len(backend.tokenizer.backend.get_vocab()):].any(), "padding ids past the vocabulary allowed"
+        assert not ok[vocab_size:].any(), "padding ids past the vocabulary allowed"
         if ok[eos]:
             assert matcher.accept_token(eos) and matcher.is_terminated()
             return b"".join(backend.token_bytes[t] for t in out)

@@ -18,10 +18,9 @@ from zili.weights.resolve import ALIASES, alias_path
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    path = alias_path(ALIASES[MODEL])
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def hf_tokenizer(hf_smollm2_tokenizer):
+    assert alias_path(ALIASES[MODEL]) is not None  # the servers' model is the session's SmolLM2 GGUF
+    return hf_smollm2_tokenizer
 
 
 # ----- x-request-id (item 9) -----

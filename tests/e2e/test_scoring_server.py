@@ -48,18 +48,9 @@ def http(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """transformers' model and tokenizer of the same GGUF, float32."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    from zili.weights.resolve import ALIASES, alias_path
-
-    path = alias_path(ALIASES[MODEL])
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+def hf(hf_smollm2_model, hf_smollm2_tokenizer):
+    """transformers' model and tokenizer of the same GGUF, float32 (built once per session: tests/conftest.py)."""
+    return hf_smollm2_model, hf_smollm2_tokenizer
 
 
 def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:

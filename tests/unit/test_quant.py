@@ -115,11 +115,11 @@ def test_linear_switches_to_dense_above_max_rows():
 
 
 @pytest.fixture(scope="module")
-def smollm_pair():
+def smollm_pair(smollm2_fp32):
     from zili.models.loader import load_model, open_checkpoint
     from zili.models.quantize import quantize_model
 
-    ref = load_model(None, dtype="float32")
+    ref = smollm2_fp32  # load_model(None, dtype="float32"), shared with tests/integration/test_smollm2_gguf.py
     quant = load_model(None, dtype="bfloat16")
     counts = quantize_model(quant.model, "auto", open_checkpoint(quant.source))
     return ref, quant, counts

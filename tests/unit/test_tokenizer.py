@@ -54,9 +54,8 @@ def tok(gguf_path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf_tok(gguf_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+def hf_tok(gguf_path, hf_smollm2_tokenizer):
+    return hf_smollm2_tokenizer  # transformers' tokenizer of the same GGUF (tests/conftest.py)
 
 
 @pytest.mark.parametrize("text", TEXTS)

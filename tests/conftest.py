@@ -2,11 +2,11 @@
 
 Besides the environment below, two things here keep the whole suite's time down (it runs on 2 cores):
 
-- The C++ CPU kernels of every level this CPU can execute (zili.kernels.cpu_isa) are built by a
-  background process started with the session, at the lowest priority, instead of by the first test
-  that forces a level (about a minute per level on 2 cores, on a fresh checkout). It fills the cores'
-  idle time while the early tests wait on servers; a test that needs a level before it is ready waits
-  on the build's lock, as any second builder does.
+- The C++ CPU kernels of the levels below this CPU's own (zili.kernels.cpu_isa; `make setup` builds
+  its own) are built by a background process started with the session, at the lowest priority,
+  instead of by the first test that forces a level (about a minute per level on 2 cores, on a fresh
+  checkout). It fills the cores' idle time while the early tests wait on servers; a test that needs a
+  level before it is ready waits on the build's lock, as any second builder does.
 - The references several modules check against (transformers loading the default SmolLM2 GGUF, its
   tokenizer, zili's own float32 load of it) are session fixtures, built once and dropped after the last
   module that uses them (see `pytest_runtest_teardown`), instead of once per module.
@@ -38,19 +38,16 @@ os.environ.pop("ZILI_ADMIN_KEY", None)
 
 # ---- the CPU kernel levels, built in the background -------------------------------------------------
 
-# Builds every missing level, the one this process selects first (the servers load it), then the rest
-# lowest first (the order tests/unit/test_cpu_kernels_isa.py loads them in).
-_BUILD_LEVELS = """
-from zili.kernels import cpu_isa
-levels = cpu_isa.executable_levels()
-for isa in sorted(levels, key=lambda level: (level != cpu_isa.selected(), levels.index(level))):
-    cpu_isa.load(isa)
-"""
+# Builds the levels named on its command line, lowest first (the order test_cpu_kernels_isa.py loads them in).
+_BUILD_LEVELS = "import sys\nfrom zili.kernels import cpu_isa\nfor isa in sys.argv[1:]:\n    cpu_isa.load(isa)\n"
 _kernel_builder: subprocess.Popen | None = None
 
 
 def _missing_kernel_levels() -> list[str]:
-    """The executable levels without a built library in zili's build cache (the path cpu_isa builds to)."""
+    """The executable levels other than the selected one without a built library in zili's build cache
+    (the path cpu_isa builds to). The selected level is left to its first user, at that user's priority:
+    `make setup` builds it, and the servers the first tests start load it (one built here at nice 19
+    on a busy machine kept a server waiting on the build lock past its health timeout)."""
     from pathlib import Path
 
     from zili.kernels import cpu_isa
@@ -59,31 +56,38 @@ def _missing_kernel_levels() -> list[str]:
         return []
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zili" / "torch_extensions"
     digest = cpu_isa._source_digest()
-    return [isa for isa in cpu_isa.executable_levels()
-            if not (base / f"cpu_kernels_{isa}_{digest}" / f"zili_cpu_kernels_{isa}.so").exists()]
+    return [isa for isa in cpu_isa.executable_levels() if isa != cpu_isa.selected()
+            and not (base / f"cpu_kernels_{isa}_{digest}" / f"zili_cpu_kernels_{isa}.so").exists()]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     global _kernel_builder
     if os.environ.get("ZILI_TEST_PREBUILD_KERNELS", "1") == "0" or hasattr(session.config, "workerinput"):
         return
-    if not _missing_kernel_levels():
+    missing = _missing_kernel_levels()
+    if not missing:
         return
     # Its own process group, so that ending it also ends the compilers ninja started; nice 19, so that
     # it only takes CPU time the tests leave idle.
-    _kernel_builder = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", _BUILD_LEVELS], start_new_session=True,
+    _kernel_builder = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", _BUILD_LEVELS, *missing],
+                                       start_new_session=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A build still running when the tests are done is not needed by this session: end it (the build
     lock is the kernel's to drop, and torch's stale lock file is cleared by the next build)."""
-    if _kernel_builder is not None and _kernel_builder.poll() is None:
+    if _kernel_builder is None or _kernel_builder.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(_kernel_builder.pid, signal.SIGTERM)
+            os.killpg(_kernel_builder.pid, sig)
             _kernel_builder.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(_kernel_builder.pid, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ---- references shared across modules ------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 
 from zili import envs
 from zili.choices import QUANTIZATION_MODES
+from zili.kernels import cpu_isa
 from zili.layers import onednn
 from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear, dense_weight_keeper, release_dense_weights
@@ -57,6 +58,7 @@ from zili.layers.quant_calibration import (
     candidates,
     default_choice,
     load_per_cpu,
+    parallel_min_bytes,
     row_invariant_choice,
     shape_key,
     usable,
@@ -85,6 +87,8 @@ class QuantizeReport:
     calibration: Calibration | None = None
     tied_table_released: bool = False  # serve_tied_embedding_from_head dropped the dense table
     dequantized_dense: int = 0  # layers whose dense weight was released (release_dense_weights)
+    # zili kernel level -> the work below which its calls run on one thread (set_kernel_parallelism)
+    parallel_min_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
@@ -145,6 +149,7 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
         report.packed_dense = onednn.pack_dense_weights(model)
         logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
     if report.counts.keys() - {"dense"}:
+        report.parallel_min_bytes = set_kernel_parallelism(report, load_per_cpu() > BUSY_LOAD_PER_CPU)
         logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
         for key, choice in report.kernels.items():
             rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \
@@ -152,6 +157,23 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
             logger.info("packed matmul %s: %s kernel %s, dense above (%s)", key,
                         "zili's " + choice.kernel if choice.kernel != TORCH else "torch's", rows, report.how[key])
     return report
+
+
+def set_kernel_parallelism(report: QuantizeReport, busy: bool) -> dict[str, int]:
+    """Set, on every zili kernel level the model runs (its packed layers' and the attention kernel's,
+    `cpu_isa.selected()`), the work below which a call stays on one thread (`parallel_min_bytes`:
+    ZILI_PARALLEL_MIN_BYTES, else by whether the host is `busy`). Returns level -> bytes set."""
+    if not cpu_isa.enabled():
+        return {}
+    levels = {c.kernel for c in report.kernels.values() if c.kernel != TORCH} | {cpu_isa.selected()}
+    nbytes = parallel_min_bytes(busy)
+    done = {level: nbytes for level in sorted(levels) if cpu_isa.load(level)}
+    for level in done:
+        cpu_isa.set_parallel_min_bytes(nbytes, level)
+    if nbytes:
+        logger.info("zili's CPU kernels: calls under %d KiB of work run on one thread (%s)", nbytes >> 10,
+                    "ZILI_PARALLEL_MIN_BYTES" if envs.parallel_min_bytes() is not None else "busy host")
+    return done
 
 
 def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str, list[str]]:

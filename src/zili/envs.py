@@ -81,8 +81,8 @@ ZILI_PARALLEL_MIN_BYTES = EnvVar(
     "ZILI_PARALLEL_MIN_BYTES", "str", None,
     "Least work (bytes of packed weights x rows of a q4/q8 product, bytes of KV rows of a decode-attention call) "
     "that zili's CPU kernels split over the intra-op threads; less runs on one thread. Unset or 'auto': 2 MiB when "
-    "the host is overloaded at engine start (a parallel region then waits a time slice for its second thread), "
-    "else 0 (every call parallel).")
+    "the host is overloaded at engine start and the process has no raised priority (a parallel region then waits "
+    "a time slice for its second thread), else 0 (every call parallel).")
 # Structured output's own caps (zili.structured.spec): a request past one gets a 400 that names the cap
 # and this variable. The grammar library compiles large counts cheaply (maxLength 65,535 in ~30 ms),
 # so the defaults admit what real schemas use; the caps bound a hostile request's compile time.

@@ -164,7 +164,8 @@ def test_busy_host_is_not_calibrated(tiny_dir, cache_path, monkeypatch, caplog):
 @pytest.mark.skipif(not cpu_isa.enabled(), reason="zili's CPU kernels are off (ZILI_CPU_KERNELS=0)")
 def test_busy_host_keeps_small_kernel_calls_on_one_thread(tiny_dir, cache_path, monkeypatch):
     """An engine started on an overloaded host sets BUSY_PARALLEL_MIN_BYTES on its kernel level (a parallel
-    region there waits a time slice for its second thread), an idle one 0; ZILI_PARALLEL_MIN_BYTES
+    region there waits a time slice for its second thread), an idle one 0, and so does one whose process runs
+    at a raised priority; ZILI_PARALLEL_MIN_BYTES
     overrides both and a malformed value is a ValueError naming it."""
     level = cpu_isa.selected()
     load = [3.0]
@@ -175,6 +176,11 @@ def test_busy_host_keeps_small_kernel_calls_on_one_thread(tiny_dir, cache_path, 
         assert cpu_isa.set_parallel_min_bytes(0, level) == quant_calibration.BUSY_PARALLEL_MIN_BYTES
         cpu_isa.set_parallel_min_bytes(7, level)
         load[0] = 0.1
+        _engine(tiny_dir, calibrate=False)
+        assert cpu_isa.set_parallel_min_bytes(0, level) == 0
+        load[0] = 3.0  # loaded, but this process outranks the load (nice < 0): its threads get their cores
+        monkeypatch.setattr(quant_calibration, "raised_priority", lambda: True)
+        cpu_isa.set_parallel_min_bytes(7, level)
         _engine(tiny_dir, calibrate=False)
         assert cpu_isa.set_parallel_min_bytes(0, level) == 0
         monkeypatch.setenv("ZILI_PARALLEL_MIN_BYTES", "12345")

@@ -73,6 +73,15 @@ def load_per_cpu() -> float:
         return 0.0
 
 
+def raised_priority() -> bool:
+    """Whether this process runs at a negative nice value (a benchmark run at `nice -n -10`): its threads then
+    take a core back from the load at once, so a loaded host does not make its parallel regions wait."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0) < 0
+    except (OSError, AttributeError):
+        return False
+
+
 def parallel_min_bytes(busy: bool) -> int:
     """The work threshold for zili's kernels (`cpu_isa.set_parallel_min_bytes`): ZILI_PARALLEL_MIN_BYTES
     when set, else BUSY_PARALLEL_MIN_BYTES on a `busy` host and 0 (every call split over the threads)

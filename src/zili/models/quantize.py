@@ -34,7 +34,7 @@ from torch import nn
 from zili import envs
 from zili.choices import QUANTIZATION_MODES
 from zili.kernels import cpu_isa
-from zili.layers import onednn
+from zili.layers import onednn, quant_calibration
 from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear, dense_weight_keeper, release_dense_weights
 from zili.layers.quant import (
@@ -149,7 +149,8 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
         report.packed_dense = onednn.pack_dense_weights(model)
         logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
     if report.counts.keys() - {"dense"}:
-        report.parallel_min_bytes = set_kernel_parallelism(report, load_per_cpu() > BUSY_LOAD_PER_CPU)
+        report.parallel_min_bytes = set_kernel_parallelism(
+            report, load_per_cpu() > BUSY_LOAD_PER_CPU and not quant_calibration.raised_priority())
         logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
         for key, choice in report.kernels.items():
             rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \

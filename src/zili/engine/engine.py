@@ -146,7 +146,7 @@ class Engine:
         for i in range(p.n):
             seq = Sequence(f"{request_id}#{i}", req, i, list(prepared.prompt_token_ids))
             if p.seed is not None:
-                seq.generator = torch.Generator().manual_seed(sequence_seed(p.seed, i))
+                seq.seed = sequence_seed(p.seed, i)
             if prepared.grammar is not None:  # structured output: one matcher per sequence
                 seq.grammar = self.inputs.new_matcher(prepared.grammar)
             req.sequences.append(seq)

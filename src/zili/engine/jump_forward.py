@@ -52,9 +52,11 @@ costs the forward pass jump-forward saves. When re-tokenization merges the sampl
 text (`{` sampled, `{"` appended), the merged token carries the sampled token's logprob and
 alternatives: the text it adds beyond the sampled token was forced, with probability 1.
 
-Seeded sampling consumes a sequence's random stream once per step (once per verify row in "verify"
-mode), so a seeded request's output with jump-forward differs from its output without (it stays
-reproducible for the same setting).
+Seeded sampling draws noise keyed on the sequence's seed and the output position (zili.engine.sampler),
+so in "verify" mode a verify row draws what plain decoding draws at its position: however the scheduler
+cuts the forced drafts to the step's token budget (which depends on the other requests), a seeded request
+gets the tokens it gets without jump-forward, bit for bit where its logits are the same bits
+(EngineConfig.deterministic). "append" mode changes the context, so the tokens after a jump differ.
 """
 
 from __future__ import annotations

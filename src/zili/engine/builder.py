@@ -217,7 +217,7 @@ def _mtp_proposer(config: EngineConfig, platform: Platform, target: LoadedModel,
     mtp.requires_grad_(False).eval()
     try:
         with torch.no_grad():
-            mtp.load_weights(open_checkpoint(target.source).tensors(target.dtype))
+            mtp.load_weights(open_checkpoint(target.source).tensors(target.dtype, keep=mtp.wants))
     except ValueError as exc:
         raise ValueError(f"{MTP_FIELD}='deepseek_mtp': the checkpoint's MTP layer "
                          f"(model.layers.{mc.num_hidden_layers}) cannot be loaded: {exc}") from exc

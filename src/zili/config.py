@@ -315,8 +315,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     (`SPECULATIVE_AUTO`), or None / "off" (off).
 
     Follows vLLM: `num_speculative_tokens` is required; of prompt_lookup_min / max, one given sets
-    the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type
-    or an out-of-range value."""
+    the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type,
+    an out-of-range value, or a key its method does not use (`model` with "ngram", prompt_lookup_*
+    with another method)."""
     if value is None or isinstance(value, SpeculativeConfig):
         return value
     if isinstance(value, str) and value.strip().lower() in ("auto", "off", "none"):
@@ -351,6 +352,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if method == "deepseek_mtp" and model is not None:
         raise ValueError(f"{field}.model is not used by method 'deepseek_mtp' (the MTP layer is read from the "
                          "target's own checkpoint)")
+    for key in ("prompt_lookup_min", "prompt_lookup_max"):
+        if method != "ngram" and value.get(key) is not None:
+            raise ValueError(f"{field}.{key} is used only by method 'ngram' (prompt lookup), not by {method!r}")
 
     def positive(key: str, default: int | None, limit: int = 64) -> int | None:
         v = value.get(key, default)

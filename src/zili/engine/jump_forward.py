@@ -143,15 +143,10 @@ class JumpForward(ForcedProposer):
                     grammar.rollback(1)
                     accepted -= 1
                     break
-            whole = accepted == len(ids)
-            while accepted:  # hold back trailing tokens the grammar could extend (the model decides there)
-                grammar.rollback(1)
-                if not self._extendable(grammar, ids[accepted - 1]):
-                    grammar.accept_token(ids[accepted - 1])
-                    break
-                accepted -= 1
-                whole = False
-            return ids[:accepted], whole
+            drafts = ids[:accepted]
+            held_back = self._hold_back_last(grammar, drafts, keep_tokens=0)
+            accepted = len(drafts)  # what the grammar holds now, rolled back below
+            return drafts, not held_back and accepted == len(ids)
         finally:
             if accepted:
                 grammar.rollback(accepted)
@@ -262,12 +257,13 @@ class JumpForward(ForcedProposer):
             return None
         return (prefix or []) + ids
 
-    def _hold_back_last(self, grammar: RollbackGrammar, ids: list[int], keep_bytes: int) -> int:
-        """Drop trailing tokens the grammar could extend into a longer token (the model's next free
-        token decides), never into the bytes the model sampled. Returns how many were dropped (the
-        grammar is rolled back over them)."""
+    def _hold_back_last(self, grammar: RollbackGrammar, ids: list[int], keep_bytes: int = 0, keep_tokens: int = 1) -> int:
+        """Drop trailing tokens of `ids` (which the grammar has just accepted) that it could extend into a
+        longer token (the model's next free token decides there), keeping the first `keep_tokens` and
+        never cutting into the first `keep_bytes` bytes (those the model sampled). `ids` is shortened in
+        place; returns how many were dropped (the grammar is rolled back over them)."""
         dropped = 0
-        while len(ids) > 1:
+        while len(ids) > keep_tokens:
             grammar.rollback(1)
             if not self._extendable(grammar, ids[-1]) or sum(len(self.token_bytes[i]) for i in ids[:-1]) < keep_bytes:
                 grammar.accept_token(ids[-1])

@@ -181,10 +181,15 @@ QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
 KV_SCALE_BYTES = 2
 
 
-def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The element type of the KV cache tensors for an EngineConfig.kv_cache_dtype name."""
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype,
+                         platform_default: torch.dtype | None = None) -> torch.dtype:
+    """The element type of the KV cache tensors for an EngineConfig.kv_cache_dtype name (the one place
+    that decides what "auto" means). "auto": `platform_default` where the platform chose the storage
+    type (`Platform.default_kv_cache_dtype`, which zili.engine.builder.kv_cache_dtype asks when the
+    model's dtype was "auto" too: bf16 rows for an fp32 model on a CPU without native bf16, such as
+    AVX2), else the model's dtype. ValueError naming the field for an unknown name."""
     if kv_cache_dtype == "auto":
-        return model_dtype
+        return platform_default if platform_default is not None else model_dtype
     if kv_cache_dtype == "bfloat16":
         return torch.bfloat16
     if kv_cache_dtype in _QUANTIZED_KV_BY_NAME:
@@ -442,12 +447,15 @@ class EngineConfig:
     # vLLM's shorthand for a draft model: the same as speculative_config {"method": "draft_model",
     # "model": speculative_model, "num_speculative_tokens": 5}.
     speculative_model: str | None = None
-    # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
-    # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
+    # KV cache element type (vLLM's option): "auto" (the model's dtype, except bf16 rows under an
+    # automatic fp32 dtype on a CPU without native bf16: `kv_cache_torch_dtype`), "bfloat16", or quantized
+    # per token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
     # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces comes
     # in one step. On by default: in the default "verify" mode its tokens are speculative drafts the model
-    # verifies under the grammar mask, so greedy output is the same as without it, in fewer steps.
+    # verifies under the grammar mask, so greedy output is the same as without it, in fewer steps (bit
+    # for bit under `deterministic`; otherwise the verify rows enlarge the batch, and a near-tie can flip
+    # as with any batching).
     enable_jump_forward: bool = True
     # JUMP_FORWARD_MODES: "verify" (forced text as verified drafts, also with speculative_config off) or
     # "append" (the tokenizer's spelling appended unverified, SGLang's jump-forward). None: "verify" when

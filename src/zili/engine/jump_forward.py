@@ -20,7 +20,9 @@ and proposed to the `Speculator` ahead of any n-gram drafts. The step verifies t
 mask: every token the model agrees with is kept in one forward pass, and where it would split the
 text differently the draft is rejected and the model's own token kept. The output is what decoding
 without jump-forward gives, token for token under greedy decoding and in distribution under sampling
-(a deterministic proposal, so `Speculator.verify`'s rule is the exact rejection rule), and each
+(a deterministic proposal, so `Speculator.verify`'s rule is the exact rejection rule) -- bit for bit
+where the logits are (EngineConfig.deterministic; otherwise the verify rows change the batch, and a
+near-tie can flip as with any batching) -- and each
 forced token accepted is a step saved. The last forced token is held back when the grammar allows a
 longer token starting with it (as in "append" mode, below): the model's next token decides there
 anyway, and holding it back saves a row that would mostly be rejected. Forced drafts carry the
@@ -152,6 +154,9 @@ class JumpForward(ForcedProposer):
                 grammar.rollback(accepted)
 
     def record_forced(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """After verification (`Speculator.verify`): `proposed` forced drafts of `seq` (after the
+        scheduler's cut) were checked and the first `accepted` kept; counted in `stats` (one jump per
+        sequence and step)."""
         self.stats.num_jumps += 1
         self.stats.num_forced_draft_tokens += proposed
         self.stats.num_forced_tokens += accepted

@@ -253,6 +253,30 @@ def test_mtp_cache_stays_in_step(random_mtp, random_plain, random_reference, opt
     assert_pool_free(llm)
 
 
+def test_a_prefill_only_prompts_cached_blocks_leave_no_stale_mtp_entry(random_mtp):
+    """A scoring request (max_tokens 0) computes no MTP entry for its last prompt position (its next token
+    is unknown); its full blocks go to the prefix cache. A later request that reaches that block through a
+    longer cached prefix (not as the last hit block, which is recomputed) must still see MTP entries
+    equal to a from-scratch computation."""
+    llm = make_llm(random_mtp[1], speculative_config=mtp_config(3))
+    engine, proposer = llm.engine, proposer_of(llm)
+    prompt = list(range(40, 48))  # two full blocks (block_size 4)
+    llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    longer = prompt + list(range(60, 68))
+    llm.generate([longer], SamplingParams(temperature=0, max_tokens=1))  # caches its third block after the first two
+    engine.add_request(None, longer + [70, 71], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            first = proposer.first_drafts.get(seq.seq_id)
+            if first is not None:
+                torch.testing.assert_close(first.hidden, reference_drafts(llm, seq.token_ids, 3)[0], atol=1e-4, rtol=1e-4)
+                checked += 1
+    assert checked and engine.kv_cache.prefix_hit_rate > 0
+    assert_pool_free(llm)
+
+
 def test_abort_mid_verification_returns_every_block(random_mtp):
     llm = make_llm(random_mtp[1], speculative_config=mtp_config(3))
     engine = llm.engine

@@ -99,7 +99,8 @@ class Engine:
                                        recompute_last_hit_block=self.hidden_proposer is not None)
         if self.hidden_proposer is not None:
             self.hidden_proposer.bind_kv_cache(self.kv_cache)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   next_token_entries=self.hidden_proposer is not None)
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,
                                      parts.num_kv_blocks, config.block_size, config.structured_outputs_backend)

@@ -188,6 +188,35 @@ def test_deterministic_seeded_sampling_does_not_depend_on_the_batch_or_the_force
     assert got[True, "beside"] == got[True, "alone"] == got[False, "alone"]
 
 
+class _MeasuredTokenizer:
+    """The model's tokenizer, recording the length of every text encoded."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def encode(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.tokenizer.encode(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_long_forced_text_is_spelled_a_bounded_prefix_at_a_time(verify, off, monkeypatch):
+    """A client's 4000-character `const`: each step spells only a prefix that holds its forced drafts
+    (it encoded all that is left, every step: O(length) per step), and greedy output stays plain decoding's."""
+    params = SamplingParams(temperature=0, max_tokens=60,
+                            structured={"json": {"type": "object", "properties": {"a": {"const": "ab" * 2000}},
+                                                     "required": ["a"]}})
+    jump_forward = verify.engine.jump_forward
+    measured = _MeasuredTokenizer(jump_forward.tokenizer)
+    monkeypatch.setattr(jump_forward, "tokenizer", measured)
+    got = verify.generate(["Where:"], [params])[0].outputs[0]
+    assert got.token_ids == off.generate(["Where:"], [params])[0].outputs[0].token_ids
+    assert got.text.startswith('{"a": "abab')
+    assert measured.lengths and max(measured.lengths) <= 2 * MAX_FORCED_DRAFT_TOKENS * jump_forward.longest_token < 1000
+
+
 def test_abort_after_forced_drafts_were_verified_returns_every_block(bpe_dir):
     llm = make_llm(bpe_dir, enable_jump_forward=True, speculative_config=NGRAM)
     engine = llm.engine

@@ -77,6 +77,12 @@ ZILI_CALIBRATE = EnvVar(
     "At engine start, measure the packed-matmul choice of layer shapes the tune cache lacks (a few seconds, "
     "bounded) and cache it; 0 (or --no-calibrate) keeps the defaults: torch's kernels up to 16 rows. The test "
     "suite sets 0.")
+ZILI_PARALLEL_MIN_BYTES = EnvVar(
+    "ZILI_PARALLEL_MIN_BYTES", "str", None,
+    "Least work (bytes of packed weights x rows of a q4/q8 product, bytes of KV rows of a decode-attention call) "
+    "that zili's CPU kernels split over the intra-op threads; less runs on one thread. Unset or 'auto': 2 MiB when "
+    "the host is overloaded at engine start and the process has no raised priority (a parallel region then waits "
+    "a time slice for its second thread), else 0 (every call parallel).")
 # Structured output's own caps (zili.structured.spec): a request past one gets a 400 that names the cap
 # and this variable. The grammar library compiles large counts cheaply (maxLength 65,535 in ~30 ms),
 # so the defaults admit what real schemas use; the caps bound a hostile request's compile time.
@@ -96,7 +102,8 @@ ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
     ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
     ZILI_PACKED_KERNELS, ZILI_DENSE_WEIGHTS, ZILI_CALIBRATE, ZILI_STRUCTURED_MAX_SPEC_CHARS,
-    ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT)}
+    ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT,
+    ZILI_PARALLEL_MIN_BYTES)}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -186,6 +193,20 @@ def cpu_isa() -> str | None:
 def calibrate() -> bool:
     """ZILI_CALIBRATE."""
     return get_bool(ZILI_CALIBRATE)
+
+
+def parallel_min_bytes() -> int | None:
+    """ZILI_PARALLEL_MIN_BYTES: a byte count, or None for "auto" (unset); ValueError naming the variable otherwise."""
+    value = get_str(ZILI_PARALLEL_MIN_BYTES)
+    if value is None or value.lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{ZILI_PARALLEL_MIN_BYTES.name} must be 'auto' or a non-negative integer, got {value!r}")
+    return n
 
 
 DENSE_WEIGHT_MODES = ("dequant", "copy")

@@ -190,6 +190,36 @@ def test_paged_decode_matches_float64_on_every_level(isa, dtype, d, block_size):
         torch.testing.assert_close(got.double(), want[rows], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("isa", LEVELS)
+def test_serial_below_the_parallel_threshold_gives_the_same_bits(isa):
+    """`set_parallel_min_bytes` only moves work between threads: a product or an attention call run on
+    the calling thread alone (threshold above its size) equals, bit for bit, the one split over threads."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 96, generator=gen)
+    p4 = pack_q4(torch.randint(0, 16, (200, 96), generator=gen), torch.rand(200, 3, generator=gen) / 8,
+                 -torch.rand(200, 3, generator=gen))
+    p8 = pack_q8(torch.randn(200, 96, generator=gen))
+    cache = torch.randn(2, 4, 16, 3, 64, generator=gen)
+    q, tables, lens = torch.randn(1, 9, 64, generator=gen), torch.tensor([[2, 0, 3]]), torch.tensor([40])
+
+    def run():
+        return (q4_matmul(x, p4, isa=isa), q8_matmul(x, p8, isa=isa),
+                cpu_attention.paged_decode(q, cache, tables, lens, 0.125, isa=isa))
+
+    previous = cpu_isa.set_parallel_min_bytes(0, isa)
+    try:
+        with torch.inference_mode():
+            split = run()
+            assert cpu_isa.set_parallel_min_bytes(1 << 40, isa) == 0
+            alone = run()
+    finally:
+        cpu_isa.set_parallel_min_bytes(previous, isa)
+    for a, b in zip(split, alone):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="nbytes must be a non-negative integer"):
+        cpu_isa.set_parallel_min_bytes(-1, isa)
+
+
 def test_a_killed_builds_lock_file_does_not_block_the_next_load(tmp_path):
     """torch's build `lock` left by a killed build is removed under zili's own (flock) lock, and the
     flock itself excludes a second builder while the first holds it."""

@@ -161,6 +161,38 @@ def test_busy_host_is_not_calibrated(tiny_dir, cache_path, monkeypatch, caplog):
     assert set(_layers(_engine(tiny_dir, calibrate=False)).values()) == {("torch", 16)}
 
 
+@pytest.mark.skipif(not cpu_isa.enabled(), reason="zili's CPU kernels are off (ZILI_CPU_KERNELS=0)")
+def test_busy_host_keeps_small_kernel_calls_on_one_thread(tiny_dir, cache_path, monkeypatch):
+    """An engine started on an overloaded host sets BUSY_PARALLEL_MIN_BYTES on its kernel level (a parallel
+    region there waits a time slice for its second thread), an idle one 0, and so does one whose process runs
+    at a raised priority; ZILI_PARALLEL_MIN_BYTES
+    overrides both and a malformed value is a ValueError naming it."""
+    level = cpu_isa.selected()
+    load = [3.0]
+    monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: load[0])
+    monkeypatch.setattr("zili.models.quantize.load_per_cpu", quant_calibration.load_per_cpu)
+    try:
+        _engine(tiny_dir, calibrate=False)
+        assert cpu_isa.set_parallel_min_bytes(0, level) == quant_calibration.BUSY_PARALLEL_MIN_BYTES
+        cpu_isa.set_parallel_min_bytes(7, level)
+        load[0] = 0.1
+        _engine(tiny_dir, calibrate=False)
+        assert cpu_isa.set_parallel_min_bytes(0, level) == 0
+        load[0] = 3.0  # loaded, but this process outranks the load (nice < 0): its threads get their cores
+        monkeypatch.setattr(quant_calibration, "raised_priority", lambda: True)
+        cpu_isa.set_parallel_min_bytes(7, level)
+        _engine(tiny_dir, calibrate=False)
+        assert cpu_isa.set_parallel_min_bytes(0, level) == 0
+        monkeypatch.setenv("ZILI_PARALLEL_MIN_BYTES", "12345")
+        _engine(tiny_dir, calibrate=False)
+        assert cpu_isa.set_parallel_min_bytes(0, level) == 12345
+        monkeypatch.setenv("ZILI_PARALLEL_MIN_BYTES", "lots")
+        with pytest.raises(ValueError, match="ZILI_PARALLEL_MIN_BYTES must be 'auto' or a non-negative integer"):
+            _engine(tiny_dir, calibrate=False)
+    finally:
+        cpu_isa.set_parallel_min_bytes(0, level)
+
+
 @pytest.mark.skipif(len(cpu_isa.executable_levels()) < 2, reason="one kernel level on this CPU: nothing lower")
 def test_forced_lower_isa_changes_the_key_and_the_choice(tiny_dir, cache_path, monkeypatch):
     native = cpu_isa.selected()

@@ -77,6 +77,15 @@ def selected() -> str:
 selected._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+def set_parallel_min_bytes(nbytes: int, isa: str | None = None) -> int:
+    """Below `nbytes` of work (packed weight bytes of a q4/q8 product, KV bytes of a decode-attention
+    call) the `isa` build's kernels run on the calling thread, with no parallel region; returns the
+    previous value. ValueError on a negative count."""
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be a non-negative integer, got {nbytes!r}")
+    return int(ops(isa).set_parallel_min_bytes(nbytes))
+
+
 def executable_levels() -> list[str]:
     """Every level this CPU can execute, lowest first (all three on an AVX-512 machine)."""
     levels = list(CPU_ISA_LEVELS)

@@ -60,6 +60,9 @@ TORCH = "torch"
 # so a tall weight (an LM head: 49,152 rows) is timed on its first TIMED_MAX_OUT rows.
 TIMED_MAX_OUT = 16384
 BUSY_LOAD_PER_CPU = 1.0
+# On an overloaded host, zili's kernels run calls below this much work on one thread
+# (`parallel_min_bytes`): every per-layer product and attention call of a small model's decode step.
+BUSY_PARALLEL_MIN_BYTES = 2 << 20
 
 
 def load_per_cpu() -> float:
@@ -68,6 +71,28 @@ def load_per_cpu() -> float:
         return os.getloadavg()[0] / max(1, len(os.sched_getaffinity(0)))
     except (OSError, AttributeError):
         return 0.0
+
+
+def raised_priority() -> bool:
+    """Whether this process runs at a negative nice value (a benchmark run at `nice -n -10`): its threads then
+    take a core back from the load at once, so a loaded host does not make its parallel regions wait."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0) < 0
+    except (OSError, AttributeError):
+        return False
+
+
+def parallel_min_bytes(busy: bool) -> int:
+    """The work threshold for zili's kernels (`cpu_isa.set_parallel_min_bytes`): ZILI_PARALLEL_MIN_BYTES
+    when set, else BUSY_PARALLEL_MIN_BYTES on a `busy` host and 0 (every call split over the threads)
+    otherwise. Why: a parallel region's fork and join wait for every thread to be scheduled, and with
+    more runnable threads than CPUs that is a time slice (milliseconds) per region; a decode step of
+    SmolLM2-135M has ~180 of them. On an idle host the second thread is worth its few microseconds of
+    synchronisation (benchmarks/notes/cpu-speed.md, 2026-11-30 breakdown)."""
+    forced = envs.parallel_min_bytes()
+    if forced is not None:
+        return forced
+    return BUSY_PARALLEL_MIN_BYTES if busy else 0
 
 
 @dataclass(frozen=True)

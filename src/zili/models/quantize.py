@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from torch import nn
 
 from zili import envs
 from zili.choices import QUANTIZATION_MODES
-from zili.layers import onednn
+from zili.kernels import cpu_isa
+from zili.layers import onednn, quant_calibration
 from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear, dense_weight_keeper, release_dense_weights
 from zili.layers.quant import (
@@ -57,12 +58,25 @@ from zili.layers.quant_calibration import (
     candidates,
     default_choice,
     load_per_cpu,
+    parallel_min_bytes,
     row_invariant_choice,
     shape_key,
     usable,
 )
+from zili.weights.gguf import GGUFCheckpoint, RawTensor
+from zili.weights.safetensors import HFCheckpoint
 
 LM_HEAD = "lm_head"
+
+
+@runtime_checkable
+class RawCheckpoint(Protocol):
+    """A checkpoint whose stored quantized blocks can be packed as they are: a `GGUFCheckpoint`, or one
+    tensor-parallel rank's view of it (`zili.models.sharding.ShardedRawCheckpoint`)."""
+
+    def raw_tensor(self, name: str) -> RawTensor:
+        """The stored blocks of HF-named tensor `name`; KeyError where there are none to take."""
+        ...
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +99,8 @@ class QuantizeReport:
     calibration: Calibration | None = None
     tied_table_released: bool = False  # serve_tied_embedding_from_head dropped the dense table
     dequantized_dense: int = 0  # layers whose dense weight was released (release_dense_weights)
+    # zili kernel level -> the work below which its calls run on one thread (set_kernel_parallelism)
+    parallel_min_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matmul_backend: str,
@@ -145,6 +161,8 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
         report.packed_dense = onednn.pack_dense_weights(model)
         logger.info("weights: %d dense projections pre-packed for oneDNN (bf16)", report.packed_dense)
     if report.counts.keys() - {"dense"}:
+        report.parallel_min_bytes = set_kernel_parallelism(
+            report, load_per_cpu() > BUSY_LOAD_PER_CPU and not quant_calibration.raised_priority())
         logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
         for key, choice in report.kernels.items():
             rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \
@@ -154,7 +172,25 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     return report
 
 
-def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str, list[str]]:
+def set_kernel_parallelism(report: QuantizeReport, busy: bool) -> dict[str, int]:
+    """Set, on every zili kernel level the model runs (its packed layers' and the attention kernel's,
+    `cpu_isa.selected()`), the work below which a call stays on one thread (`parallel_min_bytes`:
+    ZILI_PARALLEL_MIN_BYTES, else by whether the host is `busy`). Returns level -> bytes set."""
+    if not cpu_isa.enabled():
+        return {}
+    levels = {c.kernel for c in report.kernels.values() if c.kernel != TORCH} | {cpu_isa.selected()}
+    nbytes = parallel_min_bytes(busy)
+    done = {level: nbytes for level in sorted(levels) if cpu_isa.load(level)}
+    for level in done:
+        cpu_isa.set_parallel_min_bytes(nbytes, level)
+    if nbytes:
+        logger.info("zili's CPU kernels: calls under %d KiB of work run on one thread (%s)", nbytes >> 10,
+                    "ZILI_PARALLEL_MIN_BYTES" if envs.parallel_min_bytes() is not None else "busy host")
+    return done
+
+
+def deferrable_projections(model: nn.Module, mode: str,
+                           checkpoint: GGUFCheckpoint | HFCheckpoint | None) -> dict[str, list[str]]:
     """Module name -> checkpoint tensor names, for the projections whose dense weight need not be loaded
     before `quantize_and_calibrate`: those it will pack from the GGUF checkpoint's own codes (int4 from
     Q4_0/Q4_1/Q4_K, int8 from Q8_0) and whose dense copy `release_dense_weights` will then drop
@@ -162,7 +198,7 @@ def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str,
     module). Loading them dense first (bf16, or fp32 on AVX2) was the peak of the whole build: SmolLM2's
     projections are ~200 MiB in bf16 against 92 MiB packed (benchmarks/notes/memory.md). Empty for
     float checkpoints, mode "none" and ZILI_DENSE_WEIGHTS=copy. Assumes the cpu-packed matmul backend."""
-    if mode == "none" or envs.dense_weights() != "dequant" or not hasattr(checkpoint, "raw_tensor"):
+    if mode == "none" or envs.dense_weights() != "dequant" or not isinstance(checkpoint, GGUFCheckpoint):
         return {}
     keeps = dense_weight_keeper(model)
     raw_types = _raw_type_reader(checkpoint)
@@ -181,10 +217,10 @@ def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str,
     return deferred
 
 
-def _q8_0_raws(checkpoint, shards: list[str]) -> list | None:
+def _q8_0_raws(checkpoint: RawCheckpoint | HFCheckpoint | None, shards: list[str]) -> list[RawTensor] | None:
     """The shards' raw GGUF tensors if every one is a 2-D Q8_0 tensor (the form `_q8_0_blocks` takes),
-    else None; their codes are not read."""
-    if checkpoint is None or not hasattr(checkpoint, "raw_tensor"):
+    else None (always for a float checkpoint); their codes are not read."""
+    if not isinstance(checkpoint, RawCheckpoint):
         return None
     raws = []
     for hf in shards:
@@ -198,9 +234,11 @@ def _q8_0_raws(checkpoint, shards: list[str]) -> list | None:
     return raws
 
 
-def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None, checkpoint=None) -> int:
+def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None,
+                   checkpoint: GGUFCheckpoint | None = None) -> int:
     """Read the dense weight of every projection still `weight_deferred` (see `deferrable_projections`)
-    from the checkpoint, as the loader would have. Returns how many."""
+    from `checkpoint` (else the one `open_checkpoint` opens: the GGUF file the loader deferred them
+    from, `deferrable_projections` deferring nothing else), as the loader would have. Returns how many."""
     pending = [(n, m) for n, m in _linears(model) if m.weight_deferred]
     if not pending:
         return 0

@@ -25,11 +25,18 @@
 #include <type_traits>
 #include <algorithm>
 #include <limits>
+#include <atomic>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+
+// Defined in quant_gemm_cpu.cpp (the same library): below this many bytes of KV rows a call runs on
+// the calling thread alone.
+namespace ZILI_OPS_NS {
+extern std::atomic<int64_t> parallel_min_bytes;
+}
 
 namespace {
 
@@ -628,6 +635,10 @@ void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, cons
   // A work item is a sequence with all its KV heads (each position's keys are one contiguous row),
   // or, when there are fewer sequences than threads, one KV head of a sequence.
   const int64_t split = B >= at::get_num_threads() ? 1 : KVH;
+  // Bytes of keys and values the call reads (every sequence at its full length: an upper bound).
+  int64_t kv_bytes = 0;
+  for (int64_t b = 0; b < B; ++b) kv_bytes += lens[b] * 2 * token_stride * static_cast<int64_t>(sizeof(C));
+  const int64_t grain = kv_bytes < ZILI_OPS_NS::parallel_min_bytes.load() ? B * split : 1;
 #if defined(__AVX512BF16__)
   const Bf16ItemFn bf16_fn =
       std::is_same<T, c10::BFloat16>::value && std::is_same<C, T>::value ? bf16_item(G, D, BS) : nullptr;
@@ -635,7 +646,7 @@ void paged_decode_kernel(const T* q, const C* cache, const int64_t* tables, cons
 #if defined(ZILI_Q8_ITEM)
   const Q8ItemFn q8_fn = std::is_same<C, int8_t>::value ? q8_item(G, D, BS, std::is_same<T, float>::value) : nullptr;
 #endif
-  at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * split, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * D), acc(H * D), row(KVH * D), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / split;

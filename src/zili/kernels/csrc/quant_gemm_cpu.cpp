@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,6 +41,17 @@
 #ifndef ZILI_OPS_NS
 #error "ZILI_OPS_NS (the operator namespace of this build) must be defined"
 #endif
+
+// The least work (bytes of packed weights x activation rows, or bytes of KV rows for the attention
+// kernel in paged_decode_cpu.cpp) that a kernel splits over the intra-op threads; less runs on the calling
+// thread alone. A single-stream decode step is ~150 products of 0.2-1 MB and 30 attention calls:
+// at two threads each parallel region saves a few microseconds of a 6-30 us product, and costs a
+// fork and a join that wait for the other thread to be scheduled, which on a shared machine can take
+// a scheduler time slice (milliseconds). Set per level by `set_parallel_min_bytes` (zili.kernels.cpu_isa);
+// named by the level's namespace, so the three builds in one process keep their own value.
+namespace ZILI_OPS_NS {
+std::atomic<int64_t> parallel_min_bytes{0};
+}
 
 namespace {
 
@@ -264,8 +276,10 @@ void gemm(const T* x, const uint8_t* wq, const uint16_t* wd, T* y, int64_t M, in
   const int64_t KB = a.KB, NG = (N + R - 1) / R;
   const int64_t group_bytes = KB * (Q4 ? 4 * R * 4 : 8 * R * 4);
   const int64_t group_scales = KB * (Q4 ? 2 * R : R);
-  // About 16 KB of weights per task: small enough to balance 2-64 threads on the smallest layers.
-  const int64_t grain = std::max<int64_t>(1, 16384 / group_bytes);
+  // About 16 KB of weights per task: small enough to balance 2-64 threads on the smallest layers;
+  // one task (no parallel region) when the whole product is below the threshold.
+  const bool serial = NG * group_bytes * M < ZILI_OPS_NS::parallel_min_bytes.load();
+  const int64_t grain = serial ? NG : std::max<int64_t>(1, 16384 / group_bytes);
   at::parallel_for(0, NG, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float out[kRowTile * R];
     for (int64_t g = begin; g < end; ++g) {
@@ -473,6 +487,11 @@ at::Tensor q8_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
 
 int64_t isa_level() { return kIsaLevel; }
 
+int64_t set_parallel_min_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_parallel_min_bytes: bytes must be >= 0, got ", bytes);
+  return ZILI_OPS_NS::parallel_min_bytes.exchange(bytes);
+}
+
 }  // namespace
 
 #define ZILI_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
@@ -484,6 +503,8 @@ ZILI_FRAGMENT(ZILI_OPS_NS, m) {
   m.def("q4_dequant_linear(Tensor x, Tensor qs, Tensor dm, int n_out) -> Tensor");
   m.def("q8_dequant_linear(Tensor x, Tensor qs, Tensor d, int n_out) -> Tensor");
   m.def("isa_level() -> int", &isa_level);
+  // Returns the previous value. Not part of any graph: called at engine set-up and by the benchmarks.
+  m.def("set_parallel_min_bytes(int bytes) -> int", &set_parallel_min_bytes);
 }
 
 ZILI_IMPL(ZILI_OPS_NS, CPU, m) {

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from zili import envs
+from zili.engine.compiled_decode import COMPILE_THREAD_NAME
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
 from zili.models.base import CausalLM
@@ -174,6 +175,15 @@ def _tensors_in_place(model: nn.Module, slots: list[WeightSlot], tensors: tuple[
                 _assign(model, path, slot.tensor)
 
 
+def onednn_handles(model: nn.Module) -> list[list[Any]]:
+    """[module name, handle, out_features] of every oneDNN-packed weight (zili.layers.onednn). Its
+    operator takes an integer handle into a per-process registry, which the exported graph holds as a
+    constant: a package built by another process is only right where the same layers got the same
+    handles (the same model built the same way in a fresh process), so the handles are part of the key."""
+    return [[name, int(m.packed.handle), int(m.packed.out_features)] for name, m in model.named_modules()
+            if hasattr(getattr(m, "packed", None), "handle")]
+
+
 def signature(slots: list[WeightSlot]) -> list[list[Any]]:
     """What a package expects of each weight input: its paths, shape and dtype."""
     return [[s.paths, list(s.tensor.shape), str(s.tensor.dtype)] for s in slots]
@@ -206,12 +216,19 @@ class DecodeStep(nn.Module):
 
 # ---------------------------------------------------------------------------- the cache key
 
+# What the traced graph is made of: the model families, layers, kernels (and their C++ sources),
+# the attention metadata and this module. Edits elsewhere (the server, the scheduler) keep packages valid.
+GRAPH_SOURCES = ("models", "layers", "kernels", "platforms", "config.py", "engine/aot_decode.py")
+
+
 def _source_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted(_SRC_ROOT.rglob("*")):
-        if path.suffix in (".py", ".cpp", ".h") and path.is_file():
-            h.update(str(path.relative_to(_SRC_ROOT)).encode())
-            h.update(path.read_bytes())
+    for part in GRAPH_SOURCES:
+        base = _SRC_ROOT / part
+        for path in sorted(base.rglob("*")) if base.is_dir() else [base]:
+            if path.suffix in (".py", ".cpp", ".h") and path.is_file():
+                h.update(str(path.relative_to(_SRC_ROOT)).encode())
+                h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -239,6 +256,7 @@ def package_key(model_ref: str, model: nn.Module, slots: list[WeightSlot], kv_ca
         "model": _model_identity(model_ref),
         "type": type(model).__qualname__,
         "weights": [[list(s.tensor.shape), str(s.tensor.dtype)] for s in slots],
+        "onednn_handles": onednn_handles(model),
         "kv": [[list(c.shape[:1]) + list(c.shape[2:]), str(c.dtype)] for c in kv_caches],
         "block_size": block_size,
         "attention": attention_name,
@@ -309,8 +327,8 @@ def build_packages(model: CausalLM, kv_caches: list[torch.Tensor], block_size: i
         logger.info("AOT decode: batch %d-%d exported in %.1f s, compiled in %.1f s", lo, hi, exported,
                     time.perf_counter() - start - exported)
         made.append(path)
-    (out_dir / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "ranges": ranges,
-                                                "weights": signature(slots), "torch": torch.__version__}))
+    (out_dir / MANIFEST).write_text(json.dumps({"format": FORMAT_VERSION, "ranges": ranges, "weights": signature(slots),
+                                                "onednn_handles": onednn_handles(model), "torch": torch.__version__}))
     return made
 
 
@@ -370,6 +388,8 @@ class AOTDecode:
             raise ValueError(f"no readable {MANIFEST} in {folder}: {exc}") from exc
         if manifest.get("format") != FORMAT_VERSION or manifest.get("torch") != torch.__version__:
             raise ValueError(f"{folder} was built by another zili/torch version")
+        if manifest.get("onednn_handles", []) != onednn_handles(model):
+            raise ValueError("this model's oneDNN-packed weights have other handles than the package's")
         weights = []
         for paths, shape, dtype in manifest["weights"]:
             try:
@@ -438,6 +458,11 @@ def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]
     on a watcher thread when it exits."""
     root = root or cache_root()
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("*.job-*"):  # left by a server that exited while its build ran
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(stale.name.rsplit("-", 1)[1])
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                stale.unlink()
     job = root / f"{key}.job-{os.getpid()}"
     job.write_bytes(pickle.dumps({"config": config_blob, "key": key, "ranges": ranges, "root": str(root)}))
 
@@ -459,7 +484,9 @@ def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]
             logger.warning("AOT decode: the build process exited with %d; last output:\n%s", code, tail)
         on_done(code)
 
-    thread = threading.Thread(target=watch, name="zili-aot-decode-build", daemon=True)
+    # The background compile's thread name: a server stopped meanwhile exits at once (zili.server.launcher),
+    # and the child, on its parent's death signal, with it.
+    thread = threading.Thread(target=watch, name=COMPILE_THREAD_NAME, daemon=True)
     thread.start()
     return thread
 

@@ -428,6 +428,15 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
             return _start_aot_decode(runner, attention, config, compile_here)
         compile_here()
         return None
+    if envs.aot_decode():  # a package cached by an earlier server: no compiler in this process
+        start = time.perf_counter()
+        key, ranges = aot_decode_plan(runner, config, attention.name)
+        cached = aot_decode.try_load_cached(key, model, runner.kv_caches)
+        if cached is not None:
+            runner.compiled_decode = cached
+            seconds = time.perf_counter() - start
+            logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
+            return seconds
     logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
                 "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
     compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)

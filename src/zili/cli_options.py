@@ -88,7 +88,8 @@ ENGINE_OPTIONS: dict[str, EngineOption] = {o.field: o for o in (
                  flags=("--enable-jump-forward/--no-enable-jump-forward",)),
     EngineOption("jump_forward_mode", str | None, None, f"{' or '.join(JUMP_FORWARD_MODES)}: verify (default) "
                  "proposes the forced text's tokens as speculative drafts the model checks under the grammar, so "
-                 "greedy output is the same as without jump-forward; append adds the tokenizer's spelling of it "
+                 "greedy output is the same as without jump-forward (bit for bit under --deterministic; "
+                 "otherwise up to near-ties, as with any batching); append adds the tokenizer's spelling of it "
                  "unverified (SGLang's jump-forward)."),
     EngineOption("deterministic", bool | None, None, "Batch-invariant kernels: a greedy or seeded request gets the "
                  "same tokens whatever else runs beside it and whatever the prefix cache holds (slower; "

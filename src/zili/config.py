@@ -181,10 +181,15 @@ QUANTIZED_KV_DTYPES = tuple(_QUANTIZED_KV_BY_NAME.values())
 KV_SCALE_BYTES = 2
 
 
-def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The element type of the KV cache tensors for an EngineConfig.kv_cache_dtype name."""
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype,
+                         platform_default: torch.dtype | None = None) -> torch.dtype:
+    """The element type of the KV cache tensors for an EngineConfig.kv_cache_dtype name (the one place
+    that decides what "auto" means). "auto": `platform_default` where the platform chose the storage
+    type (`Platform.default_kv_cache_dtype`, which zili.engine.builder.kv_cache_dtype asks when the
+    model's dtype was "auto" too: bf16 rows for an fp32 model on a CPU without native bf16, such as
+    AVX2), else the model's dtype. ValueError naming the field for an unknown name."""
     if kv_cache_dtype == "auto":
-        return model_dtype
+        return platform_default if platform_default is not None else model_dtype
     if kv_cache_dtype == "bfloat16":
         return torch.bfloat16
     if kv_cache_dtype in _QUANTIZED_KV_BY_NAME:
@@ -315,8 +320,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     (`SPECULATIVE_AUTO`), or None / "off" (off).
 
     Follows vLLM: `num_speculative_tokens` is required; of prompt_lookup_min / max, one given sets
-    the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type
-    or an out-of-range value."""
+    the other, neither gives 5 and 5. ValueError naming `field.key` for an unknown key, a wrong type,
+    an out-of-range value, or a key its method does not use (`model` with "ngram", prompt_lookup_*
+    with another method)."""
     if value is None or isinstance(value, SpeculativeConfig):
         return value
     if isinstance(value, str) and value.strip().lower() in ("auto", "off", "none"):
@@ -351,6 +357,9 @@ def parse_speculative_config(value: object, field: str = "speculative_config") -
     if method == "deepseek_mtp" and model is not None:
         raise ValueError(f"{field}.model is not used by method 'deepseek_mtp' (the MTP layer is read from the "
                          "target's own checkpoint)")
+    for key in ("prompt_lookup_min", "prompt_lookup_max"):
+        if method != "ngram" and value.get(key) is not None:
+            raise ValueError(f"{field}.{key} is used only by method 'ngram' (prompt lookup), not by {method!r}")
 
     def positive(key: str, default: int | None, limit: int = 64) -> int | None:
         v = value.get(key, default)
@@ -438,12 +447,15 @@ class EngineConfig:
     # vLLM's shorthand for a draft model: the same as speculative_config {"method": "draft_model",
     # "model": speculative_model, "num_speculative_tokens": 5}.
     speculative_model: str | None = None
-    # KV cache element type (vLLM's option): "auto" (the model's dtype), "bfloat16", or quantized per
-    # token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
+    # KV cache element type (vLLM's option): "auto" (the model's dtype, except bf16 rows under an
+    # automatic fp32 dtype on a CPU without native bf16: `kv_cache_torch_dtype`), "bfloat16", or quantized
+    # per token and KV head: "int8", "fp8_e4m3" (about half the bytes of bf16, so twice the tokens).
     kv_cache_dtype: str = "auto"
     # Jump-forward structured decoding (zili.engine.jump_forward): text a request's grammar forces comes
     # in one step. On by default: in the default "verify" mode its tokens are speculative drafts the model
-    # verifies under the grammar mask, so greedy output is the same as without it, in fewer steps.
+    # verifies under the grammar mask, so greedy output is the same as without it, in fewer steps (bit
+    # for bit under `deterministic`; otherwise the verify rows enlarge the batch, and a near-tie can flip
+    # as with any batching).
     enable_jump_forward: bool = True
     # JUMP_FORWARD_MODES: "verify" (forced text as verified drafts, also with speculative_config off) or
     # "append" (the tokenizer's spelling appended unverified, SGLang's jump-forward). None: "verify" when

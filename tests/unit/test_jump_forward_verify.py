@@ -165,6 +165,58 @@ def test_sampled_outputs_validate_and_seeds_reproduce(verify):
     assert_pool_free(verify)
 
 
+# Long forced keys: many forced drafts, which a step's small token budget cuts.
+LONG_KEYS = {"type": "object", "properties": {"abcdefghijklmnopqrstuvwxyz": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+                                              "zyxwvutsrqponmlkjihgfedcba": {"type": "integer"}},
+             "required": ["abcdefghijklmnopqrstuvwxyz", "zyxwvutsrqponmlkjihgfedcba"]}
+
+
+def test_deterministic_seeded_sampling_does_not_depend_on_the_batch_or_the_forced_drafts(bpe_dir):
+    """deterministic=True: a seeded sampled request's tokens are the same alone, beside another request
+    (whose tokens take part of the 8-token budget, so the scheduler cuts its forced drafts elsewhere)
+    and without jump-forward: each row's noise is keyed on (seed, output position), not drawn from a
+    stream each verify row consumes."""
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=40, structured={"json": LONG_KEYS})
+    other = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    got = {}
+    for jump_forward in (True, False):
+        llm = make_llm(bpe_dir, enable_jump_forward=jump_forward, deterministic=True, max_num_batched_tokens=8)
+        got[jump_forward, "alone"] = llm.generate(["Where:"], [params])[0].outputs[0].token_ids
+        if jump_forward:
+            got[jump_forward, "beside"] = llm.generate(["x y " * 9, "Where:"], [other, params])[1].outputs[0].token_ids
+            assert llm.engine.stats().jump_forward_num_forced_draft_tokens > 20
+    assert got[True, "beside"] == got[True, "alone"] == got[False, "alone"]
+
+
+class _MeasuredTokenizer:
+    """The model's tokenizer, recording the length of every text encoded."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def encode(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.tokenizer.encode(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_long_forced_text_is_spelled_a_bounded_prefix_at_a_time(verify, off, monkeypatch):
+    """A client's 4000-character `const`: each step spells only a prefix that holds its forced drafts
+    (it encoded all that is left, every step: O(length) per step), and greedy output stays plain decoding's."""
+    params = SamplingParams(temperature=0, max_tokens=60,
+                            structured={"json": {"type": "object", "properties": {"a": {"const": "ab" * 2000}},
+                                                     "required": ["a"]}})
+    jump_forward = verify.engine.jump_forward
+    measured = _MeasuredTokenizer(jump_forward.tokenizer)
+    monkeypatch.setattr(jump_forward, "tokenizer", measured)
+    got = verify.generate(["Where:"], [params])[0].outputs[0]
+    assert got.token_ids == off.generate(["Where:"], [params])[0].outputs[0].token_ids
+    assert got.text.startswith('{"a": "abab')
+    assert measured.lengths and max(measured.lengths) <= 2 * MAX_FORCED_DRAFT_TOKENS * jump_forward.longest_token < 1000
+
+
 def test_abort_after_forced_drafts_were_verified_returns_every_block(bpe_dir):
     llm = make_llm(bpe_dir, enable_jump_forward=True, speculative_config=NGRAM)
     engine = llm.engine

@@ -14,7 +14,8 @@ import torch
 from tests.tiny_models import write_tiny_deepseek, write_tiny_llama
 from tests.unit.test_engine import PROMPTS, assert_pool_free, greedy_tokens
 from zili import LLM, SamplingParams
-from zili.config import EngineConfig
+from zili.config import EngineConfig, kv_cache_torch_dtype
+from zili.engine.builder import kv_cache_dtype
 from zili.engine.runner import kv_bytes_per_block
 from zili.kernels.attention import AttentionMetadata, sdpa_paged_attention
 from zili.kernels.kv_quant import (
@@ -27,6 +28,7 @@ from zili.kernels.kv_quant import (
     row_scales,
 )
 from zili.models.hf_config import model_config_from_hf
+from zili.platforms.cpu import CpuPlatform
 
 QUANTIZED = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
@@ -375,6 +377,21 @@ def test_a_bfloat16_cache_under_a_float32_model_on_the_cpp_backend(tiny_dir):
     alone = [greedy_tokens(llm, [p])[0] for p in PROMPTS[:4]]
     assert greedy_tokens(llm, PROMPTS[:4]) == alone
     assert_pool_free(llm)
+
+
+def test_auto_kv_cache_dtype_follows_the_platform_only_under_an_automatic_model_dtype(tiny_dir):
+    """kv_cache_dtype "auto" is decided by config.kv_cache_torch_dtype: the platform's storage type where
+    the builder passes one (the CPU stores an automatic fp32 model's rows in bf16), the model's otherwise."""
+    assert kv_cache_torch_dtype("auto", torch.float32) == torch.float32
+    assert kv_cache_torch_dtype("auto", torch.float32, torch.bfloat16) == torch.bfloat16
+    assert kv_cache_torch_dtype("int8", torch.float32, torch.bfloat16) == torch.int8
+    mc = model_config_from_hf(json.loads((tiny_dir / "config.json").read_text()))
+    cpu = CpuPlatform()
+    got = {dtype: kv_cache_dtype(EngineConfig(dtype=dtype), mc, None, False, torch.float32, cpu)  # type: ignore[arg-type]
+           for dtype in ("auto", "float32")}
+    assert got == {"auto": torch.bfloat16, "float32": torch.float32}
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_torch_dtype("fp16", torch.float32)
 
 
 # ---- MLA's latent cache (DeepSeek): [q(c_kv) | q(k_pe) | scale(c_kv) | scale(k_pe)] -------------------

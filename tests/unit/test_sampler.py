@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zili.engine.request import Request, Sequence
-from zili.engine.sampler import Sampler, apply_top_k_top_p
+from zili.engine.sampler import Sampler, apply_top_k_top_p, sequence_seed
 from zili.sampling import SamplingParams
 
 V = 8
@@ -14,7 +14,7 @@ def make_seq(params: SamplingParams, prompt=(1, 2), output=(), seed_generator=Fa
     req = Request("r", None, list(prompt), params, max_tokens=16, stop_token_ids=frozenset({0}))
     seq = Sequence("r#0", req, 0, list(prompt) + list(output))
     if params.seed is not None or seed_generator:
-        seq.generator = torch.Generator().manual_seed(params.seed or 0)
+        seq.seed = sequence_seed(params.seed or 0, 0)
     req.sequences.append(seq)
     return seq
 
@@ -79,9 +79,27 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         for _ in range(20):
             batch = others + [seq]
             got.append(sampler(logits.repeat(len(batch), 1), batch).token_ids[-1])
+            seq.token_ids.append(got[-1])
         return got
 
     assert draws(0, 0) == draws(5, 123) == draws(17, 7)
+    assert len(set(draws(0, 0))) > 1  # one draw per output position, not the same one
+
+
+def test_a_seeded_verify_row_draws_what_plain_decoding_draws_at_its_position():
+    # Verify rows (drafts) of a seeded sequence: row j draws its output token num_output_tokens + j, with
+    # the noise a plain step at that position would draw, however many rows the step gave the sequence.
+    logits = torch.randn(6, V)
+    params = SamplingParams(temperature=1.0, seed=3)
+    seq = make_seq(params, output=(5,))
+    seq.draft_token_ids = [1, 2, 3, 4, 5]
+    verify = Sampler(V)(logits, [seq] * 6).token_ids
+    for j in range(6):
+        later = make_seq(params, output=(5,) + (1, 2, 3, 4, 5)[:j])  # plain decoding after j accepted drafts
+        other = make_seq(SamplingParams(temperature=1.0))  # an unseeded row before it changes nothing
+        assert Sampler(V, seed=99)(logits[[0, j]], [other, later]).token_ids[1] == verify[j], j
+    cut = Sampler(V)(logits[:3], [seq] * 3).token_ids  # the scheduler kept 2 drafts
+    assert cut == verify[:3]
 
 
 def test_logit_bias_and_min_tokens():

@@ -56,6 +56,8 @@ def test_config_parses_like_vllm():
     ({"num_speculative_tokens": 5, "method": "eagle"}, "method"),
     ({"num_speculative_tokens": 5, "num_spec_tokens": 5}, "num_spec_tokens"),
     ({"num_speculative_tokens": 5, "requests": "chat"}, "requests"),
+    ({"num_speculative_tokens": 3, "method": "mtp", "prompt_lookup_max": 4}, "prompt_lookup_max"),
+    ({"num_speculative_tokens": 3, "model": "x", "prompt_lookup_min": 2}, "prompt_lookup_min"),
     ("{not json", "speculative_config"),
     ("[1, 2]", "speculative_config"),
     (7, "speculative_config"),

@@ -10,8 +10,10 @@ aborts and preemption return every block; a checkpoint without an MTP layer is r
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
+import safetensors
 import torch
 
 from tests.tiny_models import write_tiny_deepseek_mtp
@@ -22,6 +24,7 @@ from zili.engine.mtp import MTPProposer
 from zili.engine.runner import kv_bytes_per_block
 from zili.kernels.attention import AttentionMetadata
 from zili.models.hf_config import model_config_from_hf
+from zili.weights import safetensors as hf_weights
 
 PROMPTS = ["Hello there", "The capital of France is", "abc abc abc abc abc", "def fib(n):", "a",
            "Invoice 4471, total 93.20 EUR. Invoice 4471, total"]
@@ -128,8 +131,37 @@ def test_prefix_hit_gives_up_its_last_block():
 
 # ---- the engine ---------------------------------------------------------------------------------
 
-def test_greedy_equals_plain_with_a_random_mtp_layer(random_mtp, random_reference):
+class _CountingSafeOpen:
+    """safetensors' safe_open, counting the tensors read by name."""
+
+    def __init__(self, reads: Counter, *args, **kwargs) -> None:
+        self.reads, self.file = reads, safetensors.safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def get_tensor(self, name: str):
+        self.reads[name] += 1
+        return self.file.get_tensor(name)
+
+
+def test_greedy_equals_plain_with_a_random_mtp_layer(random_mtp, random_reference, monkeypatch):
+    reads: Counter = Counter()
+    monkeypatch.setattr(hf_weights, "safe_open", lambda *a, **k: _CountingSafeOpen(reads, *a, **k))
     llm = make_llm(random_mtp[1], speculative_config=mtp_config(3))
+    monkeypatch.undo()
+    # The MTP layer's loader asks the checkpoint for its own tensors only (not its copy of the embedding,
+    # which it shares with the main model): every other tensor is read once, by the main model's loader.
+    mtp = f"model.layers.{llm.engine.model_config.num_hidden_layers}."
+    assert reads[mtp + "eh_proj.weight"] == 2 and reads[mtp + "embed_tokens.weight"] == 1
+    assert all(n == 1 for name, n in reads.items() if not name.startswith(mtp)), reads.most_common(3)
     assert greedy(llm) == random_reference
     stats = llm.engine.stats()
     assert stats.spec_decode_num_draft_tokens > 0 and stats.spec_decode_num_drafts > 0
@@ -218,6 +250,30 @@ def test_mtp_cache_stays_in_step(random_mtp, random_plain, random_reference, opt
     assert stats.prefix_cache_hit_rate > 0
     if "num_blocks" in options:
         assert stats.num_preemptions > 0
+    assert_pool_free(llm)
+
+
+def test_a_prefill_only_prompts_cached_blocks_leave_no_stale_mtp_entry(random_mtp):
+    """A scoring request (max_tokens 0) computes no MTP entry for its last prompt position (its next token
+    is unknown); its full blocks go to the prefix cache. A later request that reaches that block through a
+    longer cached prefix (not as the last hit block, which is recomputed) must still see MTP entries
+    equal to a from-scratch computation."""
+    llm = make_llm(random_mtp[1], speculative_config=mtp_config(3))
+    engine, proposer = llm.engine, proposer_of(llm)
+    prompt = list(range(40, 48))  # two full blocks (block_size 4)
+    llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    longer = prompt + list(range(60, 68))
+    llm.generate([longer], SamplingParams(temperature=0, max_tokens=1))  # caches its third block after the first two
+    engine.add_request(None, longer + [70, 71], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            first = proposer.first_drafts.get(seq.seq_id)
+            if first is not None:
+                torch.testing.assert_close(first.hidden, reference_drafts(llm, seq.token_ids, 3)[0], atol=1e-4, rtol=1e-4)
+                checked += 1
+    assert checked and engine.kv_cache.prefix_hit_rate > 0
     assert_pool_free(llm)
 
 

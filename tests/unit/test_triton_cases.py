@@ -256,6 +256,26 @@ def test_quantized_decode_bf16_queries(kernels):
     torch.testing.assert_close(got.float(), expected, **tol(torch.bfloat16))
 
 
+def test_quantized_decode_fp16_queries_keep_small_values(kernels):
+    """fp16 queries over an int8 cache of small values (|v| ~ 1e-4, 1e-5: scales ~1e-7) and near-flat
+    scores: the error is that of rounding the exact answer to fp16, not more (P diag(scale) cast to fp16
+    fell to subnormals and lost 2-3x that)."""
+    ta, _ = kernels
+    gen = torch.Generator().manual_seed(0)
+    S, D, page = 256, 32, 16
+    for small in (1e-4, 1e-5):
+        rows = [torch.randn(S, D, generator=gen) * scale for scale in (0.02, small)]  # keys, values
+        cache = torch.stack([quantize_rows(r, torch.int8).view(S // page, page, 1, D + 2) for r in rows]).to(DEVICE)
+        q = torch.randn(1, 1, D, generator=gen).to(DEVICE)
+        k, v = (dequantize_rows(c.view(S, D + 2), torch.float32) for c in cache)
+        exact = torch.softmax(q[0] @ k.T / D**0.5, -1) @ v
+        tables, lens = torch.arange(S // page, device=DEVICE)[None], torch.tensor([S], device=DEVICE)
+        got = ta.paged_decode(q.half(), cache, tables, lens, 1 / D**0.5, splits=1)[0].float()
+        err = ((got - exact).norm() / exact.norm()).item()
+        floor = ((exact.half().float() - exact).norm() / exact.norm()).item()
+        assert err <= 1.1 * floor + 1e-4, (small, err, floor)
+
+
 def _no_new_rows(meta: AttentionMetadata) -> AttentionMetadata:
     """The same step with nothing left to write (the rows are in the cache already)."""
     import dataclasses

@@ -221,7 +221,7 @@ def _mtp_proposer(config: EngineConfig, platform: Platform, target: LoadedModel,
     mtp.requires_grad_(False).eval()
     try:
         with torch.no_grad():
-            mtp.load_weights(open_checkpoint(target.source).tensors(target.dtype))
+            mtp.load_weights(open_checkpoint(target.source).tensors(target.dtype, keep=mtp.wants))
     except ValueError as exc:
         raise ValueError(f"{MTP_FIELD}='deepseek_mtp': the checkpoint's MTP layer "
                          f"(model.layers.{mc.num_hidden_layers}) cannot be loaded: {exc}") from exc
@@ -311,12 +311,11 @@ def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: A
                    tensor_parallel: bool, model_dtype: torch.dtype, platform: Platform | None = None) -> torch.dtype:
     """The KV cache's element type for EngineConfig.kv_cache_dtype; ValueError naming the field where a
     quantized cache cannot run (a backend without kernels for it, or for MLA's latent rows; tensor parallelism).
-    "auto" is the model's dtype, or the platform's storage type for it when the model's dtype was
-    "auto" too (`Platform.default_kv_cache_dtype`: bf16 rows for an fp32 model on CPUs without native bf16)."""
-    if config.kv_cache_dtype == "auto" and config.dtype == "auto" and platform is not None \
-            and not model_config.use_mla and not tensor_parallel:
-        return platform.default_kv_cache_dtype(model_dtype)
-    dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype)
+    "auto" (`kv_cache_torch_dtype`) takes the platform's storage type for the model's dtype
+    (`Platform.default_kv_cache_dtype`) when the model's dtype was "auto" too, on one device, outside MLA."""
+    platform_default = platform.default_kv_cache_dtype(model_dtype) \
+        if config.dtype == "auto" and platform is not None and not model_config.use_mla and not tensor_parallel else None
+    dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model_dtype, platform_default)
     if dtype not in QUANTIZED_KV_DTYPES:
         return dtype
     name = f"EngineConfig.kv_cache_dtype={config.kv_cache_dtype!r}"

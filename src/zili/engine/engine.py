@@ -99,7 +99,8 @@ class Engine:
                                        recompute_last_hit_block=self.hidden_proposer is not None)
         if self.hidden_proposer is not None:
             self.hidden_proposer.bind_kv_cache(self.kv_cache)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   next_token_entries=self.hidden_proposer is not None)
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,
                                      parts.num_kv_blocks, config.block_size, config.structured_outputs_backend)
@@ -146,7 +147,7 @@ class Engine:
         for i in range(p.n):
             seq = Sequence(f"{request_id}#{i}", req, i, list(prepared.prompt_token_ids))
             if p.seed is not None:
-                seq.generator = torch.Generator().manual_seed(sequence_seed(p.seed, i))
+                seq.seed = sequence_seed(p.seed, i)
             if prepared.grammar is not None:  # structured output: one matcher per sequence
                 seq.grammar = self.inputs.new_matcher(prepared.grammar)
             req.sequences.append(seq)

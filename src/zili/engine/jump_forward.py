@@ -20,7 +20,9 @@ and proposed to the `Speculator` ahead of any n-gram drafts. The step verifies t
 mask: every token the model agrees with is kept in one forward pass, and where it would split the
 text differently the draft is rejected and the model's own token kept. The output is what decoding
 without jump-forward gives, token for token under greedy decoding and in distribution under sampling
-(a deterministic proposal, so `Speculator.verify`'s rule is the exact rejection rule), and each
+(a deterministic proposal, so `Speculator.verify`'s rule is the exact rejection rule) -- bit for bit
+where the logits are (EngineConfig.deterministic; otherwise the verify rows change the batch, and a
+near-tie can flip as with any batching) -- and each
 forced token accepted is a step saved. The last forced token is held back when the grammar allows a
 longer token starting with it (as in "append" mode, below): the model's next token decides there
 anyway, and holding it back saves a row that would mostly be rejected. Forced drafts carry the
@@ -52,9 +54,11 @@ costs the forward pass jump-forward saves. When re-tokenization merges the sampl
 text (`{` sampled, `{"` appended), the merged token carries the sampled token's logprob and
 alternatives: the text it adds beyond the sampled token was forced, with probability 1.
 
-Seeded sampling consumes a sequence's random stream once per step (once per verify row in "verify"
-mode), so a seeded request's output with jump-forward differs from its output without (it stays
-reproducible for the same setting).
+Seeded sampling draws noise keyed on the sequence's seed and the output position (zili.engine.sampler),
+so in "verify" mode a verify row draws what plain decoding draws at its position: however the scheduler
+cuts the forced drafts to the step's token budget (which depends on the other requests), a seeded request
+gets the tokens it gets without jump-forward, bit for bit where its logits are the same bits
+(EngineConfig.deterministic). "append" mode changes the context, so the tokens after a jump differ.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class JumpForward(ForcedProposer):
         self.mode = mode
         self._backend_of = grammar_backend
         self._token_bytes: list[bytes] | None = None
+        self._longest_token: int | None = None
         self._extensions: dict[int, torch.Tensor] | None = None
         self._bitmask: torch.Tensor | None = None
         self.stats = JumpForwardStats()
@@ -127,7 +132,13 @@ class JumpForward(ForcedProposer):
         forced = grammar.find_jump_forward_string()
         if not forced:
             return [], True
-        ids = self._encode(forced.encode("utf-8"))
+        # Only the first max_tokens tokens are used: spell a prefix that surely holds them (twice their
+        # longest spelling), not the whole forced text every step (a 64 KB `const` in a client's schema
+        # made each step encode 64 KB: ~200 ms on the tiny model). Where the tokenizer would split the
+        # text differently at the cut, those tokens are past max_tokens anyway.
+        limit = 2 * max_tokens * self.longest_token
+        cut = len(forced) > limit
+        ids = self._encode(forced[:limit].encode("utf-8") if cut else forced.encode("utf-8"))
         if ids is None:
             return [], False
         stops = seq.request.stop_token_ids
@@ -141,20 +152,18 @@ class JumpForward(ForcedProposer):
                     grammar.rollback(1)
                     accepted -= 1
                     break
-            whole = accepted == len(ids)
-            while accepted:  # hold back trailing tokens the grammar could extend (the model decides there)
-                grammar.rollback(1)
-                if not self._extendable(grammar, ids[accepted - 1]):
-                    grammar.accept_token(ids[accepted - 1])
-                    break
-                accepted -= 1
-                whole = False
-            return ids[:accepted], whole
+            drafts = ids[:accepted]
+            held_back = self._hold_back_last(grammar, drafts, keep_tokens=0)
+            accepted = len(drafts)  # what the grammar holds now, rolled back below
+            return drafts, not held_back and not cut and accepted == len(ids)
         finally:
             if accepted:
                 grammar.rollback(accepted)
 
     def record_forced(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        """After verification (`Speculator.verify`): `proposed` forced drafts of `seq` (after the
+        scheduler's cut) were checked and the first `accepted` kept; counted in `stats` (one jump per
+        sequence and step)."""
         self.stats.num_jumps += 1
         self.stats.num_forced_draft_tokens += proposed
         self.stats.num_forced_tokens += accepted
@@ -260,12 +269,13 @@ class JumpForward(ForcedProposer):
             return None
         return (prefix or []) + ids
 
-    def _hold_back_last(self, grammar: RollbackGrammar, ids: list[int], keep_bytes: int) -> int:
-        """Drop trailing tokens the grammar could extend into a longer token (the model's next free
-        token decides), never into the bytes the model sampled. Returns how many were dropped (the
-        grammar is rolled back over them)."""
+    def _hold_back_last(self, grammar: RollbackGrammar, ids: list[int], keep_bytes: int = 0, keep_tokens: int = 1) -> int:
+        """Drop trailing tokens of `ids` (which the grammar has just accepted) that it could extend into a
+        longer token (the model's next free token decides there), keeping the first `keep_tokens` and
+        never cutting into the first `keep_bytes` bytes (those the model sampled). `ids` is shortened in
+        place; returns how many were dropped (the grammar is rolled back over them)."""
         dropped = 0
-        while len(ids) > 1:
+        while len(ids) > keep_tokens:
             grammar.rollback(1)
             if not self._extendable(grammar, ids[-1]) or sum(len(self.token_bytes[i]) for i in ids[:-1]) < keep_bytes:
                 grammar.accept_token(ids[-1])
@@ -291,6 +301,13 @@ class JumpForward(ForcedProposer):
         if self._token_bytes is None:
             self._token_bytes = self._backend_of().token_bytes
         return self._token_bytes
+
+    @property
+    def longest_token(self) -> int:
+        """The most bytes one token spells (at least 1)."""
+        if self._longest_token is None:
+            self._longest_token = max(1, max(map(len, self.token_bytes), default=1))
+        return self._longest_token
 
     @property
     def extensions(self) -> dict[int, torch.Tensor]:

@@ -179,7 +179,7 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    generator: torch.Generator | None = None  # per-sequence RNG, for seeded sampling
+    seed: int | None = None  # seeded sampling: sequence_seed(params.seed, index), keyed per position by the sampler
     num_cached_prompt_tokens: int = 0
     grammar: GrammarMatcher | None = None  # structured output: this sequence's matcher (zili.structured)
     # Speculative decoding (zili.engine.spec_decode): tokens proposed to follow token_ids, verified in

@@ -5,8 +5,12 @@ frequency penalties, then (for non-greedy rows) temperature, top-k, top-p and mi
 Greedy rows take the argmax of the processed logits. Logprobs are those of the model's raw
 distribution (log-softmax of the unprocessed logits), as vLLM reports them by default.
 
-Seeded rows draw with their own torch.Generator, so their tokens do not depend on what else is in
-the batch; unseeded rows share one draw.
+Seeded rows draw noise keyed on (the sequence's seed, the output position of the token drawn)
+(`position_seed`), not from a stream consumed row by row: a row's draw depends neither on what else
+is in the batch nor on how many verify rows (speculative drafts, jump-forward's forced drafts) the
+step gave its sequence, which the scheduler cuts to the step's token budget. So a verify row draws
+what plain decoding draws at the same position, and a seeded request's tokens are as reproducible as
+its logits (bit for bit under EngineConfig.deterministic). Unseeded rows share one engine-wide draw.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ def sequence_seed(seed: int, index: int) -> int:
     return splitmix64(splitmix64(seed & _MASK64) ^ index)
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The torch.Generator seed of a seeded sequence's draw for its output token `position` (0-based):
+    output `position` + 1 of SplitMix64 started at `seed` (a `sequence_seed`), i.e. `splitmix64` of
+    seed + position * 0x9E3779B97F4A7C15. Counter-based (Salmon et al., "Parallel random numbers: as
+    easy as 1, 2, 3", SC 2011): any position's noise without drawing the ones before it."""
+    return splitmix64((seed + position * 0x9E3779B97F4A7C15) & _MASK64)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -53,10 +65,13 @@ class Sampler:
         self.vocab_size = vocab_size
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}  # unseeded rows, one per device
+        self._keyed = torch.Generator()  # seeded rows: re-seeded per row with position_seed
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], grammar_mask: Any = None) -> SamplerOutput:
-        """logits: [N, V] float32, one row per sequence that samples this step. grammar_mask
-        (structured output, zili.structured.backend.GrammarMask) forbids tokens, applied last."""
+        """logits: [N, V] float32, one row per sequence that samples this step, except that a sequence
+        verifying k drafts has k + 1 adjacent rows (`Speculator.rows_of`), row j drawing its output
+        token num_output_tokens + j. grammar_mask (structured output,
+        zili.structured.backend.GrammarMask) forbids tokens, applied last."""
         raw = logits
         params = [s.request.params for s in seqs]
         logits = self.process_logits(logits, seqs, grammar_mask)
@@ -143,13 +158,16 @@ class Sampler:
         dev = logits.device
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row.
         noise = torch.empty_like(probs)
-        shared = [i for i, s in enumerate(seqs) if s.generator is None]
+        shared = [i for i, s in enumerate(seqs) if s.seed is None]
         if shared:
             noise[shared] = torch.empty(len(shared), probs.shape[1], device=dev).exponential_(
                 generator=self.generator_for(dev))
+        offset = 0  # a sequence's verify rows are adjacent: row j draws output position num_output_tokens + j
         for i, seq in enumerate(seqs):
-            if seq.generator is not None:  # a seeded request draws on the host: same tokens on every device
-                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(dev)
+            offset = offset + 1 if i and seqs[i - 1] is seq else 0
+            if seq.seed is not None:  # a seeded request draws on the host: same tokens on every device
+                self._keyed.manual_seed(position_seed(seq.seed, seq.num_output_tokens + offset))
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=self._keyed).to(dev)
         return (probs / noise).argmax(dim=-1)
 
     def generator_for(self, device: torch.device) -> torch.Generator:

@@ -36,10 +36,16 @@ class ScheduledBatch:
 class Scheduler:
     """Continuous batching over one KVCacheManager: the waiting queue, the running list, preemption."""
 
-    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 next_token_entries: bool = False) -> None:
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # A proposer keeps per-position entries in these blocks that need the position's next token
+        # (DeepSeek MTP's, zili.engine.mtp): a prefill-only prompt's last position has none, so its
+        # block is not offered to the prefix cache (a later hit that is not its last hit block, which
+        # is recomputed, would read a stale entry there).
+        self.next_token_entries = next_token_entries
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -168,4 +174,7 @@ class Scheduler:
                 continue
             if rejected:
                 self.kv.trim(seq.seq_id, seq.num_computed_tokens)
-            self.kv.register_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            complete = seq.num_computed_tokens
+            if self.next_token_entries and seq.request.prefill_only and complete == seq.num_tokens:
+                complete -= 1  # the last position's next token is unknown (see __init__)
+            self.kv.register_full_blocks(seq.seq_id, seq.token_ids, complete)

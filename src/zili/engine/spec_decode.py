@@ -36,7 +36,9 @@ speculative rejection rule: accept d with probability min(1, p(d) / 1) = p(d); o
 the residual max(0, p - q), renormalised, which is p with d removed. Drawing t ~ p and accepting when
 t == d does both at once: P(accept) = p(d), and given t != d, t is distributed as p restricted to
 x != d, renormalised. So the output distribution equals plain decoding's, and greedy output is
-identical token for token (tests/unit/test_spec_decode.py checks both).
+identical token for token (tests/unit/test_spec_decode.py checks both) where the verify rows' logits
+are plain decoding's bits (EngineConfig.deterministic; otherwise a near-tie can flip, as with any
+change of the batch).
 
 Rejected drafts' K/V slots are rolled back by the scheduler (`Scheduler.on_step_done(num_rejected)`,
 `KVCacheManager.trim`).
@@ -227,6 +229,10 @@ class NgramProposer:
         return out
 
     def propose_after(self, seqs: list[Sequence], heads: list[list[int]], num_tokens: list[int]) -> list[list[int]]:
+        """Per sequence, at most `num_tokens[i]` tokens to follow `seqs[i].token_ids + heads[i]` (the
+        head: forced drafts, not yet verified): the suffix of that text is looked up among the earlier
+        occurrences in the sequence's own tokens, which alone are indexed (`NgramIndex.propose(known=...)`:
+        verification may reject the head). [] where nothing matches."""
         out = []
         for seq, head, k in zip(seqs, heads, num_tokens):
             index = self.indexes.get(seq.seq_id)

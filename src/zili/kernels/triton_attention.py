@@ -136,8 +136,17 @@ def _dot_qk(q, k, k_scale, qk_scale, PRECISE: tl.constexpr, QUANT: tl.constexpr)
 def _dot_pv(p, v, v_scale, q, PRECISE: tl.constexpr, QUANT: tl.constexpr):
     """p [M, N] (fp32 weights) times the value tile v [N, BLOCK_D]: [M, BLOCK_D] in fp32. A quantized
     tile's row scales v_scale [N] weigh the columns of p (P diag(s) V_q = P V) and the dot runs in the
-    query q's type; a float tile's in its own type."""
+    query q's type; a float tile's in its own type. For an fp16 query the scales are divided by the
+    tile's largest first and the product multiplied by it after: p (<= 1) times a small value scale
+    (|v| / 127) falls below fp16's normal range (6e-5) and loses its bits, while p times a scale ratio
+    (<= 1) loses only where that row's term is negligible beside the tile's largest; this keeps fp16's
+    11-bit mantissa, which bf16 operands (fp32's range, 8 bits) would not. The int8 / e4m3 codes are
+    exact in fp16."""
     if QUANT:
+        if q.dtype == tl.float16:
+            top = tl.max(v_scale, 0)
+            top = tl.where(top > 0.0, top, 1.0)  # an all-masked tile: scales 0
+            return _dot((p * (v_scale / top)[None, :]).to(q.dtype), v.to(q.dtype), PRECISE) * top
         return _dot((p * v_scale[None, :]).to(q.dtype), v.to(q.dtype), PRECISE)
     else:
         return _dot(p.to(v.dtype), v, PRECISE)

@@ -27,6 +27,7 @@ from zili.kernels.triton_attention import (
     CONFIG,
     _combine_kernel,
     _dot,
+    _dot_pv,
     _finish_split,
     _load_quantized,
     _pow2,
@@ -83,7 +84,7 @@ def _mla_decode_kernel(ql_ptr, qr_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT:
-            acc = acc * alpha[:, None] + _dot((p * lat_scale[None, :]).to(q_lat.dtype), lat.to(q_lat.dtype), PRECISE)
+            acc = acc * alpha[:, None] + _dot_pv(p, lat, lat_scale, q_lat, PRECISE, QUANT)
         else:
             acc = acc * alpha[:, None] + _dot(p.to(lat.dtype), lat, PRECISE)
         m_i = m_new

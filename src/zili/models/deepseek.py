@@ -235,8 +235,8 @@ class _SharedHead(nn.Module):
 
 class DeepseekMTP(CausalLM):
     """A DeepSeek-V3 checkpoint's multi-token-prediction layers (`num_nextn_predict_layers` of them),
-    loaded beside the main model: `load_weights` takes the checkpoint's tensors (all of them; only
-    layers >= num_hidden_layers are read) and reuses the main model's token embedding, as the report's
+    loaded beside the main model: `load_weights` takes the checkpoint's tensors (read only those
+    `wants` accepts: layers >= num_hidden_layers) and reuses the main model's token embedding, as the report's
     shared embedding (the checkpoint's per-layer copy, `embed_tokens`, is skipped). Each layer has its
     own MLA KV cache (`ModelConfig.kv_cache_shape`, one layer's worth). ValueError when the config has
     no MTP layer."""
@@ -275,20 +275,27 @@ class DeepseekMTP(CausalLM):
     def _layer(self, depth: int) -> DeepseekMTPLayer:
         return cast(DeepseekMTPLayer, self.layers[depth])
 
+    def wants(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` (HF name) belongs to these MTP layers: the filter to pass as
+        the checkpoint's `tensors(keep=...)`, so that the main model's tensors are not read again."""
+        layer = _LAYER_INDEX.match(name)
+        first = self.config.num_hidden_layers
+        return layer is not None and first <= int(layer.group(1)) < first + self.num_layers and \
+            not name.startswith("embed_tokens.", layer.end())  # the main model's is shared
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Every checkpoint tensor in (HF names); `model.layers.{num_hidden_layers + k}.*` load into
-        layer k, the rest are skipped. ValueError for a missing or mis-shaped MTP tensor."""
+        """Checkpoint tensors in (HF names; all of them, or only those `wants` accepts);
+        `model.layers.{num_hidden_layers + k}.*` load into layer k, the rest (and the layers' copies of
+        the embedding) are skipped. ValueError for a missing or mis-shaped MTP tensor."""
         first = self.config.num_hidden_layers
 
         def mtp_only() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in DeepseekForCausalLM._hf_layout(self, weights):  # type: ignore[arg-type]
+                if not self.wants(name):
+                    continue
                 layer = _LAYER_INDEX.match(name)
-                if layer is None or not first <= int(layer.group(1)) < first + self.num_layers:
-                    continue
-                rest = name[layer.end():]
-                if rest.startswith("embed_tokens."):
-                    continue
-                yield f"layers.{int(layer.group(1)) - first}.{rest}", tensor
+                assert layer is not None
+                yield f"layers.{int(layer.group(1)) - first}.{name[layer.end():]}", tensor
 
         super().load_weights(mtp_only())
 

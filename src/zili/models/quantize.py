@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -61,8 +61,20 @@ from zili.layers.quant_calibration import (
     shape_key,
     usable,
 )
+from zili.weights.gguf import GGUFCheckpoint, RawTensor
+from zili.weights.safetensors import HFCheckpoint
 
 LM_HEAD = "lm_head"
+
+
+@runtime_checkable
+class RawCheckpoint(Protocol):
+    """A checkpoint whose stored quantized blocks can be packed as they are: a `GGUFCheckpoint`, or one
+    tensor-parallel rank's view of it (`zili.models.sharding.ShardedRawCheckpoint`)."""
+
+    def raw_tensor(self, name: str) -> RawTensor:
+        """The stored blocks of HF-named tensor `name`; KeyError where there are none to take."""
+        ...
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +166,8 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
     return report
 
 
-def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str, list[str]]:
+def deferrable_projections(model: nn.Module, mode: str,
+                           checkpoint: GGUFCheckpoint | HFCheckpoint | None) -> dict[str, list[str]]:
     """Module name -> checkpoint tensor names, for the projections whose dense weight need not be loaded
     before `quantize_and_calibrate`: those it will pack from the GGUF checkpoint's own codes (int4 from
     Q4_0/Q4_1/Q4_K, int8 from Q8_0) and whose dense copy `release_dense_weights` will then drop
@@ -162,7 +175,7 @@ def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str,
     module). Loading them dense first (bf16, or fp32 on AVX2) was the peak of the whole build: SmolLM2's
     projections are ~200 MiB in bf16 against 92 MiB packed (benchmarks/notes/memory.md). Empty for
     float checkpoints, mode "none" and ZILI_DENSE_WEIGHTS=copy. Assumes the cpu-packed matmul backend."""
-    if mode == "none" or envs.dense_weights() != "dequant" or not hasattr(checkpoint, "raw_tensor"):
+    if mode == "none" or envs.dense_weights() != "dequant" or not isinstance(checkpoint, GGUFCheckpoint):
         return {}
     keeps = dense_weight_keeper(model)
     raw_types = _raw_type_reader(checkpoint)
@@ -181,10 +194,10 @@ def deferrable_projections(model: nn.Module, mode: str, checkpoint) -> dict[str,
     return deferred
 
 
-def _q8_0_raws(checkpoint, shards: list[str]) -> list | None:
+def _q8_0_raws(checkpoint: RawCheckpoint | HFCheckpoint | None, shards: list[str]) -> list[RawTensor] | None:
     """The shards' raw GGUF tensors if every one is a 2-D Q8_0 tensor (the form `_q8_0_blocks` takes),
-    else None; their codes are not read."""
-    if checkpoint is None or not hasattr(checkpoint, "raw_tensor"):
+    else None (always for a float checkpoint); their codes are not read."""
+    if not isinstance(checkpoint, RawCheckpoint):
         return None
     raws = []
     for hf in shards:
@@ -198,9 +211,11 @@ def _q8_0_raws(checkpoint, shards: list[str]) -> list | None:
     return raws
 
 
-def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None, checkpoint=None) -> int:
+def _load_deferred(model: nn.Module, open_checkpoint: Callable[[], Any] | None,
+                   checkpoint: GGUFCheckpoint | None = None) -> int:
     """Read the dense weight of every projection still `weight_deferred` (see `deferrable_projections`)
-    from the checkpoint, as the loader would have. Returns how many."""
+    from `checkpoint` (else the one `open_checkpoint` opens: the GGUF file the loader deferred them
+    from, `deferrable_projections` deferring nothing else), as the loader would have. Returns how many."""
     pending = [(n, m) for n, m in _linears(model) if m.weight_deferred]
     if not pending:
         return 0

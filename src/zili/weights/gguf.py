@@ -490,11 +490,15 @@ class GGUFCheckpoint:
         return t.to(dtype)
 
     def tensors(self, dtype: torch.dtype = torch.float32, skip: Container[str] = (),
-                placeholder: torch.Tensor | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                placeholder: torch.Tensor | None = None,
+                keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor dequantized to `dtype`) for every parameter, in file order; the names in
-        `skip` come with `placeholder` instead, unread (their layer is packed from the codes later)."""
+        `skip` come with `placeholder` instead, unread (their layer is packed from the codes later).
+        `keep`: only the names it accepts come at all (the others are neither read nor dequantized)."""
         self._need_layout()
         for name in self._names:
+            if keep is not None and not keep(name):
+                continue
             if name in skip:
                 assert placeholder is not None, "skip needs a placeholder"
                 yield name, placeholder

@@ -88,13 +88,18 @@ class HFCheckpoint:
             raise UnsupportedModelError(f"{self.path}: no *.safetensors files.")
         return files
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, dtype: torch.dtype = torch.float32,
+                keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor in `dtype`) for every parameter, shard by shard; block-scaled fp8 weights come
+        dequantized, routing biases in float32. `keep`: only the names it accepts are read (the
+        others are skipped before anything is read or dequantized)."""
         files = self.weight_files()
         dequantize = BlockFP8Dequantizer(files, self.hf_config)  # fp8 + weight_scale_inv -> dtype
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    if name.endswith(_SKIPPED_SUFFIXES) or dequantize.is_scale(name):
+                    if name.endswith(_SKIPPED_SUFFIXES) or dequantize.is_scale(name) or \
+                            (keep is not None and not keep(name)):
                         continue
                     t = dequantize(name, f.get_tensor(name), dtype)
                     if not t.is_floating_point() or name.endswith(_KEEP_FP32_SUFFIXES):

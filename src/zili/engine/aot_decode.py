@@ -27,7 +27,7 @@ also checked against the server's own weight shapes and dtypes when loaded, and 
 fails to load is deleted so that it is rebuilt.
 
 A server without a cached package serves eagerly at once and builds the packages in a child
-process at nice 19 (`python -m zili.engine.aot_decode`, one build per key at a time: a file lock),
+process at nice 19 (`python -m zili.engine.aot_decode_build`, one build per key at a time: a file lock),
 then loads them between two steps. Any failure is logged; the caller then falls back to the
 in-process torch.compile (zili.engine.compiled_decode).
 """
@@ -453,7 +453,7 @@ def _in_child() -> None:
 
 def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]],
                       on_done: Callable[[int], None], root: Path | None = None) -> threading.Thread:
-    """Build the packages for `key` in a child process (`python -m zili.engine.aot_decode`, nice 19)
+    """Build the packages for `key` in a child process (`python -m zili.engine.aot_decode_build`, nice 19)
     that loads the same model from the pickled EngineConfig `config_blob`; `on_done(returncode)` runs
     on a watcher thread when it exits."""
     root = root or cache_root()
@@ -470,7 +470,7 @@ def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]
         log = root / f"{key}.log"
         try:
             with open(log, "wb") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "zili.engine.aot_decode", str(job)],
+                proc = subprocess.Popen([sys.executable, "-m", "zili.engine.aot_decode_build", str(job)],
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         preexec_fn=_in_child)
                 code = proc.wait()
@@ -489,32 +489,3 @@ def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]
     thread = threading.Thread(target=watch, name=COMPILE_THREAD_NAME, daemon=True)
     thread.start()
     return thread
-
-
-def _child_main(job_path: str) -> int:
-    """The build process: load the model as the server did (eagerly, a small KV pool), check that it
-    gives the server's key, build and cache the packages."""
-    import dataclasses
-
-    from zili.engine.builder import aot_decode_plan, build_engine_parts
-    from zili.engine.runner import ModelRunner
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    job = pickle.loads(Path(job_path).read_bytes())
-    config = pickle.loads(job["config"])
-    config = dataclasses.replace(config, enforce_eager=True, kv_cache_memory=64 << 20)
-    parts = build_engine_parts(config)
-    runner = parts.executor
-    assert isinstance(runner, ModelRunner)  # one process, one device: the executor is the runner
-    key, ranges = aot_decode_plan(runner, config, parts.attention_backend)
-    if key != job["key"] or ranges != [tuple(r) for r in job["ranges"]]:
-        logger.error("AOT decode: this process's model gives key %s, the server's %s (different kernel "
-                     "choices or files?); not building", key, job["key"])
-        return 3
-    build_into_cache(runner.model, runner.kv_caches, config.block_size, runner.attention, ranges, key,
-                     Path(job["root"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1]))

@@ -31,6 +31,13 @@ ZILI_ENFORCE_EAGER = EnvVar(
 ZILI_BACKGROUND_COMPILE = EnvVar(
     "ZILI_BACKGROUND_COMPILE", "bool", False,
     "Compile the decode step on a background thread while the engine serves eagerly (`zili serve` sets it).")
+ZILI_AOT_DECODE = EnvVar(
+    "ZILI_AOT_DECODE", "bool", True,
+    "With ZILI_BACKGROUND_COMPILE: serve the decode step from an AOTInductor package built in a child process "
+    "and cached under $XDG_CACHE_HOME/zili/aot_decode (0: today's in-process torch.compile).")
+ZILI_AOT_DECODE_DIR = EnvVar(
+    "ZILI_AOT_DECODE_DIR", "path", None,
+    "Where AOT decode packages are cached; unset: $XDG_CACHE_HOME/zili/aot_decode (~/.cache/zili/aot_decode).")
 ZILI_PLATFORM = EnvVar(
     "ZILI_PLATFORM", "str", None,
     "Platform to run on, by name (cpu, cuda, or an installed plugin's); unset: the preferred available one.")
@@ -99,7 +106,8 @@ ZILI_STRUCTURED_MAX_REGEX_REPEAT = EnvVar(
     "Largest {n,m} repetition count in a regex, a schema pattern or a grammar.")
 
 ENVIRONMENT_VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
-    ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_PLATFORM, ZILI_TUNE_CACHE, ZILI_CPU_KERNELS, ZILI_CPU_ISA,
+    ZILI_ENFORCE_EAGER, ZILI_BACKGROUND_COMPILE, ZILI_AOT_DECODE, ZILI_AOT_DECODE_DIR, ZILI_PLATFORM, ZILI_TUNE_CACHE,
+    ZILI_CPU_KERNELS, ZILI_CPU_ISA,
     ZILI_ONEDNN, ZILI_MALLOC_TUNE, ZILI_API_KEY, ZILI_ADMIN_KEY, ZILI_DATABASE_URL, ZILI_LLAMA_CPP_DIR,
     ZILI_PACKED_KERNELS, ZILI_DENSE_WEIGHTS, ZILI_CALIBRATE, ZILI_STRUCTURED_MAX_SPEC_CHARS,
     ZILI_STRUCTURED_MAX_SCHEMA_DEPTH, ZILI_STRUCTURED_MAX_COUNT, ZILI_STRUCTURED_MAX_REGEX_REPEAT,
@@ -167,6 +175,16 @@ def enforce_eager() -> bool:
 def background_compile() -> bool:
     """ZILI_BACKGROUND_COMPILE."""
     return get_bool(ZILI_BACKGROUND_COMPILE)
+
+
+def aot_decode() -> bool:
+    """ZILI_AOT_DECODE."""
+    return get_bool(ZILI_AOT_DECODE)
+
+
+def aot_decode_dir() -> Path:
+    """ZILI_AOT_DECODE_DIR, else the default under the user cache."""
+    return get_path(ZILI_AOT_DECODE_DIR) or user_cache_dir() / "aot_decode"
 
 
 def platform_name() -> str | None:

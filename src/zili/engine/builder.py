@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from zili import envs
 from zili.config import QUANTIZED_KV_DTYPES, EngineConfig, ModelConfig, kv_cache_torch_dtype
 from zili.distributed.executor import TensorParallelExecutor
+from zili.engine import aot_decode
 from zili.engine.compiled_decode import CompiledDecode, compiles_in_background, eager_by_default, unsupported_reason
 from zili.engine.cuda_graphs import DecodeGraphs, batch_ladder
 from zili.engine.draft_model import DraftModelProposer, check_same_vocab
@@ -381,6 +385,23 @@ def max_decode_rows(config: EngineConfig) -> int:
     return max(config.max_num_seqs * (1 + forced), verifying * (1 + forced + spec.num_speculative_tokens))
 
 
+def decode_batch_sizes(model: nn.Module, config: EngineConfig) -> list[int]:
+    """The batch sizes that start a compiled decode graph: 1, 2 and one past each quantized layer's
+    row limit (zili.layers.quant switches to the dense path there), up to `max_decode_rows`."""
+    limits = {m.quant.max_rows for m in model.modules() if isinstance(m, Linear) and m.quant is not None}
+    return sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= max_decode_rows(config)})
+
+
+def aot_decode_plan(runner: ModelRunner, config: EngineConfig, attention_name: str) -> tuple[str, list[tuple[int, int]]]:
+    """The AOT decode package key of this engine and the batch ranges it covers (zili.engine.aot_decode)."""
+    ranges = aot_decode.batch_ranges(decode_batch_sizes(runner.model, config), max_decode_rows(config))
+    kv = {id(c) for c in runner.kv_caches}
+    slots = [s for s in aot_decode.weight_slots(runner.model) if id(s.tensor) not in kv]
+    key = aot_decode.package_key(str(config.model), runner.model, slots, runner.kv_caches, config.block_size,
+                                 attention_name, ranges)
+    return key, ranges
+
+
 def _compile_decode(runner: ModelRunner, platform: Platform, attention: AttentionBackend,
                     config: EngineConfig) -> float | None:
     """Compile the decode step unless unsupported here (zili.engine.compiled_decode); the seconds it took."""
@@ -389,22 +410,35 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
     if reason is not None:
         logger.info("decode step stays eager: %s", reason)
         return None
-    compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
     # A graph per batch shape dynamo tells apart: 1, 2.., and past each quantized layer's row limit,
     # up to the most rows a decode step can have (verify steps included: each one not built here
     # would compile on the first request that reaches it, stalling every stream for seconds).
-    limits = {m.quant.max_rows for m in model.modules() if isinstance(m, Linear) and m.quant is not None}
-    sizes = sorted({b for b in [1, 2, *(r + 1 for r in limits)] if b <= max_decode_rows(config)})
+    sizes = decode_batch_sizes(model, config)
     if compiles_in_background():  # serve eagerly now, switch when the graphs are built
-        logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
         def switch(ready: CompiledDecode) -> None:
             runner.compiled_decode = ready
             platform.release_host_memory()  # what compiling freed
 
-        compiled.start_in_background(sizes, switch)
+        def compile_here() -> None:  # CompiledDecode imports torch._dynamo: only built where used
+            logger.info("serving eagerly while the decode step compiles in the background for batch sizes %s", sizes)
+            CompiledDecode(model, runner.kv_caches, config.block_size, attention).start_in_background(sizes, switch)
+
+        if envs.aot_decode():
+            return _start_aot_decode(runner, attention, config, compile_here)
+        compile_here()
         return None
+    if envs.aot_decode():  # a package cached by an earlier server: no compiler in this process
+        start = time.perf_counter()
+        key, ranges = aot_decode_plan(runner, config, attention.name)
+        cached = aot_decode.try_load_cached(key, model, runner.kv_caches)
+        if cached is not None:
+            runner.compiled_decode = cached
+            seconds = time.perf_counter() - start
+            logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
+            return seconds
     logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
                 "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
+    compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
     try:
         seconds = compiled.warm_up(sizes, scratch_block=0)
     except Exception as exc:  # a torch/compiler limitation must not stop the engine
@@ -414,6 +448,46 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
     platform.release_host_memory()
     logger.info("compiled the decode step for batch sizes %s in %.1f s", sizes, seconds)
     return seconds
+
+
+def _start_aot_decode(runner: ModelRunner, attention: AttentionBackend, config: EngineConfig,
+                      compile_here: Callable[[], None]) -> float | None:
+    """The decode step from a cached AOTInductor package (zili.engine.aot_decode): loaded now when
+    cached (the seconds it took), else built by a child process while the engine serves eagerly and
+    loaded when ready (None). Where the package cannot be built or loaded, `compile_here` falls back
+    to the in-process background torch.compile."""
+    model = runner.model
+    key, ranges = aot_decode_plan(runner, config, attention.name)
+    start = time.perf_counter()
+    loaded = aot_decode.try_load_cached(key, model, runner.kv_caches)
+    if loaded is not None:
+        runner.compiled_decode = loaded
+        seconds = time.perf_counter() - start
+        logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
+        return seconds
+    try:
+        blob = pickle.dumps(config)
+    except Exception as exc:  # a config holding something unpicklable (a callable): no child build
+        logger.warning("AOT decode: cannot hand this engine's settings to a build process (%s); compiling "
+                       "in this process instead", exc)
+        compile_here()
+        return None
+
+    def done(code: int) -> None:
+        ready = aot_decode.try_load_cached(key, model, runner.kv_caches) if code == 0 else None
+        if ready is None:
+            logger.warning("AOT decode: no package (build exit code %d); falling back to torch.compile in this "
+                           "process", code)
+            compile_here()
+            return
+        runner.compiled_decode = ready
+        logger.info("decode step: AOTInductor package %s built and loaded; decode steps run compiled from now on",
+                    key)
+
+    logger.info("serving eagerly while a child process builds the AOT decode package %s (batch ranges %s)",
+                key, ranges)
+    aot_decode.start_child_build(blob, key, ranges, done)
+    return None
 
 
 def _capture_decode_graphs(runner: ModelRunner, platform: Platform, attention: AttentionBackend,

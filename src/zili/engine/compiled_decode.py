@@ -18,6 +18,10 @@ waiting. With ZILI_BACKGROUND_COMPILE=1 (`zili serve` sets it) `start_in_backgro
 on a thread against a few scratch KV blocks of their own while the engine serves every step eagerly;
 when they are ready the runner switches to them (one attribute assignment, between two steps).
 
+`zili serve` now prefers the ahead-of-time package of zili.engine.aot_decode (no compiler in the
+serving process); this module is its fallback where that cannot be built or loaded, and what
+`LLM(..., enforce_eager=False)` compiles in-process without a cached package (ZILI_AOT_DECODE=0: always).
+
 The eager path stays one switch away: EngineConfig.enforce_eager (`--enforce-eager`), or the
 environment variable ZILI_ENFORCE_EAGER=1, which the test suite sets so that only the tests about
 compilation pay for it.

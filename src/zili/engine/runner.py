@@ -22,6 +22,7 @@ from zili.kernels.backends import AttentionBackend
 from zili.models.base import CausalLM
 
 if TYPE_CHECKING:
+    from zili.engine.aot_decode import AOTDecode
     from zili.engine.compiled_decode import CompiledDecode
     from zili.engine.cuda_graphs import DecodeGraphs
 
@@ -74,7 +75,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=cache_dtype, device=device)
                           for _ in range(config.num_hidden_layers)]
         # Set by the builder: decode-only steps run compiled (CPUs) or replay captured device graphs.
-        self.compiled_decode: CompiledDecode | None = None
+        self.compiled_decode: CompiledDecode | AOTDecode | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self._step_extras: StepExtras | None = None  # what the last step computed besides logits
 

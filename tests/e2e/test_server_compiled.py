@@ -1,7 +1,6 @@
 """`zili serve --compile`: the compiled decode step behind the HTTP server (its engine thread, its
-batches). The server answers at once, eagerly, while a child process builds the AOT decode packages
-(zili.engine.aot_decode); once they are loaded, batched answers equal answers alone and equal the
-eager answers, every block returned. A second server finds the packages cached and loads them at start."""
+batches). The server answers at once, eagerly, while the graphs build in the background; once they
+are built, batched answers equal answers alone and equal the eager answers, every block returned."""
 
 from __future__ import annotations
 
@@ -12,25 +11,17 @@ import pytest
 
 from tests.e2e.server_process import start_server
 
-SERVER_ARGS = ["--compile", "--max-num-seqs", "2", "--dtype", "float32", "--quantization", "none", "--log-level", "info"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are"]
 
 
 @pytest.fixture(scope="module")
-def aot_dir(tmp_path_factory):
-    """A package cache of this module's own, so that the first server always builds."""
-    return tmp_path_factory.mktemp("aot-decode")
-
-
-@pytest.fixture(scope="module")
-def compiled_server(tmp_path_factory, aot_dir):
+def compiled_server(tmp_path_factory):
     # float32 and dense weights, so that the graphs and the eager steps a busy server mixes in (a
     # prefill beside a decode) agree far below any greedy margin: the packed int4 kernels round their
     # inputs to bf16, where a one-ulp difference upstream can flip a near-tie. Two sequences at most,
     # so that exactly the batch-1 and batch-2 graphs are built at start.
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ZILI_AOT_DECODE_DIR", str(aot_dir))
-        srv = start_server(tmp_path_factory, "compiled", SERVER_ARGS)
+    srv = start_server(tmp_path_factory, "compiled", ["--compile", "--max-num-seqs", "2", "--dtype", "float32",
+                                                      "--quantization", "none", "--log-level", "info"])
     yield srv
     srv.stop()
 
@@ -52,10 +43,10 @@ def _wait_for_log(server, text: str, timeout: float = 600.0) -> bool:
 
 def test_compiled_server_batches_like_alone(compiled_server):
     log = compiled_server.log_tail(50000)
-    assert "serving eagerly while a child process builds the AOT decode package" in log
+    assert "serving eagerly while the decode step compiles in the background for batch sizes [1, 2]" in log
     eager = _complete(compiled_server, PROMPTS[0])  # healthy and answering before any graph is needed
     assert eager[0] == " Paris"
-    assert _wait_for_log(compiled_server, "built and loaded; decode steps run compiled from now on"), \
+    assert _wait_for_log(compiled_server, "compiled the decode step for batch sizes [1, 2]"), \
         compiled_server.log_tail(4000)
     alone = [_complete(compiled_server, p) for p in PROMPTS]  # the batch-1 graph
     assert alone[0] == eager
@@ -65,31 +56,14 @@ def test_compiled_server_batches_like_alone(compiled_server):
     assert batched == alone
     m = compiled_server.wait_idle()
     assert m["zili_kv_cache_free_blocks"] == m["zili_kv_cache_total_blocks"]
-    compiled_server.alone = alone
-
-
-def test_a_restarted_server_loads_the_cached_package(compiled_server, tmp_path_factory, aot_dir):
-    """Runs after the build above: the packages are in the cache, loaded before /health is ready."""
-    assert getattr(compiled_server, "alone", None), "the first server's test did not finish"
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ZILI_AOT_DECODE_DIR", str(aot_dir))
-        srv = start_server(tmp_path_factory, "compiled-warm", SERVER_ARGS)
-    try:
-        assert "decode step: AOTInductor package" in srv.log_tail(50000)
-        assert "child process builds" not in srv.log_tail(50000)
-        assert [_complete(srv, p) for p in PROMPTS] == compiled_server.alone
-    finally:
-        srv.stop()
 
 
 def test_sigterm_while_the_graphs_build_exits_0(tmp_path_factory):
     """A server stopped while its decode step still compiles in the background exits 0, as a drained
     server does (the interpreter's teardown around the compiler's thread used to abort it: -6)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ZILI_AOT_DECODE_DIR", str(tmp_path_factory.mktemp("aot-decode-cold")))
-        srv = start_server(tmp_path_factory, "compiling", ["--compile", "--max-num-seqs", "2", "--log-level", "info"])
+    srv = start_server(tmp_path_factory, "compiling", ["--compile", "--max-num-seqs", "2", "--log-level", "info"])
     try:
-        assert "decode steps run compiled" not in srv.log_tail(50000)  # still building
+        assert "compiled the decode step" not in srv.log_tail(50000)  # still building
         code = srv.stop(timeout=120)
     finally:
         srv.stop()

@@ -139,7 +139,8 @@ def test_a_server_process_with_a_cached_package_never_imports_the_compiler(built
             "print(type(llm.engine.runner.compiled_decode).__name__)\n"
             "llm.generate(['Hello', 'a b c'], SamplingParams(max_tokens=4), use_tqdm=False)\n"
             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
-    env = {**os.environ, "ZILI_ENFORCE_EAGER": "0", "ZILI_BACKGROUND_COMPILE": "1", "ZILI_AOT_DECODE_DIR": str(root)}
+    env = {**os.environ, "ZILI_ENFORCE_EAGER": "0", "ZILI_BACKGROUND_COMPILE": "1", "ZILI_AOT_DECODE": "1",
+           "ZILI_AOT_DECODE_DIR": str(root)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
@@ -184,6 +185,7 @@ def test_a_server_rebuilds_a_rejected_package_in_a_child(built, tiny_dir, tmp_pa
     started = []
     monkeypatch.setattr(aot_decode, "start_child_build", lambda blob, k, ranges, done: started.append((k, ranges)))
     monkeypatch.setenv("ZILI_BACKGROUND_COMPILE", "1")
+    monkeypatch.setenv("ZILI_AOT_DECODE", "1")
     monkeypatch.setenv("ZILI_AOT_DECODE_DIR", str(tmp_path))
     llm = LLM(enforce_eager=False, **llm_kwargs(tiny_dir))
     assert llm.engine.runner.compiled_decode is None  # eager until the build is done

@@ -279,3 +279,32 @@ def test_background_compile_yields_to_the_serving_thread(monkeypatch):
         assert compiled.kv_caches is real
     assert ready == [compiled]  # on_ready only after the compile that succeeded
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice  # the caller is untouched
+
+
+def test_overlapping_background_compiles_restore_the_switch_interval(monkeypatch):
+    """Two engines compiling at once: the process's switch interval is restored when the last one ends,
+    whichever finishes first (each restoring what it saw left the short interval in place for good)."""
+    from zili.engine import compiled_decode as cd
+
+    first_started, release_first = threading.Event(), threading.Event()
+
+    def fake_warm_up(self, batch_sizes, scratch_block):
+        if batch_sizes == [1]:  # the first engine: holds its compile open until the second has finished
+            first_started.set()
+            release_first.wait(timeout=60)
+        return 0.0
+
+    monkeypatch.setattr(cd.CompiledDecode, "warm_up", fake_warm_up)
+    engines = []
+    for _ in range(2):
+        compiled = cd.CompiledDecode.__new__(cd.CompiledDecode)
+        compiled.kv_caches = [torch.zeros(2, 64, 4, 1, 8)]
+        engines.append(compiled)
+    before = sys.getswitchinterval()
+    first = engines[0].start_in_background([1], lambda _: None)
+    assert first_started.wait(timeout=60)
+    engines[1].start_in_background([1, 2], lambda _: None).join(timeout=60)  # starts and ends inside the first
+    assert sys.getswitchinterval() == pytest.approx(min(before, cd.BACKGROUND_SWITCH_INTERVAL_S))  # one still runs
+    release_first.set()
+    first.join(timeout=60)
+    assert sys.getswitchinterval() == pytest.approx(before)

@@ -18,9 +18,9 @@ waiting. With ZILI_BACKGROUND_COMPILE=1 (`zili serve` sets it) `start_in_backgro
 on a thread against a few scratch KV blocks of their own while the engine serves every step eagerly;
 when they are ready the runner switches to them (one attribute assignment, between two steps).
 
-`zili serve` now prefers the ahead-of-time package of zili.engine.aot_decode (no compiler in the
-serving process); this module is its fallback where that cannot be built or loaded, and what
-`LLM(..., enforce_eager=False)` compiles in-process without a cached package (ZILI_AOT_DECODE=0: always).
+With ZILI_AOT_DECODE=1 (opt-in) `zili serve` prefers the ahead-of-time package of zili.engine.aot_decode
+(no compiler in the serving process); this module is then its fallback where that cannot be built or
+loaded, and what `LLM(..., enforce_eager=False)` compiles in-process without a cached package.
 
 The eager path stays one switch away: EngineConfig.enforce_eager (`--enforce-eager`), or the
 environment variable ZILI_ENFORCE_EAGER=1, which the test suite sets so that only the tests about
@@ -29,12 +29,13 @@ compilation pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -65,6 +66,32 @@ COMPILE_THREAD_NAME = "zili-compile-decode"  # the background compile's thread (
 #   runs at BACKGROUND_NICE (Linux nice values are per thread, and a compiler it forks inherits it).
 BACKGROUND_SWITCH_INTERVAL_S = 1e-4
 BACKGROUND_NICE = 19
+
+# The switch interval is process-wide: with two engines compiling at once, each restoring the value it
+# saw would leave the short one in place for good. The first compile to start saves it, the last to end
+# restores it.
+_switch_lock = threading.Lock()
+_compiles_running = 0
+_saved_switch_interval = 0.0
+
+
+@contextlib.contextmanager
+def _short_switch_interval() -> Iterator[None]:
+    """Hold CPython's switch interval at BACKGROUND_SWITCH_INTERVAL_S (or below) while any background
+    compile runs; restore the interval found by the first one when the last one ends."""
+    global _compiles_running, _saved_switch_interval
+    with _switch_lock:
+        if _compiles_running == 0:
+            _saved_switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_saved_switch_interval, BACKGROUND_SWITCH_INTERVAL_S))
+        _compiles_running += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _compiles_running -= 1
+            if _compiles_running == 0:
+                sys.setswitchinterval(_saved_switch_interval)
 
 
 def eager_by_default() -> bool:
@@ -182,16 +209,14 @@ class CompiledDecode:
         def run() -> None:
             self.kv_caches = scratch
             _lower_this_threads_priority()
-            switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(switch_interval, BACKGROUND_SWITCH_INTERVAL_S))
             try:
-                seconds = self.warm_up(batch_sizes, scratch_block=0)
+                with _short_switch_interval():
+                    seconds = self.warm_up(batch_sizes, scratch_block=0)
             except Exception as exc:  # a torch/compiler limitation must not stop the engine
                 logger.warning("decode step stays eager: compiling it failed (%s: %s)", type(exc).__name__, exc)
                 return
             finally:
                 self.kv_caches = real
-                sys.setswitchinterval(switch_interval)
             logger.info("compiled the decode step for batch sizes %s in %.1f s (in the background); "
                         "decode steps run compiled from now on", batch_sizes, seconds)
             on_ready(self)

@@ -171,6 +171,8 @@ def test_busy_host_keeps_small_kernel_calls_on_one_thread(tiny_dir, cache_path, 
     load = [3.0]
     monkeypatch.setattr(quant_calibration, "load_per_cpu", lambda: load[0])
     monkeypatch.setattr("zili.models.quantize.load_per_cpu", quant_calibration.load_per_cpu)
+    priority = [False]  # whatever nice value the test process itself runs at
+    monkeypatch.setattr(quant_calibration, "raised_priority", lambda: priority[0])
     try:
         _engine(tiny_dir, calibrate=False)
         assert cpu_isa.set_parallel_min_bytes(0, level) == quant_calibration.BUSY_PARALLEL_MIN_BYTES
@@ -179,7 +181,7 @@ def test_busy_host_keeps_small_kernel_calls_on_one_thread(tiny_dir, cache_path, 
         _engine(tiny_dir, calibrate=False)
         assert cpu_isa.set_parallel_min_bytes(0, level) == 0
         load[0] = 3.0  # loaded, but this process outranks the load (nice < 0): its threads get their cores
-        monkeypatch.setattr(quant_calibration, "raised_priority", lambda: True)
+        priority[0] = True
         cpu_isa.set_parallel_min_bytes(7, level)
         _engine(tiny_dir, calibrate=False)
         assert cpu_isa.set_parallel_min_bytes(0, level) == 0

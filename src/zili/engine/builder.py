@@ -428,14 +428,9 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
         compile_here()
         return None
     if envs.aot_decode():  # a package cached by an earlier server: no compiler in this process
-        start = time.perf_counter()
-        key, ranges = aot_decode_plan(runner, config, attention.name)
-        cached = aot_decode.try_load_cached(key, model, runner.kv_caches)
-        if cached is not None:
-            runner.compiled_decode = cached
-            seconds = time.perf_counter() - start
-            logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
-            return seconds
+        loaded_in = _load_cached_aot_decode(runner, *aot_decode_plan(runner, config, attention.name))
+        if loaded_in is not None:
+            return loaded_in
     logger.info("compiling the decode step for batch sizes %s (about 2 minutes on a first start, seconds "
                 "from Inductor's cache afterwards; --enforce-eager skips it)", sizes)
     compiled = CompiledDecode(model, runner.kv_caches, config.block_size, attention)
@@ -450,6 +445,19 @@ def _compile_decode(runner: ModelRunner, platform: Platform, attention: Attentio
     return seconds
 
 
+def _load_cached_aot_decode(runner: ModelRunner, key: str, ranges: list[tuple[int, int]]) -> float | None:
+    """Switch `runner` to the AOTInductor package cached under `key`: the seconds the load took, or
+    None when no valid package is cached (a rejected one is removed by aot_decode.try_load_cached)."""
+    start = time.perf_counter()
+    loaded = aot_decode.try_load_cached(key, runner.model, runner.kv_caches)
+    if loaded is None:
+        return None
+    runner.compiled_decode = loaded
+    seconds = time.perf_counter() - start
+    logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
+    return seconds
+
+
 def _start_aot_decode(runner: ModelRunner, attention: AttentionBackend, config: EngineConfig,
                       compile_here: Callable[[], None]) -> float | None:
     """The decode step from a cached AOTInductor package (zili.engine.aot_decode): loaded now when
@@ -458,13 +466,9 @@ def _start_aot_decode(runner: ModelRunner, attention: AttentionBackend, config: 
     to the in-process background torch.compile."""
     model = runner.model
     key, ranges = aot_decode_plan(runner, config, attention.name)
-    start = time.perf_counter()
-    loaded = aot_decode.try_load_cached(key, model, runner.kv_caches)
-    if loaded is not None:
-        runner.compiled_decode = loaded
-        seconds = time.perf_counter() - start
-        logger.info("decode step: AOTInductor package %s loaded in %.2f s (batch ranges %s)", key, seconds, ranges)
-        return seconds
+    loaded_in = _load_cached_aot_decode(runner, key, ranges)
+    if loaded_in is not None:
+        return loaded_in
     try:
         blob = pickle.dumps(config)
     except Exception as exc:  # a config holding something unpicklable (a callable): no child build

@@ -98,7 +98,9 @@ def test_graphs_captured_and_replayed_same_tokens_as_eager_and_hf(tiny_llama, mo
         return logits
 
     monkeypatch.setattr(DecodeGraphs, "run_host", counting_run)
-    graphed = _llm(tiny_llama, enforce_eager=False)
+    # No drafts (the default speculates for structured requests, and its verify rows extend the ladder
+    # past max_num_seqs: tests_gpu/test_cuda_decoding.py covers that).
+    graphed = _llm(tiny_llama, enforce_eager=False, speculative_config=None, enable_jump_forward=False)
     assert graphed.engine.graph_batch_sizes == [1, 2, 4, 8, 16]
     assert graphed.engine.fused_elementwise
     batched = _tokens(graphed.generate(PROMPTS, GREEDY, use_tqdm=False))

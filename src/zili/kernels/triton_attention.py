@@ -168,15 +168,16 @@ def _store_quantized_row(row_ptr, x, d, slot, D: tl.constexpr, QMAX: tl.constexp
         rounded = (scaled + 12582912.0) - 12582912.0
         q = tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
     else:
-        scaled = tl.minimum(tl.maximum(scaled, -QMAX), QMAX)
-        # Round to e4m3's grid first, so the conversion below is exact: 3 mantissa bits for normal
-        # values (|x| >= 2**-6), steps of 2**-9 below (1.5 * 2**14 added to and removed from |x|,
-        # then the sign put back: torch keeps -0.0).
-        bits = scaled.to(tl.int32, bitcast=True)
+        # Round |x| to e4m3's grid first, so the conversion below is exact: 3 mantissa bits for normal
+        # values (|x| >= 2**-6), steps of 2**-9 below (1.5 * 2**14 added to and removed). The sign goes
+        # back on the byte (torch keeps -0.0; float negation of a zero did not survive sm_90's compiler).
+        mag = tl.minimum(tl.abs(scaled), QMAX)
+        bits = mag.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-        small = (tl.abs(scaled) + 24576.0) - 24576.0
-        subnormal = tl.where(bits < 0, -small, small)
-        q = tl.where(tl.abs(scaled) < 0.015625, subnormal, normal).to(tl.float8e4nv)
+        small = (mag + 24576.0) - 24576.0
+        byte = tl.where(mag < 0.015625, small, normal).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        sign = (scaled.to(tl.int32, bitcast=True) >> 24) & 0x80
+        q = (byte | sign.to(tl.uint8)).to(row_ptr.dtype.element_ty, bitcast=True)
     tl.store(row_ptr + d, q, mask=(d < D) & (d * 0 + slot >= 0))
     two = tl.arange(0, 2)
     byte = tl.where(two == 0, (scale_bits >> 16) & 0xFF, scale_bits >> 24).to(tl.uint8)

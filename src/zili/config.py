@@ -145,28 +145,38 @@ class ModelConfig:
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                       row_align: int = 1) -> tuple[int, ...]:
         """Shape of one layer's paged KV cache tensor (keys and values per KV head).
 
         MLA stores one latent per token instead: the normalised compressed kv, then the roped key.
         A quantized `dtype` (int8, float8_e4m3fn; see KV_CACHE_DTYPES) widens each row by
         KV_SCALE_BYTES: the row's bfloat16 scale, stored behind its head_dim quantized elements; a
-        latent row by two scales, one per part (zili.kernels.kv_quant)."""
+        latent row by two scales, one per part (zili.kernels.kv_quant).
+
+        `row_align` > 1 gives the storage shape instead: a quantized per-head row padded to a multiple
+        of that many bytes (AttentionBackend.kv_row_align: the GPU kernels load aligned 16-byte
+        vectors, which 130-byte rows forbid). The runner allocates it and keeps a view of each row's
+        first head_dim + KV_SCALE_BYTES bytes, so only the strides differ. Latent rows are not padded."""
         extra = KV_SCALE_BYTES if dtype in QUANTIZED_KV_DTYPES else 0
         if self.use_mla:
             return (num_blocks, block_size, self.kv_lora_rank + self.qk_rope_head_dim + 2 * extra)
-        return (2, num_blocks, block_size, self.num_key_value_heads, self.head_dim + extra)
+        width = self.head_dim + extra
+        if extra and row_align > 1:
+            width = -(-width // row_align) * row_align
+        return (2, num_blocks, block_size, self.num_key_value_heads, width)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype | str) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype | str, row_align: int = 1) -> int:
         """Bytes of KV cache one token occupies across all layers, elements stored in `dtype` (a
         torch dtype or a name: float32, bf16, ..., or a quantized cache's int8 / fp8_e4m3).
 
         Standard attention keeps a key and a value per KV head (2 * kv_heads * head_dim per layer);
         MLA keeps one latent (kv_lora_rank + qk_rope_head_dim per layer, DeepSeek-V2 sec. 2.1). A
-        quantized cache stores one byte per element plus a 2-byte scale per row (per token and head)."""
+        quantized cache stores one byte per element plus a 2-byte scale per row (per token and head), rows
+        padded to `row_align` bytes where a backend asks for it (kv_cache_shape)."""
         if isinstance(dtype, str):
             dtype = _QUANTIZED_KV_BY_NAME.get(dtype) or parse_dtype(dtype, "dtype")
-        per_layer = math.prod(self.kv_cache_shape(1, 1, dtype))
+        per_layer = math.prod(self.kv_cache_shape(1, 1, dtype, row_align))
         return per_layer * self.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
 
 

@@ -347,3 +347,35 @@ def test_tiny_llama_same_greedy_tokens_through_triton(kernels, tmp_path, monkeyp
         assert llm.engine.runner.attention.name == name  # the runner owns its backend: no process-wide one
         outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs["triton"] == outs["sdpa"]
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_tiny_llama_quantized_cache_rows_are_padded_for_triton(kernels, tmp_path, monkeypatch, name):
+    """The Triton backend's int8 / fp8 rows sit at a 16-byte stride (aligned vector loads) behind a view of
+    the packed row's width: the same greedy tokens as torch's attention over packed rows, and a pool
+    sized by the padded bytes."""
+    from tests.tiny_models import write_tiny_llama
+    from zili import LLM, SamplingParams
+    from zili.engine.runner import kv_bytes_per_block
+    from zili.platforms.cpu import CpuPlatform
+
+    tiny = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2)
+    monkeypatch.setenv("ZILI_TUNE_CACHE", str(tmp_path / "none.json"))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(CpuPlatform, "attention_backends", lambda self: ["sdpa", "triton"])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["Hello there", "abc abc abc", "The quick brown fox"]
+    outs, blocks = {}, {}
+    for backend in ("sdpa", "triton"):
+        llm = LLM(str(tiny), dtype="float32", attention_backend=backend, kv_cache_dtype=name, kv_cache_memory=2**20,
+                  threads=1, enforce_eager=True)
+        cache = llm.engine.runner.kv_caches[0]
+        d = llm.engine.model_config.head_dim
+        assert cache.dtype == QUANTIZED[name] and cache.shape[-1] == d + 2
+        assert cache.stride(3) == (-(-(d + 2) // 16) * 16 if backend == "triton" else d + 2)
+        blocks[backend] = llm.engine.kv_cache.num_blocks
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs["triton"] == outs["sdpa"]
+    mc = llm.engine.model_config
+    assert blocks["triton"] == 2**20 // kv_bytes_per_block(mc, llm.engine.config.block_size, QUANTIZED[name], 16)
+    assert blocks["triton"] < blocks["sdpa"]

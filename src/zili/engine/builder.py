@@ -30,7 +30,7 @@ from zili.engine.engine import Engine
 from zili.engine.executor import Executor
 from zili.engine.kv_cache import KVCacheManager
 from zili.engine.mtp import MTPProposer
-from zili.engine.runner import ModelRunner, kv_bytes_per_block
+from zili.engine.runner import ModelRunner, kv_bytes_per_block, kv_row_align
 from zili.engine.spec_decode import MAX_FORCED_DRAFT_TOKENS, Proposer
 from zili.kernels.backends import (
     AttentionBackend,
@@ -129,7 +129,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
             _check_mtp(config, loaded, tp_executor is not None)
         max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
         kv_dtype = kv_cache_dtype(config, mc, attention, tp_executor is not None, loaded.dtype, platform)
-        num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len, extra_layers=int(mtp))
+        num_blocks = num_kv_blocks(config, platform, cache_config, kv_dtype, max_model_len, extra_layers=int(mtp),
+                                   row_align=kv_row_align(attention))
         runner = ModelRunner(loaded.model, cache_config, num_blocks, config.block_size, loaded.dtype,
                              tp_executor.device if tp_executor is not None else platform.device, attention, kv_dtype)
         executor: Executor = tp_executor.attach(runner, num_blocks) if tp_executor is not None else runner
@@ -156,7 +157,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         parts.graph_batch_sizes = _capture_decode_graphs(runner, platform, attention, config, max_model_len,
                                                          _tuned(tuning, "graph_batch_sizes"), parts.fused_elementwise)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", num_blocks, config.block_size,
-                num_blocks * kv_bytes_per_block(cache_config, config.block_size, kv_dtype) / 2**20, kv_dtype)
+                num_blocks * kv_bytes_per_block(cache_config, config.block_size, kv_dtype, kv_row_align(attention)) / 2**20,
+                kv_dtype)
     return parts
 
 
@@ -335,12 +337,13 @@ def kv_cache_dtype(config: EngineConfig, model_config: ModelConfig, attention: A
 
 
 def num_kv_blocks(config: EngineConfig, platform: Platform, cache_config: ModelConfig, dtype: torch.dtype,
-                  max_model_len: int, extra_layers: int = 0) -> int:
+                  max_model_len: int, extra_layers: int = 0, row_align: int = 1) -> int:
     """KV blocks the pool gets: `kv_cache_memory` bytes (an int), or that fraction of free memory
     (a float; default: the platform's share), never more than every sequence at full length needs.
     `extra_layers`: caches of that many more layers share the pool's blocks (DeepSeek MTP's), counted
-    in the budget. ValueError when not even one block fits."""
-    per_block = kv_bytes_per_block(cache_config, config.block_size, dtype)
+    in the budget; `row_align`: the backend's quantized-row padding (ModelConfig.kv_cache_shape). ValueError
+    when not even one block fits."""
+    per_block = kv_bytes_per_block(cache_config, config.block_size, dtype, row_align)
     per_block += per_block * extra_layers // cache_config.num_hidden_layers
     mem = config.kv_cache_memory
     assert not isinstance(mem, str)  # EngineConfig parsed a size string into bytes

@@ -48,10 +48,15 @@ class StepInput:
         return self.prompt_scoring is not None or self.pooling is not None or self.keep_hidden
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_row_align(attention: AttentionBackend | None) -> int:
+    """The byte multiple quantized cache rows are padded to for this backend (1: packed)."""
+    return attention.kv_row_align if attention is not None else 1
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, row_align: int = 1) -> int:
     """Bytes one KV block takes across all layers (ModelConfig.kv_bytes_per_token, MLA-aware); `dtype` is the
-    cache's element type (int8 / float8_e4m3fn count their per-row scales)."""
-    return config.kv_bytes_per_token(dtype) * block_size
+    cache's element type (int8 / float8_e4m3fn count their per-row scales and `row_align` padding)."""
+    return config.kv_bytes_per_token(dtype, row_align) * block_size
 
 
 class ModelRunner:
@@ -69,10 +74,11 @@ class ModelRunner:
         # `kv_cache_dtype`: the cache's element type when it differs from the model's (EngineConfig.kv_cache_dtype:
         # bf16, or int8 / fp8 rows with their scales, zili.kernels.kv_quant).
         cache_dtype = kv_cache_dtype or dtype
-        shape = config.kv_cache_shape(num_blocks, block_size, cache_dtype)
+        shape = config.kv_cache_shape(num_blocks, block_size, cache_dtype, kv_row_align(attention))
+        width = config.kv_cache_shape(1, 1, cache_dtype)[-1]  # a padded row's used bytes (ModelConfig.kv_cache_shape)
         # Zero-filled (not empty): masked-out slots are multiplied by zero weights in attention,
         # and uninitialised memory may hold NaNs.
-        self.kv_caches = [torch.zeros(shape, dtype=cache_dtype, device=device)
+        self.kv_caches = [torch.zeros(shape, dtype=cache_dtype, device=device)[..., :width]
                           for _ in range(config.num_hidden_layers)]
         # Set by the builder: decode-only steps run compiled (CPUs) or replay captured device graphs.
         self.compiled_decode: CompiledDecode | AOTDecode | None = None

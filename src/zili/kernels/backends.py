@@ -33,6 +33,10 @@ class AttentionBackend:
     # per-head rows for paged_attention, and MLA's latent rows for mla_decode.
     kv_cache_dtypes: tuple[str, ...] = ()
     mla_kv_cache_dtypes: tuple[str, ...] = ()
+    # Quantized per-head rows padded to a multiple of this many bytes (ModelConfig.kv_cache_shape): 16
+    # lets the GPU kernels load 16-byte vectors (H200, int8 decode at 2,048 tokens x 64 sequences:
+    # 1,013 -> 281 us). The CPU kernels read packed rows (no padding: the pool holds more tokens).
+    kv_row_align: int = 1
 
 
 _QUANTIZED = ("int8", "fp8_e4m3")
@@ -59,7 +63,7 @@ def _triton() -> AttentionBackend:
 
     return AttentionBackend("triton", triton_attention.paged_attention, triton_mla.mla_decode, graph_safe_decode=True,
                             configure=triton_attention.set_config, kv_cache_dtypes=_QUANTIZED,
-                            mla_kv_cache_dtypes=_QUANTIZED)
+                            mla_kv_cache_dtypes=_QUANTIZED, kv_row_align=16)
 
 
 def batch_invariant(backend: AttentionBackend, cpu_kernel: bool) -> AttentionBackend:
@@ -73,7 +77,7 @@ def batch_invariant(backend: AttentionBackend, cpu_kernel: bool) -> AttentionBac
 
     attention = functools.partial(batch_invariant_paged_attention, cpu_kernel=cpu_kernel)
     return dataclasses.replace(backend, paged_attention=attention, graph_safe_decode=False,
-                               kv_cache_dtypes=_QUANTIZED)
+                               kv_cache_dtypes=_QUANTIZED, kv_row_align=1)  # the per-row kernels read packed rows
 
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {"sdpa": _sdpa, "triton": _triton, "cpp": _cpp}

@@ -308,3 +308,37 @@ def test_overlapping_background_compiles_restore_the_switch_interval(monkeypatch
     release_first.set()
     first.join(timeout=60)
     assert sys.getswitchinterval() == pytest.approx(before)
+
+
+def test_structure_key_tells_models_apart(tiny_dir, tmp_path):
+    """Guards on module attributes are dropped for speed (compiled_decode._GRAPH_OPTIONS), so the code
+    object graphs are cached on is chosen by structure_key: equal for the same model loaded twice,
+    different for another width, dtype, quantization or a plain attribute the forward reads."""
+    from zili.engine.compiled_decode import structure_key
+
+    def key(path, **kw):
+        return structure_key(make_llm(path, **kw).engine.runner.model)
+
+    wide = write_tiny_llama(tmp_path / "wide", hidden_size=96, intermediate_size=192)
+    base = key(tiny_dir)
+    assert key(tiny_dir) == base
+    assert len({base, key(wide), key(tiny_dir, dtype="bfloat16"),
+                key(tiny_dir, dtype="bfloat16", quantization="int8")}) == 4
+    model = make_llm(tiny_dir).engine.runner.model
+    before = structure_key(model)
+    next(m for m in model.modules() if hasattr(m, "eps")).eps = 0.5  # an RMSNorm's epsilon
+    assert structure_key(model) != before
+
+
+def test_two_models_in_one_process_each_get_their_own_graphs(tiny_dir, tmp_path, compiled):
+    """A model of another MLP width (the same KV caches and step tensors, so only the dropped module guards
+    could tell it apart) compiled after `compiled` gives its own eager tokens: it did not run the first
+    model's graphs with its weights (it does when structure_key is replaced by a constant)."""
+    wide = write_tiny_llama(tmp_path / "wide", intermediate_size=192, seed=3)  # KV caches as the first model's
+    llm = make_llm(wide, enforce_eager=False)
+    eager = make_llm(wide, enforce_eager=True)
+    assert llm.engine.runner.compiled_decode is not None
+    assert greedy(llm, PROMPTS[:3], max_tokens=12) == greedy(eager, PROMPTS[:3], max_tokens=12)
+    first, _ = compiled
+    assert greedy(first, PROMPTS[:2], max_tokens=8) == greedy(make_llm(tiny_dir, enforce_eager=True), PROMPTS[:2],
+                                                            max_tokens=8)

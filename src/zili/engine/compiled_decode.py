@@ -30,12 +30,15 @@ compilation pay for it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,6 +95,55 @@ def _short_switch_interval() -> Iterator[None]:
             _compiles_running -= 1
             if _compiles_running == 0:
                 sys.setswitchinterval(_saved_switch_interval)
+
+
+# Per call, dynamo evaluates a guard on every tensor the graph reads (SmolLM2-135M's ~370 weights: ~0.7 ms
+# of an ~8.6 ms single-stream step on the 2-core VM) and Inductor's wrapper asserts every input's size
+# and stride (491 calls, ~0.2 ms). Weights and module attributes are fixed once the engine is built, so
+# the guards on modules go (torch.compiler.skip_guard_on_all_nn_modules_unsafe) and so do the asserts;
+# what changes between calls (the step's tensors, the KV caches, the attention backend) keeps its guards.
+_GRAPH_OPTIONS: dict[str, Any] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                  "size_asserts": False}
+# The dropped guards also told two models apart, and dynamo caches graphs on the code object: each model
+# structure compiles through a code object of its own (a copy of CompiledDecode._forward's), so engines of
+# one model share graphs and engines of different models never meet.
+_FORWARD_CODES: dict[str, types.CodeType] = {}
+
+
+def structure_key(model: nn.Module) -> str:
+    """A digest of what a compiled decode graph of `model` depends on besides its tensors' values: every
+    module's path and type, its tensors' shapes, strides, dtypes and devices, and its plain attributes
+    (numbers, strings, dtypes, and up to two levels into attribute objects such as packed weights or a
+    config), so that two models with equal keys trace to the same graph. Hex string."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def feed(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            digest.update(f"T{tuple(obj.shape)}{obj.stride()}{obj.dtype}{obj.device};".encode())
+        elif obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+            digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+        elif isinstance(obj, (tuple, list)):
+            digest.update(b"(")
+            for item in obj:
+                feed(item, depth)
+            digest.update(b")")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                digest.update(f"{k}=".encode())
+                feed(obj[k], depth)
+        elif isinstance(obj, nn.Module):
+            digest.update(b"module;")  # walked by named_modules
+        elif depth > 0 and hasattr(obj, "__dict__"):
+            digest.update(f"{type(obj).__qualname__}{{".encode())
+            feed(vars(obj), depth - 1)
+            digest.update(b"}")
+        else:
+            digest.update(f"{type(obj).__qualname__};".encode())
+
+    for name, module in model.named_modules():
+        digest.update(f"[{name}|{type(module).__qualname__}]".encode())
+        feed({k: v for k, v in vars(module).items() if k != "_modules"}, 2)
+    return digest.hexdigest()
 
 
 def eager_by_default() -> bool:
@@ -159,7 +211,11 @@ class CompiledDecode:
         # on this one method's code, so its default limit of 8 graphs made the third engine in a
         # process (or a long ladder) fail to compile and run eagerly.
         allow_recompiles(256)
-        self._fn = torch.compile(self._forward, dynamic=False, fullgraph=True)
+        # Guards and asserts on what cannot change after the build are dropped (_GRAPH_OPTIONS); the code
+        # object the graphs are cached on is this model structure's own (structure_key).
+        code = _FORWARD_CODES.setdefault(structure_key(model), CompiledDecode._forward.__code__.replace())
+        forward = types.MethodType(types.FunctionType(code, CompiledDecode._forward.__globals__, "_forward"), self)
+        self._fn = torch.compile(forward, dynamic=False, fullgraph=True, options=dict(_GRAPH_OPTIONS))
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:

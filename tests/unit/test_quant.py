@@ -307,3 +307,20 @@ def test_q8_0_blocks_are_packed_without_a_float_round_trip():
     assert torch.equal(dequantize_q8(pack_q8_codes(codes, d)), torch.from_numpy(dequantize(rows, QT.Q8_0)))
     with pytest.raises(ValueError, match="multiple of 32"):
         pack_q8_codes(codes[:, :90], d)
+
+
+@pytest.mark.parametrize("n, vocab, k", [(1, 49152, 8), (3, 1000, 8), (2, 64 * 40 + 17, 5), (4, 30, 8), (2, 512, 1)])
+def test_top_k_indices_finds_torch_topk_values(n, vocab, k):
+    """The two-stage top-k (chunk maxima, then the best chunks' elements and the tail) returns the values
+    torch.topk returns, including rows whose largest values crowd into one chunk or sit in the tail."""
+    from zili.models.base import TOP_K_CHUNK, top_k_indices
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(n, vocab, generator=gen)
+    logits[0, 5 * TOP_K_CHUNK:5 * TOP_K_CHUNK + k] += 50.0  # all of row 0's top k in one chunk
+    if n > 1:
+        logits[1, -3:] += 60.0  # row 1's best three in the tail (when V % TOP_K_CHUNK leaves one)
+    got = top_k_indices(logits, k)
+    assert got.shape == (n, min(k, vocab))
+    want = logits.topk(min(k, vocab), dim=-1).values
+    assert torch.equal(logits.gather(1, got).sort(-1, descending=True).values, want)

@@ -19,9 +19,13 @@ def compiled_server(tmp_path_factory):
     # float32 and dense weights, so that the graphs and the eager steps a busy server mixes in (a
     # prefill beside a decode) agree far below any greedy margin: the packed int4 kernels round their
     # inputs to bf16, where a one-ulp difference upstream can flip a near-tie. Two sequences at most,
-    # so that exactly the batch-1 and batch-2 graphs are built at start.
-    srv = start_server(tmp_path_factory, "compiled", ["--compile", "--max-num-seqs", "2", "--dtype", "float32",
-                                                      "--quantization", "none", "--log-level", "info"])
+    # so that exactly the batch-1 and batch-2 graphs are built at start. ZILI_AOT_DECODE=0: this is the
+    # in-process torch.compile path (the default AOT package is tests/unit/test_aot_decode.py's, whose
+    # end-to-end build costs minutes of a 2-core CI run).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZILI_AOT_DECODE", "0")
+        srv = start_server(tmp_path_factory, "compiled", ["--compile", "--max-num-seqs", "2", "--dtype", "float32",
+                                                          "--quantization", "none", "--log-level", "info"])
     yield srv
     srv.stop()
 

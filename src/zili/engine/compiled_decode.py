@@ -18,7 +18,7 @@ waiting. With ZILI_BACKGROUND_COMPILE=1 (`zili serve` sets it) `start_in_backgro
 on a thread against a few scratch KV blocks of their own while the engine serves every step eagerly;
 when they are ready the runner switches to them (one attribute assignment, between two steps).
 
-With ZILI_AOT_DECODE=1 (opt-in) `zili serve` prefers the ahead-of-time package of zili.engine.aot_decode
+By default (ZILI_AOT_DECODE, unless 0) `zili serve` prefers the ahead-of-time package of zili.engine.aot_decode
 (no compiler in the serving process); this module is then its fallback where that cannot be built or
 loaded, and what `LLM(..., enforce_eager=False)` compiles in-process without a cached package.
 

@@ -190,3 +190,28 @@ def test_a_server_rebuilds_a_rejected_package_in_a_child(built, tiny_dir, tmp_pa
     llm = LLM(enforce_eager=False, **llm_kwargs(tiny_dir))
     assert llm.engine.runner.compiled_decode is None  # eager until the build is done
     assert [k for k, _ in started] == [key] and not copy.exists()
+
+
+def test_a_failed_build_leaves_a_marker_and_later_servers_compile_in_process(built, tiny_dir, tmp_path, monkeypatch):
+    """A build that exits with an error by itself marks its key; a server then neither retries it nor waits:
+    it compiles in-process (the background torch.compile)."""
+    from zili.engine.compiled_decode import CompiledDecode
+
+    _, key, ranges, _ = built
+    codes = []
+    job_root = tmp_path / "cache"
+    # A job file the build process cannot read: it fails with an exception (exit code 1), not a signal.
+    thread = aot_decode.start_child_build(b"not a pickle", key, ranges, codes.append, root=job_root)
+    thread.join(timeout=120)
+    assert codes and codes[0] > 0
+    assert aot_decode.failed_marker(key, job_root).exists()
+
+    started, compiled_here = [], []
+    monkeypatch.setattr(aot_decode, "start_child_build", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(CompiledDecode, "start_in_background", lambda self, sizes, on_ready: compiled_here.append(sizes))
+    monkeypatch.setenv("ZILI_BACKGROUND_COMPILE", "1")
+    monkeypatch.setenv("ZILI_AOT_DECODE", "1")
+    monkeypatch.setenv("ZILI_AOT_DECODE_DIR", str(job_root))
+    llm = LLM(enforce_eager=False, **llm_kwargs(tiny_dir))
+    assert started == [] and len(compiled_here) == 1
+    assert llm.engine.runner.compiled_decode is None

@@ -451,6 +451,13 @@ def _in_child() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def failed_marker(key: str, root: Path | None = None) -> Path:
+    """The file a build that failed on its own leaves for `key` (its exit code and log): later servers then
+    compile in-process instead of retrying a build that cannot succeed (a model export refuses, a missing
+    C++ compiler) on every start. Delete it to try again; a new zili or torch version changes the key."""
+    return (root or cache_root()) / f"{key}.failed"
+
+
 def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]],
                       on_done: Callable[[int], None], root: Path | None = None) -> threading.Thread:
     """Build the packages for `key` in a child process (`python -m zili.engine.aot_decode_build`, nice 19)
@@ -482,6 +489,9 @@ def start_child_build(config_blob: bytes, key: str, ranges: list[tuple[int, int]
         if code != 0:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             logger.warning("AOT decode: the build process exited with %d; last output:\n%s", code, tail)
+        if code > 0:  # failed by itself (a signal, as when the server stops, gives a negative code)
+            with contextlib.suppress(OSError):
+                failed_marker(key, root).write_text(f"exit code {code}; see {log}\n")
         on_done(code)
 
     # The background compile's thread name: a server stopped meanwhile exits at once (zili.server.launcher),

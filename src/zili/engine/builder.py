@@ -472,6 +472,13 @@ def _start_aot_decode(runner: ModelRunner, attention: AttentionBackend, config: 
     loaded_in = _load_cached_aot_decode(runner, key, ranges)
     if loaded_in is not None:
         return loaded_in
+    marker = aot_decode.failed_marker(key)
+    if marker.exists():
+        logger.warning("AOT decode: an earlier build of package %s failed (%s); compiling in this process "
+                       "instead (delete %s to retry the build)", key, marker.read_text(errors="replace").strip(),
+                       marker)
+        compile_here()
+        return None
     try:
         blob = pickle.dumps(config)
     except Exception as exc:  # a config holding something unpicklable (a callable): no child build

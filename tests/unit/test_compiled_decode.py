@@ -155,19 +155,25 @@ def test_a_failing_compiled_step_falls_back_to_eager(tiny_dir, caplog):
 def test_an_eager_server_process_never_loads_the_compiler(tiny_dir):
     """The compiler stack (torch._dynamo, and Inductor behind it: ~140 MiB resident) is imported only
     by a process that compiles: importing the server and building and running an eager engine with
-    zili's CPU kernels leaves it out (cpu_isa.selected's constant marking once pulled it in)."""
+    zili's CPU kernels leaves it out (cpu_isa.selected's constant marking once pulled it in). The
+    grammar library (xgrammar, which brings transformers: ~50 MiB) waits for the first structured
+    request, and is there once one has run."""
     import os
     import subprocess
     import sys
 
+    heavy = ("torch._dynamo", "torch._inductor", "xgrammar", "transformers")
     code = ("import sys\nimport zili.server.app\nfrom zili import LLM, SamplingParams\n"
             f"llm = LLM({str(tiny_dir)!r}, enforce_eager=True, quantization='int8', kv_cache_memory=2**22)\n"
             "llm.generate(['Hello'], SamplingParams(max_tokens=2), use_tqdm=False)\n"
-            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+            "structured = SamplingParams(max_tokens=2, structured={'choice': ['yes', 'no']})\n"
+            "llm.generate(['Hello'], structured, use_tqdm=False)\n"
+            "print('xgrammar' in sys.modules)\n")
     env = {**os.environ, "ZILI_PACKED_KERNELS": "zili"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "True"]
 
 
 def test_max_decode_rows_counts_verify_rows():

@@ -26,11 +26,13 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from typing import Sequence as Seq
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 from zili.structured import spec
 from zili.structured.llguidance_backend import LLGuidanceCompiler
@@ -42,6 +44,14 @@ BACKENDS = ("auto", "xgrammar", "llguidance")
 
 JSON_SEPARATORS = (", ", ": ")  # fixed whitespace: small models otherwise drift into endless blank space
 CACHE_SIZE = 256  # compiled grammars kept, least recently used dropped first
+
+
+def _xgrammar():
+    """The xgrammar module, imported on first use: it brings transformers and tvm_ffi with it (~50 MiB
+    resident), which a server that never gets a structured request does not hold."""
+    import xgrammar
+
+    return xgrammar
 
 
 def token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
@@ -127,7 +137,7 @@ class XGrammarGrammar:
     backend: str = "xgrammar"
 
     def new_matcher(self) -> StructuredMatcher:
-        return xgr.GrammarMatcher(self.compiled)
+        return _xgrammar().GrammarMatcher(self.compiled)
 
 
 class GrammarMask:
@@ -142,7 +152,7 @@ class GrammarMask:
         """Set every token a row's grammar forbids to -inf, in place. logits: [N, V]."""
         bitmask = self.bitmask if self.bitmask.device == logits.device else \
             self.bitmask.to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+        _xgrammar().apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
 
 
 class GrammarBackend:
@@ -158,6 +168,7 @@ class GrammarBackend:
         self.tokenizer = tokenizer
         stop = list(tokenizer.eos_token_ids) or None
         self.token_bytes = token_bytes(tokenizer, vocab_size)  # per token id; also read by jump-forward decoding
+        xgr = _xgrammar()
         self.info = xgr.TokenizerInfo(self.token_bytes, xgr.VocabType.RAW,
                                       vocab_size=vocab_size, stop_token_ids=stop)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
@@ -210,6 +221,7 @@ class GrammarBackend:
         return compiled
 
     def _compile(self, s: StructuredOutput) -> xgr.CompiledGrammar:
+        xgr = _xgrammar()
         if s.kind == "json":
             try:
                 grammar = json_schema_grammar(s.spec, strict=s.strict is not False)
@@ -244,7 +256,7 @@ class GrammarBackend:
         if not rows:
             return None
         if self._bitmask.shape[0] < len(seqs):
-            self._bitmask = xgr.allocate_token_bitmask(max(len(seqs), 2 * self._bitmask.shape[0]), self.vocab_size)
+            self._bitmask = _xgrammar().allocate_token_bitmask(max(len(seqs), 2 * self._bitmask.shape[0]), self.vocab_size)
         bitmask = self._bitmask[:len(seqs)]
         for i in rows:
             seqs[i].grammar.fill_next_token_bitmask(bitmask, i)
@@ -258,7 +270,8 @@ _NAMES = {"json": "JSON schema", "json_object": "JSON object constraint", "regex
 def json_schema_grammar(schema: str, strict: bool = True) -> xgr.Grammar:
     """The grammar of a JSON schema (its JSON text), zili's whitespace; xgrammar's strict mode forbids
     properties and items the schema does not list. Raises what xgrammar raises."""
-    return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS, strict_mode=strict)
+    return _xgrammar().Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS,
+                                                strict_mode=strict)
 
 
 def locate_schema_failure(schema: Any, strict: bool = True) -> str | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -53,6 +55,19 @@ def test_models(client: openai.OpenAI):
 
 
 # ----- chat -----
+
+
+def test_the_readme_curl_example_answers_what_the_readme_says(http: httpx.Client):
+    """The first request a new user sends is the README's curl example: it must answer as the README
+    says (a 135M model at temperature 0 is one near-tie away from rambling, see the README)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    body = json.loads(re.search(r"/v1/chat/completions .*?\n\s*-d '(\{.*?\})'", readme, re.S).group(1))
+    assert body["temperature"] == 0 and body["model"] == MODEL
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    assert "Paris" in content, content
+    assert f'"content":"{content}"' in readme, "the README shows another answer"
 
 
 def test_chat_stream_equals_non_stream_with_exact_usage(client: openai.OpenAI, http: httpx.Client):

@@ -223,3 +223,51 @@ def test_cpu_host_allocator_tuned_once_and_opt_out(monkeypatch):
     CpuPlatform().prepare_host_allocator()
     CpuPlatform().prepare_host_allocator()
     assert cpu._malloc_tuned == [True]  # glibc here: mallopt accepted, and only once
+
+
+def test_cpu_matmul_primitive_caches_are_bounded():
+    """A dense bf16 matmul caches a primitive per row count in torch's and oneDNN's caches (1,024
+    entries each by default: ~0.6 MiB a row count here, without end for prefill chunks of every
+    length). The CPU platform bounds both before the first matmul; a value the user set stays."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, os, torch\n"
+            "from zili.platforms.cpu import CpuPlatform, PRIMITIVE_CACHE_ENV\n"
+            "CpuPlatform().prepare_host_allocator()\n"
+            "print(*(os.environ[n] for n in PRIMITIVE_CACHE_ENV))\n"
+            "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024\n"
+            "w = torch.randn(576, 3072, dtype=torch.bfloat16)\n"
+            "trim = ctypes.CDLL('libc.so.6').malloc_trim\n"
+            "torch.mm(torch.randn(300, 576, dtype=torch.bfloat16), w); trim(0); before = rss()\n"
+            "for m in range(300, 500):\n"
+            "    torch.mm(torch.randn(m, 576, dtype=torch.bfloat16), w)\n"
+            "trim(0); print(round(rss() - before))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("LRU_CACHE_CAPACITY",
+                                                                         "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    capacities, growth = out.stdout.splitlines()
+    assert capacities == "16 16"
+    assert int(growth) < 40, f"{growth} MiB held after 200 row counts"  # unbounded: ~120 MiB on a Zen 4
+    out = subprocess.run([sys.executable, "-c", code.split("rss =")[0]], capture_output=True, text=True,
+                         env={**env, "LRU_CACHE_CAPACITY": "1024"}, timeout=300)
+    assert out.stdout.split() == ["1024", "16"], out.stderr[-2000:]
+
+
+def test_a_long_step_hands_its_activations_back(tiny_dir, monkeypatch):
+    """Steps of HOST_TRIM_MIN_TOKENS tokens or more (prefill chunks) release freed host memory once
+    done (malloc_trim: prefill steps of varying lengths otherwise fragment the heap upward); decode
+    steps never do."""
+    import zili.engine.runner as runner
+    from zili import LLM, SamplingParams
+
+    llm = LLM(str(tiny_dir), dtype="float32", threads=1, enforce_eager=True, kv_cache_memory=2**24)
+    calls: list[int] = []
+    monkeypatch.setattr(CpuPlatform, "release_host_memory", lambda self: calls.append(1))
+    monkeypatch.setattr(runner, "HOST_TRIM_MIN_TOKENS", 24)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.generate({"prompt_token_ids": list(range(3, 30))}, params, use_tqdm=False)  # 27-token prefill, 4 decodes
+    assert len(calls) == 1
+    llm.generate({"prompt_token_ids": list(range(3, 13))}, params, use_tqdm=False)  # 10-token prefill
+    assert len(calls) == 1

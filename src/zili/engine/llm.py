@@ -13,6 +13,7 @@ from zili.engine.thinking import split_output_reasoning
 from zili.sampling import PoolingParams, SamplingParams
 
 Prompt = Union[str, list[int]]
+PromptDict = dict[str, Any]  # vLLM's TextPrompt / TokensPrompt: {"prompt": str} or {"prompt_token_ids": [int]}
 Message = dict[str, Any]
 
 PROGRESS_MIN_PROMPTS = 8  # show a progress bar for batches at least this long
@@ -26,9 +27,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        """Run every prompt to completion; outputs come back in the order of the prompts. A prompt is a
+        string, a list of token ids, or vLLM's dict form ({"prompt": ...} / {"prompt_token_ids": [...]});
+        ValueError names a prompt of any other shape."""
         prompts = _as_prompt_list(prompts)
         return self._run(prompts, _as_params_list(params, len(prompts)), use_tqdm)
 
@@ -117,16 +121,32 @@ class LLM:
         return self.engine.add_request(f"llm-{next(self._ids)}", prompt, params)
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [_from_dict(prompts, "prompts") if isinstance(prompts, dict) else prompts]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [cast(list[int], items)]  # a single prompt given as token ids
+    out: list[Prompt] = []
     for i, p in enumerate(items):
+        if isinstance(p, dict):
+            p = _from_dict(p, f"prompts[{i}]")
         if not isinstance(p, (str, list)):
-            raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(p).__name__}")
-    return cast(list[Prompt], items)  # each checked just above
+            raise ValueError(f"prompts[{i}] must be a string, a list of token ids or a dict with 'prompt' or "
+                             f"'prompt_token_ids', got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
+def _from_dict(prompt: dict[str, Any], where: str) -> Prompt:
+    """vLLM's TextPrompt {"prompt": str} / TokensPrompt {"prompt_token_ids": [int, ...]} as a plain prompt."""
+    if set(prompt) == {"prompt"} and isinstance(prompt["prompt"], str):
+        return prompt["prompt"]
+    ids = prompt.get("prompt_token_ids")
+    if set(prompt) == {"prompt_token_ids"} and isinstance(ids, list) and all(type(t) is int for t in ids):
+        return ids
+    raise ValueError(f"{where} as a dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+                     f"got keys {sorted(map(str, prompt))}")
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -20,6 +20,7 @@ from zili.engine.prompt_outputs import PromptScoring, StepExtras, compute_step_e
 from zili.kernels.attention import AttentionMetadata
 from zili.kernels.backends import AttentionBackend
 from zili.models.base import CausalLM
+from zili.platforms import current_platform
 
 if TYPE_CHECKING:
     from zili.engine.aot_decode import AOTDecode
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
     from zili.engine.cuda_graphs import DecodeGraphs
 
 logger = logging.getLogger(__name__)
+
+# A step of at least this many tokens (prefill chunks) hands its freed activations back to the OS
+# (Platform.release_host_memory; CPUs: malloc_trim) once it is done. Prefill steps of varying lengths
+# otherwise fragment the host heap, which then grows past the largest step's live memory: 32 prompts of
+# 65-2,048 tokens took an engine's resident memory 592 -> 755 MiB, 627 MiB with the trim (peak 694;
+# benchmarks/notes/memory.md). Decode steps, whose buffers are the same from step to step, never trim.
+HOST_TRIM_MIN_TOKENS = 256
 
 
 @dataclass
@@ -111,6 +119,13 @@ class ModelRunner:
             except Exception:  # e.g. a recompile the compiler cannot finish: stay correct, go eager
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
+        logits = self._forward(input_ids, pos, meta, step, query_lens)
+        if len(flat_ids) >= HOST_TRIM_MIN_TOKENS:  # the step's activations are freed by now
+            current_platform().release_host_memory()
+        return logits
+
+    def _forward(self, input_ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata, step: StepInput,
+                 query_lens: list[int]) -> torch.Tensor:
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
         if step.wants_extras:
             self._step_extras = compute_step_extras(self.model, hidden, query_lens, step.prompt_scoring, step.pooling)

@@ -30,6 +30,15 @@ CPU_ISA_ENV = envs.ZILI_CPU_ISA.name
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_tuned: list[bool] = []
 
+# Entries kept by the two caches of matmul primitives a dense CPU matmul fills, one per shape: torch's
+# (ideep's LRU, LRU_CACHE_CAPACITY) and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY); both default to
+# 1,024. Prefill chunks have a new row count nearly every step, and each new one cost ~2.6 MiB held in
+# the two caches (SmolLM2, 4 shapes a step): a server's resident memory grew ~1.1 + 1.5 MiB a request
+# with no end in sight below ~2.6 GiB. 16 entries hold a step's shapes (every layer reuses them) and
+# the next few steps'. Read by torch and oneDNN at their first matmul; a value the user set is kept.
+MATMUL_PRIMITIVE_CACHE_CAPACITY = 16
+PRIMITIVE_CACHE_ENV = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
 
 def _meminfo(key: str) -> int:
     with open("/proc/meminfo") as f:
@@ -74,6 +83,8 @@ class CpuPlatform(Platform):
         torch.set_num_threads(threads or physical_cores())
 
     def prepare_host_allocator(self) -> None:
+        for name in PRIMITIVE_CACHE_ENV:  # before the first matmul of this process (see the constant)
+            os.environ.setdefault(name, str(MATMUL_PRIMITIVE_CACHE_CAPACITY))
         # glibc serves blocks above its mmap threshold (128 KiB, raised adaptively up to 32 MiB) with
         # fresh mappings and returns them on free, so a step's large tensors (64 rows of fp32 logits
         # are 12.6 MB) are page-faulted in again every step: in a decode step at 64 sequences, one

@@ -4,6 +4,7 @@ a GGUFWriter-written tiny llama/qwen round trip, rope scaling, and the header re
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import gguf
@@ -495,3 +496,39 @@ def test_chunked_dequantization_equals_whole_tensors(tiny_llama, monkeypatch) ->
     assert chunked.keys() == whole.keys()
     for name, t in whole.items():
         assert torch.equal(chunked[name], t.to(torch.bfloat16)), name
+
+
+def _resident_file_kib(path) -> int:
+    """KiB of `path` mapped and resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_reading_tensors_one_after_another_keeps_one_tensor_resident():
+    """The loader reads a GGUF through one read-only mapping; each tensor read unmaps the pages read
+    before it (GGUFCheckpoint.release_file_pages), so a load holds about one tensor of the file, not
+    the whole file on top of the packed weights made from it (94 MiB for the default model)."""
+    from tests.conftest import _smollm2_gguf
+    from zili.models.loader import open_checkpoint, resolve_model
+
+    path = _smollm2_gguf()
+    checkpoint = open_checkpoint(resolve_model(str(path)))
+    names = list(checkpoint._names)
+    first = np.array(checkpoint.raw_tensor(names[-1]).data)  # a copy, for after the release
+    largest, peak = 0, 0
+    for name in names:
+        raw = checkpoint.raw_tensor(name)
+        largest = max(largest, raw.data.nbytes // 1024)
+        int(raw.data.sum())  # touch every page of this tensor
+        peak = max(peak, _resident_file_kib(path))
+    file_kib = path.stat().st_size // 1024
+    assert largest < file_kib // 3  # otherwise the check below would say nothing
+    assert peak <= 2 * largest + 64, (peak, largest, file_kib)
+    checkpoint.release_file_pages()
+    assert _resident_file_kib(path) <= 64
+    assert np.array_equal(checkpoint.raw_tensor(names[-1]).data, first)  # read again after the release

@@ -52,7 +52,7 @@ def _rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def _silu_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # in place: one [tokens, I] temporary fewer (6 MiB per 2,048 SmolLM2 tokens)
 
 
 REFERENCE: dict[str, Callable] = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rotary": _rotary,

@@ -315,6 +315,17 @@ class GGUFCheckpoint:
     def _file(self) -> np.memmap:
         return np.memmap(self.path, dtype=np.uint8, mode="r")
 
+    def release_file_pages(self) -> None:
+        """Unmap from this process the file pages read so far (madvise MADV_DONTNEED on the read-only
+        mapping; they stay in the OS page cache, and a view read again faults them back in unchanged).
+        Without it every tensor's stored blocks stay resident until the whole load ends, on top of
+        the packed weights made from them: the default model's 94 MiB file set the load's peak RSS.
+        A no-op before the first tensor is read and where madvise is missing."""
+        mapped = self.__dict__.get("_file")
+        raw = getattr(mapped, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+            raw.madvise(mmap.MADV_DONTNEED)
+
     def _meta(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
@@ -433,6 +444,7 @@ class GGUFCheckpoint:
     # ---- tensors ----
 
     def _rows(self, info: GGUFTensorInfo) -> np.ndarray:
+        self.release_file_pages()  # the tensors read before this one are packed or copied by now
         start = info.offset
         return self._file[start:start + info.num_rows * info.row_bytes].reshape(info.num_rows, info.row_bytes)
 

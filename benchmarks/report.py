@@ -69,8 +69,10 @@ def _machine_line(record: dict) -> str:
     m = record.get("machine", {})
     cpu = m.get("cpu", {})
     mem = m.get("memory_bytes")
+    forced = (m.get("zili_env") or {}).get("ZILI_CPU_ISA")
+    level = f"; **zili's kernels forced to the {forced} level** (ZILI_CPU_ISA={forced})" if forced else ""
     return (f"{cpu.get('model', '?')}, {cpu.get('usable_cores', '?')} cores usable "
-            f"({', '.join(cpu.get('notable_flags', []))}), {mem / 2**30:.0f} GiB RAM, "
+            f"({', '.join(cpu.get('notable_flags', []))}){level}, {mem / 2**30:.0f} GiB RAM, "
             f"torch {m.get('torch', {}).get('version')}, {m.get('os')}" if mem else str(cpu.get("model")))
 
 

@@ -353,6 +353,17 @@ def test_machine_info_records_forced_isa_levels(monkeypatch):
     assert info["isa_env"]["ATEN_CPU_CAPABILITY"] == "avx2" and "ONEDNN_MAX_CPU_ISA" not in info["isa_env"]
 
 
+def test_report_machine_line_says_when_the_kernel_level_was_forced():
+    from benchmarks.report import _machine_line
+
+    record = {"machine": {"cpu": {"model": "AMD EPYC", "usable_cores": 2, "notable_flags": ["avx2", "avx512f"]},
+                          "memory_bytes": 2**34, "torch": {"version": "2.13.0+cpu"}, "os": "Linux",
+                          "zili_env": {"ZILI_CPU_ISA": "avx2"}}}
+    assert "forced to the avx2 level" in _machine_line(record)
+    del record["machine"]["zili_env"]
+    assert "forced" not in _machine_line(record)
+
+
 def test_cli_help_lists_commands():
     from typer.testing import CliRunner
 

@@ -256,9 +256,9 @@ def test_cpu_matmul_primitive_caches_are_bounded():
 
 
 def test_a_long_step_hands_its_activations_back(tiny_dir, monkeypatch):
-    """Steps of HOST_TRIM_MIN_TOKENS tokens or more (prefill chunks) release freed host memory once
-    done (malloc_trim: prefill steps of varying lengths otherwise fragment the heap upward); decode
-    steps never do."""
+    """Steps with HOST_TRIM_MIN_TOKENS prefill tokens or more release freed host memory once done
+    (malloc_trim: prefill steps of varying lengths otherwise fragment the heap upward); decode rows,
+    however many, do not count."""
     import zili.engine.runner as runner
     from zili import LLM, SamplingParams
 
@@ -271,3 +271,6 @@ def test_a_long_step_hands_its_activations_back(tiny_dir, monkeypatch):
     assert len(calls) == 1
     llm.generate({"prompt_token_ids": list(range(3, 13))}, params, use_tqdm=False)  # 10-token prefill
     assert len(calls) == 1
+    monkeypatch.setattr(runner, "HOST_TRIM_MIN_TOKENS", 3)  # 4 decode rows a step: still not prefill tokens
+    llm.generate([[5, 6], [7, 8], [9, 10], [11, 12]], params, use_tqdm=False)
+    assert len(calls) == 2  # the one prefill step of 8 tokens

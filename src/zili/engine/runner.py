@@ -29,11 +29,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A step of at least this many tokens (prefill chunks) hands its freed activations back to the OS
+# A step with at least this many prefill tokens hands its freed activations back to the OS
 # (Platform.release_host_memory; CPUs: malloc_trim) once it is done. Prefill steps of varying lengths
-# otherwise fragment the host heap, which then grows past the largest step's live memory: 32 prompts of
-# 65-2,048 tokens took an engine's resident memory 592 -> 755 MiB, 627 MiB with the trim (peak 694;
-# benchmarks/notes/memory.md). Decode steps, whose buffers are the same from step to step, never trim.
+# otherwise fragment the host heap, which then grows past the largest step's live memory: 24 prompts of
+# 65-2,048 tokens took an engine's resident memory 592 -> 755 MiB, 617 MiB with the trim (peak 679;
+# benchmarks/notes/memory.md). Decode and verify rows (one token each), whose buffers repeat from step to
+# step, do not count.
 HOST_TRIM_MIN_TOKENS = 256
 
 
@@ -120,7 +121,7 @@ class ModelRunner:
                 logger.exception("compiled decode step failed; running eagerly from now on")
                 self.compiled_decode = None  # the eager forward below rewrites the same KV slots
         logits = self._forward(input_ids, pos, meta, step, query_lens)
-        if len(flat_ids) >= HOST_TRIM_MIN_TOKENS:  # the step's activations are freed by now
+        if sum(q for q in query_lens if q > 1) >= HOST_TRIM_MIN_TOKENS:  # its activations are freed by now
             current_platform().release_host_memory()
         return logits
 

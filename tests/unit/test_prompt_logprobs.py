@@ -55,11 +55,17 @@ def flat(out) -> list[tuple[int, float, list]]:
     return [(lp.token_id, lp.logprob, lp.top) for lp in out.prompt_logprobs[1:]]
 
 
+# Equal up to fp32 summation order: a 7-row chunk and a 180-row prefill take different matmul kernels, whose
+# sums differ in the last bits (up to 2e-5 on the logprobs on a Zen 4, whatever their size; 1e-5 held on the
+# Xeons). Half the tolerance against transformers (ATOL); a wrong mask or position is off by far more.
+SAME = {"abs": ATOL / 2}
+
+
 def assert_same(a, b) -> None:
     assert [t for t, _, _ in flat(a)] == [t for t, _, _ in flat(b)]
-    assert [v for _, v, _ in flat(a)] == pytest.approx([v for _, v, _ in flat(b)], abs=1e-5)
+    assert [v for _, v, _ in flat(a)] == pytest.approx([v for _, v, _ in flat(b)], **SAME)
     for (_, _, ta), (_, _, tb) in zip(flat(a), flat(b)):
-        assert [v for _, v in ta] == pytest.approx([v for _, v in tb], abs=1e-5)
+        assert [v for _, v in ta] == pytest.approx([v for _, v in tb], **SAME)
 
 
 def test_prompt_logprobs_equal_transformers(tiny_dir, hf_model):  # noqa: F811

@@ -521,11 +521,12 @@ def test_reading_tensors_one_after_another_keeps_one_tensor_resident():
     names = list(checkpoint._names)
     first = np.array(checkpoint.raw_tensor(names[-1]).data)  # a copy, for after the release
     largest, peak = 0, 0
-    for name in names:
+    for i, name in enumerate(names):
         raw = checkpoint.raw_tensor(name)
         largest = max(largest, raw.data.nbytes // 1024)
         int(raw.data.sum())  # touch every page of this tensor
-        peak = max(peak, _resident_file_kib(path))
+        if i % 16 == 15 or i == len(names) - 1:  # smaps is slow to read: often enough to see pages pile up
+            peak = max(peak, _resident_file_kib(path))
     file_kib = path.stat().st_size // 1024
     assert largest < file_kib // 3  # otherwise the check below would say nothing
     assert peak <= 2 * largest + 64, (peak, largest, file_kib)

@@ -178,7 +178,7 @@ def _zili_single_peer(model: str, pp: int, tg: int, repetitions: int, seed: int,
     def run(r: int) -> dict:
         if "llm" not in state:
             t0 = time.perf_counter()
-            state["llm"] = zb._zili_llm(model, {})
+            state["llm"] = zb._zili_llm(model, {"threads": config["threads"]})  # else the engine takes its tuned count
             config["zili_load_s"] = time.perf_counter() - t0
         return off.zili_single_stream(state["llm"], pp, tg, repetitions, seed + r, warmup=(r == 0))
 

@@ -36,8 +36,8 @@ ZILI_AOT_DECODE = EnvVar(
     "With ZILI_BACKGROUND_COMPILE (`zili serve`), serve the decode step from an AOTInductor package built in a child "
     "process and cached under $XDG_CACHE_HOME/zili/aot_decode, so the serving process never imports the compiler; "
     "`LLM(enforce_eager=False)` loads such a package when one is cached. 0: the in-process torch.compile "
-    "(benchmarks/notes/memory.md: the package decoded 1.48x llama.cpp's tg128 against 1.05-1.13x, at 2.26x "
-    "llama-server's peak RSS against 3.2x).")
+    "(benchmarks/notes: the package decoded 1.48-1.58x llama.cpp's tg128 against 1.05-1.13x, at 1.97-2.26x "
+    "llama-server's peak RSS served against 3.2x).")
 ZILI_AOT_DECODE_DIR = EnvVar(
     "ZILI_AOT_DECODE_DIR", "path", None,
     "Where AOT decode packages are cached; unset: $XDG_CACHE_HOME/zili/aot_decode (~/.cache/zili/aot_decode).")

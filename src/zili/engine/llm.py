@@ -122,8 +122,10 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Prompt | PromptDict | Sequence[Prompt | PromptDict]) -> list[Prompt]:
-    if isinstance(prompts, (str, dict)):
-        return [_from_dict(prompts, "prompts") if isinstance(prompts, dict) else prompts]
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, dict):
+        return [_from_dict(prompts, "prompts")]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [cast(list[int], items)]  # a single prompt given as token ids

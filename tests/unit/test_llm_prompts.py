@@ -32,5 +32,6 @@ def test_dict_prompts_are_the_plain_prompts(llm: LLM):
 @pytest.mark.parametrize("bad", [{"prompt_ids": [1, 2]}, {"prompt_token_ids": "1 2"}, {"prompt": 5},
                                  {"prompt_token_ids": [1, 2.5]}, {"prompt": "a", "prompt_token_ids": [1]}])
 def test_a_malformed_dict_prompt_is_refused(llm: LLM, bad):
-    with pytest.raises(ValueError, match=r"prompts\[1\] as a dict"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] as a dict") as info:
         llm.generate(["fine", bad], GREEDY, use_tqdm=False)
+    assert all(f"{k}: {type(v).__name__}" in str(info.value) for k, v in bad.items())  # names what it got

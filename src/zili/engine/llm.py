@@ -147,8 +147,9 @@ def _from_dict(prompt: dict[str, Any], where: str) -> Prompt:
     ids = prompt.get("prompt_token_ids")
     if set(prompt) == {"prompt_token_ids"} and isinstance(ids, list) and all(type(t) is int for t in ids):
         return ids
+    got = ", ".join(f"{k!s}: {type(v).__name__}" for k, v in prompt.items())
     raise ValueError(f"{where} as a dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
-                     f"got keys {sorted(map(str, prompt))}")
+                     f"got {{{got}}}")
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -215,3 +215,29 @@ def test_a_failed_build_leaves_a_marker_and_later_servers_compile_in_process(bui
     llm = LLM(enforce_eager=False, **llm_kwargs(tiny_dir))
     assert started == [] and len(compiled_here) == 1
     assert llm.engine.runner.compiled_decode is None
+
+
+def test_a_stopped_build_takes_its_compilers_with_it():
+    """The build process leads its own process group; the SIGTERM its parent's death sends it kills the
+    group, so the compilers it started (here a `sleep` standing in for g++) do not outlive the server."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import subprocess\nfrom zili.engine.aot_decode import stop_group_on_sigterm\nstop_group_on_sigterm()\n"
+            "p = subprocess.Popen(['sleep', '60'])\nprint(p.pid, flush=True)\np.wait()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             preexec_fn=aot_decode._in_child)
+    grandchild = int(child.stdout.readline())
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    for _ in range(100):  # gone, or a zombie waiting for init to reap it
+        try:
+            state = open(f"/proc/{grandchild}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the build's subprocess {grandchild} is still running")

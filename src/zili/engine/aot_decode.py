@@ -444,11 +444,19 @@ PR_SET_PDEATHSIG = 1
 
 
 def _in_child() -> None:
-    """The build process runs at nice 19 (it must not slow the requests served meanwhile) and gets
-    SIGTERM when the server exits (Linux), so that a stopped server leaves no compiler running."""
+    """The build process runs at nice 19 (it must not slow the requests served meanwhile), leads a process
+    group of its own (the C++ compilers it starts join it) and gets SIGTERM when the server exits (Linux);
+    `stop_group_on_sigterm` then stops the whole group, so that a stopped server leaves no compiler running."""
     os.nice(BUILD_NICE)
+    os.setpgrp()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_group_on_sigterm() -> None:
+    """In the build process: on SIGTERM, kill its process group (itself and the g++ / cc1plus that
+    Inductor started, which the parent's death signal alone leaves running, reparented to init)."""
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
 
 
 def failed_marker(key: str, root: Path | None = None) -> Path:

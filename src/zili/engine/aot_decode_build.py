@@ -10,7 +10,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from zili.engine.aot_decode import build_into_cache
+from zili.engine.aot_decode import build_into_cache, stop_group_on_sigterm
 from zili.engine.builder import aot_decode_plan, build_engine_parts
 from zili.engine.runner import ModelRunner
 
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 def main(job_path: str) -> int:
     """The build process: load the model as the server did (eagerly, a small KV pool), check that it
     gives the server's key, build and cache the packages."""
+    stop_group_on_sigterm()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     job = pickle.loads(Path(job_path).read_bytes())
     config = pickle.loads(job["config"])

@@ -8,7 +8,8 @@ What is measured (each only where the platform says it matters):
   graph_batch_sizes  the decode-graph ladder: batch sizes where a replayed graph beats eager (GPUs)
   quant_kernels      per quantized layer shape: the packed kernel (zili's at this CPU's level, or
                      torch's int4/int8) and the row count up to which it beats dense, measured at
-                     rows 1..64 (zili.layers.quant_calibration, no time budget here); the engine
+                     rows 1..64, then 128..512 while it still wins (zili.layers.quant_calibration,
+                     no time budget here); the engine
                      applies them (`Linear.quant`), and calibrates shapes missing here at start
   compiled_decode    the compiled decode step (CPUs) against eager, decode tokens/s at the comparison
                      batch sizes; the engine stays eager where compiling does not pay (unless

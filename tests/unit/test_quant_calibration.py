@@ -81,6 +81,71 @@ def test_budget_is_enforced_before_each_measurement():
     assert set(cal.choices) | set(cal.cut) == set(shapes)
 
 
+def _scripted_race(times_us):
+    """A stand-in for `quant_calibration.race`: each candidate's time at a row count from `times_us`
+    (name -> rows -> us), read off the activation the call was bound to; records what was timed."""
+    timed: list[tuple[int, tuple[str, ...]]] = []
+
+    def race(calls, repeats):
+        rows = next(iter(calls.values())).args[0].shape[0]
+        timed.append((rows, tuple(sorted(calls))))
+        return {name: float(times_us[name](rows)) for name in calls}
+    return race, timed
+
+
+@pytest.mark.parametrize("packed_us, expected", [
+    (lambda r: 0.5 * r, quant_calibration.UNBOUNDED_ROWS),       # wins at every prefill count too
+    (lambda r: 0.5 * r if r <= 256 else 2 * r, 256),             # loses at 512
+    (lambda r: 0.5 * r if r <= 64 else 2 * r, 64),               # loses at the first prefill count
+])
+def test_a_kernel_that_wins_at_64_rows_is_timed_at_prefill_row_counts(monkeypatch, packed_us, expected):
+    race, timed = _scripted_race({"torch": packed_us, "dense": lambda r: float(r)})
+    monkeypatch.setattr(quant_calibration, "race", race)
+    shapes = {"int4:32x64:float32": ("int4", 32, 64, 2)}
+    cal = calibrate_kernels(shapes, torch.float32, ["torch"], budget_s=None)
+    assert cal.choices["int4:32x64:float32"] == KernelChoice("torch", expected)
+    prefill = [(rows, names) for rows, names in timed if rows > 64]
+    # the prefill pass times only the chosen kernel and its reference, and stops at the first loss
+    assert all(names == ("dense", "torch") for _, names in prefill)
+    # timed up to and including the first row count where the kernel lost (every one when it never did)
+    assert [rows for rows, _ in prefill] == [r for r in (128, 256, 512) if r <= 2 * min(expected, 256)]
+
+
+def test_prefill_rows_are_not_timed_for_a_head_or_a_kernel_that_lost_at_decode_rows(monkeypatch):
+    race, timed = _scripted_race({"torch": lambda r: 0.5 * r if r < 32 else 2 * r, "dense": lambda r: float(r)})
+    monkeypatch.setattr(quant_calibration, "race", race)
+    shapes = {"int4:32x64:float32": ("int4", 32, 64, 2)}
+    assert calibrate_kernels(shapes, torch.float32, ["torch"], budget_s=None).choices == \
+        {"int4:32x64:float32": KernelChoice("torch", 16)}
+    assert max(rows for rows, _ in timed) == 32
+    race, timed = _scripted_race({"torch": lambda r: 0.5 * r, "dense": lambda r: float(r)})
+    monkeypatch.setattr(quant_calibration, "race", race)
+    head = {"int8:96x64:float32": ("int8", 96, 64, 1)}
+    cal = calibrate_kernels(head, torch.float32, ["torch"], budget_s=None, per_sequence={"int8:96x64:float32"})
+    assert cal.choices == {"int8:96x64:float32": KernelChoice("torch", 64)} and max(r for r, _ in timed) == 64
+
+
+def test_the_prefill_pass_keeps_the_limit_reached_when_the_budget_ends(monkeypatch):
+    race, _ = _scripted_race({"torch": lambda r: 0.5 * r, "dense": lambda r: float(r)})
+    monkeypatch.setattr(quant_calibration, "race", race)
+    # A clock that advances 1 s per reading: the start (0), the shape (1), rows 1..64 (2-8), the prefill
+    # pass (9), 128 rows (10), 256 rows (11): a 10.5 s budget times 128 rows and stops before 256.
+    ticks = itertools.count()
+    cal = calibrate_kernels({"int4:32x64:float32": ("int4", 32, 64, 2)}, torch.float32, ["torch"], budget_s=10.5,
+                            clock=lambda: float(next(ticks)))
+    assert cal.choices["int4:32x64:float32"] == KernelChoice("torch", 128)
+    assert max(cal.timings_us["int4:32x64:float32"]) == 128
+
+
+def test_a_cached_64_row_limit_from_before_the_prefill_rows_is_measured_again():
+    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 64}) is None
+    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 32}) == KernelChoice("avx2", 32)
+    fresh = KernelChoice("avx2", 64).to_json()
+    assert KernelChoice.from_json(fresh) == KernelChoice("avx2", 64)
+    assert KernelChoice.from_json(KernelChoice("avx2", quant_calibration.UNBOUNDED_ROWS).to_json()) == \
+        KernelChoice("avx2", quant_calibration.UNBOUNDED_ROWS)
+
+
 def test_packed_kernels_env_is_validated(monkeypatch):
     monkeypatch.setenv("ZILI_PACKED_KERNELS", "fastest")
     with pytest.raises(ValueError, match="ZILI_PACKED_KERNELS"):
@@ -124,7 +189,9 @@ def test_untuned_engine_calibrates_once_logs_and_caches(tiny_dir, cache_path, mo
     assert "calibrated the packed matmuls" in caplog.text and "saved the packed-matmul choices" in caplog.text
     for key, (kernel, rows) in first.items():  # every choice is logged with its shape
         assert f"packed matmul {key}:" in caplog.text and f"up to {rows} rows" in caplog.text
-        assert kernel in quant_calibration.candidates() and 0 <= rows <= 64
+        assert kernel in quant_calibration.candidates()
+        assert rows in {0, *quant_calibration.ROW_CANDIDATES, *quant_calibration.PREFILL_ROW_CANDIDATES,
+                        quant_calibration.UNBOUNDED_ROWS}
     saved = json.loads(cache_path.read_text())["devices"][fingerprint_key(CpuPlatform().fingerprint())]
     assert {k: (v["kernel"], v["max_rows"]) for k, v in saved["device"]["quant_kernels"].items()} == first
     caplog.clear()

@@ -12,7 +12,9 @@ shape is a pair, a `KernelChoice`:
 (a matmul's time does not depend on the values) at row counts 1, 2, 4 ... 64, and picks:
   - the kernel with the best geometric mean of time over the row counts where a packed kernel
     beats dense (decode's row counts: where the choice matters);
-  - max_rows: the last row count, going up, where that kernel still beats dense.
+  - max_rows: the last row count, going up, where that kernel still beats dense; where it still
+    wins at 64, prefill row counts (128, 256, 512) are timed too, and a kernel that wins at all of
+    them serves every row count (UNBOUNDED_ROWS).
 "Dense" is the path the layer takes past its limit: for zili's kernels under ZILI_DENSE_WEIGHTS=dequant
 (the default) the codes dequantized into scratch memory, then the dense matmul ("dequant" in the
 timings; no dense copy held); for torch's kernels, or with ZILI_DENSE_WEIGHTS=copy, a dense copy
@@ -39,7 +41,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,16 @@ from zili.layers.quant import DEFAULT_MAX_ROWS, Int4Weight, Int8Weight, float_gr
 logger = logging.getLogger(__name__)
 
 ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+# Prefill row counts, timed for a shape whose chosen kernel still beats its reference at the last
+# decode row count (a second pass, after every shape's decode rows, within the same budget). On an
+# AVX2-only Zen 3 zili's int4 kernel took 0.56-0.75x the dequantize-then-dense time at 128 rows and
+# 0.68-0.98x at 512 on SmolLM2's projections (fp32 dense: no bf16 hardware), so a 64-row cap sent
+# every prefill chunk to the slower path (benchmarks/notes/cpu-isa.md, 2026-11-30 Zen 3 section).
+PREFILL_ROW_CANDIDATES = (128, 256, 512)
+# max_rows of a kernel that still won at the last prefill candidate: every row count. Past 512 rows
+# both paths are linear in the rows (the packed kernel computes each row alone; the dense one is
+# compute-bound), so the ratio at 512 holds for larger chunks (Zen 3, 2,048 rows: 0.72-1.02x).
+UNBOUNDED_ROWS = 1 << 30
 DEFAULT_BUDGET_S = 5.0  # start-up calibration: a few seconds on 2 cores (SmolLM2-135M measured ~2-3 s)
 TORCH = "torch"
 # Past this many output features a matrix-vector product is memory-bound and its time linear in N,
@@ -103,7 +115,7 @@ class KernelChoice:
     max_rows: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "max_rows": self.max_rows}
+        return {"kernel": self.kernel, "max_rows": self.max_rows, "prefill_timed": True}
 
     @classmethod
     def from_json(cls, value: Any) -> KernelChoice | None:
@@ -113,6 +125,8 @@ class KernelChoice:
         kernel, rows = value.get("kernel"), value.get("max_rows")
         if not isinstance(kernel, str) or not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
             return None
+        if rows == ROW_CANDIDATES[-1] and value.get("prefill_timed") is not True:
+            return None  # cached before prefill row counts were timed: it may win past 64 rows, measure again
         return cls(kernel, rows)
 
 
@@ -272,22 +286,51 @@ def choose(timings: dict[int, dict[str, float]], kernels: Sequence[str]) -> Kern
     return KernelChoice(kernel, limit)
 
 
+def _extend_to_prefill(choice: KernelChoice, k: int, calls: dict[str, Callable[[torch.Tensor], Any]],
+                       dtype: torch.dtype, prefill_rows: Sequence[int], repeats: int, gen: torch.Generator,
+                       timings: dict[int, dict[str, float]], clock: Callable[[], float],
+                       deadline: float) -> KernelChoice:
+    """`choice` with its limit moved up through `prefill_rows` while its kernel beats its reference
+    (see `calibrate_kernels`); records the timings in `timings`."""
+    reference = "dequant" if choice.kernel != TORCH and "dequant" in calls else "dense"
+    timed = {choice.kernel: calls[choice.kernel], reference: calls[reference]}
+    limit = choice.max_rows
+    for r in prefill_rows:
+        if clock() >= deadline:
+            return KernelChoice(choice.kernel, limit)
+        x = torch.randn(r, k, generator=gen).to(dtype)
+        timings[r] = race({name: functools.partial(fn, x) for name, fn in timed.items()}, repeats)
+        if timings[r][choice.kernel] >= timings[r][reference]:
+            return KernelChoice(choice.kernel, limit)
+        limit = r
+    return KernelChoice(choice.kernel, UNBOUNDED_ROWS)
+
+
 def calibrate_kernels(shapes: dict[str, tuple[str, int, int, int]], dtype: torch.dtype,
                       kernels: Sequence[str] | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
                       rows: Sequence[int] = ROW_CANDIDATES, repeats: int = 5, seed: int = 0,
-                      clock: Callable[[], float] = time.perf_counter) -> Calibration:
+                      clock: Callable[[], float] = time.perf_counter,
+                      prefill_rows: Sequence[int] = PREFILL_ROW_CANDIDATES,
+                      per_sequence: Collection[str] = ()) -> Calibration:
     """Measure and choose a `KernelChoice` per shape (`.busy` says whether the host was overloaded).
 
     `shapes`: shape_key -> (form "int4"/"int8", out_features N, in_features K, number of layers);
     `dtype`: the activations' (the model's) dtype; `kernels`: candidates (default `candidates()`);
     `budget_s`: the deadline from the start (None: unbounded, `zili tune`); `clock`: seconds (tests
-    pass a fake one). Shapes not finished within the budget are listed in `.cut` with no choice."""
+    pass a fake one). Shapes not finished within the budget are listed in `.cut` with no choice.
+
+    Then, with the budget left, `prefill_rows` (ascending) for each finished shape whose kernel won at
+    the last of `rows`, except the `per_sequence` shapes (an LM head: one row per sequence, never a
+    prefill chunk): its limit moves up to the last of them it still wins, and to UNBOUNDED_ROWS when it
+    wins at every one. Only the chosen kernel and its reference are timed there; a shape the deadline
+    cuts in this pass keeps the limit it has reached."""
     kernels = list(kernels or candidates())
     result = Calibration(load_per_cpu=load_per_cpu())
     start = clock()
     deadline = math.inf if budget_s is None else start + budget_s
     gen = torch.Generator().manual_seed(seed)
     order = sorted(shapes, key=lambda key: -shapes[key][1] * shapes[key][2] * shapes[key][3])
+    extend: list[tuple[str, int, dict[str, Callable[[torch.Tensor], Any]]]] = []
     with torch.inference_mode():
         for key in order:
             form, n, k, _ = shapes[key]
@@ -315,8 +358,15 @@ def calibrate_kernels(shapes: dict[str, tuple[str, int, int, int]], dtype: torch
                                               for kn in kernels))
             if finished:
                 result.choices[key] = choose(timings, kernels)
+                if result.choices[key].max_rows == rows[-1] and prefill_rows and key not in per_sequence:
+                    extend.append((key, k, calls))
             else:
                 result.cut.append(key)
+        for key, k, calls in extend:
+            if clock() >= deadline:
+                break
+            result.choices[key] = _extend_to_prefill(result.choices[key], k, calls, dtype, prefill_rows, repeats,
+                                                     gen, result.timings_us[key], clock, deadline)
     result.seconds = clock() - start
     result.load_per_cpu = max(result.load_per_cpu, load_per_cpu())
     return result

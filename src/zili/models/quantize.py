@@ -51,6 +51,7 @@ from zili.layers.quant_calibration import (
     BUSY_LOAD_PER_CPU,
     DEFAULT_BUDGET_S,
     TORCH,
+    UNBOUNDED_ROWS,
     Calibration,
     KernelChoice,
     busy_choice,
@@ -165,9 +166,10 @@ def quantize_and_calibrate(model: nn.Module, mode: str, dtype: torch.dtype, matm
             report, load_per_cpu() > BUSY_LOAD_PER_CPU and not quant_calibration.raised_priority())
         logger.info("weights: %s", ", ".join(f"{n} {form}" for form, n in report.counts.items()))
         for key, choice in report.kernels.items():
-            rows = f"up to {max_rows} rows (tuned for the whole model)" if max_rows is not None else \
-                f"up to {choice.max_rows} rows"
-            logger.info("packed matmul %s: %s kernel %s, dense above (%s)", key,
+            rows = f"up to {max_rows} rows (tuned for the whole model), dense above" if max_rows is not None else \
+                "at every row count" if choice.max_rows >= UNBOUNDED_ROWS else \
+                f"up to {choice.max_rows} rows, dense above"
+            logger.info("packed matmul %s: %s kernel %s (%s)", key,
                         "zili's " + choice.kernel if choice.kernel != TORCH else "torch's", rows, report.how[key])
     return report
 
@@ -275,7 +277,8 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
                        "start measures again", load_per_cpu(), busy_choice().max_rows, len(missing))
         fallback, why = busy_choice(), "busy host"
     elif missing and calibrate:
-        cal = calibrate_kernels(missing, dtype, allowed, budget_s)
+        cal = calibrate_kernels(missing, dtype, allowed, budget_s,
+                                per_sequence=_per_sequence_shapes(model, plan, dtype))
         report.calibration = cal
         logger.info("calibrated the packed matmuls for %d layer shape(s) in %.2f s (budget %s s; candidates %s)%s",
                     len(cal.choices), cal.seconds, budget_s, ", ".join(allowed),
@@ -295,6 +298,20 @@ def _choose_kernels(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, 
     for key in shapes:
         if key not in report.kernels:
             report.kernels[key], report.how[key] = fallback, why
+
+
+def _per_sequence_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> set[str]:
+    """The shape keys only an LM head has: it multiplies one row per sequence of a step (the last
+    position of each prompt, each decode token), never a prefill chunk's rows, so its calibration
+    stops at decode row counts."""
+    modules = dict(model.named_modules())
+    keys: dict[str, set[bool]] = {}
+    for name, form in plan.items():
+        if form != "dense":
+            m = modules[name]
+            keys.setdefault(shape_key(form, m.out_features, m.in_features, dtype), set()).add(
+                name.rsplit(".", 1)[-1] == "lm_head")
+    return {key for key, heads in keys.items() if heads == {True}}
 
 
 def _plan_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> dict[str, tuple[str, int, int, int]]:

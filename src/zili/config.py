@@ -414,7 +414,9 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" or a dtype name / alias (normalised to float32, bfloat16, float16)
     max_model_len: int | None = None  # None: the model's context length
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # Token budget of one step (chunked prefill); None: the platform's default for the model's dtype
+    # (`Platform.default_max_num_batched_tokens`: 2048, 1024 on a CPU computing in float32).
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     # KV pool size: bytes (int), a fraction of the device's free memory (float in (0, 1]), a size
     # string ("2GiB", "512MB", "0.5"; see parse_memory_size), or None.
@@ -503,7 +505,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.distributed_timeout must be positive seconds, got {timeout!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is None and name == "max_num_batched_tokens":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"EngineConfig.max_model_len must be an integer >= 2, got {self.max_model_len!r}")

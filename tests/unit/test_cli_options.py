@@ -73,7 +73,8 @@ def test_serve_keeps_its_engine_defaults():
     expected = {"dtype": "auto", "quantization": "auto", "attention_backend": "auto", "load_format": "auto",
                 "reasoning_parser": "auto", "use_tune_cache": True, "calibrate": None, "enforce_eager": None,
                 "tensor_parallel_size": 1,
-                "max_model_len": None, "max_num_seqs": None, "kv_cache_memory": None, "threads": None,
+                "max_model_len": None, "max_num_seqs": None, "max_num_batched_tokens": None, "kv_cache_memory": None,
+                "threads": None,
                 "speculative_config": None, "speculative_model": None, "kv_cache_dtype": "auto",
                 "enable_jump_forward": None, "jump_forward_mode": None, "deterministic": None,
                 "structured_outputs_backend": "auto"}

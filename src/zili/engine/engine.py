@@ -99,7 +99,10 @@ class Engine:
                                        recompute_last_hit_block=self.hidden_proposer is not None)
         if self.hidden_proposer is not None:
             self.hidden_proposer.bind_kv_cache(self.kv_cache)
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+        # The step token budget: the config's, else the platform's default for the model's dtype.
+        self.max_num_batched_tokens = config.max_num_batched_tokens or \
+            parts.platform.default_max_num_batched_tokens(parts.dtype)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, self.max_num_batched_tokens,
                                    next_token_entries=self.hidden_proposer is not None)
         self.sampler = Sampler(parts.model_config.vocab_size, config.seed)
         self.inputs = InputProcessor(parts.tokenizer, parts.model_config.vocab_size, parts.max_model_len,

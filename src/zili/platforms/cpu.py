@@ -68,6 +68,16 @@ class CpuPlatform(Platform):
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
         return torch.bfloat16 if native_bf16 and cpu_isa() == "avx512" else torch.float32
 
+    def default_max_num_batched_tokens(self, model_dtype: torch.dtype) -> int:
+        # float32 activations (a CPU without native bf16, or dtype="float32"): a prefill step's
+        # temporaries are twice bf16's, and zili's packed int4 kernels, which serve prefill rows there
+        # (their time is linear in the rows), make a smaller chunk free. AVX2-only Zen 3, SmolLM2,
+        # 16 prompts of 128 tokens, two interleaved pairs of processes: 1,024 -> 517 / 458 tok/s and
+        # peak RSS 624-638 MiB, 2,048 -> 496 / 446 tok/s and 656-706 MiB (benchmarks/notes/cpu-isa.md).
+        # With bf16 the dequantize-then-dense path serves prefill and amortises its dequantization
+        # over the chunk's rows (Zen 4: 1,024 cost 4% of prefill throughput): 2048 there.
+        return 1024 if model_dtype == torch.float32 else 2048
+
     def default_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         # Where the platform computes in fp32 because bf16 would be emulated (AVX2), the cache is
         # still stored in bf16, as llama.cpp stores an f16 cache: a decode step at 64 sequences

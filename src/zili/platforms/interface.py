@@ -45,6 +45,11 @@ class Platform:
     def default_dtype(self) -> torch.dtype:
         return torch.float32
 
+    def default_max_num_batched_tokens(self, model_dtype: torch.dtype) -> int:
+        """The step token budget (chunked prefill) when EngineConfig.max_num_batched_tokens is None,
+        for a model computing in `model_dtype`: 2048 (vLLM's default for chunked prefill)."""
+        return 2048
+
     def default_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The KV cache's element type for kv_cache_dtype="auto" when the model's dtype was also
         left to the platform (`default_dtype`): the model's own, unless a platform stores it

@@ -83,7 +83,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 # The engine settings `zili serve` takes: every one of zili.cli_options.ENGINE_OPTIONS, with its defaults.
-SERVE_ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "kv_cache_memory", "kv_cache_dtype", "quantization",
+SERVE_ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory",
+                        "kv_cache_dtype", "quantization",
                         "threads", "attention_backend", "use_tune_cache", "calibrate", "enforce_eager", "load_format",
                         "reasoning_parser", "tensor_parallel_size", "speculative_config",
                         "speculative_model", "enable_jump_forward", "jump_forward_mode", "deterministic",

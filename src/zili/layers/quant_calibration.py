@@ -244,11 +244,16 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor],
     return lambda x: F.linear(x, w)
 
 
+def _reference_name(candidates: Collection[str], kernel: str) -> str:
+    """The path a layer on `kernel` takes past its row limit, among the timed `candidates`: the
+    dequantize-then-dense path where it is one (zili's kernels, ZILI_DENSE_WEIGHTS=dequant), else the
+    dense copy."""
+    return "dequant" if kernel != TORCH and "dequant" in candidates else "dense"
+
+
 def _reference(timing: dict[str, float], kernel: str) -> float:
-    """The time of the path a layer on `kernel` takes past its row limit, from one row count's timings:
-    the dequantize-then-dense path where it was timed (zili's kernels, ZILI_DENSE_WEIGHTS=dequant), else
-    the dense copy's."""
-    return timing["dequant"] if kernel != TORCH and "dequant" in timing else timing["dense"]
+    """The time of that path (`_reference_name`) in one row count's timings."""
+    return timing[_reference_name(timing, kernel)]
 
 
 def race(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -292,7 +297,7 @@ def _extend_to_prefill(choice: KernelChoice, k: int, calls: dict[str, Callable[[
                        deadline: float) -> KernelChoice:
     """`choice` with its limit moved up through `prefill_rows` while its kernel beats its reference
     (see `calibrate_kernels`); records the timings in `timings`."""
-    reference = "dequant" if choice.kernel != TORCH and "dequant" in calls else "dense"
+    reference = _reference_name(calls, choice.kernel)
     timed = {choice.kernel: calls[choice.kernel], reference: calls[reference]}
     limit = choice.max_rows
     for r in prefill_rows:

@@ -304,14 +304,9 @@ def _per_sequence_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dt
     """The shape keys only an LM head has: it multiplies one row per sequence of a step (the last
     position of each prompt, each decode token), never a prefill chunk's rows, so its calibration
     stops at decode row counts."""
-    modules = dict(model.named_modules())
-    keys: dict[str, set[bool]] = {}
-    for name, form in plan.items():
-        if form != "dense":
-            m = modules[name]
-            keys.setdefault(shape_key(form, m.out_features, m.in_features, dtype), set()).add(
-                name.rsplit(".", 1)[-1] == "lm_head")
-    return {key for key, heads in keys.items() if heads == {True}}
+    heads = {name: form for name, form in plan.items() if name.rsplit(".", 1)[-1] == "lm_head"}
+    rest = {name: form for name, form in plan.items() if name not in heads}
+    return set(_plan_shapes(model, heads, dtype)) - set(_plan_shapes(model, rest, dtype))
 
 
 def _plan_shapes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype) -> dict[str, tuple[str, int, int, int]]:

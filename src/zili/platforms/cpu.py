@@ -75,7 +75,8 @@ class CpuPlatform(Platform):
         # 16 prompts of 128 tokens, two interleaved pairs of processes: 1,024 -> 517 / 458 tok/s and
         # peak RSS 624-638 MiB, 2,048 -> 496 / 446 tok/s and 656-706 MiB (benchmarks/notes/cpu-isa.md).
         # With bf16 the dequantize-then-dense path serves prefill and amortises its dequantization
-        # over the chunk's rows (Zen 4: 1,024 cost 4% of prefill throughput): 2048 there.
+        # over the chunk's rows (Zen 4: 1,024 cost 4% of prefill throughput): 2048 there. A dense fp32
+        # model (no packed kernel) gets 1024 too, for the memory; MKL's sgemm is at full speed at 1,024 rows.
         return 1024 if model_dtype == torch.float32 else 2048
 
     def default_kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

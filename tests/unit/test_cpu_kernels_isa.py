@@ -115,15 +115,22 @@ def test_q8_matmul_matches_float64(isa, m, n, k):
 
 
 @pytest.mark.parametrize("isa", LEVELS)
-def test_bf16_activations_in_and_out(isa):
+@pytest.mark.parametrize("m", [1, 3])  # one row: the AVX2 single-row path; 3: the row-tile path
+def test_bf16_activations_in_and_out(isa, m):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(40, 200, generator=gen)
-    x = torch.randn(3, 200, generator=gen).bfloat16()
-    packed = pack_q8(w)
-    got = q8_matmul(x, packed, isa)
-    assert got.dtype == torch.bfloat16
-    ref = x.double() @ dequantize_q8(packed).double().t()
-    assert (got.double() - ref).abs().max() <= 0.03 * ref.abs().max()
+    x = torch.randn(m, 200, generator=gen).bfloat16()
+    for packed, matmul, dequantize in ((pack_q8(w), q8_matmul, dequantize_q8),
+                                       (pack_q4(torch.randint(0, 16, (40, 200), generator=gen),
+                                                torch.rand(40, 7, generator=gen) * 0.05,
+                                                torch.randn(40, 7, generator=gen) * 0.2), q4_matmul, dequantize_q4)):
+        got = matmul(x, packed, isa)
+        assert got.dtype == torch.bfloat16
+        # the kernel quantizes the bf16 activations exactly as their fp32 values
+        ref = matmul(x.float(), packed, isa).double()
+        assert (got.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+        exact = x.double() @ dequantize(packed).double().t()
+        assert (got.double() - exact).abs().max() <= 0.03 * exact.abs().max()
 
 
 def test_levels_agree_with_each_other():

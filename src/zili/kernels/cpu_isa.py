@@ -106,6 +106,15 @@ def load(isa: str | None = None) -> bool:
     return _loaded[isa]
 
 
+def source_version() -> str:
+    """A digest of the kernels' source text (not their path): part of the CPU's tune-cache fingerprint,
+    so that winners measured against another version of these kernels are measured again."""
+    h = hashlib.sha1()
+    for path in SOURCES:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _source_digest() -> str:
     h = hashlib.sha1()
     for path in SOURCES:  # the path too: another checkout's build would otherwise rebuild this one's

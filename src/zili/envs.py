@@ -59,6 +59,9 @@ ZILI_ONEDNN = EnvVar(
 ZILI_MALLOC_TUNE = EnvVar(
     "ZILI_MALLOC_TUNE", "bool", True,
     "Keep a step's large host blocks on glibc's heap (mallopt) on CPUs; 0 leaves the allocator alone.")
+ZILI_HUGEPAGE_WEIGHTS = EnvVar(
+    "ZILI_HUGEPAGE_WEIGHTS", "bool", True,
+    "Place a model's packed CPU weights in memory advised for transparent huge pages (Linux); 0: the heap.")
 ZILI_API_KEY = EnvVar(
     "ZILI_API_KEY", "str", None,
     "API key `zili serve` requires on /v1/* (read by the --api-key option); unset: no key unless given.")
@@ -249,6 +252,11 @@ def onednn_enabled() -> bool:
 def malloc_tune_enabled() -> bool:
     """ZILI_MALLOC_TUNE."""
     return get_bool(ZILI_MALLOC_TUNE)
+
+
+def hugepage_weights_enabled() -> bool:
+    """ZILI_HUGEPAGE_WEIGHTS."""
+    return get_bool(ZILI_HUGEPAGE_WEIGHTS)
 
 
 def database_url() -> str | None:

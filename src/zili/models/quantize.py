@@ -34,6 +34,7 @@ from torch import nn
 from zili import envs
 from zili.choices import QUANTIZATION_MODES
 from zili.kernels import cpu_isa
+from zili.kernels.cpu_quant import huge_page_weights
 from zili.layers import onednn, quant_calibration
 from zili.layers.embedding import VocabEmbedding
 from zili.layers.linear import Linear, dense_weight_keeper, release_dense_weights
@@ -369,24 +370,29 @@ def quantize_model(model: nn.Module, mode: str, checkpoint=None, max_rows: int =
     plan = plan_quantization(model, mode, checkpoint) if plan is None else plan
     counts: Counter = Counter()
     modules = dict(model.named_modules())
-    for name, form in plan.items():
-        module = modules[name]
-        choice = None
-        if form != "dense" and kernels:
-            choice = kernels.get(shape_key(form, module.out_features, module.in_features,
-                                           dtype or module.weight.dtype))
-        rows, isa = (choice.max_rows, choice.kernel) if choice is not None else (max_rows, None)
-        if form == "int4":
-            shards = _shard_names(model, name, module)
-            types = [_raw_type_reader(checkpoint)(s) for s in shards]
-            module.quant = Int4Weight(_group_quant(checkpoint, shards, types, module), rows, isa)
-        elif form == "int8":
-            shards = _shard_names(model, name, module)
-            q8_0 = _q8_0_blocks(checkpoint, shards)
-            module.quant = Int8Weight.from_q8_0(*q8_0, rows, isa) if q8_0 is not None else \
-                Int8Weight(module.weight.detach(), rows, isa)
-        counts[form] += 1
+    with huge_page_weights():  # zili's packed layouts land in huge-page memory (cpu_quant.HugePageArena)
+        for name, form in plan.items():
+            _quantize_layer(model, name, modules[name], form, checkpoint, max_rows, kernels, dtype, counts)
     return counts
+
+
+def _quantize_layer(model: nn.Module, name: str, module: Linear, form: str, checkpoint, max_rows: int,
+                    kernels: dict[str, KernelChoice] | None, dtype: torch.dtype | None, counts: Counter) -> None:
+    choice = None
+    if form != "dense" and kernels:
+        choice = kernels.get(shape_key(form, module.out_features, module.in_features,
+                                       dtype or module.weight.dtype))
+    rows, isa = (choice.max_rows, choice.kernel) if choice is not None else (max_rows, None)
+    if form == "int4":
+        shards = _shard_names(model, name, module)
+        types = [_raw_type_reader(checkpoint)(s) for s in shards]
+        module.quant = Int4Weight(_group_quant(checkpoint, shards, types, module), rows, isa)
+    elif form == "int8":
+        shards = _shard_names(model, name, module)
+        q8_0 = _q8_0_blocks(checkpoint, shards)
+        module.quant = Int8Weight.from_q8_0(*q8_0, rows, isa) if q8_0 is not None else \
+            Int8Weight(module.weight.detach(), rows, isa)
+    counts[form] += 1
 
 
 def _choose(mode: str, name: str, types: list) -> str:

@@ -31,6 +31,32 @@ def test_migrations_create_the_schema_once(database_url):
     assert [d for d in diff if d[0] not in ("add_index", "remove_index")] == []
 
 
+def test_alembic_is_imported_only_to_migrate(tmp_path):
+    """A database already at the newest revision opens without importing Alembic (~10 MiB resident
+    in the server); a new one, or one a revision behind, is migrated by it."""
+    import subprocess
+    import sys
+
+    from zili.governance.db import head_revision
+
+    url = f"sqlite:///{tmp_path / 'zili.db'}"
+    probe = ("import sys; from zili.governance.db import open_database, current_revision; "
+             f"e = open_database({url!r}); print('alembic' in sys.modules)")
+
+    def opened_with_alembic() -> bool:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        return out.stdout.strip() == "True"
+
+    assert head_revision() == "0001"
+    assert opened_with_alembic()  # created and migrated
+    assert current_revision(open_database(url, migrate=False)) == "0001"
+    assert not opened_with_alembic()  # already there
+    with open_database(url, migrate=False).begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'an-older-one'"))
+    with pytest.raises(Exception, match="an-older-one"):  # not silently taken as current: Alembic is asked
+        open_database(url)
+
+
 def test_sqlite_is_in_wal_mode(tmp_path):
     engine = open_database(f"sqlite:///{tmp_path / 'sub' / 'zili.db'}")  # the directory is created too
     with engine.connect() as connection:

@@ -2,21 +2,28 @@
 
 `open_database(url)` returns a SQLAlchemy Engine whose schema is at the newest Alembic revision
 (the migrations shipped in this package run on every open; a database already there is a no-op).
+Alembic itself (with Mako and Pygments: ~10 MiB resident in a server that would never use it again)
+is imported only when a migration has to run: a database already at the newest revision is told so
+by its `alembic_version` table, read with SQLAlchemy.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from zili import envs
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 DATABASE_URL_ENV = envs.ZILI_DATABASE_URL.name
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -89,13 +96,49 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     return cfg
 
 
+@cache
+def head_revision() -> str:
+    """The newest shipped revision: the one no other migration file names as its `down_revision`
+    (read from the files' text, so that Alembic need not be imported to know it). RuntimeError
+    unless there is exactly one."""
+    revisions, parents = set(), set()
+    for path in (_MIGRATIONS / "versions").glob("*.py"):
+        source = path.read_text()
+        found = re.search(r'^revision\s*=\s*["\']([^"\']+)["\']', source, re.M)
+        if found:
+            revisions.add(found.group(1))
+        parents.update(re.findall(r'^down_revision\s*=\s*["\']([^"\']+)["\']', source, re.M))
+    heads = revisions - parents
+    if len(heads) != 1:
+        raise RuntimeError(f"the governance migrations must have one head revision, found {sorted(heads)}")
+    return heads.pop()
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database's `alembic_version` names the newest shipped revision (False where the
+    table is missing or unreadable: the migration then decides)."""
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except Exception:  # no table yet (a new database), or one Alembic will report on properly
+        return False
+    return rows == [head_revision()]
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply the shipped Alembic migrations up to `revision` (idempotent)."""
+    """Apply the shipped Alembic migrations up to `revision` (idempotent; Alembic is not imported
+    when the database is already at the newest revision)."""
+    if revision == "head" and _at_head(engine):
+        return
+    from alembic import command
+
     cfg = alembic_config()
     with _migrate_lock, engine.begin() as connection:
         if connection.dialect.name == "postgresql":  # two servers starting at once migrate one after the other

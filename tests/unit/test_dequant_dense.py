@@ -206,8 +206,15 @@ def _prefill_logits(loaded, tokens: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("isa", LEVELS)
 def test_no_dense_copy_is_held_and_the_logits_match_the_copys(tiny_gguf, isa, monkeypatch):
+    from zili.models import quantize
+    from zili.platforms.cpu import CpuPlatform
+
     copy, copy_report = _build(tiny_gguf, torch.float32, "copy", isa, monkeypatch)
+    trims = []
+    monkeypatch.setattr(quantize, "HEAP_TRIM_EVERY_BYTES", 1)  # the heap handed back after every layer packed
+    monkeypatch.setattr(CpuPlatform, "release_host_memory", lambda self: trims.append(1))
     lean, report = _build(tiny_gguf, torch.float32, "dequant", isa, monkeypatch)
+    assert len(trims) >= report.counts.get("int4", 0) + report.counts.get("int8", 0)
     quantized = {n for n, m in lean.model.named_modules() if type(m) is Linear and m.quant is not None}
     assert {"model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"} <= quantized
     modules, copies = dict(lean.model.named_modules()), dict(copy.model.named_modules())

@@ -68,6 +68,7 @@ def test_large_tensors_get_their_own_chunk_and_small_ones_share_one():
     assert b.data_ptr() - a.data_ptr() == 1024  # bump allocation at 64-byte alignment
     big = arena.empty((3 << 20,), torch.uint8)  # larger than a chunk: a chunk of its own, rounded to 2 MiB
     assert arena.mapped_bytes == (2 << 20) + (4 << 20)
+    assert arena.placed_bytes == 1000 + 20 + (3 << 20)
     big[-1] = 7  # writable to its last byte
     assert arena.empty((0, 5), torch.float32).shape == (0, 5)
     with pytest.raises(ValueError, match="chunk_bytes"):

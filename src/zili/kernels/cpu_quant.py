@@ -75,6 +75,7 @@ class HugePageArena:
         self._chunk: mmap.mmap | None = None
         self._used = 0
         self.mapped_bytes = 0
+        self.placed_bytes = 0  # of tensors handed out
 
     @staticmethod
     def supported() -> bool:
@@ -99,6 +100,7 @@ class HugePageArena:
             self.mapped_bytes += size
         t = torch.frombuffer(self._chunk, dtype=dtype, count=numel, offset=self._used).view(tuple(shape))
         self._used += -(-nbytes // _ALIGN) * _ALIGN
+        self.placed_bytes += nbytes
         return t
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from zili.config import ModelConfig
 from zili.kernels.attention import AttentionMetadata
-from zili.layers.linear import Linear
+from zili.layers.linear import NOT_LOADED, Linear
 from zili.layers.parallel import param_loader
 
 Loader = Callable[[torch.Tensor], object]
@@ -164,6 +164,10 @@ def _param_loader(param: nn.Parameter) -> Loader:
         return sharded
 
     def load(tensor: torch.Tensor) -> None:
+        if tensor is NOT_LOADED:  # deferred by the loader through the Linear sharing it (a tied LM head)
+            if param.numel() != 0:
+                raise ValueError("this parameter was not deferred but came unread")
+            return
         if tensor.shape != param.shape:
             raise ValueError(f"expected shape {list(param.shape)}, got {list(tensor.shape)}")
         with torch.no_grad():

@@ -212,7 +212,7 @@ def deferrable_projections(model: nn.Module, mode: str,
     deferred: dict[str, list[str]] = {}
     for name, form in plan_quantization(model, mode, checkpoint).items():
         module = modules[name]
-        if type(module) is not Linear or keeps(name, module):
+        if type(module) is not Linear or (keeps(name, module) and not _tied_head(model, name, module)):
             continue
         shards = _shard_names(model, name, module)
         types = [raw_types(s) for s in shards]
@@ -221,6 +221,18 @@ def deferrable_projections(model: nn.Module, mode: str,
         if from_codes:
             deferred[name] = shards
     return deferred
+
+
+def _tied_head(model: nn.Module, name: str, module: Linear) -> bool:
+    """Whether `module` is an LM head whose only other holder is the tied token embedding. Deferred
+    when its table is Q8_0 (`deferrable_projections`): the head is packed from the codes and
+    `serve_tied_embedding_from_head` serves the lookups and the head's top-k refinement (its dense
+    reader) from them, so the dense table (SmolLM2's 49,152 x 576: 113 MiB in fp32) is never built;
+    where the head then cannot be served exactly (torch's int8 kernel), `_load_deferred` reads it."""
+    if name != LM_HEAD or not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    holders = [m for m in model.modules() if getattr(m, "weight", None) is module.weight]
+    return len(holders) == 2 and any(isinstance(m, VocabEmbedding) for m in holders)
 
 
 def _q8_0_raws(checkpoint: RawCheckpoint | HFCheckpoint | None, shards: list[str]) -> list[RawTensor] | None:
@@ -337,10 +349,12 @@ def serve_tied_embedding_from_head(model: nn.Module) -> bool:
     bf16 335 MB, int8 172 MB), now once; SmolLM2's 49,152 x 576 saves 113 MB. Speed: above the
     int8 kernel's calibrated limit (2 rows for Gemma's head) oneDNN's AMX matmul was faster: on the
     2-core dev VM the int8 head took 1.35x its time at 16 rows and 1.74x at 32 for Gemma's shape,
-    0.97-1.09x for SmolLM2's (benchmarks/notes/memory.md). Returns whether it released."""
+    0.97-1.09x for SmolLM2's (benchmarks/notes/memory.md). A table the loader deferred (never read
+    dense: `deferrable_projections`) is served the same way and stays unread. Returns whether it
+    released (or never needed) the dense table."""
     head = getattr(model, "lm_head", None)
     if type(head) is not Linear or not isinstance(head.quant, Int8Weight) or not head.quant.exact \
-            or head.weight.numel() == 0:
+            or (head.weight.numel() == 0 and not head.weight_deferred):
         return False
     tables = [m for m in model.modules() if isinstance(m, VocabEmbedding) and m.weight is head.weight]
     if not tables:
@@ -349,6 +363,7 @@ def serve_tied_embedding_from_head(model: nn.Module) -> bool:
         table.rows_from = head.quant.rows
     head.quant.max_rows = sys.maxsize
     head.weight.data = torch.empty(0, dtype=head.weight.dtype)  # the one Parameter both modules hold
+    head.weight_deferred = False
     return True
 
 

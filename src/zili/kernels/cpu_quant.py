@@ -76,6 +76,7 @@ class HugePageArena:
         self._used = 0
         self.mapped_bytes = 0
         self.placed_bytes = 0  # of tensors handed out
+        self.advised = True  # False once the kernel refused MADV_HUGEPAGE (no THP support)
 
     @staticmethod
     def supported() -> bool:
@@ -95,7 +96,10 @@ class HugePageArena:
             # A fresh anonymous mapping is page-aligned; the kernel places huge pages at 2 MiB-aligned
             # virtual addresses inside it, so all but the first and last partial 2 MiB get them.
             chunk = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            chunk.madvise(mmap.MADV_HUGEPAGE)
+            try:
+                chunk.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel built without transparent huge pages: plain pages, same bytes
+                self.advised = False
             self._chunk, self._used = chunk, 0
             self.mapped_bytes += size
         t = torch.frombuffer(self._chunk, dtype=dtype, count=numel, offset=self._used).view(tuple(shape))

@@ -138,12 +138,22 @@ def test_the_prefill_pass_keeps_the_limit_reached_when_the_budget_ends(monkeypat
 
 
 def test_a_cached_64_row_limit_from_before_the_prefill_rows_is_measured_again():
-    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 64}) is None
-    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 32}) == KernelChoice("avx2", 32)
+    source = cpu_isa.source_version()
+    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 64, "kernels_source": source}) is None
+    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 32, "kernels_source": source}) == KernelChoice("avx2", 32)
     fresh = KernelChoice("avx2", 64).to_json()
     assert KernelChoice.from_json(fresh) == KernelChoice("avx2", 64)
     assert KernelChoice.from_json(KernelChoice("avx2", quant_calibration.UNBOUNDED_ROWS).to_json()) == \
         KernelChoice("avx2", quant_calibration.UNBOUNDED_ROWS)
+
+
+def test_a_choice_measured_against_other_kernel_sources_is_measured_again(monkeypatch):
+    cached = KernelChoice("avx2", 32).to_json()
+    assert cached["kernels_source"] == cpu_isa.source_version()
+    assert KernelChoice.from_json(cached) == KernelChoice("avx2", 32)
+    monkeypatch.setattr(cpu_isa, "source_version", lambda: "another-version")  # the kernels were edited
+    assert KernelChoice.from_json(cached) is None
+    assert KernelChoice.from_json({"kernel": "avx2", "max_rows": 32}) is None  # cached before versions were kept
 
 
 def test_packed_kernels_env_is_validated(monkeypatch):
@@ -166,8 +176,9 @@ def test_saved_entry_is_applied_per_layer_shape(tiny_dir, cache_path):
     applied = _layers(_engine(tiny_dir))
     assert applied == {key: (e["kernel"], e["max_rows"]) for key, e in entry.items()}
     # An entry naming a kernel this process cannot run (here: a malformed one) is ignored, not fatal.
-    TuneCache().store(CpuPlatform(), {"quant_kernels": {shapes[0]: {"kernel": "avx9000", "max_rows": 2},
-                                                        shapes[1]: {"kernel": "torch", "max_rows": -1}}})
+    malformed = {shapes[0]: {**KernelChoice("avx2", 2).to_json(), "kernel": "avx9000"},
+                 shapes[1]: {**KernelChoice("torch", 2).to_json(), "max_rows": -1}}
+    TuneCache().store(CpuPlatform(), {"quant_kernels": malformed})
     assert set(_layers(_engine(tiny_dir)).values()) == {("torch", 16)}
 
 
@@ -268,7 +279,7 @@ def test_forced_lower_isa_changes_the_key_and_the_choice(tiny_dir, cache_path, m
     native = cpu_isa.selected()
     native_key = fingerprint_key(CpuPlatform().fingerprint())
     shapes = sorted(_layers(_engine(tiny_dir)))
-    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: {"kernel": native, "max_rows": 5} for k in shapes}})
+    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: KernelChoice(native, 5).to_json() for k in shapes}})
     assert set(_layers(_engine(tiny_dir)).values()) == {(native, 5)}
     lower = cpu_isa.executable_levels()[-2]
     monkeypatch.setenv("ZILI_CPU_ISA", lower)
@@ -276,7 +287,7 @@ def test_forced_lower_isa_changes_the_key_and_the_choice(tiny_dir, cache_path, m
     assert load_tuning(CpuPlatform()) is None
     assert quant_calibration.candidates() == [lower, "torch"]
     # even a hand-copied entry naming the higher level is refused under the forced one
-    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: {"kernel": native, "max_rows": 5} for k in shapes}})
+    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: KernelChoice(native, 5).to_json() for k in shapes}})
     assert set(_layers(_engine(tiny_dir)).values()) == {("torch", 16)}
-    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: {"kernel": lower, "max_rows": 7} for k in shapes}})
+    TuneCache().store(CpuPlatform(), {"quant_kernels": {k: KernelChoice(lower, 7).to_json() for k in shapes}})
     assert set(_layers(_engine(tiny_dir)).values()) == {(lower, 7)}

@@ -115,11 +115,14 @@ class KernelChoice:
     max_rows: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "max_rows": self.max_rows, "prefill_timed": True}
+        return {"kernel": self.kernel, "max_rows": self.max_rows, "prefill_timed": True,
+                "kernels_source": cpu_isa.source_version()}
 
     @classmethod
     def from_json(cls, value: Any) -> KernelChoice | None:
-        """A cached entry, or None when it is malformed (a hand-edited cache must not stop a start)."""
+        """A cached entry, or None when it is malformed (a hand-edited cache must not stop a start) or was
+        measured against another version of zili's kernel sources (`cpu_isa.source_version`: the winner
+        and its row limit may have moved with them, so the shape is measured again)."""
         if not isinstance(value, dict):
             return None
         kernel, rows = value.get("kernel"), value.get("max_rows")
@@ -127,6 +130,8 @@ class KernelChoice:
             return None
         if rows == ROW_CANDIDATES[-1] and value.get("prefill_timed") is not True:
             return None  # cached before prefill row counts were timed: it may win past 64 rows, measure again
+        if value.get("kernels_source") != cpu_isa.source_version():
+            return None
         return cls(kernel, rows)
 
 

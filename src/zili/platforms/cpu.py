@@ -163,12 +163,9 @@ class CpuPlatform(Platform):
     def fingerprint(self) -> dict[str, Any]:
         flags = sorted(f for f in _cpu_flags() if f in SIMD_FLAGS or f.startswith(SIMD_FLAG_PREFIXES))
         # The kernel level is part of the key: a forced lower level (ZILI_CPU_ISA) is another
-        # machine as far as the winners go; so is another version of the kernels' source.
-        from zili.kernels.cpu_isa import source_version
-
+        # machine as far as the winners go.
         return {**super().fingerprint(), "physical_cores": physical_cores(),
-                "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags, "kernel_isa": cpu_isa(),
-                "kernels": source_version()}
+                "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags, "kernel_isa": cpu_isa()}
 
 
 def native_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:

@@ -107,8 +107,9 @@ def load(isa: str | None = None) -> bool:
 
 
 def source_version() -> str:
-    """A digest of the kernels' source text (not their path): part of the CPU's tune-cache fingerprint,
-    so that winners measured against another version of these kernels are measured again."""
+    """A digest of the kernels' source text (not their path): stored with each cached kernel choice
+    (`quant_calibration.KernelChoice`), so that winners measured against another version of these
+    kernels are measured again."""
     h = hashlib.sha1()
     for path in SOURCES:
         h.update(path.read_bytes())

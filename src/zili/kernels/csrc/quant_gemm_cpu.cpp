@@ -201,14 +201,17 @@ inline void prefetch_block(const uint8_t* wb, const uint16_t* sb) {
 
 
 #if defined(ZILI_ISA_AVX2)
-// The q4 product of one group for MT activation rows (MT a constant, so that the accumulators stay in
-// registers): per half of 8 rows and per block, each octet's low and high nibbles are unpacked once and
-// multiplied by every row's activation quads; only the unpacked octet being used is live.
-template <int MT>
-void q4_rows_avx2(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, int64_t m0, float* out) {
+// The product of one group for MT activation rows (MT a constant, so that the accumulators stay in
+// registers), in two halves of 8 output rows (one 256-bit register each), the first half's pass
+// prefetching. Per block, each weight vector is prepared once (q4: an octet's low and high nibbles
+// unpacked; q8: the code's sign moved onto the activation, |code| kept) and multiplied by every row's
+// activation quads; only the vector being used is live.
+template <bool Q4, int MT>
+void rows_avx2(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, int64_t m0, float* out) {
   const int64_t KB = a.KB;
-  constexpr int64_t block_bytes = 4 * R * 4, block_scales = 2 * R;
+  constexpr int64_t block_bytes = Q4 ? 4 * R * 4 : 8 * R * 4, block_scales = Q4 ? 2 * R : R;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   const int8_t* xrow[MT];
   const float* xd[MT];
   const float* xs[MT];
@@ -224,25 +227,41 @@ void q4_rows_avx2(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a,
       const uint8_t* wb = wq + b * block_bytes + half * 32;
       const uint16_t* sb = wd + b * block_scales + half * 8;
       if (half == 0) prefetch_block<block_bytes>(wb, sb);
-      __m256i s16[MT];
-      for (int r = 0; r < MT; ++r) s16[r] = _mm256_setzero_si256();
-      for (int o = 0; o < 4; ++o) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
-        const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        for (int r = 0; r < MT; ++r) {
-          const int8_t* xq = xrow[r] + b * QK;
-          // 8 products of <= 2 * 15 * 127 each fit in int16: one vpmaddwd per block.
-          s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_quad(xq + 8 * o))),
-              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_quad(xq + 8 * o + 4)))));
-        }
-      }
       const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
-      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R)));
-      for (int r = 0; r < MT; ++r) {
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
-        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(dv, _mm256_set1_ps(xd[r][b])), acc[r]);
-        acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r][b]), acc[r]);
+      if constexpr (Q4) {
+        __m256i s16[MT];
+        for (int r = 0; r < MT; ++r) s16[r] = _mm256_setzero_si256();
+        for (int o = 0; o < 4; ++o) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          for (int r = 0; r < MT; ++r) {
+            const int8_t* xq = xrow[r] + b * QK;
+            // 8 products of <= 2 * 15 * 127 each fit in int16: one vpmaddwd per block.
+            s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_quad(xq + 8 * o))),
+                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_quad(xq + 8 * o + 4)))));
+          }
+        }
+        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R)));
+        for (int r = 0; r < MT; ++r) {
+          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
+          acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(dv, _mm256_set1_ps(xd[r][b])), acc[r]);
+          acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r][b]), acc[r]);
+        }
+      } else {
+        // a pair of |code| * x products can reach 2 * 127 * 127: widened to int32 per quad.
+        __m256i s32[MT];
+        for (int r = 0; r < MT; ++r) s32[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i sg = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
+          const __m256i aw = _mm256_sign_epi8(sg, sg);  // |code|
+          for (int r = 0; r < MT; ++r) {
+            const __m256i xsg = _mm256_sign_epi8(_mm256_set1_epi32(load_quad(xrow[r] + b * QK + 4 * j)), sg);
+            s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xsg), ones));
+          }
+        }
+        for (int r = 0; r < MT; ++r)
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[r][b])), acc[r]);
       }
     }
     for (int r = 0; r < MT; ++r) _mm256_storeu_ps(out + r * R + half * 8, acc[r]);
@@ -355,44 +374,11 @@ void group_dot(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, in
     _mm256_storeu_ps(out + 8, acc1);
     return;
   }
-  // Several activation rows: q4 in q4_rows_avx2 (above); q8 here, in two halves of 8 rows (one 256-bit
-  // register each), the first half's pass prefetching.
-  if constexpr (Q4) {
-    switch (mt) {
-      case 1: q4_rows_avx2<1>(wq, wd, a, m0, out); return;
-      case 2: q4_rows_avx2<2>(wq, wd, a, m0, out); return;
-      case 3: q4_rows_avx2<3>(wq, wd, a, m0, out); return;
-      default: q4_rows_avx2<4>(wq, wd, a, m0, out); return;
-    }
-  } else {
-    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    for (int half = 0; half < 2; ++half) {
-      __m256 acc[kRowTile];
-      for (int64_t r = 0; r < mt; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t b = 0; b < KB; ++b) {
-        const uint8_t* wb = wq + b * block_bytes + half * 32;
-        const uint16_t* sb = wd + b * block_scales + half * 8;
-        if (half == 0) prefetch_block<block_bytes>(wb, sb);
-        const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
-        __m256i aw[8], sg[8];
-        for (int j = 0; j < 8; ++j) {
-          sg[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
-          aw[j] = _mm256_sign_epi8(sg[j], sg[j]);  // |code|
-        }
-        for (int64_t r = 0; r < mt; ++r) {
-          const int64_t row = m0 + r;
-          const int8_t* xq = a.q.data() + (row * KB + b) * QK;
-          __m256i s32 = _mm256_setzero_si256();
-          for (int j = 0; j < 8; ++j) {
-            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(load_quad(xq + 4 * j)), sg[j]);
-            s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], xs), ones));
-          }
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(dv, _mm256_set1_ps(a.d[row * KB + b])),
-                                   acc[r]);
-        }
-      }
-      for (int64_t r = 0; r < mt; ++r) _mm256_storeu_ps(out + r * R + half * 8, acc[r]);
-    }
+  // Several activation rows: rows_avx2 (above), the row count a template argument.
+  switch (mt) {
+    case 2: rows_avx2<Q4, 2>(wq, wd, a, m0, out); return;
+    case 3: rows_avx2<Q4, 3>(wq, wd, a, m0, out); return;
+    default: rows_avx2<Q4, 4>(wq, wd, a, m0, out); return;
   }
 #else
   // Portable: integer dot per block and row (loops the compiler vectorises), fp32 across blocks.

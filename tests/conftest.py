@@ -4,7 +4,7 @@ Besides the environment below, two things here keep the whole suite's time down 
 
 - The C++ CPU kernels of the levels below this CPU's own (zili.kernels.cpu_isa; `make setup` builds
   its own) are built by a background process started with the session, at the lowest priority,
-  instead of by the first test that forces a level (about a minute per level on 2 cores, on a fresh
+  instead of by the first test that forces a level (about 30 s per level on 2 cores, on a fresh
   checkout). It fills the cores' idle time while the early tests wait on servers; a test that needs a
   level before it is ready waits on the build's lock, as any second builder does.
 - The references several modules check against (transformers loading the default SmolLM2 GGUF, its

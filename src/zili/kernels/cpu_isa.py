@@ -12,8 +12,9 @@ Each build registers its operators under its own namespace (`torch.ops.zili_cpu_
 so all three can live in one process: the tests run every level the machine can execute. Which one
 the engine uses comes from the CPU's flags (`zili.platforms.cpu.cpu_isa`: /proc/cpuinfo, read at
 run time), lowered by ZILI_CPU_ISA={avx512,avx2,portable}; asking for a level above the CPU's is a
-ValueError. Built with torch.utils.cpp_extension on first use (about a minute per level on 2 cores),
-then loaded from ~/.cache/zili/torch_extensions. ZILI_CPU_KERNELS=0 turns all of them off.
+ValueError. Built with torch.utils.cpp_extension on first use (about 30 s per level on 2 cores: the
+sources include ATen and the op registry only, not torch/extension.h, whose Python bindings tripled
+each file's compile time), then loaded from ~/.cache/zili/torch_extensions. ZILI_CPU_KERNELS=0 turns all of them off.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def _build_and_load(isa: str) -> bool:
 
         with _build_lock(build_dir):
             if not (build_dir / f"zili_cpu_kernels_{isa}.so").exists():
-                logger.info("CPU kernels: compiling the %s level for this checkout (once; a minute or more, "
+                logger.info("CPU kernels: compiling the %s level for this checkout (once; half a minute or more, "
                             "longer on a busy machine)", isa)
             load(name=f"zili_cpu_kernels_{isa}", sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
                  extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", f"-DZILI_OPS_NS={namespace(isa)}",

@@ -15,7 +15,8 @@
 // every query head that reads them (grouped-query attention). Per item: scores for every context
 // position, a softmax per query head, then the value-weighted sum.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

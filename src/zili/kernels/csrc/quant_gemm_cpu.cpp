@@ -26,7 +26,8 @@
 //
 //   x [M, K] float32 or bfloat16 -> y [M, N] in x's dtype. Work is split over row groups.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

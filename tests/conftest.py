@@ -74,9 +74,28 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+_background_modules: list = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Modules whose tests wait on a long, self-contained subprocess (the Triton interpreter run) define
+    `start_in_background()`: it is called once here when one of their tests is selected, so that the
+    subprocess runs at nice 19 beside the earlier tests; `stop_background()` ends it with the session."""
+    if hasattr(session.config, "workerinput"):
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and module not in _background_modules and hasattr(module, "start_in_background"):
+            module.start_in_background()
+            _background_modules.append(module)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A build still running when the tests are done is not needed by this session: end it (the build
-    lock is the kernel's to drop, and torch's stale lock file is cleared by the next build)."""
+    lock is the kernel's to drop, and torch's stale lock file is cleared by the next build). So are the
+    background subprocesses of `pytest_collection_finish`."""
+    for module in _background_modules:
+        module.stop_background()
     if _kernel_builder is None or _kernel_builder.poll() is not None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):

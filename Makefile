@@ -6,7 +6,7 @@ STAMP := $(VENV)/.zili-installed
 TEST_STAMP := $(VENV)/.zili-test-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test run test test-gpu clean postgres lint chromium
+.PHONY: setup setup-test run test test-gpu clean postgres lint chromium arm-toolchain
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ postgres:
 chromium:
 	sh webui/ensure_chromium.sh
 
+# The NEON kernel paths are tested on x86 by cross-compiling them for AArch64 and running them under
+# qemu-user; this installs Debian's cross compiler and qemu-user-static if missing.
+arm-toolchain:
+	sh scripts/ensure_arm_toolchain.sh
+
 # Lint and import order (ruff) and the type check (mypy, configured in pyproject: src/zili and benchmarks); the
 # layering contract and the no-cycle rule run inside pytest (tests/unit/test_layering.py).
 lint: setup-test
@@ -57,7 +62,7 @@ lint: setup-test
 # The type check (93 s of one core from a clean clone) runs beside the tests at nice 19, on the CPU time
 # they leave idle while they wait on servers and subprocesses; its report follows theirs, and either
 # failing fails the target.
-test: setup-test postgres chromium
+test: setup-test postgres chromium arm-toolchain
 	$(BIN)/ruff check src tests benchmarks
 	@nice -n 19 $(BIN)/mypy > $(VENV)/mypy.log 2>&1 & mypy_pid=$$!; \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS); tests=$$?; \

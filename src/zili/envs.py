@@ -52,7 +52,7 @@ ZILI_CPU_KERNELS = EnvVar(
     "Build and use zili's C++ CPU attention kernels; 0 keeps the torch paths (for comparisons).")
 ZILI_CPU_ISA = EnvVar(
     "ZILI_CPU_ISA", "str", None,
-    "Force the CPU instruction-set level the C++ kernels are built for (e.g. avx2, avx512); unset: detected.")
+    "Force the CPU instruction-set level the C++ kernels are built for (avx512, avx2, neon, portable); unset: detected.")
 ZILI_ONEDNN = EnvVar(
     "ZILI_ONEDNN", "bool", True,
     "Pre-pack dense bf16 weights for oneDNN's matmul on CPUs; 0 turns packing off (for comparisons).")

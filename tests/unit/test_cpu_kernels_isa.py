@@ -10,12 +10,14 @@ import torch
 
 from zili.kernels import cpu_attention, cpu_isa
 from zili.kernels.cpu_quant import dequantize_q4, dequantize_q8, pack_q4, pack_q8, q4_matmul, q8_matmul
-from zili.platforms.cpu import CPU_ISA_LEVELS, native_cpu_isa
+from zili.platforms.cpu import CPU_ISA_LEVELS, executable_cpu_isas, native_cpu_isa
 from zili.platforms.cpu import cpu_isa as selected_level
 
 LEVELS = cpu_isa.executable_levels()
 AVX2_FLAGS = frozenset({"sse2", "avx", "avx2", "fma", "f16c"})
 AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+ARM_DOTPROD_FLAGS = frozenset({"fp", "asimd", "evtstrm", "aes", "crc32", "atomics", "fphp", "asimdhp", "asimdrdm",
+                               "lrcpc", "dcpop", "asimddp"})  # a Neoverse N1's Features line
 
 
 def test_level_comes_from_the_flags():
@@ -23,7 +25,12 @@ def test_level_comes_from_the_flags():
     assert native_cpu_isa(AVX2_FLAGS) == "avx2"
     assert native_cpu_isa(AVX2_FLAGS | {"avx512f", "avx512bw"}) == "avx2"  # no VNNI/BF16: Skylake-X
     assert native_cpu_isa(AVX512_FLAGS) == "avx512"
-    assert LEVELS == list(CPU_ISA_LEVELS)[: list(CPU_ISA_LEVELS).index(native_cpu_isa()) + 1]
+    assert executable_cpu_isas(AVX512_FLAGS) == ["portable", "avx2", "avx512"]
+    # AArch64 ("Features" in /proc/cpuinfo): NEON with the dot-product extension, or the portable loops
+    assert native_cpu_isa(ARM_DOTPROD_FLAGS) == "neon"
+    assert executable_cpu_isas(ARM_DOTPROD_FLAGS) == ["portable", "neon"]
+    assert native_cpu_isa(ARM_DOTPROD_FLAGS - {"asimddp"}) == "portable"  # Cortex-A72 (Graviton 1, Pi 4)
+    assert LEVELS == [level for level in CPU_ISA_LEVELS if level in executable_cpu_isas()]
 
 
 def test_env_forces_a_lower_level_and_refuses_a_higher_one(monkeypatch):
@@ -32,10 +39,17 @@ def test_env_forces_a_lower_level_and_refuses_a_higher_one(monkeypatch):
     monkeypatch.setenv("ZILI_CPU_ISA", "AVX2")
     assert selected_level(AVX512_FLAGS) == "avx2"
     monkeypatch.setenv("ZILI_CPU_ISA", "avx512")
-    with pytest.raises(ValueError, match="above this CPU's level 'avx2'.*avx512_vnni"):
+    with pytest.raises(ValueError, match="cannot run on this CPU \\(its level: 'avx2'.*avx512_vnni"):
         selected_level(AVX2_FLAGS)
+    monkeypatch.setenv("ZILI_CPU_ISA", "neon")  # another architecture's level
+    with pytest.raises(ValueError, match="ZILI_CPU_ISA=neon cannot run.*asimddp"):
+        selected_level(AVX512_FLAGS)
+    assert selected_level(ARM_DOTPROD_FLAGS) == "neon"
+    monkeypatch.setenv("ZILI_CPU_ISA", "avx2")
+    with pytest.raises(ValueError, match="its level: 'neon'"):
+        selected_level(ARM_DOTPROD_FLAGS)
     monkeypatch.setenv("ZILI_CPU_ISA", "sse9")
-    with pytest.raises(ValueError, match="ZILI_CPU_ISA must be one of portable, avx2, avx512"):
+    with pytest.raises(ValueError, match="ZILI_CPU_ISA must be one of portable, avx2, avx512, neon"):
         selected_level(AVX2_FLAGS)
     monkeypatch.delenv("ZILI_CPU_ISA")
     assert selected_level(AVX2_FLAGS) == "avx2"

@@ -6,15 +6,20 @@ level, each with its own flags, never `-march=native`:
   avx512    -mavx512f/bw/vl/dq -mavx512vnni -mavx512bf16 (+ AVX2, FMA, F16C): vpdpbusd integer dot
             products, vdpbf16ps attention scores
   avx2      -mavx2 -mfma -mf16c: vpmaddubsw/vpmaddwd integer dot products, fp32 FMAs
+  neon      -march=armv8.2-a+dotprod (AArch64): sdot integer dot products for the packed matmuls (the
+            attention kernel runs its portable loops there)
   portable  no ISA flags (the compiler's baseline): plain C++ loops it vectorises as it can
 
 Each build registers its operators under its own namespace (`torch.ops.zili_cpu_avx2.q4_gemm`, ...)
-so all three can live in one process: the tests run every level the machine can execute. Which one
-the engine uses comes from the CPU's flags (`zili.platforms.cpu.cpu_isa`: /proc/cpuinfo, read at
-run time), lowered by ZILI_CPU_ISA={avx512,avx2,portable}; asking for a level above the CPU's is a
-ValueError. Built with torch.utils.cpp_extension on first use (about 30 s per level on 2 cores: the
-sources include ATen and the op registry only, not torch/extension.h, whose Python bindings tripled
-each file's compile time), then loaded from ~/.cache/zili/torch_extensions. ZILI_CPU_KERNELS=0 turns all of them off.
+so all of a machine's levels can live in one process: the tests run every level the machine can
+execute. Which one the engine uses comes from the CPU's flags (`zili.platforms.cpu.cpu_isa`:
+/proc/cpuinfo, read at run time), lowered by ZILI_CPU_ISA={avx512,avx2,neon,portable}; asking for a
+level the CPU cannot execute is a ValueError. The NEON matmul paths are checked on x86 machines by
+cross-compiling them without torch and running them under qemu-user (tests/native,
+test_cpu_kernels_neon.py). Built with torch.utils.cpp_extension on first use (about 30 s per level on
+2 cores: the sources include ATen and the op registry only, not torch/extension.h, whose Python
+bindings tripled each file's compile time), then loaded from ~/.cache/zili/torch_extensions.
+ZILI_CPU_KERNELS=0 turns all of them off.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import torch
 
 from zili import envs
-from zili.platforms.cpu import CPU_ISA_LEVELS, cpu_isa, native_cpu_isa
+from zili.platforms.cpu import cpu_isa, executable_cpu_isas
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +46,10 @@ ISA_FLAGS: dict[str, list[str]] = {
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                "-mavx512vnni", "-mavx512bf16", "-DZILI_ISA_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DZILI_ISA_AVX2"],
+    "neon": ["-march=armv8.2-a+dotprod", "-DZILI_ISA_NEON"],
     "portable": [],
 }
-ISA_LEVEL_NUMBER = {"portable": 0, "avx2": 1, "avx512": 2}  # what each build's isa_level() returns
+ISA_LEVEL_NUMBER = {"portable": 0, "avx2": 1, "avx512": 2, "neon": 3}  # what each build's isa_level() returns
 
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
@@ -88,9 +94,9 @@ def set_parallel_min_bytes(nbytes: int, isa: str | None = None) -> int:
 
 
 def executable_levels() -> list[str]:
-    """Every level this CPU can execute, lowest first (all three on an AVX-512 machine)."""
-    levels = list(CPU_ISA_LEVELS)
-    return levels[: levels.index(native_cpu_isa()) + 1]
+    """Every level this CPU can execute, lowest first (portable, avx2 and avx512 on an AVX-512 machine;
+    portable and neon on an AArch64 CPU with the dot-product extension)."""
+    return executable_cpu_isas()
 
 
 def load(isa: str | None = None) -> bool:
@@ -145,7 +151,7 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
 
 
 def _build_and_load(isa: str) -> bool:
-    if isa != "portable" and native_cpu_isa() == "portable":
+    if isa not in executable_cpu_isas():
         logger.warning("CPU kernels: level %s cannot run on this CPU", isa)
         return False
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

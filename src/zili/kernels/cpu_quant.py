@@ -2,7 +2,7 @@
 
 Weights are packed once (`pack_q4`, `pack_q8`) into the blocks the kernels read; activations are
 quantized to int8 per 32-block inside the kernel and the products run as integer dot products
-(llama.cpp's Q8 activation scheme), on every level (avx512, avx2, portable: `zili.kernels.cpu_isa`).
+(llama.cpp's Q8 activation scheme), on every level (avx512, avx2, neon, portable: `zili.kernels.cpu_isa`).
 The level is chosen from the CPU at load time; `isa=` picks one explicitly (tests).
 
 Formats (rows in interleaved groups of R = 16, N padded to a multiple of 16, K to KB = ceil(K/32)

@@ -16,13 +16,16 @@ SIMD_FLAG_PREFIXES = ("avx", "amx", "sse", "ssse", "asimd", "sve", "sme2")
 SIMD_FLAGS = {"fma", "f16c", "neon", "sve", "sme", "bf16", "i8mm"}
 
 
-# zili's CPU kernel levels (zili.kernels.cpu_isa), lowest first, and the CPU flags each needs. The
-# AVX-512 level takes VNNI (vpdpbusd) and BF16 (vdpbf16ps) with it: Zen 4, Sapphire Rapids, Cooper
-# Lake. AVX-512 CPUs without them (Skylake-X, Ice Lake lacks BF16) run the AVX2 level.
+# zili's CPU kernel levels (zili.kernels.cpu_isa), lowest first within each architecture, and the CPU
+# flags each needs (/proc/cpuinfo "flags" on x86, "Features" on ARM). The AVX-512 level takes VNNI
+# (vpdpbusd) and BF16 (vdpbf16ps) with it: Zen 4, Sapphire Rapids, Cooper Lake. AVX-512 CPUs without them
+# (Skylake-X, Ice Lake lacks BF16) run the AVX2 level. The NEON level is AArch64 with the dot-product
+# extension (sdot: Armv8.2-A and later, e.g. Neoverse N1/V1, Graviton 2/3, Apple M, Ampere Altra).
 CPU_ISA_LEVELS: dict[str, tuple[str, ...]] = {
     "portable": (),
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
+    "neon": ("asimd", "asimddp"),
 }
 CPU_ISA_ENV = envs.ZILI_CPU_ISA.name
 
@@ -168,16 +171,22 @@ class CpuPlatform(Platform):
                 "logical_cpus": len(os.sched_getaffinity(0)), "flags": flags, "kernel_isa": cpu_isa()}
 
 
+def executable_cpu_isas(flags: set[str] | frozenset[str] | None = None) -> list[str]:
+    """The levels of `CPU_ISA_LEVELS` this CPU (or the given /proc/cpuinfo flags) can execute, lowest
+    first: portable and its own architecture's levels (["portable", "avx2", "avx512"] on a Zen 4)."""
+    flags = _cpu_flags() if flags is None else flags
+    return [level for level, need in CPU_ISA_LEVELS.items() if all(f in flags for f in need)]
+
+
 def native_cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     """The highest of `CPU_ISA_LEVELS` this CPU (or the given /proc/cpuinfo flags) can execute."""
-    flags = _cpu_flags() if flags is None else flags
-    return [level for level, need in CPU_ISA_LEVELS.items() if all(f in flags for f in need)][-1]
+    return executable_cpu_isas(flags)[-1]
 
 
 def cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     """The kernel level to run: the CPU's own (`native_cpu_isa`), or a lower one forced by
-    ZILI_CPU_ISA={avx512,avx2,portable} (how one machine tests every path). ValueError for an
-    unknown name or a level above what the CPU can execute (its code would die on SIGILL)."""
+    ZILI_CPU_ISA={avx512,avx2,neon,portable} (how one machine tests every path). ValueError for an
+    unknown name or a level this CPU cannot execute (its code would die on SIGILL)."""
     native = native_cpu_isa(flags)
     forced = envs.cpu_isa() or ""
     if not forced or forced in ("auto", "native"):
@@ -185,10 +194,10 @@ def cpu_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     levels = list(CPU_ISA_LEVELS)
     if forced not in CPU_ISA_LEVELS:
         raise ValueError(f"{CPU_ISA_ENV} must be one of {', '.join(levels)} (or auto), got {forced!r}")
-    if levels.index(forced) > levels.index(native):
+    if forced not in executable_cpu_isas(flags):
         missing = [f for f in CPU_ISA_LEVELS[forced] if f not in (_cpu_flags() if flags is None else flags)]
-        raise ValueError(f"{CPU_ISA_ENV}={forced} is above this CPU's level {native!r} "
-                         f"(missing flags: {', '.join(missing)})")
+        raise ValueError(f"{CPU_ISA_ENV}={forced} cannot run on this CPU (its level: {native!r}; "
+                         f"missing flags: {', '.join(missing)})")
     return forced
 
 

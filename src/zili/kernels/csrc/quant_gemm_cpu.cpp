@@ -26,9 +26,11 @@
 //
 //   x [M, K] float32 or bfloat16 -> y [M, N] in x's dtype. Work is split over row groups.
 
+#ifndef ZILI_STANDALONE
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -39,6 +41,9 @@
 
 #if defined(ZILI_ISA_AVX512) || defined(ZILI_ISA_AVX2)
 #include <immintrin.h>
+#endif
+#if defined(ZILI_ISA_NEON)
+#include <arm_neon.h>
 #endif
 
 #ifndef ZILI_OPS_NS
@@ -66,6 +71,8 @@ constexpr int64_t kRowTile = 4;   // activation rows whose accumulators stay in 
 constexpr int64_t kIsaLevel = 2;
 #elif defined(ZILI_ISA_AVX2)
 constexpr int64_t kIsaLevel = 1;
+#elif defined(ZILI_ISA_NEON)
+constexpr int64_t kIsaLevel = 3;
 #else
 constexpr int64_t kIsaLevel = 0;
 #endif
@@ -73,6 +80,10 @@ constexpr int64_t kIsaLevel = 0;
 inline float half_to_float(uint16_t h) {
 #if defined(ZILI_ISA_AVX512) || defined(ZILI_ISA_AVX2)
   return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 v;
+  std::memcpy(&v, &h, sizeof(h));
+  return static_cast<float>(v);
 #else
   c10::Half v;
   std::memcpy(&v, &h, sizeof(h));
@@ -81,7 +92,9 @@ inline float half_to_float(uint16_t h) {
 }
 
 inline float to_float(float x) { return x; }
+#ifndef ZILI_STANDALONE
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+#endif
 
 // Activations quantized per block: q [M, KB*32] int8, d [M, KB] scale, s [M, KB] = d * sum(q),
 // isum [M, KB] = sum(q).
@@ -381,6 +394,58 @@ void group_dot(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, in
     case 3: rows_avx2<Q4, 3>(wq, wd, a, m0, out); return;
     default: rows_avx2<Q4, 4>(wq, wd, a, m0, out); return;
   }
+#elif defined(ZILI_ISA_NEON)
+  // AArch64 with the dot-product extension (sdot): one 16-byte weight vector holds the same 4 input
+  // features of 4 output rows, and sdot against the broadcast activation quad gives those 4 rows' sums.
+  // Per block the weights are prepared once (q4: nibbles split; q8: codes - 128, exactly the signed
+  // code) and multiplied by every row of the tile; int32 sums per block, fp32 across blocks.
+  float32x4_t acc[kRowTile][4];
+  for (int64_t r = 0; r < mt; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = vdupq_n_f32(0.0f);
+  const uint8x16_t low4 = vdupq_n_u8(0x0F), flip = vdupq_n_u8(0x80);
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wq + b * block_bytes;
+    const uint16_t* sb = wd + b * block_scales;
+    int32x4_t s[kRowTile][4];
+    for (int64_t r = 0; r < mt; ++r)
+      for (int q = 0; q < 4; ++q) s[r][q] = vdupq_n_s32(0);
+    if constexpr (Q4) {
+      for (int o = 0; o < 4; ++o) {
+        int8x16_t lo[4], hi[4];
+        for (int q = 0; q < 4; ++q) {
+          const uint8x16_t v = vld1q_u8(wb + o * R * 4 + q * 16);
+          lo[q] = vreinterpretq_s8_u8(vandq_u8(v, low4));
+          hi[q] = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        }
+        for (int64_t r = 0; r < mt; ++r) {
+          const int8_t* xq = a.q.data() + ((m0 + r) * KB + b) * QK + 8 * o;
+          const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(load_quad(xq)));
+          const int8x16_t xh = vreinterpretq_s8_s32(vdupq_n_s32(load_quad(xq + 4)));
+          for (int q = 0; q < 4; ++q) s[r][q] = vdotq_s32(vdotq_s32(s[r][q], lo[q], xl), hi[q], xh);
+        }
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        int8x16_t c[4];
+        for (int q = 0; q < 4; ++q) c[q] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wb + j * R * 4 + q * 16), flip));
+        for (int64_t r = 0; r < mt; ++r) {
+          const int8x16_t xj = vreinterpretq_s8_s32(vdupq_n_s32(load_quad(a.q.data() + ((m0 + r) * KB + b) * QK + 4 * j)));
+          for (int q = 0; q < 4; ++q) s[r][q] = vdotq_s32(s[r][q], c[q], xj);
+        }
+      }
+    }
+    for (int q = 0; q < 4; ++q) {
+      const float32x4_t dv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + 4 * q)));
+      const float32x4_t mv = Q4 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sb + R + 4 * q))) : vdupq_n_f32(0.0f);
+      for (int64_t r = 0; r < mt; ++r) {
+        const int64_t row = m0 + r;
+        acc[r][q] = vfmaq_f32(acc[r][q], vcvtq_f32_s32(s[r][q]), vmulq_n_f32(dv, a.d[row * KB + b]));
+        if constexpr (Q4) acc[r][q] = vfmaq_n_f32(acc[r][q], mv, a.s[row * KB + b]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < mt; ++r)
+    for (int q = 0; q < 4; ++q) vst1q_f32(out + r * R + 4 * q, acc[r][q]);
 #else
   // Portable: integer dot per block and row (loops the compiler vectorises), fp32 across blocks.
   for (int64_t r = 0; r < mt; ++r)
@@ -416,6 +481,7 @@ void group_dot(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, in
 #endif
 }
 
+#ifndef ZILI_STANDALONE
 template <bool Q4, typename T>
 void gemm(const T* x, const uint8_t* wq, const uint16_t* wd, T* y, int64_t M, int64_t K, int64_t N) {
   const QuantizedActs a = quantize_acts(x, M, K);
@@ -638,8 +704,10 @@ int64_t set_parallel_min_bytes(int64_t bytes) {
   return ZILI_OPS_NS::parallel_min_bytes.exchange(bytes);
 }
 
+#endif  // ZILI_STANDALONE
 }  // namespace
 
+#ifndef ZILI_STANDALONE
 #define ZILI_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define ZILI_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
@@ -659,3 +727,4 @@ ZILI_IMPL(ZILI_OPS_NS, CPU, m) {
   m.impl("q4_dequant_linear", &q4_dequant_linear);
   m.impl("q8_dequant_linear", &q8_dequant_linear);
 }
+#endif  // ZILI_STANDALONE

@@ -2,8 +2,11 @@
 //
 // The same source is compiled once per instruction-set level, each as its own library with its own
 // compiler flags (zili.kernels.cpu_isa): ZILI_ISA_AVX512 (AVX512F/BW/VL/DQ + VNNI + BF16), ZILI_ISA_AVX2
-// (AVX2 + FMA + F16C) or neither (portable C++). ZILI_OPS_NS names the operator namespace of the
-// build, so all three can be loaded side by side (the tests run every path on one machine).
+// (AVX2 + FMA + F16C), ZILI_ISA_NEON (AArch64 + the dot-product extension) or none (portable C++).
+// ZILI_OPS_NS names the operator namespace of the build, so a machine's levels can be loaded side by
+// side (the tests run every path the machine executes). With ZILI_STANDALONE the file compiles without
+// torch (no gemm driver, no operator registration): tests/native/quant_gemm_harness.cpp includes it to
+// run the NEON and portable group products under qemu-user.
 //
 // Weights are packed in groups of R = 16 output rows interleaved (N padded to a multiple of 16, K to
 // KB = ceil(K/32) blocks of 32), so that one vector holds the same input features of 16 rows: a
@@ -23,6 +26,8 @@
 // so that the unsigned operand is |code| (vpmaddubsw would saturate on code + 128). One activation row
 // (single-stream decode, bound by memory bandwidth) takes a one-pass path over both 8-row halves of a
 // group; every AVX2 path prefetches the weights a fixed distance ahead (kPrefetchBytes).
+// NEON: sdot (s8 x s8 -> s32, 4 per lane): a 16-byte weight vector is one quad of 4 output rows; q8
+// codes xor 0x80 are the signed codes.
 //
 //   x [M, K] float32 or bfloat16 -> y [M, N] in x's dtype. Work is split over row groups.
 

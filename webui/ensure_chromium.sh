@@ -6,12 +6,5 @@ set -e
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && fc-list :lang=zh 2>/dev/null | grep -q .; then
   exit 0
 fi
-if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "ensure_chromium: the browser tests need Debian's chromium, chromium-driver and fonts-wqy-microhei;" \
-       "install them as root: apt-get install -y chromium chromium-driver fonts-wqy-microhei" >&2
-  exit 1
-fi
-echo "ensure_chromium: installing Debian's chromium, chromium-driver and a CJK font for the web console's tests" >&2
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-wqy-microhei >/dev/null
+exec sh "$(dirname "$0")/../scripts/apt_install.sh" ensure_chromium "the web console's browser tests" 1 \
+  chromium chromium-driver fonts-wqy-microhei

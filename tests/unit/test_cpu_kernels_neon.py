@@ -23,23 +23,23 @@ NATIVE = platform.machine() in ("aarch64", "arm64")
 CASES = 18  # 9 shapes x (q4, q8), as the harness's main() lists them
 
 
-def _tools() -> tuple[str, list[str]]:
-    """The compiler and the command prefix that runs its output."""
+def _tools() -> tuple[list[str], list[str]]:
+    """The compiler command and the command prefix that runs its output (a static binary under qemu)."""
     if NATIVE:
-        return shutil.which("g++") or "g++", []
+        return [shutil.which("g++") or "g++"], []
     cxx = shutil.which("aarch64-linux-gnu-g++")
     qemu = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
     if cxx is None or qemu is None:
         pytest.fail("no AArch64 cross compiler or qemu-user: run `make test`, which installs them "
                     "(scripts/ensure_arm_toolchain.sh: g++-aarch64-linux-gnu, qemu-user-static)")
-    return cxx, [qemu]
+    return [cxx, "-static"], [qemu]
 
 
 @pytest.mark.parametrize("isa", ["neon", "portable"])
 def test_packed_matmuls_on_aarch64_match_exact_sums(isa, tmp_path):
     cxx, runner = _tools()
     binary = tmp_path / f"harness_{isa}"
-    build = subprocess.run([cxx, "-O2", "-std=c++17", "-static", *ISA_FLAGS[isa], f"-DZILI_OPS_NS=zili_cpu_{isa}",
+    build = subprocess.run([*cxx, "-O2", "-std=c++17", *ISA_FLAGS[isa], f"-DZILI_OPS_NS=zili_cpu_{isa}",
                             str(HARNESS), "-o", str(binary)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([*runner, str(binary)], capture_output=True, text=True, timeout=300)
@@ -61,7 +61,7 @@ def test_the_harness_catches_a_wrong_kernel(tmp_path):
         source.replace(right, "vdotq_s32(vdotq_s32(s[r][q], lo[q], xh), hi[q], xl)"))
     shutil.copy(HARNESS, tmp_path / "tests" / "native" / HARNESS.name)
     binary = tmp_path / "harness_wrong"
-    build = subprocess.run([cxx, "-O1", "-std=c++17", "-static", *ISA_FLAGS["neon"], "-DZILI_OPS_NS=zili_cpu_neon",
+    build = subprocess.run([*cxx, "-O1", "-std=c++17", *ISA_FLAGS["neon"], "-DZILI_OPS_NS=zili_cpu_neon",
                             str(tmp_path / "tests" / "native" / HARNESS.name), "-o", str(binary)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]

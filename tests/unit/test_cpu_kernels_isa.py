@@ -129,7 +129,7 @@ def test_q8_matmul_matches_float64(isa, m, n, k):
 
 
 @pytest.mark.parametrize("isa", LEVELS)
-@pytest.mark.parametrize("m", [1, 3])  # one row: the AVX2 single-row path; 3: the row-tile path
+@pytest.mark.parametrize("m", [1, 3])  # one row (single-stream decode) and a 3-row tile
 def test_bf16_activations_in_and_out(isa, m):
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(40, 200, generator=gen)

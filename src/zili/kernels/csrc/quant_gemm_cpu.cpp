@@ -23,9 +23,9 @@
 //   sum_i w_i x_i = d * xd * sum_i code_i xq_i  (+ m * xd * sum_i xq_i for q4).
 // AVX-512: vpdpbusd (VNNI; u8 x s8 -> s32; q8 codes carry +128, taken off with 128 * sum xq);
 // AVX2: vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd; q8 moves the weight's sign onto the activation
-// so that the unsigned operand is |code| (vpmaddubsw would saturate on code + 128). One activation row
-// (single-stream decode, bound by memory bandwidth) takes a one-pass path over both 8-row halves of a
-// group; every AVX2 path prefetches the weights a fixed distance ahead (kPrefetchBytes).
+// so that the unsigned operand is |code| (vpmaddubsw would saturate on code + 128). Every tile of 1-4
+// activation rows is one pass over a group's blocks, both 8-row halves per activation broadcast, with
+// the weights prefetched a fixed distance ahead (kPrefetchBytes).
 // NEON: sdot (s8 x s8 -> s32, 4 per lane): a 16-byte weight vector is one quad of 4 output rows; q8
 // codes xor 0x80 are the signed codes.
 //
@@ -220,11 +220,21 @@ inline void prefetch_block(const uint8_t* wb, const uint16_t* sb) {
 
 
 #if defined(ZILI_ISA_AVX2)
+// Ends a value's live range in a register here: an empty asm that "reads and writes" v. Integer adds
+// are associative, so without it GCC reorders the row loop below into a tree that issues every
+// vpmaddubsw of a block before the first add, keeps ~30 products live in 16 registers and spills them
+// to the stack (130 stack accesses per 4-row block in rows_avx2<true, 4>, measured with objdump). Pinning
+// each row's running sums once per weight vector keeps the products to one or two registers.
+#define ZILI_PIN(v) __asm__ volatile("" : "+x"(v))
+
 // The product of one group for MT activation rows (MT a constant, so that the accumulators stay in
-// registers), in two halves of 8 output rows (one 256-bit register each), the first half's pass
-// prefetching. Per block, each weight vector is prepared once (q4: an octet's low and high nibbles
-// unpacked; q8: the code's sign moved onto the activation, |code| kept) and multiplied by every row's
-// activation quads; only the vector being used is live.
+// registers), both 8-row halves of the group (one 256-bit register each) in one pass over its blocks:
+// each weight vector is prepared once (q4: an octet's low and high nibbles unpacked; q8: the code's
+// sign moved onto the activation, |code| kept) and each activation quad is broadcast once, for the
+// 16 output rows. The weights are prefetched kPrefetchBytes ahead. Per block the integer sums are
+// exact (q4: 8 products of <= 2 * 15 * 127 fit in int16, one vpmaddwd a block; q8: a pair of
+// |code| * x products can reach 2 * 127 * 127, widened to int32 per quad), then scaled in fp32.
+// MT = 1 is single-stream decode (bound by memory bandwidth), MT 2-4 the tiles of larger batches.
 template <bool Q4, int MT>
 void rows_avx2(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, int64_t m0, float* out) {
   const int64_t KB = a.KB;
@@ -239,52 +249,60 @@ void rows_avx2(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, in
     xd[r] = a.d.data() + (m0 + r) * KB;
     xs[r] = a.s.data() + (m0 + r) * KB;
   }
-  for (int half = 0; half < 2; ++half) {
-    __m256 acc[MT];
-    for (int r = 0; r < MT; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < KB; ++b) {
-      const uint8_t* wb = wq + b * block_bytes + half * 32;
-      const uint16_t* sb = wd + b * block_scales + half * 8;
-      if (half == 0) prefetch_block<block_bytes>(wb, sb);
-      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
-      if constexpr (Q4) {
-        __m256i s16[MT];
-        for (int r = 0; r < MT; ++r) s16[r] = _mm256_setzero_si256();
-        for (int o = 0; o < 4; ++o) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
-          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          for (int r = 0; r < MT; ++r) {
-            const int8_t* xq = xrow[r] + b * QK;
-            // 8 products of <= 2 * 15 * 127 each fit in int16: one vpmaddwd per block.
-            s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_quad(xq + 8 * o))),
-                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_quad(xq + 8 * o + 4)))));
-          }
-        }
-        const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R)));
+  __m256 acc0[MT], acc1[MT];
+  for (int r = 0; r < MT; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wq + b * block_bytes;
+    const uint16_t* sb = wd + b * block_scales;
+    prefetch_block<block_bytes>(wb, sb);
+    __m256i s0[MT], s1[MT];
+    for (int r = 0; r < MT; ++r) s0[r] = s1[r] = _mm256_setzero_si256();
+    if constexpr (Q4) {
+      for (int o = 0; o < 4; ++o) {
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4 + 32));
+        const __m256i lo0 = _mm256_and_si256(v0, low4), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+        const __m256i lo1 = _mm256_and_si256(v1, low4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
         for (int r = 0; r < MT; ++r) {
-          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
-          acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(dv, _mm256_set1_ps(xd[r][b])), acc[r]);
-          acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r][b]), acc[r]);
+          const int8_t* xq = xrow[r] + b * QK;
+          const __m256i xl = _mm256_set1_epi32(load_quad(xq + 8 * o)), xh = _mm256_set1_epi32(load_quad(xq + 8 * o + 4));
+          s0[r] = _mm256_add_epi16(s0[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl), _mm256_maddubs_epi16(hi0, xh)));
+          s1[r] = _mm256_add_epi16(s1[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl), _mm256_maddubs_epi16(hi1, xh)));
         }
-      } else {
-        // a pair of |code| * x products can reach 2 * 127 * 127: widened to int32 per quad.
-        __m256i s32[MT];
-        for (int r = 0; r < MT; ++r) s32[r] = _mm256_setzero_si256();
-        for (int j = 0; j < 8; ++j) {
-          const __m256i sg = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
-          const __m256i aw = _mm256_sign_epi8(sg, sg);  // |code|
-          for (int r = 0; r < MT; ++r) {
-            const __m256i xsg = _mm256_sign_epi8(_mm256_set1_epi32(load_quad(xrow[r] + b * QK + 4 * j)), sg);
-            s32[r] = _mm256_add_epi32(s32[r], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xsg), ones));
-          }
+        for (int r = 0; r < MT; ++r) { ZILI_PIN(s0[r]); ZILI_PIN(s1[r]); }
+      }
+      for (int r = 0; r < MT; ++r) { s0[r] = _mm256_madd_epi16(s0[r], ones); s1[r] = _mm256_madd_epi16(s1[r], ones); }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        const __m256i g0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
+        const __m256i g1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4 + 32)), flip);
+        const __m256i a0 = _mm256_sign_epi8(g0, g0), a1 = _mm256_sign_epi8(g1, g1);
+        for (int r = 0; r < MT; ++r) {
+          const __m256i x = _mm256_set1_epi32(load_quad(xrow[r] + b * QK + 4 * j));
+          s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(x, g0)), ones));
+          s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(x, g1)), ones));
         }
-        for (int r = 0; r < MT; ++r)
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32[r]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[r][b])), acc[r]);
+        for (int r = 0; r < MT; ++r) { ZILI_PIN(s0[r]); ZILI_PIN(s1[r]); }
       }
     }
-    for (int r = 0; r < MT; ++r) _mm256_storeu_ps(out + r * R + half * 8, acc[r]);
+    const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+    const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 8)));
+    for (int r = 0; r < MT; ++r) {
+      const __m256 xdv = _mm256_set1_ps(xd[r][b]);
+      acc0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[r]), _mm256_mul_ps(d0, xdv), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_mul_ps(d1, xdv), acc1[r]);
+    }
+    if constexpr (Q4) {
+      const __m256 n0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R)));
+      const __m256 n1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R + 8)));
+      for (int r = 0; r < MT; ++r) {
+        const __m256 xsv = _mm256_set1_ps(xs[r][b]);
+        acc0[r] = _mm256_fmadd_ps(n0, xsv, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(n1, xsv, acc1[r]);
+      }
+    }
   }
+  for (int r = 0; r < MT; ++r) { _mm256_storeu_ps(out + r * R, acc0[r]); _mm256_storeu_ps(out + r * R + 8, acc1[r]); }
 }
 #endif
 
@@ -342,59 +360,9 @@ void group_dot(const uint8_t* wq, const uint16_t* wd, const QuantizedActs& a, in
   }
   for (int64_t r = 0; r < mt; ++r) _mm512_storeu_ps(out + r * R, acc[r]);
 #elif defined(ZILI_ISA_AVX2)
-  if (mt == 1) {
-    // One activation row (single-stream decode, memory-bound): both halves of the group in one pass
-    // over its blocks, so that each weight byte and each activation broadcast is loaded once, with the
-    // weights prefetched kPrefetchBytes ahead.
-    const int8_t* xrow = a.q.data() + m0 * KB * QK;
-    const float* xd = a.d.data() + m0 * KB;
-    const float* xs = a.s.data() + m0 * KB;
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t b = 0; b < KB; ++b) {
-      const uint8_t* wb = wq + b * block_bytes;
-      const uint16_t* sb = wd + b * block_scales;
-      prefetch_block<block_bytes>(wb, sb);
-      const int8_t* xq = xrow + b * QK;
-      const __m256 xdv = _mm256_set1_ps(xd[b]);
-      const __m256 d0 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb))), xdv);
-      const __m256 d1 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 8))), xdv);
-      if constexpr (Q4) {
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        for (int o = 0; o < 4; ++o) {
-          const __m256i xl = _mm256_set1_epi32(load_quad(xq + 8 * o)), xh = _mm256_set1_epi32(load_quad(xq + 8 * o + 4));
-          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4));
-          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + o * R * 4 + 32));
-          s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v0, low4), xl),
-                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low4), xh)));
-          s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v1, low4), xl),
-                                                     _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low4), xh)));
-        }
-        const __m256 xsv = _mm256_set1_ps(xs[b]);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), d0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), d1, acc1);
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R))), xsv, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + R + 8))), xsv, acc1);
-      } else {
-        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-        for (int j = 0; j < 8; ++j) {
-          const __m256i xj = _mm256_set1_epi32(load_quad(xq + 4 * j));
-          const __m256i c0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4)), flip);
-          const __m256i c1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * R * 4 + 32)), flip);
-          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(c0, c0), _mm256_sign_epi8(xj, c0)), ones));
-          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(c1, c1), _mm256_sign_epi8(xj, c1)), ones));
-        }
-        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), d0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), d1, acc1);
-      }
-    }
-    _mm256_storeu_ps(out, acc0);
-    _mm256_storeu_ps(out + 8, acc1);
-    return;
-  }
-  // Several activation rows: rows_avx2 (above), the row count a template argument.
+  // rows_avx2 (above), the row count a template argument.
   switch (mt) {
+    case 1: rows_avx2<Q4, 1>(wq, wd, a, m0, out); return;
     case 2: rows_avx2<Q4, 2>(wq, wd, a, m0, out); return;
     case 3: rows_avx2<Q4, 3>(wq, wd, a, m0, out); return;
     default: rows_avx2<Q4, 4>(wq, wd, a, m0, out); return;
